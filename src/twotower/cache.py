@@ -1,0 +1,112 @@
+"""The context tower's cache: typed per-layer state (attention K/V, Mamba conv + fp32 SSM state).
+
+Positions are shared by all rows of a batch; `valid` (b, capacity) marks which positions of each row
+hold real tokens (False for left padding, or for positions a row rejected). K/V buffers are
+preallocated and grow by doubling; the cache is append-only, so a snapshot only needs the length,
+the validity mask and the (small) Mamba states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layers.attention import AttentionState
+from .layers.mamba2 import MambaState
+
+LayerState = AttentionState | MambaState | None
+
+
+@dataclass
+class CacheSnapshot:
+    length: int
+    valid: torch.Tensor
+    mamba: list[MambaState | None]
+
+
+class HybridCache:
+    """Per-layer states of one NemotronH body (None for MoE/MLP layers, which keep no state)."""
+
+    def __init__(self, layers: list[LayerState], valid: torch.Tensor, length: int = 0) -> None:
+        self.layers = layers
+        self.valid = valid  # (b, capacity) bool
+        self.length = length
+
+    # ---- shape ----------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    def key_valid(self, end: int | None = None) -> torch.Tensor:
+        """(b, end) validity of the positions written so far (or up to `end`)."""
+        return self.valid[:, : self.length if end is None else end]
+
+    def row_lengths(self) -> torch.Tensor:
+        """Number of valid (real) tokens per row, (b,)."""
+        return self.key_valid().sum(-1)
+
+    # ---- writing (only the context tower calls these) ---------------------------------------------
+    def reserve(self, n: int) -> None:
+        """Make room for `n` more positions, doubling the buffers when needed."""
+        need = self.length + n
+        if need <= self.capacity:
+            return
+        new_cap = max(need, 2 * self.capacity)
+        grow = new_cap - self.capacity
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.batch_size, grow)], dim=1)
+        for i, st in enumerate(self.layers):
+            if isinstance(st, AttentionState):
+                pad = st.k.new_zeros(*st.k.shape[:2], grow, st.k.shape[-1])
+                self.layers[i] = AttentionState(torch.cat([st.k, pad], 2), torch.cat([st.v, pad], 2))
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v (b, kv_heads, L, d) at the current end; return views of all K/V up to the new end."""
+        st = self.layers[layer]
+        assert isinstance(st, AttentionState)
+        end = self.length + k.shape[2]
+        st.k[:, :, self.length : end] = k
+        st.v[:, :, self.length : end] = v
+        return st.k[:, :, :end], st.v[:, :, :end]
+
+    def kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read-only views of layer `layer`'s K/V over the written positions."""
+        st = self.layers[layer]
+        assert isinstance(st, AttentionState)
+        return st.k[:, :, : self.length], st.v[:, :, : self.length]
+
+    def mamba(self, layer: int) -> MambaState:
+        st = self.layers[layer]
+        assert isinstance(st, MambaState)
+        return st
+
+    def set_mamba(self, layer: int, state: MambaState) -> None:
+        st = self.mamba(layer)
+        st.conv.copy_(state.conv)
+        st.ssm.copy_(state.ssm)
+
+    # ---- copies -----------------------------------------------------------------------------------
+    def clone(self) -> HybridCache:
+        return HybridCache([s.clone() if s is not None else None for s in self.layers], self.valid.clone(), self.length)
+
+    def snapshot(self) -> CacheSnapshot:
+        mamba = [s.clone() if isinstance(s, MambaState) else None for s in self.layers]
+        return CacheSnapshot(self.length, self.valid.clone(), mamba)
+
+    def restore(self, snap: CacheSnapshot) -> None:
+        """Return to a snapshot taken earlier from this cache (positions written since are dropped)."""
+        self.length = snap.length
+        self.valid[:, : snap.valid.shape[1]] = snap.valid
+        self.valid[:, snap.valid.shape[1] :] = False
+        for i, st in enumerate(snap.mamba):
+            if st is not None:
+                self.set_mamba(i, st)
+
+    def select_rows(self, rows: torch.Tensor) -> HybridCache:
+        """A new cache holding only `rows` (a 1-D index tensor), e.g. when requests leave a batch."""
+        layers = [s.index_select(rows) if s is not None else None for s in self.layers]
+        return HybridCache(layers, self.valid[rows], self.length)

@@ -1,0 +1,92 @@
+"""Cached autoregressive decoding for any NemotronH-style causal LM (batched, per-row EOS)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..cache import HybridCache
+from .batch import GenerationOutput, cut_at_eos, left_pad, normalise_eos
+from .sampling import check_sampling_options, choose_tokens, make_generator
+
+# A step function: (ids (b, L), cache, mask (b, L) or None) -> logits of the LAST position (b, V).
+StepFn = Callable[[torch.Tensor, HybridCache, torch.Tensor | None], torch.Tensor]
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+
+
+@torch.no_grad()
+def decode_ar(
+    step: StepFn,
+    cache: HybridCache,
+    prompts: torch.Tensor | Sequence[Sequence[int]],
+    *,
+    device: torch.device,
+    pad_id: int,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    seed: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    step_callback: Callable[[dict], None] | None = None,
+) -> GenerationOutput:
+    """Prefill the prompts in one forward, then one token per forward until every row ended."""
+    check_max_new_tokens(max_new_tokens)
+    check_sampling_options(temperature=temperature, top_k=top_k)
+    eos = normalise_eos(eos_token_id)
+    batch = left_pad(prompts, pad_id=pad_id, device=device, attention_mask=attention_mask)
+    b = batch.ids.shape[0]
+    gen = make_generator(seed, device)
+    t0 = time.perf_counter()
+    out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    nfe = 0
+    if max_new_tokens:
+        logits = step(batch.ids, cache, None if batch.all_valid else batch.mask)
+        nfe += 1
+    for i in range(max_new_tokens):
+        token = choose_tokens(logits, temperature=temperature, top_k=top_k, generator=gen)
+        token = token.masked_fill(done, pad_id)
+        out[:, i] = token
+        if step_callback is not None:
+            step_callback({"step": i, "tokens": token, "done": done.clone()})
+        if eos:
+            done = done | torch.isin(token, eos_t)
+            if bool(done.all()):
+                break
+        if i + 1 < max_new_tokens:
+            logits = step(token[:, None], cache, None)
+            nfe += 1
+    elapsed = time.perf_counter() - t0
+    rows = [cut_at_eos(r, eos) for r in out.tolist()]
+    sequences = torch.cat([batch.ids, out], dim=1)
+    generated = sum(len(r) for r in rows)
+    stats = {
+        "nfe": nfe,
+        "generated_tokens": generated,
+        "tokens_per_forward": generated / max(nfe, 1) / b,
+        "seconds": elapsed,
+        "tokens_per_second": generated / elapsed if elapsed > 0 else 0.0,
+    }
+    return GenerationOutput(sequences, batch.lengths, rows, stats)
+
+
+def generate(model, input_ids, *, max_new_tokens: int = 128, **options) -> GenerationOutput:
+    """Cached AR generation with a `NemotronHForCausalLM`. Options: temperature, top_k,
+    eos_token_id, seed, attention_mask, step_callback."""
+
+    def step(ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor | None) -> torch.Tensor:
+        return model(ids, cache=cache, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+
+    pad_id = model.config.pad_token_id
+    batch_size = 1 if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1 else len(input_ids)
+    width = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else max(len(p) for p in input_ids)
+    cache = model.empty_cache(batch_size, capacity=width + max_new_tokens)
+    return decode_ar(step, cache, input_ids, device=model.device, pad_id=pad_id, max_new_tokens=max_new_tokens, **options)

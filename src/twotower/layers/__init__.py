@@ -1,0 +1,1 @@
+"""NemotronH building blocks: norms, Mamba-2, attention, MoE and the dense MLP."""

@@ -1,0 +1,133 @@
+"""Mamba-2 mixer (SPEC.md section 2): in_proj -> causal depthwise conv -> selective SSM -> gated norm -> out_proj.
+
+State flows visibly: `forward(x, state) -> (y, state)`. The mixer never writes a cache; the caller
+(the context tower) decides whether the returned state is kept, and the denoiser simply drops it.
+
+dt rule (SPEC pitfall 8): dt' = softplus(dt + dt_bias), then clamped to `config.time_step_limit`
+in BOTH the chunked scan and the one-token step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import NemotronHConfig
+from .norm import GatedRMSNorm
+from .ssd import ssd_chunked, ssd_step
+
+
+@dataclass
+class MambaState:
+    """Per-layer Mamba-2 state: the last (kernel-1) pre-conv xBC vectors and the fp32 SSM state."""
+
+    conv: torch.Tensor  # (b, conv_dim, kernel - 1)
+    ssm: torch.Tensor  # (b, heads, head_dim, state_size), float32
+
+    def clone(self) -> MambaState:
+        return MambaState(self.conv.clone(), self.ssm.clone())
+
+    def index_select(self, rows: torch.Tensor) -> MambaState:
+        return MambaState(self.conv[rows], self.ssm[rows])
+
+
+class Mamba2Mixer(nn.Module):
+    """Selective SSM mixer. Parameter names match the checkpoint keys (`in_proj`, `conv1d`, `dt_bias`, ...)."""
+
+    def __init__(self, config: NemotronHConfig) -> None:
+        super().__init__()
+        self.num_heads = config.mamba_num_heads
+        self.head_dim = config.mamba_head_dim
+        self.n_groups = config.n_groups
+        self.state_size = config.ssm_state_size
+        self.d_inner = config.mamba_d_inner
+        self.conv_dim = config.mamba_conv_dim
+        self.kernel = config.conv_kernel
+        self.chunk_size = config.chunk_size
+        self.dt_limit = config.time_step_limit
+        self.in_proj = nn.Linear(
+            config.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=config.use_bias
+        )
+        self.conv1d = nn.Conv1d(
+            self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=config.use_conv_bias
+        )
+        self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
+        self.A_log = nn.Parameter(torch.empty(self.num_heads))
+        self.D = nn.Parameter(torch.empty(self.num_heads))
+        self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // self.n_groups, eps=config.layer_norm_epsilon)
+        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.use_bias)
+        self._init_ssm(config)
+
+    @torch.no_grad()
+    def _init_ssm(self, config: NemotronHConfig) -> None:
+        """Mamba-2's standard init (A = 1..H, D = 1, dt log-uniform in [dt_min, dt_max])."""
+        self.A_log.copy_(torch.log(torch.arange(1, self.num_heads + 1, dtype=torch.float32)))
+        self.D.fill_(1.0)
+        lo, hi = math.log(config.time_step_min), math.log(config.time_step_max)
+        dt = torch.exp(torch.rand(self.num_heads) * (hi - lo) + lo).clamp(min=config.time_step_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def empty_state(self, batch: int, *, device: torch.device, dtype: torch.dtype) -> MambaState:
+        """A zero state, allocated by the layer that owns it."""
+        conv = torch.zeros(batch, self.conv_dim, self.kernel - 1, device=device, dtype=dtype)
+        ssm = torch.zeros(batch, self.num_heads, self.head_dim, self.state_size, device=device, dtype=torch.float32)
+        return MambaState(conv, ssm)
+
+    # ---- pieces ---------------------------------------------------------------------------------
+    def _conv(self, xbc: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise conv over time. xbc (b, L, C) -> (silu(conv) (b, L, C), new conv state (b, C, K-1))."""
+        b, L, _ = xbc.shape
+        xt = xbc.transpose(1, 2)  # (b, C, L)
+        if conv_state is None:
+            conv_state = xt.new_zeros(b, self.conv_dim, self.kernel - 1)
+        window = torch.cat([conv_state.to(xt.dtype), xt], dim=-1)  # (b, C, K-1+L)
+        w = self.conv1d.weight
+        out = F.conv1d(window.to(w.dtype), w, self.conv1d.bias, groups=self.conv_dim)  # (b, C, L)
+        return F.silu(out).transpose(1, 2).to(xbc.dtype), window[:, :, -(self.kernel - 1) :]
+
+    def _dt(self, dt: torch.Tensor) -> torch.Tensor:
+        dt = F.softplus(dt.float() + self.dt_bias.float())
+        return dt.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        state: MambaState | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, MambaState]:
+        """Mix a sequence, starting from `state` (zeros when None).
+
+        hidden (b, L, hidden_size); mask (b, L) bool, False at padding: padding contributes nothing
+        (its input is zeroed and its dt' is 0, so the SSM state passes through unchanged).
+        Returns y (b, L, hidden_size) and the state after the last position.
+        """
+        b, L, _ = hidden.shape
+        if mask is not None:
+            hidden = hidden * mask[..., None].to(hidden.dtype)
+        z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
+        xbc, conv_state = self._conv(xbc, state.conv if state is not None else None)
+        dt = self._dt(dt)  # (b, L, h)
+        if mask is not None:
+            xbc = xbc * mask[..., None].to(xbc.dtype)
+            dt = dt * mask[..., None]
+        x, B, C = xbc.split([self.d_inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
+        x = x.reshape(b, L, self.num_heads, self.head_dim)
+        heads_per_group = self.num_heads // self.n_groups
+        B = B.reshape(b, L, self.n_groups, self.state_size).repeat_interleave(heads_per_group, dim=2)
+        C = C.reshape(b, L, self.n_groups, self.state_size).repeat_interleave(heads_per_group, dim=2)
+        A = -torch.exp(self.A_log.float())
+        ssm0 = state.ssm if state is not None else None
+        if L == 1 and ssm0 is not None:
+            y, ssm = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], ssm0)
+            y = y[:, None]
+        else:
+            y, ssm = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, state=ssm0)
+        y = y + x.float() * self.D.float()[:, None]
+        y = self.norm(y.reshape(b, L, self.d_inner), z.float())
+        return self.out_proj(y.to(hidden.dtype)), MambaState(conv_state, ssm)

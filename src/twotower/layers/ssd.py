@@ -1,0 +1,107 @@
+"""The Mamba-2 selective state-space scan: chunked (SSD) form, naive recurrence, and one-token step.
+
+Glossary of dimension letters (as in the SSD paper):
+    b batch, l/s positions (within a chunk), c chunk index, h heads, p head_dim, n state size.
+
+All three functions take the discretisation inputs already prepared:
+    x  (b, L, h, p)   inputs                 dt (b, L, h)  step sizes AFTER softplus/clamp
+    A  (h,)           negative decay rates   B, C (b, L, h, n)  already expanded from groups to heads
+    state (b, h, p, n) fp32 initial SSM state (zeros when None)
+and return y (b, L, h, p) WITHOUT the D skip term, plus the final state. Everything runs in fp32
+(seeded states can be large: bf16 overflowed in the reference, SPEC pitfall 2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """Lower-triangular pairwise sums: out[..., i, j] = sum(a[..., j+1 : i+1]) for j <= i, -inf above."""
+    n = a.shape[-1]
+    cs = torch.cumsum(a, dim=-1)
+    out = cs[..., :, None] - cs[..., None, :]
+    keep = torch.ones(n, n, dtype=torch.bool, device=a.device).tril()
+    return out.masked_fill(~keep, float("-inf"))
+
+
+def ssd_chunked(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    chunk_size: int,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked SSD scan, exact for any length L (shorter than, equal to, or not a multiple of the chunk)."""
+    b, L, h, p = x.shape
+    n = B.shape[-1]
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    if state is None:
+        state = x.new_zeros(b, h, p, n)
+    pad = (-L) % chunk_size
+    if pad:  # zero dt on padding: decay 1 and no input, so the final state is unaffected
+        x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
+    nc = (L + pad) // chunk_size
+
+    # 0. chunk everything: (b, c, l, ...)
+    xc = (x * dt[..., None]).reshape(b, nc, chunk_size, h, p)
+    Bc = B.reshape(b, nc, chunk_size, h, n)
+    Cc = C.reshape(b, nc, chunk_size, h, n)
+    a = (dt * A.float()).reshape(b, nc, chunk_size, h).permute(0, 3, 1, 2)  # (b, h, c, l)
+    a_cum = torch.cumsum(a, dim=-1)
+
+    # 1. within-chunk outputs (the "diagonal blocks"): a masked, decayed attention-like product
+    decay = torch.exp(_segsum(a))  # (b, h, c, l, s)
+    scores = torch.einsum("bclhn,bcshn->bhcls", Cc, Bc) * decay
+    y_diag = torch.einsum("bhcls,bcshp->bclhp", scores, xc)
+
+    # 2. the state each chunk contributes at its own end
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, h, c, l)
+    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_to_end, xc)
+
+    # 3. carry states across chunks, starting from the initial state
+    states = torch.cat([state[:, None].float(), chunk_states], dim=1)  # (b, c+1, h, p, n)
+    chunk_decay = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    carried = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    start_states, final_state = carried[:, :-1], carried[:, -1]
+
+    # 4. contribution of each chunk's start state to its outputs
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, start_states, torch.exp(a_cum))
+
+    y = (y_diag + y_off).reshape(b, nc * chunk_size, h, p)[:, :L]
+    return y, final_state
+
+
+def ssd_step(
+    x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, state: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One recurrent step. x (b, h, p), dt (b, h), B/C (b, h, n), state (b, h, p, n) -> y (b, h, p), state."""
+    dt = dt.float()
+    decay = torch.exp(dt * A.float())[..., None, None]  # (b, h, 1, 1)
+    state = state.float() * decay + (dt[..., None] * x.float())[..., None] * B.float()[:, :, None, :]
+    y = torch.einsum("bhpn,bhn->bhp", state, C.float())
+    return y, state
+
+
+def ssd_naive(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference twin of `ssd_chunked`: the per-token recurrence, one position at a time."""
+    b, L, h, p = x.shape
+    if state is None:
+        state = x.new_zeros(b, h, p, B.shape[-1], dtype=torch.float32)
+    ys = []
+    for t in range(L):
+        y, state = ssd_step(x[:, t], dt[:, t], A, B[:, t], C[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, dim=1), state
