@@ -22,7 +22,7 @@ def apply_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
 
 def gumbel_noise(shape: torch.Size, *, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     u = torch.rand(shape, generator=generator, device=generator.device if generator is not None else device)
-    return -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20)).to(device)
+    return -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20)).to(device)
 
 
 def choose_tokens(

@@ -58,7 +58,9 @@ class ReadStats:
     unreadable_files: int = 0
 
 
-def iter_documents(sources: Iterable[str | os.PathLike], *, stats: ReadStats | None = None) -> Iterator[Document]:
+def iter_documents(
+    sources: Iterable[str | os.PathLike], *, stats: ReadStats | None = None
+) -> Iterator[Document]:
     """Yield the documents of `sources`, streaming (one line or one file in memory at a time).
 
     Each source is a `.jsonl` file (one document per line, its "text" field; a corpus shard is one),
@@ -286,7 +288,12 @@ def _pack_batch(
 
 
 def _metadata(
-    sources: Sequence[str | os.PathLike], tokenizer: Tokenizer, *, dtype: np.dtype, holdout_percent: float, read: ReadStats
+    sources: Sequence[str | os.PathLike],
+    tokenizer: Tokenizer,
+    *,
+    dtype: np.dtype,
+    holdout_percent: float,
+    read: ReadStats,
 ) -> dict:
     special = asdict(tokenizer.special_ids)
     return {
@@ -298,7 +305,11 @@ def _metadata(
         "special_ids": special,
         "holdout_percent": holdout_percent,
         "sources": [str(source) for source in sources],
-        "skipped": {"empty": read.empty, "malformed_lines": read.malformed_lines, "unreadable": read.unreadable_files},
+        "skipped": {
+            "empty": read.empty,
+            "malformed_lines": read.malformed_lines,
+            "unreadable": read.unreadable_files,
+        },
     }
 
 
@@ -319,7 +330,9 @@ class PackedTokens:
         count = int(self.metadata["tokens"])
         if self.bin_path.stat().st_size != count * dtype.itemsize:
             raise ValueError(f"{self.bin_path} does not hold the {count} tokens its metadata promises")
-        self.tokens = np.memmap(self.bin_path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
+        self.tokens = (
+            np.memmap(self.bin_path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
+        )
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -336,7 +349,14 @@ class PackedTokens:
         return (raw % np.uint64(span)).astype(np.int64)
 
     def batch(
-        self, step: int, *, global_batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1
+        self,
+        step: int,
+        *,
+        global_batch_size: int,
+        seq_len: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> torch.Tensor:
         """This rank's rows of the global batch at `step`: int64 (global_batch_size // world_size, seq_len).
 
@@ -346,15 +366,18 @@ class PackedTokens:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if global_batch_size % world_size:
-            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by world_size {world_size}")
+            raise ValueError(
+                f"global_batch_size {global_batch_size} is not divisible by world_size {world_size}"
+            )
         starts = self.window_starts(step, global_batch_size=global_batch_size, seq_len=seq_len, seed=seed)
         local = global_batch_size // world_size
         return self._gather(starts[rank * local : (rank + 1) * local], seq_len)
 
     def sequential_batches(self, *, batch_size: int, seq_len: int) -> Iterator[torch.Tensor]:
-        """Non-overlapping windows from the start, in order (for held-out evaluation): int64 (<=batch_size, seq_len).
+        """Non-overlapping windows from the start, in order: int64 (<= batch_size, seq_len) per batch.
 
-        The tail shorter than `seq_len` is dropped; the last batch may have fewer rows.
+        Meant for held-out evaluation (every token once, no sampling). The tail shorter than
+        `seq_len` is dropped; the last batch may have fewer rows.
         """
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
@@ -370,6 +393,8 @@ class PackedTokens:
         if step < 0 or seed < 0:
             raise ValueError(f"step and seed must be >= 0, got step={step}, seed={seed}")
         if global_batch_size < 1 or seq_len < 1:
-            raise ValueError(f"global_batch_size and seq_len must be >= 1, got {global_batch_size}, {seq_len}")
+            raise ValueError(
+                f"global_batch_size and seq_len must be >= 1, got {global_batch_size}, {seq_len}"
+            )
         if seq_len > len(self):
             raise ValueError(f"seq_len {seq_len} is longer than the {len(self)} tokens in {self.bin_path}")

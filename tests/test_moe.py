@@ -1,0 +1,51 @@
+"""MoE routing rules and the grouped expert path against the plain per-token reference."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import randomise_special_params, tiny_config
+from twotower.layers.moe import MoE, experts_reference
+
+
+def _moe(**kw):
+    torch.manual_seed(0)
+    moe = MoE(tiny_config("E", **kw)).eval()
+    randomise_special_params(moe)
+    return moe
+
+
+@torch.no_grad()
+def test_grouped_experts_equal_reference():
+    moe = _moe(n_routed_experts=8, num_experts_per_tok=3)
+    x = torch.randn(23, 48)
+    idx, w = moe.gate(x)
+    torch.testing.assert_close(moe.experts(x, idx, w), experts_reference(moe.experts, x, idx, w))
+
+
+@torch.no_grad()
+def test_correction_bias_selects_but_does_not_weight():
+    moe = _moe(n_routed_experts=6, num_experts_per_tok=2, routed_scaling_factor=2.0)
+    x = torch.randn(5, 48)
+    moe.gate.e_score_correction_bias.zero_()
+    moe.gate.e_score_correction_bias[4] = 10.0  # forces expert 4 into every top-k
+    idx, w = moe.gate(x)
+    assert (idx == 4).any(-1).all()
+    scores = torch.sigmoid(x.double() @ moe.gate.weight.double().t())
+    expected = scores.gather(1, idx)
+    expected = expected / expected.sum(-1, keepdim=True) * 2.0
+    torch.testing.assert_close(w.double(), expected)
+
+
+@torch.no_grad()
+def test_group_limited_routing_stays_in_best_group():
+    moe = _moe(n_routed_experts=8, n_group=4, topk_group=1, num_experts_per_tok=2)
+    idx, _ = moe.gate(torch.randn(30, 48))
+    assert ((idx // 2)[:, 0] == (idx // 2)[:, 1]).all()
+
+
+def test_grouped_path_has_gradients():
+    moe = _moe()
+    x = torch.randn(9, 48, requires_grad=True)
+    moe(x).sum().backward()
+    assert x.grad is not None and moe.experts.up_proj.grad.abs().sum() > 0
