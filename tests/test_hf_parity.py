@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import randomise_special_params, tiny_config
+
 from twotower.backbone import NemotronHForCausalLM
 
 transformers = pytest.importorskip("transformers")

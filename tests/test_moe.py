@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import randomise_special_params, tiny_config
+
 from twotower.layers.moe import MoE, experts_reference
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import randomise_special_params, tiny_config
+
 from twotower.layers.mamba2 import Mamba2Mixer
 from twotower.layers.ssd import ssd_chunked, ssd_naive
 

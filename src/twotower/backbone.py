@@ -51,7 +51,12 @@ class NemotronHModel(nn.Module):
         self.norm_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
 
     def empty_cache(
-        self, batch: int, *, capacity: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+        self,
+        batch: int,
+        *,
+        capacity: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> HybridCache:
         """A cache for `batch` rows and `capacity` positions (it grows when exceeded)."""
         device = device or self.embeddings.weight.device

@@ -85,7 +85,9 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_tensors(tensors: dict[str, torch.Tensor], path: str | Path, *, max_shard_bytes: int | None = None) -> None:
+def write_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, *, max_shard_bytes: int | None = None
+) -> None:
     """Write a safetensors directory atomically per file; shard with an index above `max_shard_bytes`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -122,7 +124,9 @@ def _atomic_save(tensors: dict[str, torch.Tensor], target: Path) -> None:
 
 
 # ---- renaming ---------------------------------------------------------------------------------------
-def normalise_body_keys(tensors: dict[str, torch.Tensor], prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
+def normalise_body_keys(
+    tensors: dict[str, torch.Tensor], prefixes: dict[str, str]
+) -> dict[str, torch.Tensor]:
     """Rename file prefixes (e.g. {'model.': 'backbone.'}), `embedding.` -> `embeddings.`, and fuse
     per-expert weights into (E, out, in) tensors."""
     out: dict[str, torch.Tensor] = {}
@@ -166,12 +170,16 @@ def _names(keys: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def assign_state(module: nn.Module, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype | None, where: str) -> None:
+def assign_state(
+    module: nn.Module, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype | None, where: str
+) -> None:
     """Check names and shapes, then assign every parameter/buffer of `module` from `tensors`."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
+    wrong = sorted(
+        k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape)
+    )
     problems = []
     if missing:
         problems.append(f"missing tensors: {_names(missing)}")
@@ -227,3 +235,42 @@ def _stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
         if t.is_floating_point():
             counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
     return max(counts, key=counts.get) if counts else torch.float32
+
+
+# ---- the TwoTower model (released layout) -----------------------------------------------------------
+_TOWER_PREFIXES = {"context_tower.": "context_tower.", "denoiser_tower.": "denoiser_tower."}
+
+
+def load_twotower(path: str | Path, *, dtype: torch.dtype | None = None, device=None):
+    """Load a TwoTower directory in the released layout (per-expert keys, `embedding.` alias, shards)."""
+    from .model import TWOTOWER_ARCH, TwoTowerForCausalLM
+
+    raw_config = read_config_dict(path)
+    archs = raw_config.get("architectures") or []
+    if archs and TWOTOWER_ARCH not in archs:
+        raise CheckpointError(
+            f"{path}: config.json says architectures={archs}, not {TWOTOWER_ARCH}. For an AR backbone use "
+            "NemotronHForCausalLM.from_pretrained, then TwoTowerForCausalLM.from_backbone."
+        )
+    config = NemotronHConfig.from_dict(raw_config)
+    raw = read_tensors(path)
+    tensors = normalise_body_keys(raw, _TOWER_PREFIXES)
+    model = build_on_meta(lambda: TwoTowerForCausalLM(config))
+    assign_state(model, tensors, dtype=dtype or _stored_dtype(raw), where=str(path))
+    model.freeze_context()
+    return model.to(device) if device is not None else model
+
+
+def save_twotower(model, path: str | Path, *, max_shard_bytes: int | None = None) -> None:
+    """Write the released layout: per-expert expert weights, `architectures: [NemotronHTwoTowerForCausalLM]`."""
+    from .model import TWOTOWER_ARCH
+
+    write_tensors(split_experts(dict(model.state_dict())), path, max_shard_bytes=max_shard_bytes)
+    config = model.config.replace(extra={**model.config.extra, "architectures": [TWOTOWER_ARCH]})
+    config.save(Path(path) / "config.json")
+
+
+def is_twotower_dir(path: str | Path) -> bool:
+    from .model import TWOTOWER_ARCH
+
+    return TWOTOWER_ARCH in (read_config_dict(path).get("architectures") or [])

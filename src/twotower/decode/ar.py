@@ -89,4 +89,6 @@ def generate(model, input_ids, *, max_new_tokens: int = 128, **options) -> Gener
     batch_size = 1 if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1 else len(input_ids)
     width = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else max(len(p) for p in input_ids)
     cache = model.empty_cache(batch_size, capacity=width + max_new_tokens)
-    return decode_ar(step, cache, input_ids, device=model.device, pad_id=pad_id, max_new_tokens=max_new_tokens, **options)
+    return decode_ar(
+        step, cache, input_ids, device=model.device, pad_id=pad_id, max_new_tokens=max_new_tokens, **options
+    )

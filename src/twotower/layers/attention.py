@@ -49,7 +49,9 @@ class Attention(nn.Module):
     ) -> AttentionState:
         """Zeroed K/V buffers for `capacity` positions, allocated by the layer that owns them."""
         shape = (batch, self.num_kv_heads, capacity, self.head_dim)
-        return AttentionState(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return AttentionState(
+            torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype)
+        )
 
     def qkv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden (b, L, H) -> q (b, heads, L, d), k and v (b, kv_heads, L, d)."""
@@ -59,12 +61,16 @@ class Attention(nn.Module):
         v = self.v_proj(hidden).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """q (b, heads, L, d) over k/v (b, kv_heads, T, d); mask (b, 1, L, T) bool, True = may attend.
 
         Returns the o_proj output (b, L, H).
         """
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
+        )
         b, _, L, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
 

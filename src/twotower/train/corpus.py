@@ -198,11 +198,12 @@ def _osis_chapters(osis: str) -> Iterator[str]:
 
 
 def _osis_text(osis: str) -> str:
-    osis = re.sub(r"<note\b.*?</note>", "", osis, flags=re.DOTALL)  # footnotes and cross references
+    osis = re.sub(r"<note\b.*?</note>", " ", osis, flags=re.DOTALL)  # footnotes and cross references
     osis = re.sub(r"<title\b[^>]*>(.*?)</title>", r"\n\n\1\n\n", osis, flags=re.DOTALL)
     osis = re.sub(r'<div\b[^>]*type="x-p"[^>]*/>', "\n\n", osis)  # paragraph boundaries
     osis = re.sub(r"<l\b[^>]*\beID=[^>]*/>", "\n", osis)  # ends of poetry lines
     text = html.unescape(re.sub(r"<[^>]+>", "", osis))
+    text = re.sub(r"[ \t]+([,.;:!?)\u201d\u2019])", r"\1", text)  # the space a removed note left
     return "\n".join(re.sub(r"[ \t]+", " ", line).strip() for line in text.split("\n")).strip()
 
 

@@ -1,0 +1,46 @@
+"""adaLN-single time conditioning (SPEC.md section 3.2).
+
+t in [0, 1] (the fraction of the block still masked) -> t*1000 -> 256-dim sinusoid (cosine half
+first, then sine; frequencies exp(-ln(10000) k / 128)) -> `t_embedder` (Linear, SiLU, Linear) ->
+`t_block` (SiLU, Linear(H, 3H)). Layer i adds its `scale_shift_tables[i]` (rows: shift, scale, gate).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+FREQ_DIM = 256  # width of the sinusoidal embedding (fixed by the released checkpoint's t_embedder.mlp.0)
+TIME_SCALE = 1000.0
+MAX_PERIOD = 10000.0
+
+
+def timestep_sinusoid(t: torch.Tensor, dim: int = FREQ_DIM) -> torch.Tensor:
+    """t (b,) in [0, 1] -> (b, dim) float32: [cos(t*1000*f_k) ..., sin(t*1000*f_k) ...]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(MAX_PERIOD) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * TIME_SCALE * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(FREQ_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        w = self.mlp[0].weight
+        return self.mlp(timestep_sinusoid(t).to(w.dtype))
+
+
+def modulation(
+    t_block_out: torch.Tensor, table: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(shift, scale, gate), each (b, 1, H), for one layer. t_block_out (b, 3H); table (3, H)."""
+    mod = table[None] + t_block_out.view(-1, 3, table.shape[-1])
+    shift, scale, gate = mod.unbind(1)
+    return shift[:, None], scale[:, None], gate[:, None]

@@ -1,0 +1,219 @@
+"""Mask-diffusion decoding (SPEC 3.4), batched per row: each row has its own t, commit counts, EOS
+and prompt length.
+
+Per block of S positions:
+  1. canvas = S mask tokens; the seed is the context cache after all committed tokens.
+  2. up to T = steps_per_block denoiser forwards; each step every row with masked positions
+     predicts all of them and commits the c most confident (the commit rule below).
+  3. the context tower appends the S committed tokens in ONE forward.
+  4. a row whose block holds an EOS stops; it leaves the batch (its cache rows are dropped).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..model import DenoiserContext
+from .ar import check_max_new_tokens
+from .batch import GenerationOutput, cut_at_eos, left_pad, normalise_eos
+from .sampling import check_sampling_options, choose_tokens, make_generator
+
+
+@dataclass(frozen=True)
+class DiffusionSettings:
+    block_size: int = 16
+    steps_per_block: int = 16
+    confidence_threshold: float = 0.9
+    temperature: float = 0.0
+    top_k: int | None = None
+
+    def validate(self) -> None:
+        for name in ("block_size", "steps_per_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        gamma = self.confidence_threshold
+        if not isinstance(gamma, (int, float)) or not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1], got {gamma!r}")
+        check_sampling_options(temperature=self.temperature, top_k=self.top_k)
+
+
+def commit_counts(n_masked: torch.Tensor, n_confident: torch.Tensor, step: int, steps: int) -> torch.Tensor:
+    """How many positions each row commits at 0-based `step` of `steps` (SPEC 3.4 step 3).
+
+    last step: c = n; otherwise c = min(n, max(a, 1, ceil(n / (T - k)))) with a = #confident masked.
+    Rows with nothing masked commit 0.
+    """
+    if step >= steps - 1:
+        return n_masked.clone()
+    floor = torch.div(n_masked + (steps - step) - 1, steps - step, rounding_mode="floor")  # ceil(n / (T-k))
+    c = torch.maximum(torch.maximum(n_confident, torch.ones_like(n_confident)), floor)
+    return torch.minimum(c, n_masked)
+
+
+def select_commits(confidence: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The `counts[r]` most confident masked positions of each row r. (b, S) -> bool (b, S)."""
+    score = confidence.masked_fill(~masked, float("-inf"))
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )
+    return masked & (rank < counts[:, None])
+
+
+@torch.no_grad()
+def denoise_block(
+    model,
+    context: DenoiserContext,
+    *,
+    rows: int,
+    size: int,
+    settings: DiffusionSettings,
+    mask_id: int,
+    generator: torch.Generator | None,
+    on_step: Callable[[dict], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Fill one block of `size` positions for `rows` rows. Returns (canvas (rows, size), per-row
+    denoiser steps (rows,), number of batched forwards)."""
+    device = model.denoiser_device
+    canvas = torch.full((rows, size), mask_id, dtype=torch.long, device=device)
+    masked = torch.ones(rows, size, dtype=torch.bool, device=device)
+    row_steps = torch.zeros(rows, dtype=torch.long, device=device)
+    forwards = 0
+    for k in range(settings.steps_per_block):
+        n_masked = masked.sum(-1)
+        live = n_masked > 0
+        if not bool(live.any()):
+            break
+        logits = model.denoise(canvas, n_masked.float() / size, context)
+        forwards += 1
+        logits[..., mask_id] = float("-inf")
+        pred = choose_tokens(
+            logits, temperature=settings.temperature, top_k=settings.top_k, generator=generator
+        )
+        confidence = torch.softmax(logits, dim=-1).gather(-1, pred[..., None])[..., 0]
+        n_confident = (masked & (confidence > settings.confidence_threshold)).sum(-1)
+        commit = select_commits(
+            confidence, masked, commit_counts(n_masked, n_confident, k, settings.steps_per_block)
+        )
+        canvas = torch.where(commit, pred, canvas)
+        masked = masked & ~commit
+        row_steps += live.long()
+        if on_step is not None:
+            on_step(
+                {"step": k, "canvas": canvas, "committed": commit, "masked": masked, "t": n_masked / size}
+            )
+    return canvas, row_steps, forwards
+
+
+@torch.no_grad()
+def generate_mask_diffusion(
+    model,
+    input_ids: torch.Tensor | Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    block_size: int = 16,
+    steps_per_block: int = 16,
+    mask_token_id: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    confidence_threshold: float = 0.9,
+    eos_token_id: int | Sequence[int] | None = None,
+    step_callback: Callable[[dict], None] | None = None,
+    seed: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> GenerationOutput:
+    """Block-wise mask diffusion with the reference's arguments and defaults. Returns prompt +
+    generated ids and statistics (NFE, tokens per forward, steps per block, per-row lengths).
+
+    `max_new_tokens` need not be a multiple of `block_size`: the last block is shorter.
+    """
+    check_max_new_tokens(max_new_tokens)
+    settings = DiffusionSettings(block_size, steps_per_block, confidence_threshold, temperature, top_k)
+    settings.validate()
+    trained = model.trained_block_size
+    if trained is not None and block_size > trained:
+        warnings.warn(
+            f"block_size {block_size} exceeds the trained block size {trained}; quality collapses (SPEC 4)",
+            stacklevel=2,
+        )
+    mask_id = model.mask_token_id if mask_token_id is None else mask_token_id
+    eos = normalise_eos(eos_token_id)
+    pad_id = model.config.pad_token_id
+    ctx_device = model.context_device
+    batch = left_pad(input_ids, pad_id=pad_id, device=ctx_device, attention_mask=attention_mask)
+    b = batch.ids.shape[0]
+    gen = make_generator(seed, model.denoiser_device)
+
+    t0 = time.perf_counter()
+    cache = model.empty_cache(b, capacity=batch.ids.shape[1] + max_new_tokens)
+    model.extend_context(batch.ids, cache, mask=None if batch.all_valid else batch.mask)
+    out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long)
+    active = torch.arange(b)  # original row index of each cache row
+    steps_per_row = torch.zeros(b, dtype=torch.long)
+    block_steps: list[list[int]] = [[] for _ in range(b)]
+    nfe = context_forwards = 0
+    eos_t = torch.tensor(eos, dtype=torch.long)
+    for block_index, pos in enumerate(range(0, max_new_tokens, block_size)):
+        if len(active) == 0:
+            break
+        size = min(block_size, max_new_tokens - pos)
+        context = DenoiserContext.from_cache(cache).to(model.denoiser_device)
+        on_step = None
+        if step_callback is not None:
+
+            def on_step(event, _rows=active.clone(), _block=block_index, _pos=pos):
+                step_callback({**event, "block": _block, "position": _pos, "rows": _rows})
+
+        canvas, row_steps, forwards = denoise_block(
+            model,
+            context,
+            rows=len(active),
+            size=size,
+            settings=settings,
+            mask_id=mask_id,
+            generator=gen,
+            on_step=on_step,
+        )
+        nfe += forwards
+        canvas_cpu, row_steps = canvas.cpu(), row_steps.cpu()
+        out[active, pos : pos + size] = canvas_cpu
+        steps_per_row[active] += row_steps
+        for r, s in zip(active.tolist(), row_steps.tolist()):
+            block_steps[r].append(s)
+        keep = ~torch.isin(canvas_cpu, eos_t).any(-1) if eos else torch.ones(len(active), dtype=torch.bool)
+        if pos + size >= max_new_tokens:
+            break
+        if not bool(keep.all()):
+            active = active[keep]
+            cache = cache.select_rows(keep.nonzero()[:, 0].to(ctx_device))
+            canvas = canvas[keep.to(canvas.device)]
+        if len(active):
+            model.extend_context(canvas.to(ctx_device), cache)
+            context_forwards += 1
+    elapsed = time.perf_counter() - t0
+
+    rows = [cut_at_eos(r, eos) for r in out.tolist()]
+    for r, toks in enumerate(rows):
+        out[r, len(toks) :] = pad_id
+    generated = sum(len(r) for r in rows)
+    per_row_tpf = [len(toks) / max(int(s), 1) for toks, s in zip(rows, steps_per_row.tolist())]
+    stats = {
+        "mode": "diffusion",
+        "nfe": nfe,
+        "context_forwards": context_forwards + 1,
+        "generated_tokens": generated,
+        "tokens_per_forward": sum(per_row_tpf) / len(per_row_tpf),
+        "steps_per_block": block_steps,
+        "denoiser_steps_per_row": steps_per_row.tolist(),
+        "seconds": elapsed,
+        "tokens_per_second": generated / elapsed if elapsed > 0 else 0.0,
+        "settings": {**settings.__dict__, "mask_token_id": mask_id},
+    }
+    sequences = torch.cat([batch.ids.cpu(), out], dim=1)
+    return GenerationOutput(sequences, batch.lengths, rows, stats)

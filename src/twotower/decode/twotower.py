@@ -1,0 +1,39 @@
+"""AR mode of a TwoTower model: the frozen context tower and its AR head alone (SPEC 3.4)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import HybridCache
+from .ar import decode_ar
+from .batch import GenerationOutput, left_pad
+
+
+def prompt_shape(input_ids) -> tuple[int, int]:
+    """(batch, widest prompt) of a tensor or a list of id lists."""
+    if isinstance(input_ids, torch.Tensor):
+        return (1, input_ids.shape[0]) if input_ids.dim() == 1 else tuple(input_ids.shape)
+    return len(input_ids), max((len(p) for p in input_ids), default=0)
+
+
+def generate_ar(model, input_ids, *, max_new_tokens: int = 128, **options) -> GenerationOutput:
+    """Ordinary cached decoding with the context tower: exactly the frozen backbone."""
+
+    def step(ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor | None) -> torch.Tensor:
+        hidden = model.context_tower(ids, cache=cache, mask=mask)[:, -1:]
+        return model.context_lm_head(hidden).float()[:, -1]
+
+    b, width = prompt_shape(input_ids)
+    cache = model.empty_cache(b, capacity=width + max_new_tokens)
+    return decode_ar(
+        step,
+        cache,
+        input_ids,
+        device=model.context_device,
+        pad_id=model.config.pad_token_id,
+        max_new_tokens=max_new_tokens,
+        **options,
+    )
+
+
+__all__ = ["generate_ar", "left_pad", "prompt_shape"]

@@ -1,0 +1,238 @@
+"""The TwoTower model (SPEC.md section 3): a frozen NemotronH context tower that owns the only cache,
+and a trained denoiser tower that fills a block of masked tokens from a read-only view of that cache.
+
+Module names match the released checkpoint: `context_tower`, `context_lm_head`, `denoiser_tower`,
+`lm_head`, `t_embedder`, `t_block`, `scale_shift_tables`.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .backbone import NemotronHForCausalLM, NemotronHModel, init_weights
+from .cache import HybridCache
+from .conditioning import TimestepEmbedder, modulation
+from .config import NemotronHConfig
+from .layers.attention import AttentionState, full_mask
+from .layers.mamba2 import MambaState
+
+DEFAULT_MASK_TOKEN_ID = 3  # the released config carries no mask id; the convention is 3 (SPEC 3.1)
+TWOTOWER_ARCH = "NemotronHTwoTowerForCausalLM"
+
+
+@dataclass
+class DenoiserContext:
+    """What the denoiser may see of the past, per layer, for each row of its input:
+    attention K/V (b, kv_heads, T, d) with key validity (b, T), and Mamba seed states."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor] | None]
+    key_valid: torch.Tensor
+    mamba: list[MambaState | None]
+
+    @classmethod
+    def from_cache(cls, cache: HybridCache) -> DenoiserContext:
+        """Read-only views of the context cache after its last written position (no copies)."""
+        kv, mamba = [], []
+        for i, st in enumerate(cache.layers):
+            kv.append(cache.kv(i) if isinstance(st, AttentionState) else None)
+            mamba.append(st if isinstance(st, MambaState) else None)
+        return cls(kv, cache.key_valid(), mamba)
+
+    def to(self, device: torch.device) -> DenoiserContext:
+        kv = [(p[0].to(device), p[1].to(device)) if p is not None else None for p in self.kv]
+        mamba = [
+            MambaState(s.conv.to(device), s.ssm.to(device)) if s is not None else None for s in self.mamba
+        ]
+        return DenoiserContext(kv, self.key_valid.to(device), mamba)
+
+
+class TwoTowerForCausalLM(nn.Module):
+    def __init__(self, config: NemotronHConfig) -> None:
+        super().__init__()
+        self.config = config
+        H, n_layers = config.hidden_size, config.num_hidden_layers
+        self.context_tower = NemotronHModel(config)
+        self.context_lm_head = nn.Linear(H, config.vocab_size, bias=False)
+        self.denoiser_tower = NemotronHModel(config)
+        self.lm_head = nn.Linear(H, config.vocab_size, bias=False)
+        self.t_embedder = TimestepEmbedder(H)
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(H, 3 * H))
+        self.scale_shift_tables = nn.ParameterList(nn.Parameter(torch.zeros(3, H)) for _ in range(n_layers))
+        init_weights(self, config)
+        self.reset_adaln()
+        self.freeze_context()
+
+    # ---- construction -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_adaln(self) -> None:
+        """SPEC 3.2 decision: zero last t_block linear, tables (shift 0, scale 0, gate 1), so the
+        denoiser computes exactly its body whatever t is."""
+        nn.init.zeros_(self.t_block[1].weight)
+        nn.init.zeros_(self.t_block[1].bias)
+        for table in self.scale_shift_tables:
+            table.zero_()
+            table[2].fill_(1.0)
+
+    def freeze_context(self) -> None:
+        for p in [*self.context_tower.parameters(), *self.context_lm_head.parameters()]:
+            p.requires_grad_(False)
+
+    @classmethod
+    def from_backbone(cls, backbone: NemotronHForCausalLM) -> TwoTowerForCausalLM:
+        """Both towers copies of an AR model; adaLN initialised so the denoiser equals the backbone."""
+        config = backbone.config
+        with torch.device("meta"):
+            model = cls(config)
+        model.context_tower = copy.deepcopy(backbone.backbone)
+        model.context_lm_head = copy.deepcopy(backbone.lm_head)
+        model.denoiser_tower = copy.deepcopy(backbone.backbone)
+        model.lm_head = copy.deepcopy(backbone.lm_head)
+        ref = backbone.lm_head.weight
+        model.t_embedder = TimestepEmbedder(config.hidden_size).to(device=ref.device, dtype=ref.dtype)
+        model.t_block = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 3 * config.hidden_size))
+        model.t_block.to(device=ref.device, dtype=ref.dtype)
+        model.scale_shift_tables = nn.ParameterList(
+            nn.Parameter(torch.zeros(3, config.hidden_size, device=ref.device, dtype=ref.dtype))
+            for _ in range(config.num_hidden_layers)
+        )
+        init_weights(model.t_embedder, config)
+        model.reset_adaln()
+        model.freeze_context()
+        for p in model.denoiser_parameters():
+            p.requires_grad_(True)
+        return model
+
+    def denoiser_parameters(self) -> list[nn.Parameter]:
+        """Everything that trains: denoiser body, its head, and the adaLN parts."""
+        parts = [self.denoiser_tower, self.lm_head, self.t_embedder, self.t_block, self.scale_shift_tables]
+        return [p for m in parts for p in m.parameters()]
+
+    # ---- properties -------------------------------------------------------------------------------
+    @property
+    def mask_token_id(self) -> int:
+        return int(self.config.extra.get("mask_token_id", DEFAULT_MASK_TOKEN_ID))
+
+    @property
+    def trained_block_size(self) -> int | None:
+        size = self.config.extra.get("block_size")
+        return int(size) if size is not None else None
+
+    @property
+    def context_device(self) -> torch.device:
+        return self.context_lm_head.weight.device
+
+    @property
+    def denoiser_device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    # ---- context tower (the AR model) --------------------------------------------------------------
+    def empty_cache(self, batch: int, *, capacity: int) -> HybridCache:
+        return self.context_tower.empty_cache(batch, capacity=capacity)
+
+    def context_forward(
+        self, input_ids: torch.Tensor, *, cache: HybridCache | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Context tower + AR head: logits (b, L, V) float32; appends to `cache` when given."""
+        return self.context_lm_head(self.context_tower(input_ids, cache=cache, mask=mask)).float()
+
+    @torch.no_grad()
+    def extend_context(
+        self, input_ids: torch.Tensor, cache: HybridCache, *, mask: torch.Tensor | None = None
+    ) -> None:
+        """Commit tokens: the context tower appends them to its cache in one forward (no head)."""
+        self.context_tower(input_ids.to(self.context_device), cache=cache, mask=mask)
+
+    # ---- denoiser tower ----------------------------------------------------------------------------
+    def denoise(
+        self,
+        block_ids: torch.Tensor,
+        t: torch.Tensor | None,
+        context: DenoiserContext,
+        *,
+        block_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One denoiser forward over a block (SPEC 3.3). Returns logits (b, S, V) float32; position j
+        predicts the token AT j.
+
+        block_ids (b, S); t (b,) masked fraction per row, or None for no time conditioning (adaLN
+        skipped: mock-AR); context: the read-only past. block_valid (b, S) marks real block positions.
+        """
+        b, S = block_ids.shape
+        h = self.denoiser_tower.embeddings(block_ids)
+        cond = self.t_block(self.t_embedder(t)) if t is not None else None
+        if block_valid is None:
+            block_valid = torch.ones(b, S, dtype=torch.bool, device=block_ids.device)
+        attn_mask = full_mask(torch.cat([context.key_valid, block_valid], dim=1), S)
+        for i, layer in enumerate(self.denoiser_tower.layers):
+            is_mixer_first = layer.kind in ("linear_attention", "full_attention")
+            if cond is None:
+                u = layer.norm(h)
+            else:
+                shift, scale, gate = modulation(cond, self.scale_shift_tables[i])
+                u = (
+                    layer.norm(h * (1 + scale) + shift)
+                    if is_mixer_first
+                    else layer.norm(h) * (1 + scale) + shift
+                )
+            if layer.kind == "linear_attention":
+                y, _ = layer.mixer(
+                    u, context.mamba[i]
+                )  # final state discarded: every step restarts from the seed
+            elif layer.kind == "full_attention":
+                q, k, v = layer.mixer.qkv(u)
+                past_k, past_v = context.kv[i]
+                y = layer.mixer.attend(q, torch.cat([past_k, k], 2), torch.cat([past_v, v], 2), attn_mask)
+            else:
+                y = layer.mixer(u)
+            h = h + (y if cond is None else gate * y)
+        return self.lm_head(self.denoiser_tower.norm_f(h)).float()
+
+    # ---- decoding entry points (thin wrappers over twotower.decode) -----------------------------------
+    def generate_ar(self, input_ids, **options):
+        from .decode.twotower import generate_ar
+
+        return generate_ar(self, input_ids, **options)
+
+    def generate_mock_ar(self, input_ids, **options):
+        from .decode.mock_ar import generate_mock_ar
+
+        return generate_mock_ar(self, input_ids, **options)
+
+    def generate_mask_diffusion(self, input_ids, **options):
+        from .decode.diffusion import generate_mask_diffusion
+
+        return generate_mask_diffusion(self, input_ids, **options)
+
+    # ---- devices -----------------------------------------------------------------------------------
+    def place_towers_on_devices(self, ctx_device: str | torch.device, den_device: str | torch.device):
+        """Context tower + AR head on one device; denoiser + head + adaLN on the other."""
+        self.context_tower.to(ctx_device)
+        self.context_lm_head.to(ctx_device)
+        for part in (
+            self.denoiser_tower,
+            self.lm_head,
+            self.t_embedder,
+            self.t_block,
+            self.scale_shift_tables,
+        ):
+            part.to(den_device)
+        return self
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    ) -> TwoTowerForCausalLM:
+        from .checkpoint import load_twotower
+
+        return load_twotower(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path, *, max_shard_bytes: int | None = None) -> None:
+        from .checkpoint import save_twotower
+
+        save_twotower(self, path, max_shard_bytes=max_shard_bytes)
