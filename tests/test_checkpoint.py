@@ -37,9 +37,7 @@ def _write_layout(model, path, *, prefix, per_expert, embedding_alias):
 @pytest.mark.parametrize("per_expert", [False, True])
 @pytest.mark.parametrize("embedding_alias", [False, True])
 def test_all_key_layouts_load(tmp_path, tiny_model, prefix, per_expert, embedding_alias):
-    _write_layout(
-        tiny_model, tmp_path / "ckpt", prefix=prefix, per_expert=per_expert, embedding_alias=embedding_alias
-    )
+    _write_layout(tiny_model, tmp_path / "ckpt", prefix=prefix, per_expert=per_expert, embedding_alias=embedding_alias)
     loaded = NemotronHForCausalLM.from_pretrained(tmp_path / "ckpt")
     torch.testing.assert_close(_logits(loaded), _logits(tiny_model), rtol=0, atol=1e-6)
 

@@ -91,9 +91,7 @@ class HybridCache:
 
     # ---- copies -----------------------------------------------------------------------------------
     def clone(self) -> HybridCache:
-        return HybridCache(
-            [s.clone() if s is not None else None for s in self.layers], self.valid.clone(), self.length
-        )
+        return HybridCache([s.clone() if s is not None else None for s in self.layers], self.valid.clone(), self.length)
 
     def snapshot(self) -> CacheSnapshot:
         mamba = [s.clone() if isinstance(s, MambaState) else None for s in self.layers]

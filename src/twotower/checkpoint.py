@@ -85,9 +85,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_tensors(
-    tensors: dict[str, torch.Tensor], path: str | Path, *, max_shard_bytes: int | None = None
-) -> None:
+def write_tensors(tensors: dict[str, torch.Tensor], path: str | Path, *, max_shard_bytes: int | None = None) -> None:
     """Write a safetensors directory atomically per file; shard with an index above `max_shard_bytes`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -124,9 +122,7 @@ def _atomic_save(tensors: dict[str, torch.Tensor], target: Path) -> None:
 
 
 # ---- renaming ---------------------------------------------------------------------------------------
-def normalise_body_keys(
-    tensors: dict[str, torch.Tensor], prefixes: dict[str, str]
-) -> dict[str, torch.Tensor]:
+def normalise_body_keys(tensors: dict[str, torch.Tensor], prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
     """Rename file prefixes (e.g. {'model.': 'backbone.'}), `embedding.` -> `embeddings.`, and fuse
     per-expert weights into (E, out, in) tensors."""
     out: dict[str, torch.Tensor] = {}
@@ -170,16 +166,12 @@ def _names(keys: list[str], limit: int = 8) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def assign_state(
-    module: nn.Module, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype | None, where: str
-) -> None:
+def assign_state(module: nn.Module, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype | None, where: str) -> None:
     """Check names and shapes, then assign every parameter/buffer of `module` from `tensors`."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(
-        k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape)
-    )
+    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
     problems = []
     if missing:
         problems.append(f"missing tensors: {_names(missing)}")

@@ -28,18 +28,14 @@ def timestep_sinusoid(t: torch.Tensor, dim: int = FREQ_DIM) -> torch.Tensor:
 class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(FREQ_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
+        self.mlp = nn.Sequential(nn.Linear(FREQ_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         w = self.mlp[0].weight
         return self.mlp(timestep_sinusoid(t).to(w.dtype))
 
 
-def modulation(
-    t_block_out: torch.Tensor, table: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def modulation(t_block_out: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(shift, scale, gate), each (b, 1, H), for one layer. t_block_out (b, 3H); table (3, H)."""
     mod = table[None] + t_block_out.view(-1, 3, table.shape[-1])
     shift, scale, gate = mod.unbind(1)

@@ -147,17 +147,13 @@ class NemotronHConfig:
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.mamba_num_heads % self.n_groups:
-            raise ValueError(
-                f"n_groups ({self.n_groups}) must divide mamba_num_heads ({self.mamba_num_heads})"
-            )
+            raise ValueError(f"n_groups ({self.n_groups}) must divide mamba_num_heads ({self.mamba_num_heads})")
         if self.num_experts_per_tok > self.n_routed_experts:
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds n_routed_experts ({self.n_routed_experts})"
             )
         if self.n_routed_experts % self.n_group or self.topk_group > self.n_group:
-            raise ValueError(
-                f"n_group ({self.n_group}) / topk_group ({self.topk_group}) do not fit the experts"
-            )
+            raise ValueError(f"n_group ({self.n_group}) / topk_group ({self.topk_group}) do not fit the experts")
         if self.mlp_hidden_act != "relu2":
             raise ValueError(f"mlp_hidden_act: only 'relu2' is supported, got {self.mlp_hidden_act!r}")
         if self.layer_norm_epsilon <= 0:
@@ -167,9 +163,7 @@ class NemotronHConfig:
             raise ValueError(f"time_step_limit: lower bound {lo} exceeds upper bound {hi}")
         for name in ("bos_token_id", "pad_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
-                raise ValueError(
-                    f"{name}: {getattr(self, name)} is outside the vocabulary of {self.vocab_size}"
-                )
+                raise ValueError(f"{name}: {getattr(self, name)} is outside the vocabulary of {self.vocab_size}")
         for eos in self.eos_token_ids:
             if not 0 <= eos < self.vocab_size:
                 raise ValueError(f"eos_token_id: {eos} is outside the vocabulary of {self.vocab_size}")
@@ -196,11 +190,7 @@ class NemotronHConfig:
                 raise ValueError(f"layers_block_type: must be a list of strings, got {type(types).__name__}")
             data["layers_block_type"] = tuple(_LEGACY_TYPES.get(t, t) for t in types)
         n_layers = data.pop("num_hidden_layers", None)
-        if (
-            n_layers is not None
-            and "layers_block_type" in data
-            and n_layers != len(data["layers_block_type"])
-        ):
+        if n_layers is not None and "layers_block_type" in data and n_layers != len(data["layers_block_type"]):
             raise ValueError(
                 f"num_hidden_layers ({n_layers}) disagrees with the layer pattern "
                 f"({len(data['layers_block_type'])} layers)"
@@ -283,9 +273,7 @@ def _tiny() -> NemotronHConfig:
 
 def _nano_30b() -> NemotronHConfig:
     return NemotronHConfig(
-        layers_block_type=tuple(
-            PATTERN_TO_TYPE[c] for c in "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
-        ),
+        layers_block_type=tuple(PATTERN_TO_TYPE[c] for c in "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"),
         eos_token_id=(2, 11),
     )
 

@@ -45,9 +45,7 @@ class DenoiserContext:
 
     def to(self, device: torch.device) -> DenoiserContext:
         kv = [(p[0].to(device), p[1].to(device)) if p is not None else None for p in self.kv]
-        mamba = [
-            MambaState(s.conv.to(device), s.ssm.to(device)) if s is not None else None for s in self.mamba
-        ]
+        mamba = [MambaState(s.conv.to(device), s.ssm.to(device)) if s is not None else None for s in self.mamba]
         return DenoiserContext(kv, self.key_valid.to(device), mamba)
 
 
@@ -141,9 +139,7 @@ class TwoTowerForCausalLM(nn.Module):
         return self.context_lm_head(self.context_tower(input_ids, cache=cache, mask=mask)).float()
 
     @torch.no_grad()
-    def extend_context(
-        self, input_ids: torch.Tensor, cache: HybridCache, *, mask: torch.Tensor | None = None
-    ) -> None:
+    def extend_context(self, input_ids: torch.Tensor, cache: HybridCache, *, mask: torch.Tensor | None = None) -> None:
         """Commit tokens: the context tower appends them to its cache in one forward (no head)."""
         self.context_tower(input_ids.to(self.context_device), cache=cache, mask=mask)
 
@@ -174,15 +170,9 @@ class TwoTowerForCausalLM(nn.Module):
                 u = layer.norm(h)
             else:
                 shift, scale, gate = modulation(cond, self.scale_shift_tables[i])
-                u = (
-                    layer.norm(h * (1 + scale) + shift)
-                    if is_mixer_first
-                    else layer.norm(h) * (1 + scale) + shift
-                )
+                u = layer.norm(h * (1 + scale) + shift) if is_mixer_first else layer.norm(h) * (1 + scale) + shift
             if layer.kind == "linear_attention":
-                y, _ = layer.mixer(
-                    u, context.mamba[i]
-                )  # final state discarded: every step restarts from the seed
+                y, _ = layer.mixer(u, context.mamba[i])  # final state discarded: every step restarts from the seed
             elif layer.kind == "full_attention":
                 q, k, v = layer.mixer.qkv(u)
                 past_k, past_v = context.kv[i]

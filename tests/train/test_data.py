@@ -18,9 +18,7 @@ from twotower.train.data import (
 )
 from twotower.train.tokenizer import train_tokenizer
 
-DOCS = [
-    f"Document number {i}: {'alpha beta gamma ' * (i % 5 + 1)}\n    indented code {i}\n" for i in range(60)
-]
+DOCS = [f"Document number {i}: {'alpha beta gamma ' * (i % 5 + 1)}\n    indented code {i}\n" for i in range(60)]
 HOLDOUT_PERCENT = 30.0
 SEQ_LEN = 16
 GLOBAL_BATCH = 8
@@ -86,9 +84,7 @@ def test_packed_files_hold_exactly_the_tokenized_documents(tokenizer, packed):
     for split, docs in zip(SPLITS, (train_docs, heldout_docs), strict=True):
         tokens = PackedTokens(out / f"{split}.bin")
         assert tokens.tokens.dtype == np.uint16
-        np.testing.assert_array_equal(
-            np.asarray(tokens.tokens, dtype=np.int64), _expected_tokens(tokenizer, docs)
-        )
+        np.testing.assert_array_equal(np.asarray(tokens.tokens, dtype=np.int64), _expected_tokens(tokenizer, docs))
         assert stats.splits[split].documents == len(docs)
         meta = tokens.metadata
         assert meta["tokens"] == len(tokens) and meta["tokenizer_sha256"] == tokenizer.fingerprint
@@ -132,9 +128,7 @@ def test_batches_are_a_pure_function_of_seed_and_step(packed):
     first = [reader.batch(step, **options) for step in range(6)]
     assert torch.equal(first[5], resumed.batch(5, **options))
     assert not torch.equal(first[0], first[1])
-    assert not torch.equal(
-        first[0], reader.batch(0, global_batch_size=GLOBAL_BATCH, seq_len=SEQ_LEN, seed=SEED + 1)
-    )
+    assert not torch.equal(first[0], reader.batch(0, global_batch_size=GLOBAL_BATCH, seq_len=SEQ_LEN, seed=SEED + 1))
     assert first[0].dtype == torch.int64 and first[0].shape == (GLOBAL_BATCH, SEQ_LEN)
 
 

@@ -93,21 +93,15 @@ def denoise_block(
         logits = model.denoise(canvas, n_masked.float() / size, context)
         forwards += 1
         logits[..., mask_id] = float("-inf")
-        pred = choose_tokens(
-            logits, temperature=settings.temperature, top_k=settings.top_k, generator=generator
-        )
+        pred = choose_tokens(logits, temperature=settings.temperature, top_k=settings.top_k, generator=generator)
         confidence = torch.softmax(logits, dim=-1).gather(-1, pred[..., None])[..., 0]
         n_confident = (masked & (confidence > settings.confidence_threshold)).sum(-1)
-        commit = select_commits(
-            confidence, masked, commit_counts(n_masked, n_confident, k, settings.steps_per_block)
-        )
+        commit = select_commits(confidence, masked, commit_counts(n_masked, n_confident, k, settings.steps_per_block))
         canvas = torch.where(commit, pred, canvas)
         masked = masked & ~commit
         row_steps += live.long()
         if on_step is not None:
-            on_step(
-                {"step": k, "canvas": canvas, "committed": commit, "masked": masked, "t": n_masked / size}
-            )
+            on_step({"step": k, "canvas": canvas, "committed": commit, "masked": masked, "t": n_masked / size})
     return canvas, row_steps, forwards
 
 

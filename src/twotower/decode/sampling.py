@@ -20,9 +20,7 @@ def apply_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def gumbel_noise(
-    shape: torch.Size, *, generator: torch.Generator | None, device: torch.device
-) -> torch.Tensor:
+def gumbel_noise(shape: torch.Size, *, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     u = torch.rand(shape, generator=generator, device=generator.device if generator is not None else device)
     return -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20)).to(device)
 

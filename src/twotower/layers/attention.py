@@ -44,9 +44,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def empty_state(
-        self, batch: int, *, capacity: int, device: torch.device, dtype: torch.dtype
-    ) -> AttentionState:
+    def empty_state(self, batch: int, *, capacity: int, device: torch.device, dtype: torch.dtype) -> AttentionState:
         """Zeroed K/V buffers for `capacity` positions, allocated by the layer that owns them."""
         shape = (batch, self.num_kv_heads, capacity, self.head_dim)
         return AttentionState(
@@ -61,16 +59,12 @@ class Attention(nn.Module):
         v = self.v_proj(hidden).view(b, L, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
-    def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """q (b, heads, L, d) over k/v (b, kv_heads, T, d); mask (b, 1, L, T) bool, True = may attend.
 
         Returns the o_proj output (b, L, H).
         """
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
-        )
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads)
         b, _, L, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, L, self.num_heads * self.head_dim))
 

@@ -58,9 +58,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(self.num_heads))
         self.A_log = nn.Parameter(torch.empty(self.num_heads))
         self.D = nn.Parameter(torch.empty(self.num_heads))
-        self.norm = GatedRMSNorm(
-            self.d_inner, group_size=self.d_inner // self.n_groups, eps=config.layer_norm_epsilon
-        )
+        self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // self.n_groups, eps=config.layer_norm_epsilon)
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.use_bias)
         self._init_ssm(config)
 
@@ -76,9 +74,7 @@ class Mamba2Mixer(nn.Module):
     def empty_state(self, batch: int, *, device: torch.device, dtype: torch.dtype) -> MambaState:
         """A zero state, allocated by the layer that owns it."""
         conv = torch.zeros(batch, self.conv_dim, self.kernel - 1, device=device, dtype=dtype)
-        ssm = torch.zeros(
-            batch, self.num_heads, self.head_dim, self.state_size, device=device, dtype=torch.float32
-        )
+        ssm = torch.zeros(batch, self.num_heads, self.head_dim, self.state_size, device=device, dtype=torch.float32)
         return MambaState(conv, ssm)
 
     # ---- pieces ---------------------------------------------------------------------------------
@@ -120,9 +116,7 @@ class Mamba2Mixer(nn.Module):
         if mask is not None:
             xbc = xbc * mask[..., None].to(xbc.dtype)
             dt = dt * mask[..., None]
-        x, B, C = xbc.split(
-            [self.d_inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1
-        )
+        x, B, C = xbc.split([self.d_inner, self.n_groups * self.state_size, self.n_groups * self.state_size], dim=-1)
         x = x.reshape(b, L, self.num_heads, self.head_dim)
         heads_per_group = self.num_heads // self.n_groups
         B = B.reshape(b, L, self.n_groups, self.state_size).repeat_interleave(heads_per_group, dim=2)

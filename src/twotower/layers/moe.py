@@ -82,9 +82,7 @@ class Experts(nn.Module):
         return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 
-def experts_reference(
-    experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
+def experts_reference(experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Plain twin of `Experts.forward`: every token through each of its k experts, one at a time."""
     out = torch.zeros_like(x)
     for t in range(x.shape[0]):
@@ -100,9 +98,7 @@ class MoE(nn.Module):
         super().__init__()
         self.gate = TopkRouter(config)
         self.experts = Experts(config)
-        self.shared_experts = MLP(
-            config.hidden_size, config.moe_shared_expert_intermediate_size, bias=config.mlp_bias
-        )
+        self.shared_experts = MLP(config.hidden_size, config.moe_shared_expert_intermediate_size, bias=config.mlp_bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., H) -> (..., H); routing is per token."""

@@ -41,9 +41,7 @@ DEFAULT_MAX_DOCUMENT_BYTES = 32 * 1024  # longer files are split at blank lines 
 MIN_DOCUMENT_BYTES = 128  # prose/code fragments shorter than this (navigation stubs) are dropped
 DEFAULT_SHARD_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_CODE_FILE_BYTES = 300 * 1024  # generated tables such as pydoc_data/topics.py are left out
-EXCLUDED_CODE_DIRS = frozenset(
-    {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
-)
+EXCLUDED_CODE_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 HASH_CHUNK_BYTES = 1 << 20
 
 
@@ -80,9 +78,7 @@ DEFAULT_PROSE_SOURCES = (
         "*.html",
         "html",
     ),
-    ProseSource(
-        "sqlite-docs", "public-domain", "sqlite3-doc", Path("/usr/share/doc/sqlite3"), "**/*.html", "html"
-    ),
+    ProseSource("sqlite-docs", "public-domain", "sqlite3-doc", Path("/usr/share/doc/sqlite3"), "**/*.html", "html"),
     ProseSource(
         "world-english-bible",
         "public-domain",
@@ -478,9 +474,7 @@ class _ShardWriter:
             self.file = None
 
 
-def _write_category(
-    documents: Iterable[_Doc], writer: _ShardWriter, stats: _CategoryStats, files: dict
-) -> None:
+def _write_category(documents: Iterable[_Doc], writer: _ShardWriter, stats: _CategoryStats, files: dict) -> None:
     """Write documents until the next one would take the category past `stats.max_bytes`."""
     for document in documents:
         size = len(document.text.encode("utf-8"))
@@ -547,9 +541,7 @@ def build_corpus(
         _write_category(streams[category], writer, stats[category], files)
     call = _call_text(budgets, seed=seed, max_document_bytes=max_document_bytes, shard_bytes=shard_bytes)
     manifest = _manifest(stats, files, sources, present, code, seed=seed, call=call)
-    (out / MANIFEST_FILE).write_text(
-        json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest
 
 
@@ -563,8 +555,7 @@ def _prepare_out_dir(out: Path) -> Path:
 def _check_budgets(max_bytes_per_category: Mapping[str, int]) -> dict[str, int]:
     if set(max_bytes_per_category) != set(CATEGORIES):
         raise ValueError(
-            f"max_bytes_per_category needs exactly the keys {CATEGORIES}, "
-            f"got {sorted(max_bytes_per_category)}"
+            f"max_bytes_per_category needs exactly the keys {CATEGORIES}, got {sorted(max_bytes_per_category)}"
         )
     budgets = {category: int(max_bytes_per_category[category]) for category in CATEGORIES}
     if any(value < 0 for value in budgets.values()):
@@ -622,9 +613,7 @@ def _manifest(
             "licence": "generated",
             "eval_holdout": f"{EVAL_HOLDOUT_BUCKETS}/{HOLDOUT_BUCKETS} of canonical problem keys",
         },
-        "source_files": [
-            {**file_record(Path(path)), "source": group} for path, group in sorted(files.items())
-        ],
+        "source_files": [{**file_record(Path(path)), "source": group} for path, group in sorted(files.items())],
     }
 
 

@@ -58,9 +58,7 @@ class ReadStats:
     unreadable_files: int = 0
 
 
-def iter_documents(
-    sources: Iterable[str | os.PathLike], *, stats: ReadStats | None = None
-) -> Iterator[Document]:
+def iter_documents(sources: Iterable[str | os.PathLike], *, stats: ReadStats | None = None) -> Iterator[Document]:
     """Yield the documents of `sources`, streaming (one line or one file in memory at a time).
 
     Each source is a `.jsonl` file (one document per line, its "text" field; a corpus shard is one),
@@ -330,9 +328,7 @@ class PackedTokens:
         count = int(self.metadata["tokens"])
         if self.bin_path.stat().st_size != count * dtype.itemsize:
             raise ValueError(f"{self.bin_path} does not hold the {count} tokens its metadata promises")
-        self.tokens = (
-            np.memmap(self.bin_path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
-        )
+        self.tokens = np.memmap(self.bin_path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -366,9 +362,7 @@ class PackedTokens:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if global_batch_size % world_size:
-            raise ValueError(
-                f"global_batch_size {global_batch_size} is not divisible by world_size {world_size}"
-            )
+            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by world_size {world_size}")
         starts = self.window_starts(step, global_batch_size=global_batch_size, seq_len=seq_len, seed=seed)
         local = global_batch_size // world_size
         return self._gather(starts[rank * local : (rank + 1) * local], seq_len)
@@ -393,8 +387,6 @@ class PackedTokens:
         if step < 0 or seed < 0:
             raise ValueError(f"step and seed must be >= 0, got step={step}, seed={seed}")
         if global_batch_size < 1 or seq_len < 1:
-            raise ValueError(
-                f"global_batch_size and seq_len must be >= 1, got {global_batch_size}, {seq_len}"
-            )
+            raise ValueError(f"global_batch_size and seq_len must be >= 1, got {global_batch_size}, {seq_len}")
         if seq_len > len(self):
             raise ValueError(f"seq_len {seq_len} is longer than the {len(self)} tokens in {self.bin_path}")

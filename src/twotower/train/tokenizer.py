@@ -66,9 +66,7 @@ class Tokenizer:
     `decode(encode(s)) == s` for every string `s` when the backend is byte-level (as ours is).
     """
 
-    def __init__(
-        self, backend: tokenizers.Tokenizer, *, special_tokens: SpecialTokens, special_ids: SpecialIds
-    ):
+    def __init__(self, backend: tokenizers.Tokenizer, *, special_tokens: SpecialTokens, special_ids: SpecialIds):
         backend.encode_special_tokens = True  # document text is data; see the module docstring
         self.backend = backend
         self.special_tokens = special_tokens
@@ -136,9 +134,7 @@ class Tokenizer:
         backend = tokenizers.Tokenizer.from_file(str(path))
         config = _read_special_config(Path(directory))
         tokens = SpecialTokens(**{role: _token_text(config, role) for role in _roles()})
-        ids = SpecialIds(
-            **{role: _token_id(backend, config, role, getattr(tokens, role)) for role in _roles()}
-        )
+        ids = SpecialIds(**{role: _token_id(backend, config, role, getattr(tokens, role)) for role in _roles()})
         return cls(backend, special_tokens=tokens, special_ids=ids)
 
 
@@ -190,9 +186,7 @@ def train_tokenizer(
     symbols, so it must be at least `MIN_VOCAB_SIZE`. A small corpus may yield fewer merges than asked.
     """
     if vocab_size < MIN_VOCAB_SIZE:
-        raise ValueError(
-            f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + 4 specials), got {vocab_size}"
-        )
+        raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + 4 specials), got {vocab_size}")
     if min_frequency < 1:
         raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
     backend = _empty_byte_level_bpe()
