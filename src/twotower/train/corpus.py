@@ -120,18 +120,21 @@ class _HtmlText(HTMLParser):
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if self.skip_tag is not None:
-            self.skip_depth += tag == self.skip_tag
+            if tag == self.skip_tag:  # count nesting so the matching end tag closes the skip
+                self.skip_depth += 1
             return
         classes = set((dict(attrs).get("class") or "").split())
         if (tag in self.SKIP_TAGS or classes & self.SKIP_CLASSES) and tag not in self.VOID_TAGS:
             self.skip_tag, self.skip_depth = tag, 1
             return
-        self.pre_depth += tag == "pre"
+        if tag == "pre":
+            self.pre_depth += 1
         self._break(tag)
 
     def handle_endtag(self, tag: str) -> None:
         if self.skip_tag is not None:
-            self.skip_depth -= tag == self.skip_tag
+            if tag == self.skip_tag:
+                self.skip_depth -= 1
             if self.skip_depth == 0:
                 self.skip_tag = None
             return
@@ -532,8 +535,8 @@ def build_corpus(
     code = Path(code_root) if code_root is not None else Path(sysconfig.get_paths()["stdlib"])
     sources = list(prose_sources)
     present = [source for source in sources if source.root.is_dir()]
-    streams = _category_streams(present, code, seed=seed, max_document_bytes=max_document_bytes)
     _check_inputs(budgets, present, code)
+    streams = _category_streams(present, code, seed=seed, max_document_bytes=max_document_bytes)
     stats = {category: _CategoryStats(max_bytes=budgets[category]) for category in CATEGORIES}
     files: dict[str, str] = {}
     for category in CATEGORIES:
