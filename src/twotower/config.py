@@ -247,25 +247,26 @@ class NemotronHConfig:
 
 # ---- presets --------------------------------------------------------------------------------------
 def _tiny() -> NemotronHConfig:
-    """The bundled model's backbone: all three layer kinds, small enough to train on a laptop CPU."""
+    """The bundled model's backbone: all three layer kinds (Mamba-2, attention, MoE with a shared
+    expert), ~3.8M parameters, small enough to train on a 2-core laptop CPU."""
     return NemotronHConfig(
         vocab_size=4096,
-        hidden_size=256,
-        layers_block_type=tuple(PATTERN_TO_TYPE[c] for c in "M*EMEM*E"),
+        hidden_size=192,
+        layers_block_type=tuple(PATTERN_TO_TYPE[c] for c in "M*EM*E"),
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=64,
-        mamba_num_heads=8,
+        head_dim=48,
+        mamba_num_heads=6,
         mamba_head_dim=64,
         ssm_state_size=32,
         n_groups=2,
         conv_kernel=4,
         chunk_size=16,
-        intermediate_size=512,
+        intermediate_size=384,
         n_routed_experts=8,
         num_experts_per_tok=2,
-        moe_intermediate_size=256,
-        moe_shared_expert_intermediate_size=512,
+        moe_intermediate_size=192,
+        moe_shared_expert_intermediate_size=384,
         routed_scaling_factor=1.0,
         eos_token_id=2,
     )

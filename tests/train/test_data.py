@@ -16,7 +16,7 @@ from twotower.train.data import (
     pack_tokens,
     token_dtype,
 )
-from twotower.train.tokenizer import train_tokenizer
+from twotower.tokenizer import train_tokenizer
 
 DOCS = [f"Document number {i}: {'alpha beta gamma ' * (i % 5 + 1)}\n    indented code {i}\n" for i in range(60)]
 HOLDOUT_PERCENT = 30.0

@@ -7,7 +7,7 @@ import pytest
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
 
-from twotower.train.tokenizer import (
+from twotower.tokenizer import (
     CONFIG_FILE,
     MIN_VOCAB_SIZE,
     SPECIAL_IDS,

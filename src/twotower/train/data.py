@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 if TYPE_CHECKING:
-    from twotower.train.tokenizer import Tokenizer
+    from twotower.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,173 @@
+"""The two training recipes, wired from packed data to the Trainer:
+`pretrain_backbone` (AR, for making small NemotronH models) and `train_denoiser` (SPEC section 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..backbone import NemotronHForCausalLM
+from ..config import NemotronHConfig
+from ..model import TwoTowerForCausalLM
+from .data import PackedTokens
+from .objective import ar_loss, count_masked, diffusion_loss, draw_noise
+from .trainer import Dist, StepBatch, Trainer, TrainSettings
+
+EXPORT_DIR = "model"
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    train: Path
+    heldout: Path | None
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> DataPaths:
+        path = Path(path)
+        train = path / "train.bin"
+        if not train.is_file():
+            raise ValueError(f"{path}: no train.bin (pack a corpus first)")
+        heldout = path / "heldout.bin"
+        return cls(train, heldout if heldout.is_file() else None)
+
+
+def _micro_slices(rows: int, micro: int) -> list[slice]:
+    micro = min(micro, rows)
+    return [slice(i, i + micro) for i in range(0, rows, micro)]
+
+
+def _heldout_eval(loss_of, data: PackedTokens | None, s: TrainSettings):
+    if data is None:
+        return None
+
+    @torch.no_grad()
+    def evaluate(model) -> float:
+        was_training = model.training
+        model.eval()
+        total = count = 0.0
+        for i in range(s.eval_batches):
+            ids = data.batch(i, global_batch_size=s.micro_batch, seq_len=s.seq_len, seed=s.seed + 12345)
+            out = loss_of(model, ids, i)
+            total += float(out.total)
+            count += out.count
+        model.train(was_training)
+        return total / max(count, 1)
+
+    return evaluate
+
+
+def _export(model, out_dir: Path) -> None:
+    model.save_pretrained(out_dir / EXPORT_DIR)
+
+
+def pretrain_backbone(
+    config: NemotronHConfig,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    settings: TrainSettings,
+    *,
+    device: str = "cpu",
+    progress: bool | None = None,
+) -> list[dict]:
+    """AR pretraining of a fresh NemotronH model; exports `out_dir/model` on every save."""
+    dist_info = Dist.from_env()
+    paths = DataPaths.from_dir(data_dir)
+    train = PackedTokens(paths.train)
+    heldout = PackedTokens(paths.heldout) if paths.heldout else None
+    torch.manual_seed(settings.seed)
+    model = NemotronHForCausalLM(config).to(device).train()
+    local = settings.global_batch // dist_info.world_size
+
+    def prepare(step: int, d: Dist) -> StepBatch:
+        ids = train.batch(
+            step,
+            global_batch_size=settings.global_batch,
+            seq_len=settings.seq_len + 1,
+            seed=settings.seed,
+            rank=d.rank,
+            world_size=d.world_size,
+        ).to(device)
+        return StepBatch([ids[sl] for sl in _micro_slices(local, settings.micro_batch)], settings.global_batch * settings.seq_len)
+
+    def loss_fn(model, ids, global_count):
+        return ar_loss(model, ids, global_count=global_count).total
+
+    evaluate = _heldout_eval(lambda m, ids, i: ar_loss(m, ids.to(device)), heldout, settings)
+    trainer = Trainer(
+        model,
+        list(model.parameters()),
+        prepare=prepare,
+        loss_fn=loss_fn,
+        settings=settings,
+        out_dir=out_dir,
+        evaluate=evaluate,
+        dist_info=dist_info,
+        on_save=_export,
+        progress=progress,
+    )
+    return trainer.run()
+
+
+def train_denoiser(
+    model: TwoTowerForCausalLM,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    settings: TrainSettings,
+    *,
+    block_size: int = 16,
+    device: str = "cpu",
+    progress: bool | None = None,
+) -> list[dict]:
+    """Train the denoiser of `model` (context tower frozen) with the single-pass objective."""
+    if settings.seq_len % block_size:
+        raise ValueError(f"seq_len {settings.seq_len} must be a multiple of block_size {block_size}")
+    dist_info = Dist.from_env()
+    paths = DataPaths.from_dir(data_dir)
+    train = PackedTokens(paths.train)
+    heldout = PackedTokens(paths.heldout) if paths.heldout else None
+    model.config.extra["block_size"] = block_size
+    model.config.extra.setdefault("mask_token_id", model.mask_token_id)
+    model = model.to(device).train()
+    model.context_tower.eval()  # frozen; eval() is a no-op today but states the intent
+    local = settings.global_batch // dist_info.world_size
+
+    def prepare(step: int, d: Dist) -> StepBatch:
+        ids = train.batch(
+            step,
+            global_batch_size=settings.global_batch,
+            seq_len=settings.seq_len,
+            seed=settings.seed,
+            rank=d.rank,
+            world_size=d.world_size,
+        ).to(device)
+        t, u = draw_noise(settings.global_batch, settings.seq_len, block_size=block_size, seed=settings.seed, step=step)
+        count = count_masked(t, u, block_size=block_size)
+        rows = slice(d.rank * local, (d.rank + 1) * local)
+        t, u = t[rows].to(device), u[rows].to(device)
+        micro = [(ids[sl], (t[sl], u[sl])) for sl in _micro_slices(local, settings.micro_batch)]
+        return StepBatch(micro, count)
+
+    def loss_fn(model, item, global_count):
+        ids, noise = item
+        return diffusion_loss(model, ids, noise, block_size=block_size, global_count=global_count).total
+
+    def heldout_loss(m, ids, i):
+        noise = draw_noise(ids.shape[0], settings.seq_len, block_size=block_size, seed=settings.seed + 999, step=i)
+        return diffusion_loss(m, ids.to(device), noise, block_size=block_size)
+
+    trainer = Trainer(
+        model,
+        model.denoiser_parameters(),
+        prepare=prepare,
+        loss_fn=loss_fn,
+        settings=settings,
+        out_dir=out_dir,
+        evaluate=_heldout_eval(heldout_loss, heldout, settings),
+        dist_info=dist_info,
+        on_save=_export,
+        progress=progress,
+    )
+    return trainer.run()
