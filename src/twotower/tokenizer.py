@@ -20,7 +20,6 @@ from pathlib import Path
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from twotower.train.data import iter_documents
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -222,6 +221,8 @@ def _texts(source: Iterable[str] | os.PathLike | Sequence[os.PathLike]) -> Itera
         raise ValueError("train_tokenizer got no training text")
     if isinstance(first, os.PathLike):
         paths = [first, *items]
+        from .train.data import iter_documents  # training-only reader, imported where it is used
+
         yield from (doc.text for doc in iter_documents(paths))
         return
     if not isinstance(first, str):
