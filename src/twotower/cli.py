@@ -1,0 +1,334 @@
+"""`twotower` command line: generate, train, data preparation (and the workloads built on them).
+
+Text in/out lives here; the library below works on token ids. A user error (bad path, bad option,
+bad checkpoint) prints one line `error: ...` and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+
+from .checkpoint import CheckpointError
+
+MODES = ("diffusion", "ar", "mock-ar")
+
+
+class CLIError(Exception):
+    """An error the user can fix; reported without a traceback."""
+
+
+# ---- shared options -------------------------------------------------------------------------------
+def add_model_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled twotower-tiny)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation")
+    g.add_argument("--mode", choices=MODES, default="diffusion", help="decoding mode (default: diffusion)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    g.add_argument("--block-size", type=int, default=16, help="diffusion block size S (default: 16)")
+    g.add_argument("--steps-per-block", type=int, default=16, help="max denoiser steps per block T (default: 16)")
+    g.add_argument(
+        "--threshold", type=float, default=0.9, help="confidence threshold gamma for committing (default: 0.9)"
+    )
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
+    g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
+    g.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
+
+
+def generation_kwargs(args: argparse.Namespace, eos_id: int | None) -> dict:
+    kw = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        eos_token_id=None if args.no_eos else eos_id,
+    )
+    if args.mode == "diffusion":
+        kw.update(
+            block_size=args.block_size, steps_per_block=args.steps_per_block, confidence_threshold=args.threshold
+        )
+    return kw
+
+
+def run_mode(model, mode: str, ids, **kw):
+    fn = {
+        "diffusion": model.generate_mask_diffusion,
+        "ar": model.generate_ar,
+        "mock-ar": model.generate_mock_ar,
+    }[mode]
+    return fn(ids, **kw)
+
+
+# ---- generate -------------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .loading import load_for_inference
+
+    loaded = load_for_inference(args.model, device=args.device)
+    tok = loaded.tokenizer
+    ids = [tok.bos_id, *tok.encode(args.prompt)] if tok.bos_id is not None else tok.encode(args.prompt)
+    kw = generation_kwargs(args, tok.eos_id)
+    if args.show_steps:
+        if args.mode != "diffusion":
+            raise CLIError("--show-steps shows the diffusion process; use it with --mode diffusion")
+        kw["step_callback"] = StepPrinter(tok, loaded.model.mask_token_id)
+    t0 = time.perf_counter()
+    out = run_mode(loaded.model, args.mode, [ids], **kw)
+    seconds = time.perf_counter() - t0
+    new = out.new_tokens[0]
+    text = tok.decode([t for t in new if t != tok.eos_id])
+    stats = {
+        "mode": args.mode,
+        "tokens": len(new),
+        "nfe": out.stats["nfe"],
+        "tokens_per_forward": round(len(new) / max(out.stats["nfe"], 1), 3),
+        "tokens_per_second": round(len(new) / seconds, 2) if seconds > 0 else None,
+        "seconds": round(seconds, 4),
+    }
+    if args.json:
+        print(json.dumps({"model": loaded.name, "prompt": args.prompt, "completion": text, **stats}))
+    else:
+        print(args.prompt + text)
+        print(
+            f"\n[{stats['mode']}] {stats['tokens']} tokens, NFE {stats['nfe']}, "
+            f"{stats['tokens_per_forward']} tokens/forward, {stats['tokens_per_second']} tokens/s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+class StepPrinter:
+    """Renders the block being unmasked, one line per denoiser step: masked positions as '░',
+    tokens committed at this step in bold."""
+
+    MASK_GLYPH = "░"
+    BOLD, RESET = "\033[1m", "\033[0m"
+
+    def __init__(self, tokenizer, mask_id: int, stream=None) -> None:
+        self.tok = tokenizer
+        self.mask_id = mask_id
+        self.stream = stream or sys.stderr
+        self.color = getattr(self.stream, "isatty", lambda: False)()
+
+    def render(self, row_tokens, committed) -> str:
+        parts = []
+        for tok_id, new in zip(row_tokens, committed, strict=True):
+            if tok_id == self.mask_id:
+                parts.append(self.MASK_GLYPH)
+                continue
+            piece = self.tok.decode([tok_id]).replace("\n", "⏎")
+            parts.append(f"{self.BOLD}{piece}{self.RESET}" if new and self.color else piece)
+        return "".join(parts)
+
+    def __call__(self, event: dict) -> None:
+        canvas, committed = event["canvas"][0].tolist(), event["committed"][0].tolist()
+        line = self.render(canvas, committed)
+        print(f"block {event['block']:>2} step {event['step']:>2} | {line}", file=self.stream)
+
+
+# ---- training -------------------------------------------------------------------------------------
+def add_train_settings(p: argparse.ArgumentParser, *, lr: float) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--batch-size", type=int, default=16, help="global batch (sequences per step)")
+    g.add_argument("--micro-batch", type=int, default=16, help="sequences per forward (gradient accumulation)")
+    g.add_argument("--seq-len", type=int, default=256)
+    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--min-lr", type=float, default=None, help="end of the decay (default: lr / 100)")
+    g.add_argument("--warmup-steps", type=int, default=30)
+    g.add_argument("--decay-fraction", type=float, default=0.25, help="WSD: fraction of steps spent decaying")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--eval-every", type=int, default=100)
+    g.add_argument("--save-every", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast (useful on GPU)")
+    g.add_argument("--device", default="cpu")
+
+
+def train_settings(args: argparse.Namespace):
+    from .train.trainer import TrainSettings
+
+    return TrainSettings(
+        steps=args.steps,
+        global_batch=args.batch_size,
+        micro_batch=args.micro_batch,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        min_lr=args.min_lr if args.min_lr is not None else args.lr / 100,
+        warmup_steps=args.warmup_steps,
+        decay_fraction=args.decay_fraction,
+        weight_decay=args.weight_decay,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        seed=args.seed,
+        bf16=args.bf16,
+    )
+
+
+def cmd_train_backbone(args: argparse.Namespace) -> int:
+    from .config import NemotronHConfig, preset
+    from .train.recipes import pretrain_backbone
+
+    config = NemotronHConfig.from_json_file(args.config) if args.config else preset(args.preset)
+    pretrain_backbone(config, args.data, args.out, train_settings(args), device=args.device)
+    _copy_tokenizer(args.data, args.tokenizer, args.out)
+    return 0
+
+
+def cmd_train_denoiser(args: argparse.Namespace) -> int:
+    from .backbone import NemotronHForCausalLM
+    from .model import TwoTowerForCausalLM
+    from .train.recipes import train_denoiser
+
+    if bool(args.backbone) == bool(args.twotower):
+        raise CLIError("give exactly one of --backbone PATH (AR model) or --twotower PATH (continue a TwoTower)")
+    if args.backbone:
+        model = TwoTowerForCausalLM.from_backbone(NemotronHForCausalLM.from_pretrained(args.backbone))
+    else:
+        model = TwoTowerForCausalLM.from_pretrained(args.twotower)
+    train_denoiser(model, args.data, args.out, train_settings(args), block_size=args.block_size, device=args.device)
+    _copy_tokenizer(args.data, args.tokenizer or args.backbone or args.twotower, args.out)
+    return 0
+
+
+def _copy_tokenizer(data_dir, tokenizer_dir, out_dir) -> None:
+    """Put the tokenizer next to the exported weights so the model directory is self-contained."""
+    from pathlib import Path
+
+    from .tokenizer import Tokenizer
+
+    if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        return
+    Tokenizer.load(tokenizer_dir).save(Path(out_dir) / "model")
+
+
+# ---- data -------------------------------------------------------------------------------------------
+def cmd_data_corpus(args: argparse.Namespace) -> int:
+    from .train.corpus import build_corpus
+
+    budget = {"prose": args.prose_bytes, "code": args.code_bytes, "math": args.math_bytes}
+    manifest = build_corpus(args.out, max_bytes_per_category=budget, seed=args.seed)
+    print(json.dumps({c: v["text_bytes"] for c, v in manifest["categories"].items()}))
+    return 0
+
+
+def cmd_data_tokenizer(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .tokenizer import train_tokenizer
+
+    tok = train_tokenizer([Path(p) for p in args.inputs], args.out, vocab_size=args.vocab_size)
+    print(f"tokenizer with {tok.vocab_size} tokens written to {args.out}")
+    return 0
+
+
+def cmd_data_pack(args: argparse.Namespace) -> int:
+    from .tokenizer import Tokenizer
+    from .train.data import pack_tokens
+
+    stats = pack_tokens(args.inputs, Tokenizer.load(args.tokenizer), args.out, holdout_percent=args.holdout_percent)
+    print(stats)
+    return 0
+
+
+# ---- parser -----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="twotower",
+        description="TwoTower diffusion language models: generate, train, benchmark, serve.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate a continuation of PROMPT", description="Generate text.")
+    p.add_argument("prompt", help="the text to continue")
+    add_model_option(p)
+    add_generation_options(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--show-steps", action="store_true", help="show each block being unmasked, step by step")
+    p.set_defaults(func=cmd_generate)
+
+    train = sub.add_parser("train", help="train a backbone or a denoiser").add_subparsers(dest="what", required=True)
+    p = train.add_parser("backbone", help="AR pretraining of a small NemotronH model")
+    p.add_argument("--preset", default="tiny", help="architecture preset (default: tiny)")
+    p.add_argument("--config", default=None, help="a NemotronH config.json instead of a preset")
+    p.add_argument("--data", required=True, help="packed data directory (train.bin, heldout.bin)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory to ship with the model")
+    p.add_argument("--out", required=True, help="output directory (checkpoint, log, exported model/)")
+    add_train_settings(p, lr=1.5e-3)
+    p.set_defaults(func=cmd_train_backbone)
+
+    p = train.add_parser("denoiser", help="train the denoiser tower of a TwoTower (SPEC section 4)")
+    p.add_argument("--backbone", default=None, help="AR NemotronH checkpoint to start from")
+    p.add_argument("--twotower", default=None, help="TwoTower checkpoint to continue")
+    p.add_argument("--data", required=True)
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--block-size", type=int, default=16)
+    add_train_settings(p, lr=5e-4)
+    p.set_defaults(func=cmd_train_denoiser)
+
+    data = sub.add_parser("data", help="build a corpus, train a tokenizer, pack tokens").add_subparsers(
+        dest="what", required=True
+    )
+    p = data.add_parser("corpus", help="build the offline three-part corpus (prose, code, math)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--prose-bytes", type=int, default=20_000_000)
+    p.add_argument("--code-bytes", type=int, default=14_000_000)
+    p.add_argument("--math-bytes", type=int, default=8_000_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_corpus)
+    p = data.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    p.add_argument("inputs", nargs="+", help="corpus directories, .jsonl or .txt files")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    p.set_defaults(func=cmd_data_tokenizer)
+    p = data.add_parser("pack", help="tokenize and pack documents into train/heldout token files")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--holdout-percent", type=float, default=1.0)
+    p.set_defaults(func=cmd_data_pack)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Workload modules (bench, serve, batch, score, eval) add their subcommands through this list.
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def _register_extras() -> None:
+    import importlib
+
+    for name in ("twotower.bench.cli", "twotower.serve.cli", "twotower.batch_cli", "twotower.score_cli"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name != name:
+                raise
+            continue
+        EXTRA_COMMANDS.append(module.register)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _register_extras()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, CheckpointError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

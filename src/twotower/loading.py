@@ -1,0 +1,66 @@
+"""Finding and loading a model + tokenizer for the command line and the server: a checkpoint
+directory (TwoTower or plain NemotronH) or the bundled `twotower-tiny`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .backbone import NemotronHForCausalLM
+from .checkpoint import CheckpointError, is_twotower_dir
+from .model import TwoTowerForCausalLM
+from .tokenizer import Tokenizer
+
+BUNDLED_NAME = "twotower-tiny"
+
+
+def bundled_model_path() -> Path:
+    """Directory of the model that ships inside the package."""
+    return Path(str(resources.files("twotower") / "assets" / BUNDLED_NAME))
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """None or 'twotower-tiny' -> the bundled model; anything else must be an existing directory."""
+    if model is None or model == BUNDLED_NAME:
+        path = bundled_model_path()
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"the bundled model is missing from this install ({path})")
+        return path
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"model path {path} is not a directory")
+    return path
+
+
+@dataclass
+class Loaded:
+    model: TwoTowerForCausalLM
+    tokenizer: Tokenizer
+    path: Path
+    name: str
+
+
+def load_for_inference(
+    model: str | None = None, *, device: str = "cpu", dtype: torch.dtype | None = torch.float32
+) -> Loaded:
+    """A TwoTower checkpoint as is, or an AR NemotronH checkpoint wrapped by `from_backbone` (its
+    denoiser then equals the backbone: diffusion works but is untrained). The tokenizer must sit in
+    the same directory (tokenizer.json)."""
+    path = resolve_model_path(model)
+    if not (path / "tokenizer.json").is_file():
+        raise CheckpointError(f"{path}: no tokenizer.json next to the weights")
+    tokenizer = Tokenizer.load(path)
+    if is_twotower_dir(path):
+        tt = TwoTowerForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+    else:
+        tt = TwoTowerForCausalLM.from_backbone(NemotronHForCausalLM.from_pretrained(path, dtype=dtype, device=device))
+    if tokenizer.vocab_size > tt.config.vocab_size:
+        raise CheckpointError(
+            f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {tt.config.vocab_size}"
+        )
+    return Loaded(tt.eval(), tokenizer, path, BUNDLED_NAME if path == bundled_model_path() else path.name)
