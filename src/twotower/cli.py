@@ -51,9 +51,7 @@ def generation_kwargs(args: argparse.Namespace, eos_id: int | None) -> dict:
         eos_token_id=None if args.no_eos else eos_id,
     )
     if args.mode == "diffusion":
-        kw.update(
-            block_size=args.block_size, steps_per_block=args.steps_per_block, confidence_threshold=args.threshold
-        )
+        kw.update(block_size=args.block_size, steps_per_block=args.steps_per_block, confidence_threshold=args.threshold)
     return kw
 
 

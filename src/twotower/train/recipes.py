@@ -90,7 +90,9 @@ def pretrain_backbone(
             rank=d.rank,
             world_size=d.world_size,
         ).to(device)
-        return StepBatch([ids[sl] for sl in _micro_slices(local, settings.micro_batch)], settings.global_batch * settings.seq_len)
+        return StepBatch(
+            [ids[sl] for sl in _micro_slices(local, settings.micro_batch)], settings.global_batch * settings.seq_len
+        )
 
     def loss_fn(model, ids, global_count):
         return ar_loss(model, ids, global_count=global_count).total

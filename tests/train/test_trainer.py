@@ -1,0 +1,149 @@
+"""The training recipe: loss falls, the context tower stays frozen bit for bit, the single-pass
+layout equals the inference path, exact resume, and 2-process data parallelism == 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import randomise_special_params, tiny_config
+from twotower.backbone import NemotronHForCausalLM
+from twotower.model import DenoiserContext, TwoTowerForCausalLM
+from twotower.train.objective import block_contexts, diffusion_loss, draw_noise, mask_blocks
+from twotower.train.recipes import pretrain_backbone, train_denoiser
+from twotower.train.trainer import TrainSettings, wsd_lr
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_packed(directory: Path, *, n_tokens: int = 6000, vocab: int = 96, seed: int = 0) -> Path:
+    """A packed-token directory in the on-disk format `twotower data pack` writes (random tokens)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_tokens), ("heldout", max(n_tokens // 4, 64))):
+        tokens = rng.integers(4, vocab, size=n, dtype=np.uint16)
+        tokens.tofile(directory / f"{split}.bin")
+        meta = {"format": "twotower.packed_tokens", "dtype": "uint16", "tokens": n, "split": split}
+        (directory / f"{split}.json").write_text(json.dumps(meta))
+    return directory
+
+
+def twotower_model(seed: int = 0) -> TwoTowerForCausalLM:
+    torch.manual_seed(seed)
+    backbone = NemotronHForCausalLM(tiny_config("M*E", chunk_size=4))
+    randomise_special_params(backbone, seed=seed)
+    return TwoTowerForCausalLM.from_backbone(backbone)
+
+
+SMALL = dict(global_batch=4, micro_batch=2, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=3, save_every=2)
+
+
+def test_wsd_schedule_shape():
+    s = TrainSettings(steps=100, lr=1.0, min_lr=0.0, warmup_steps=10, decay_fraction=0.2)
+    assert wsd_lr(0, s) == pytest.approx(0.1) and wsd_lr(9, s) == 1.0 and wsd_lr(50, s) == 1.0
+    assert wsd_lr(99, s) < 0.01 and wsd_lr(90, s) < 1.0
+
+
+def test_single_pass_equals_block_by_block_inference():
+    model = twotower_model().eval()
+    with torch.no_grad():  # make the denoiser differ from the context tower, with live adaLN
+        for p in model.denoiser_parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ids = torch.randint(4, 96, (2, 48), generator=torch.Generator().manual_seed(0))
+    t, u = draw_noise(2, 48, block_size=16, seed=0, step=0)
+    blocks = mask_blocks(ids, t, u, block_size=16, mask_id=model.mask_token_id)
+    with torch.no_grad():
+        single = model.denoise(blocks.noisy, blocks.t, block_contexts(model, ids, block_size=16))
+        cache = model.empty_cache(2, capacity=48)
+        for j in range(3):
+            rows = torch.arange(2) * 3 + j
+            step = model.denoise(blocks.noisy[rows], blocks.t[rows], DenoiserContext.from_cache(cache))
+            torch.testing.assert_close(single[rows], step, rtol=1e-4, atol=1e-4)
+            model.extend_context(ids[:, j * 16 : (j + 1) * 16], cache)
+
+
+def test_denoiser_training_lowers_loss_and_freezes_context(tmp_path):
+    data = write_packed(tmp_path / "data")
+    model = twotower_model()
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("context")}
+    ids = torch.randint(4, 96, (2, 32), generator=torch.Generator().manual_seed(1))
+    noise = draw_noise(2, 32, block_size=16, seed=5, step=0)
+    with torch.no_grad():
+        before = float(diffusion_loss(model, ids, noise, block_size=16).total)
+    # overfit one fixed batch: the data has only 40 tokens, so every window is nearly the same
+    write_packed(tmp_path / "one", n_tokens=40)
+    settings = TrainSettings(steps=25, **{**SMALL, "save_every": 100, "eval_every": 100})
+    log = train_denoiser(model, tmp_path / "one", tmp_path / "out", settings, block_size=16, progress=False)
+    assert np.mean([r["loss"] for r in log[-5:]]) < 0.7 * np.mean([r["loss"] for r in log[:5]])
+    for k, v in model.state_dict().items():
+        if k.startswith("context"):
+            assert torch.equal(v, frozen[k]), k
+    with torch.no_grad():
+        assert float(diffusion_loss(model, ids, noise, block_size=16).total) != before
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
+    assert data.is_dir()
+
+
+def test_resume_reproduces_uninterrupted_losses(tmp_path):
+    data = write_packed(tmp_path / "data")
+    settings = TrainSettings(steps=6, **SMALL)
+    full = train_denoiser(twotower_model(), data, tmp_path / "a", settings, block_size=16, progress=False)
+    short = TrainSettings(**{**settings.__dict__, "steps": 4})
+    train_denoiser(twotower_model(), data, tmp_path / "b", short, block_size=16, progress=False)
+    resumed = train_denoiser(twotower_model(), data, tmp_path / "b", settings, block_size=16, progress=False)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(6))
+
+
+def test_backbone_pretraining_lowers_heldout_loss(tmp_path):
+    write_packed(tmp_path / "one", n_tokens=40)
+    torch.manual_seed(0)
+    settings = TrainSettings(steps=20, **{**SMALL, "eval_every": 10, "save_every": 20})
+    log = pretrain_backbone(
+        tiny_config("M*E", chunk_size=4), tmp_path / "one", tmp_path / "out", settings, progress=False
+    )
+    assert log[-1]["loss"] < 0.6 * log[0]["loss"]
+    reloaded = NemotronHForCausalLM.from_pretrained(tmp_path / "out" / "model")
+    assert reloaded.config.num_hidden_layers == 3
+
+
+WORKER = r"""
+import json, sys, torch
+sys.path.insert(0, {repo!r})
+from tests.train.test_trainer import twotower_model
+from twotower.train.recipes import train_denoiser
+from twotower.train.trainer import TrainSettings
+torch.set_num_threads(1)
+settings = TrainSettings(steps=3, global_batch=4, micro_batch=1, seq_len=32, lr=3e-3, warmup_steps=1,
+                         eval_every=100, save_every=100)
+log = train_denoiser(twotower_model(), {data!r}, {out!r}, settings, block_size=16, progress=False)
+print("LOSSES", json.dumps([r["loss"] for r in log]))
+"""
+
+
+def _losses(output: str) -> list[float]:
+    line = next(x for x in output.splitlines() if x.startswith("LOSSES"))
+    return json.loads(line.split(" ", 1)[1])
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="torchrun/gloo on POSIX")
+def test_two_processes_match_one(tmp_path):
+    data = write_packed(tmp_path / "data")
+    script = tmp_path / "worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script.write_text(WORKER.format(repo=str(REPO), data=str(data), out=str(tmp_path / "one")))
+    one = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr
+    script.write_text(WORKER.format(repo=str(REPO), data=str(data), out=str(tmp_path / "two")))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script)]
+    two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    np.testing.assert_allclose(_losses(two.stdout), _losses(one.stdout), rtol=1e-5)
