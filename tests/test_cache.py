@@ -72,3 +72,20 @@ def test_select_rows(tiny_model):
     alone = tiny_model.empty_cache(2, capacity=8)
     tiny_model(ids[[2, 0]], cache=alone)
     _assert_same_states(sub, alone)
+
+
+@torch.no_grad()
+def test_merge_right_aligns_rows_of_different_lengths(tiny_model):
+    g = torch.Generator().manual_seed(4)
+    a_ids, b_ids = torch.randint(3, 96, (1, 9), generator=g), torch.randint(3, 96, (2, 4), generator=g)
+    a = tiny_model.empty_cache(1, capacity=9)
+    tiny_model(a_ids, cache=a)
+    b = tiny_model.empty_cache(2, capacity=4)
+    tiny_model(b_ids, cache=b)
+    merged = type(a).merge([a, b])
+    assert merged.length == 9 and merged.row_lengths().tolist() == [9, 4, 4]
+    nxt = torch.randint(3, 96, (3, 1), generator=g)
+    got = tiny_model(nxt, cache=merged).logits
+    want_a = tiny_model(nxt[:1], cache=a).logits
+    want_b = tiny_model(nxt[1:], cache=b).logits
+    torch.testing.assert_close(got, torch.cat([want_a, want_b]), rtol=1e-4, atol=1e-5)

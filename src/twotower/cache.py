@@ -110,3 +110,39 @@ class HybridCache:
         """A new cache holding only `rows` (a 1-D index tensor), e.g. when requests leave a batch."""
         layers = [s.index_select(rows) if s is not None else None for s in self.layers]
         return HybridCache(layers, self.valid[rows], self.length)
+
+    @classmethod
+    def merge(cls, caches: list[HybridCache]) -> HybridCache:
+        """Stack the rows of several caches of the same model into one, right-aligned: a cache that
+        is shorter than the longest is left-padded with invalid positions (the same no-op padding a
+        left-padded prompt has), so every row keeps exactly its own past. Used when requests join a
+        running batch between blocks."""
+        if not caches:
+            raise ValueError("merge needs at least one cache")
+        length = max(c.length for c in caches)
+        rows = sum(c.batch_size for c in caches)
+        first = caches[0]
+        valid = first.valid.new_zeros(rows, max(length, 1))
+        layers: list[LayerState] = []
+        r = 0
+        for c in caches:
+            valid[r : r + c.batch_size, length - c.length : length] = c.key_valid()
+            r += c.batch_size
+        for i, st in enumerate(first.layers):
+            if isinstance(st, AttentionState):
+                k = st.k.new_zeros(rows, st.k.shape[1], max(length, 1), st.k.shape[3])
+                v = torch.zeros_like(k)
+                r = 0
+                for c in caches:
+                    ck, cv = c.kv(i)
+                    k[r : r + c.batch_size, :, length - c.length : length] = ck
+                    v[r : r + c.batch_size, :, length - c.length : length] = cv
+                    r += c.batch_size
+                layers.append(AttentionState(k, v))
+            elif isinstance(st, MambaState):
+                parts = [c.mamba(i) for c in caches]
+                layers.append(MambaState(torch.cat([p.conv for p in parts]), torch.cat([p.ssm for p in parts])))
+            else:
+                layers.append(None)
+        return cls(layers, valid, length)
+
