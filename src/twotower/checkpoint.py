@@ -239,13 +239,13 @@ def load_twotower(path: str | Path, *, dtype: torch.dtype | None = None, device=
 
     raw_config = read_config_dict(path)
     archs = raw_config.get("architectures") or []
+    hint = "For an AR backbone use NemotronHForCausalLM.from_pretrained, then TwoTowerForCausalLM.from_backbone."
     if archs and TWOTOWER_ARCH not in archs:
-        raise CheckpointError(
-            f"{path}: config.json says architectures={archs}, not {TWOTOWER_ARCH}. For an AR backbone use "
-            "NemotronHForCausalLM.from_pretrained, then TwoTowerForCausalLM.from_backbone."
-        )
+        raise CheckpointError(f"{path}: config.json says architectures={archs}, not {TWOTOWER_ARCH}. {hint}")
     config = NemotronHConfig.from_dict(raw_config)
     raw = read_tensors(path)
+    if not any(k.startswith("context_tower.") for k in raw) and any(k.startswith(("model.", "backbone.")) for k in raw):
+        raise CheckpointError(f"{path}: holds an AR backbone (model./backbone. keys), not a TwoTower model. {hint}")
     tensors = normalise_body_keys(raw, _TOWER_PREFIXES)
     model = build_on_meta(lambda: TwoTowerForCausalLM(config))
     assign_state(model, tensors, dtype=dtype or _stored_dtype(raw), where=str(path))
