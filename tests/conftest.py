@@ -7,7 +7,7 @@ import torch
 
 from twotower.config import PATTERN_TO_TYPE, NemotronHConfig
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and contend with other jobs)
 
 
 def tiny_config(pattern: str = "M*E-", **overrides) -> NemotronHConfig:

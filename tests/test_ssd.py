@@ -7,7 +7,7 @@ import torch
 from conftest import randomise_special_params, tiny_config
 
 from twotower.layers.mamba2 import Mamba2Mixer
-from twotower.layers.ssd import ssd_chunked, ssd_naive
+from twotower.layers.ssd import ssd_all_states, ssd_chunked, ssd_naive
 
 
 def _inputs(b=2, L=37, h=4, p=5, n=6, seed=0, scale_state=1.0):
@@ -74,3 +74,12 @@ def test_padding_is_a_no_op_for_the_state():
     y, st = mixer(padded, mask=mask)
     torch.testing.assert_close(st.ssm, plain.ssm, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(st.conv, plain.conv)
+
+
+def test_all_states_equal_naive_states():
+    x, dt, A, B, C, state = _inputs(L=16)
+    states = ssd_all_states(x, dt, A, B, state=state)
+    s = state
+    for t in range(16):
+        _, s = ssd_naive(x[:, t : t + 1], dt[:, t : t + 1], A, B[:, t : t + 1], C[:, t : t + 1], state=s)
+        torch.testing.assert_close(states[:, t], s, rtol=1e-4, atol=1e-4)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .cache import HybridCache
+from .cache import HybridCache, RollbackPoint
 from .config import NemotronHConfig
 from .layers.attention import Attention, causal_mask
 from .layers.mamba2 import Mamba2Mixer
@@ -78,10 +78,13 @@ class NemotronHModel(nn.Module):
         *,
         cache: HybridCache | None = None,
         mask: torch.Tensor | None = None,
+        rollback_point: bool = False,
     ) -> torch.Tensor:
         """input_ids (b, L); mask (b, L) bool, False at padding. Returns final-normed hidden (b, L, H).
 
         With `cache`, the tokens are appended to it (attention K/V written, Mamba states advanced).
+        `rollback_point=True` also keeps every Mamba layer's per-position states, so that
+        `cache.rollback(keep)` can later keep only the first keep[r] of these tokens per row.
         """
         b, L = input_ids.shape
         if mask is None:
@@ -95,11 +98,15 @@ class NemotronHModel(nn.Module):
             key_valid = mask
         attn_mask = causal_mask(key_valid, L)
         mamba_mask = None if bool(mask.all()) else mask
+        histories: dict[int, list] = {}
         h = self.embeddings(input_ids)
         for i, layer in enumerate(self.layers):
             u = layer.norm(h)
             if layer.kind == "linear_attention":
-                y, state = layer.mixer(u, cache.mamba(i) if cache is not None else None, mask=mamba_mask)
+                record = histories.setdefault(i, []) if rollback_point else None
+                y, state = layer.mixer(
+                    u, cache.mamba(i) if cache is not None else None, mask=mamba_mask, history=record
+                )
                 if cache is not None:
                     cache.set_mamba(i, state)
             elif layer.kind == "full_attention":
@@ -112,6 +119,8 @@ class NemotronHModel(nn.Module):
             h = h + y
         if cache is not None:
             cache.length += L
+            histories = {i: v[0] for i, v in histories.items()}
+            cache.pending = RollbackPoint(cache.length - L, L, histories) if rollback_point else None
         return self.norm_f(h)
 
 

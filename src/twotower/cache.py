@@ -13,9 +13,18 @@ from dataclasses import dataclass
 import torch
 
 from .layers.attention import AttentionState
-from .layers.mamba2 import MambaState
+from .layers.mamba2 import MambaHistory, MambaState
 
 LayerState = AttentionState | MambaState | None
+
+
+@dataclass
+class RollbackPoint:
+    """The last forward's extent and its per-position Mamba states (see HybridCache.rollback)."""
+
+    start: int
+    length: int
+    histories: dict[int, MambaHistory]
 
 
 @dataclass
@@ -32,6 +41,8 @@ class HybridCache:
         self.layers = layers
         self.valid = valid  # (b, capacity) bool
         self.length = length
+        # per-position Mamba states of the last forward that asked for a rollback point
+        self.pending: RollbackPoint | None = None
 
     # ---- shape ----------------------------------------------------------------------------------
     @property
@@ -106,6 +117,22 @@ class HybridCache:
             if st is not None:
                 self.set_mamba(i, st)
 
+    def rollback(self, keep: torch.Tensor) -> None:
+        """Keep only the first keep[r] tokens of the last forward for each row r (that forward must
+        have been run with `rollback_point=True`). Attention: dropped positions become invalid (no
+        positional encoding, so a masked hole is exactly a removal) and the common tail is cut;
+        Mamba: each row's conv and SSM state are set to those after its kept tokens, with no re-run."""
+        if self.pending is None:
+            raise RuntimeError("rollback needs a forward run with rollback_point=True")
+        start, L = self.pending.start, self.pending.length
+        keep = keep.to(self.valid.device)
+        pos = torch.arange(L, device=keep.device)[None]
+        self.valid[:, start : start + L] &= pos < keep[:, None]
+        for i, hist in self.pending.histories.items():
+            self.set_mamba(i, hist.state_after(keep))
+        self.length = start + int(keep.max())
+        self.pending = None
+
     def select_rows(self, rows: torch.Tensor) -> HybridCache:
         """A new cache holding only `rows` (a 1-D index tensor), e.g. when requests leave a batch."""
         layers = [s.index_select(rows) if s is not None else None for s in self.layers]
@@ -145,4 +172,3 @@ class HybridCache:
             else:
                 layers.append(None)
         return cls(layers, valid, length)
-

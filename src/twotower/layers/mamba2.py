@@ -18,7 +18,7 @@ from torch import nn
 
 from ..config import NemotronHConfig
 from .norm import GatedRMSNorm
-from .ssd import ssd_chunked, ssd_step
+from .ssd import ssd_all_states, ssd_chunked, ssd_step
 
 
 @dataclass
@@ -33,6 +33,24 @@ class MambaState:
 
     def index_select(self, rows: torch.Tensor) -> MambaState:
         return MambaState(self.conv[rows], self.ssm[rows])
+
+
+@dataclass
+class MambaHistory:
+    """The state at every position of one forward (for rolling back): the conv window (b, C, K-1+L)
+    of pre-conv inputs, and the SSM state before and after each position (b, L+1, h, p, n)."""
+
+    window: torch.Tensor
+    ssm: torch.Tensor
+
+    def state_after(self, keep: torch.Tensor) -> MambaState:
+        """Per row r, the state after the first keep[r] positions of the forward (0 = before it)."""
+        b, C, _ = self.window.shape
+        k = self.window.shape[2] - (self.ssm.shape[1] - 1)  # kernel - 1
+        keep = keep.to(self.window.device)
+        idx = keep[:, None] + torch.arange(k, device=keep.device)[None]  # (b, k)
+        conv = self.window.gather(2, idx[:, None, :].expand(b, C, k))
+        return MambaState(conv, self.ssm[torch.arange(b, device=keep.device), keep])
 
 
 class Mamba2Mixer(nn.Module):
@@ -79,7 +97,8 @@ class Mamba2Mixer(nn.Module):
 
     # ---- pieces ---------------------------------------------------------------------------------
     def _conv(self, xbc: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal depthwise conv over time. xbc (b, L, C) -> (silu(conv) (b, L, C), new conv state (b, C, K-1))."""
+        """Causal depthwise conv over time. xbc (b, L, C) -> (silu(conv) (b, L, C), the whole input
+        window (b, C, K-1+L): its last K-1 columns are the new conv state)."""
         b, L, _ = xbc.shape
         xt = xbc.transpose(1, 2)  # (b, C, L)
         if conv_state is None:
@@ -87,7 +106,7 @@ class Mamba2Mixer(nn.Module):
         window = torch.cat([conv_state.to(xt.dtype), xt], dim=-1)  # (b, C, K-1+L)
         w = self.conv1d.weight
         out = F.conv1d(window.to(w.dtype), w, self.conv1d.bias, groups=self.conv_dim)  # (b, C, L)
-        return F.silu(out).transpose(1, 2).to(xbc.dtype), window[:, :, -(self.kernel - 1) :]
+        return F.silu(out).transpose(1, 2).to(xbc.dtype), window
 
     def _dt(self, dt: torch.Tensor) -> torch.Tensor:
         dt = F.softplus(dt.float() + self.dt_bias.float())
@@ -100,18 +119,21 @@ class Mamba2Mixer(nn.Module):
         state: MambaState | None = None,
         *,
         mask: torch.Tensor | None = None,
+        history: list | None = None,
     ) -> tuple[torch.Tensor, MambaState]:
         """Mix a sequence, starting from `state` (zeros when None).
 
         hidden (b, L, hidden_size); mask (b, L) bool, False at padding: padding contributes nothing
         (its input is zeroed and its dt' is 0, so the SSM state passes through unchanged).
-        Returns y (b, L, hidden_size) and the state after the last position.
+        Returns y (b, L, hidden_size) and the state after the last position. When a list is given
+        as `history`, a MambaHistory (the state after every position) is appended to it.
         """
         b, L, _ = hidden.shape
         if mask is not None:
             hidden = hidden * mask[..., None].to(hidden.dtype)
         z, xbc, dt = self.in_proj(hidden).split([self.d_inner, self.conv_dim, self.num_heads], dim=-1)
-        xbc, conv_state = self._conv(xbc, state.conv if state is not None else None)
+        xbc, conv_window = self._conv(xbc, state.conv if state is not None else None)
+        conv_state = conv_window[:, :, -(self.kernel - 1) :]
         dt = self._dt(dt)  # (b, L, h)
         if mask is not None:
             xbc = xbc * mask[..., None].to(xbc.dtype)
@@ -128,6 +150,10 @@ class Mamba2Mixer(nn.Module):
             y = y[:, None]
         else:
             y, ssm = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, state=ssm0)
+        if history is not None:
+            start = ssm0 if ssm0 is not None else x.new_zeros(b, self.num_heads, self.head_dim, self.state_size)
+            states = ssd_all_states(x, dt, A, B, state=ssm0)
+            history.append(MambaHistory(conv_window, torch.cat([start.float()[:, None], states], 1)))
         y = y + x.float() * self.D.float()[:, None]
         y = self.norm(y.reshape(b, L, self.d_inner), z.float())
         return self.out_proj(y.to(hidden.dtype)), MambaState(conv_state, ssm)
