@@ -21,7 +21,7 @@ import torch
 from ..model import DenoiserContext
 from .ar import check_max_new_tokens
 from .batch import GenerationOutput, cut_at_eos, left_pad, normalise_eos
-from .sampling import check_sampling_options, choose_tokens, make_generator
+from .sampling import RowGenerators, check_sampling_options, choose_tokens, make_generator
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def denoise_block(
     size: int,
     settings: DiffusionSettings,
     mask_id: int,
-    generator: torch.Generator | None,
+    generator: torch.Generator | RowGenerators | None,
     on_step: Callable[[dict], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Fill one block of `size` positions for `rows` rows. Returns (canvas (rows, size), per-row
@@ -93,7 +93,9 @@ def denoise_block(
         logits = model.denoise(canvas, n_masked.float() / size, context)
         forwards += 1
         logits[..., mask_id] = float("-inf")
-        pred = choose_tokens(logits, temperature=settings.temperature, top_k=settings.top_k, generator=generator)
+        # per-row streams: a row with nothing left to fill draws nothing, exactly as when decoded alone
+        step_gen = generator.only(live) if isinstance(generator, RowGenerators) else generator
+        pred = choose_tokens(logits, temperature=settings.temperature, top_k=settings.top_k, generator=step_gen)
         confidence = torch.softmax(logits, dim=-1).gather(-1, pred[..., None])[..., 0]
         n_confident = (masked & (confidence > settings.confidence_threshold)).sum(-1)
         commit = select_commits(confidence, masked, commit_counts(n_masked, n_confident, k, settings.steps_per_block))

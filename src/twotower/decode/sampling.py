@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -20,8 +22,43 @@ def apply_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def gumbel_noise(shape: torch.Size, *, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    u = torch.rand(shape, generator=generator, device=generator.device if generator is not None else device)
+class RowGenerators:
+    """One random stream per row of a batch (None: the global RNG), for batches whose rows are
+    independent requests: row r draws exactly what it would draw decoding alone with its generator,
+    whatever else shares the batch. Rows marked skipped draw nothing and get zero noise."""
+
+    def __init__(self, generators: Sequence[torch.Generator | None], skip: Sequence[bool] | None = None) -> None:
+        self.generators = list(generators)
+        self.skip = list(skip) if skip is not None else [False] * len(self.generators)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def only(self, rows: torch.Tensor) -> RowGenerators:
+        """The same streams, with the rows where `rows` (bool (b,)) is False skipped."""
+        keep = rows.tolist()
+        return RowGenerators(self.generators, [s or not k for s, k in zip(self.skip, keep, strict=True)])
+
+    def uniform(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        """U(0, 1) draws of `shape` (rows first), each row from its own stream."""
+        if shape[0] != len(self.generators):
+            raise ValueError(f"{len(self.generators)} row generators for a batch of {shape[0]} rows")
+        rows = []
+        for g, skip in zip(self.generators, self.skip):
+            if skip:
+                rows.append(torch.full(shape[1:], 0.5, device=device))
+            else:
+                rows.append(torch.rand(shape[1:], generator=g, device=g.device if g is not None else device).to(device))
+        return torch.stack(rows)
+
+
+def gumbel_noise(
+    shape: torch.Size, *, generator: torch.Generator | RowGenerators | None, device: torch.device
+) -> torch.Tensor:
+    if isinstance(generator, RowGenerators):
+        u = generator.uniform(shape, device)
+    else:
+        u = torch.rand(shape, generator=generator, device=generator.device if generator is not None else device)
     return -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20)).to(device)
 
 
@@ -30,10 +67,11 @@ def choose_tokens(
     *,
     temperature: float,
     top_k: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | RowGenerators | None = None,
 ) -> torch.Tensor:
     """logits (..., V) float -> token ids (...). temperature 0 is argmax; otherwise Gumbel-max over
-    log-softmax(top_k(logits) / temperature), which samples exactly from that distribution."""
+    log-softmax(top_k(logits) / temperature), which samples exactly from that distribution.
+    A `RowGenerators` draws each row (leading dimension) from its own stream."""
     logits = apply_top_k(logits.float(), top_k)
     if temperature == 0:
         return logits.argmax(-1)

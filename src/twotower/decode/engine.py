@@ -1,0 +1,285 @@
+"""Continuous batching over token ids: independent requests join and leave one running batch between
+blocks, each row with its own settings, budget, EOS and random stream, all sharing one context cache.
+
+One `DecodeEngine` serves one mode and block size (rows of a batch must advance the context by the
+same number of tokens per step). Per `step()`:
+  1. diffusion: rows are grouped by their block settings and each group fills one block with
+     `denoise_block` (a row in its short last block forms its own group); AR: every row picks one
+     token from the logits of its last step.
+  2. each row's new tokens become an `Event` (cut after EOS); finished rows leave with `select_rows`.
+  3. the context tower appends the committed tokens of the remaining rows in ONE forward.
+`add()` prefills new prompts together (left-padded) and merges their cache rows into the running
+cache (`HybridCache.merge`, right-aligned). A row decoded here, greedy or seeded, produces exactly
+what `generate_mask_diffusion` / `generate_ar` produce for its prompt alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import HybridCache
+from ..layers.attention import AttentionState
+from ..layers.mamba2 import MambaState
+from ..model import DenoiserContext
+from .ar import check_max_new_tokens
+from .batch import cut_at_eos, left_pad
+from .diffusion import DiffusionSettings, denoise_block
+from .sampling import RowGenerators, choose_tokens, make_generator
+
+MODES = ("diffusion", "ar")
+FINISH_EOS, FINISH_LENGTH, FINISH_CANCELLED = "eos", "length", "cancelled"
+
+
+@dataclass(frozen=True)
+class Request:
+    """One generation request over token ids. `settings.temperature` / `top_k` apply to both modes;
+    block size, steps and threshold to diffusion only."""
+
+    id: Hashable
+    prompt: tuple[int, ...]
+    mode: str = "diffusion"
+    max_new_tokens: int = 128
+    settings: DiffusionSettings = DiffusionSettings()
+    eos_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad option."""
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if len(self.prompt) == 0:
+            raise ValueError("the prompt needs at least one token (e.g. the BOS token)")
+        check_max_new_tokens(self.max_new_tokens)
+        self.settings.validate()
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def engine_key(self) -> tuple[str, int]:
+        """Rows that can share one engine: same mode and (diffusion) block size."""
+        return (self.mode, self.settings.block_size if self.mode == "diffusion" else 1)
+
+
+@dataclass(frozen=True)
+class Event:
+    """New tokens of one request after a step (EOS included when hit, nothing after it).
+    `finish_reason` is None while the request runs, else "eos", "length" or "cancelled"."""
+
+    request_id: Hashable
+    tokens: list[int]
+    finish_reason: str | None = None
+    denoiser_steps: int = 0  # forwards this row took for its block (diffusion), 1 per token for AR
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Row:
+    request: Request
+    generator: torch.Generator | None
+    generated: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.request.max_new_tokens - self.generated
+
+
+@dataclass
+class EngineStats:
+    denoiser_forwards: int = 0
+    context_forwards: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+
+
+class DecodeEngine:
+    """Active rows of one (mode, block size) and their context cache; see the module docstring."""
+
+    def __init__(
+        self, model: torch.nn.Module, *, mode: str, block_size: int = 1, stats: EngineStats | None = None
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.model = model
+        self.mode = mode
+        self.block_size = block_size if mode == "diffusion" else 1
+        self.rows: list[_Row] = []
+        self.cache: HybridCache | None = None  # one row per entry of `rows`
+        self.logits: torch.Tensor | None = None  # AR: (rows, V) next-token logits of each row
+        self.stats = stats if stats is not None else EngineStats()  # may be shared by several engines
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def request_ids(self) -> list[Hashable]:
+        return [r.request.id for r in self.rows]
+
+    # ---- joining --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def add(self, requests: Sequence[Request]) -> list[Event]:
+        """Prefill `requests` in one forward and join them to the batch. Requests with nothing to
+        generate finish at once (their events are returned)."""
+        events, joining = [], []
+        for req in requests:
+            req.validate()
+            if req.engine_key != (self.mode, self.block_size):
+                raise ValueError(f"request {req.id!r} ({req.engine_key}) does not belong in this engine")
+            if req.max_new_tokens == 0:
+                events.append(Event(req.id, [], FINISH_LENGTH))
+            else:
+                joining.append(req)
+        if not joining:
+            return events
+        model = self.model
+        batch = left_pad([r.prompt for r in joining], pad_id=model.config.pad_token_id, device=model.context_device)
+        cache = model.empty_cache(len(joining), capacity=batch.ids.shape[1])
+        mask = None if batch.all_valid else batch.mask
+        if self.mode == "ar":
+            new_logits = ar_logits(model, batch.ids, cache, mask)
+            self.logits = new_logits if self.logits is None else torch.cat([self.logits, new_logits])
+        else:
+            model.extend_context(batch.ids, cache, mask=mask)
+        self.stats.context_forwards += 1
+        self.cache = cache if self.cache is None else HybridCache.merge([self.cache, cache])
+        self.rows += [_Row(r, make_generator(r.seed, model.denoiser_device)) for r in joining]
+        return events
+
+    def cancel(self, request_ids: set[Hashable]) -> list[Event]:
+        """Drop these requests from the batch (between steps); returns their final events."""
+        gone = [r.request.id in request_ids for r in self.rows]
+        events = [Event(r.request.id, [], FINISH_CANCELLED) for r, g in zip(self.rows, gone) if g]
+        self._keep([not g for g in gone])
+        return events
+
+    # ---- one step -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> list[Event]:
+        """Decode one block (diffusion) or one token (AR) for every row; see the module docstring."""
+        if not self.rows:
+            return []
+        self.stats.steps += 1
+        if self.mode == "ar":
+            return self._step_ar()
+        return self._step_diffusion()
+
+    def _step_diffusion(self) -> list[Event]:
+        model = self.model
+        context = DenoiserContext.from_cache(self.cache).to(model.denoiser_device)
+        canvases: list[torch.Tensor | None] = [None] * len(self.rows)
+        row_steps = [0] * len(self.rows)
+        for (size, settings), idx in self._block_groups().items():
+            sub = context if len(idx) == len(self.rows) else subset_context(context, idx)
+            canvas, steps, forwards = denoise_block(
+                model,
+                sub,
+                rows=len(idx),
+                size=size,
+                settings=settings,
+                mask_id=model.mask_token_id,
+                generator=RowGenerators([self.rows[i].generator for i in idx]),
+            )
+            self.stats.denoiser_forwards += forwards
+            for j, i in enumerate(idx):
+                canvases[i], row_steps[i] = canvas[j].cpu(), int(steps[j])
+        events, keep = self._commit([c.tolist() for c in canvases], row_steps)
+        self._keep(keep)
+        if self.rows:  # every remaining row filled a full block (a short block is always a row's last)
+            kept = torch.stack([c for c, k in zip(canvases, keep) if k])
+            model.extend_context(kept.to(model.context_device), self.cache)
+            self.stats.context_forwards += 1
+        return events
+
+    def _block_groups(self) -> dict[tuple[int, DiffusionSettings], list[int]]:
+        """Row indices by (this block's size, settings): one `denoise_block` call per group."""
+        groups: dict[tuple[int, DiffusionSettings], list[int]] = {}
+        for i, row in enumerate(self.rows):
+            size = min(self.block_size, row.remaining)
+            groups.setdefault((size, row.request.settings), []).append(i)
+        return groups
+
+    def _step_ar(self) -> list[Event]:
+        model = self.model
+        tokens = torch.empty(len(self.rows), dtype=torch.long, device=self.logits.device)
+        groups: dict[tuple[float, int | None], list[int]] = {}
+        for i, row in enumerate(self.rows):
+            groups.setdefault((row.request.settings.temperature, row.request.settings.top_k), []).append(i)
+        for (temperature, top_k), idx in groups.items():
+            gens = RowGenerators([self.rows[i].generator for i in idx])
+            index = torch.tensor(idx, device=self.logits.device)
+            tokens[index] = choose_tokens(self.logits[index], temperature=temperature, top_k=top_k, generator=gens)
+        events, keep = self._commit([[t] for t in tokens.tolist()], [1] * len(self.rows))
+        self._keep(keep)
+        if self.rows:
+            kept = tokens[torch.tensor(keep, device=tokens.device)]
+            self.logits = ar_logits(model, kept[:, None].to(model.context_device), self.cache, None)
+            self.stats.context_forwards += 1
+        return events
+
+    # ---- bookkeeping ----------------------------------------------------------------------------------
+    def _commit(self, new: list[list[int]], steps: list[int]) -> tuple[list[Event], list[bool]]:
+        """Per row: tokens up to EOS, whether it finished; returns events and which rows stay."""
+        events, keep = [], []
+        for row, tokens, n_steps in zip(self.rows, new, steps):
+            tokens = cut_at_eos(tokens, row.request.eos_ids)
+            row.generated += len(tokens)
+            self.stats.generated_tokens += len(tokens)
+            if tokens and tokens[-1] in row.request.eos_ids:
+                reason = FINISH_EOS
+            elif row.remaining <= 0:
+                reason = FINISH_LENGTH
+            else:
+                reason = None
+            events.append(Event(row.request.id, tokens, reason, n_steps))
+            keep.append(reason is None)
+        return events, keep
+
+    def _keep(self, keep: list[bool]) -> None:
+        """Keep only the rows marked True: their cache rows, logits and state."""
+        if all(keep):
+            return
+        self.rows = [r for r, k in zip(self.rows, keep) if k]
+        if not self.rows:
+            self.cache, self.logits = None, None
+            return
+        index = torch.tensor(keep).nonzero()[:, 0]
+        self.cache = compact(self.cache.select_rows(index.to(self.cache.valid.device)))
+        if self.logits is not None:
+            self.logits = self.logits[index.to(self.logits.device)]
+
+
+def ar_logits(model, ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor | None) -> torch.Tensor:
+    """Context tower + AR head on the last position, as `generate_ar` computes it: (b, V) float32."""
+    hidden = model.context_tower(ids, cache=cache, mask=mask)[:, -1:]
+    return model.context_lm_head(hidden).float()[:, -1]
+
+
+def subset_context(context: DenoiserContext, rows: list[int]) -> DenoiserContext:
+    """The rows `rows` of a denoiser context (copies)."""
+    index = torch.tensor(rows, device=context.key_valid.device)
+    kv = [(p[0][index], p[1][index]) if p is not None else None for p in context.kv]
+    mamba = [MambaState(s.conv[index], s.ssm[index]) if s is not None else None for s in context.mamba]
+    return DenoiserContext(kv, context.key_valid[index], mamba)
+
+
+def compact(cache: HybridCache) -> HybridCache:
+    """Drop leading positions that no row uses any more (left after long rows left the batch), so a
+    long-running batch does not grow without bound. Invalid keys are masked everywhere, so this
+    changes nothing but the memory and time spent on them."""
+    valid = cache.key_valid()
+    used = valid.any(0).nonzero()
+    start = int(used[0]) if len(used) else cache.length
+    if start == 0:
+        return cache
+    layers = []
+    for st in cache.layers:
+        if isinstance(st, AttentionState):
+            st = AttentionState(st.k[:, :, start:], st.v[:, :, start:])
+        layers.append(st)
+    view = HybridCache(layers, cache.valid[:, start:], cache.length - start)
+    return HybridCache.merge([view])  # contiguous, exactly-sized copy

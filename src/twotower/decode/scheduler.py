@@ -1,0 +1,83 @@
+"""Many independent requests, few batched forwards: a FIFO of waiting requests feeding one
+`DecodeEngine` per (mode, block size), with at most `max_batch_size` rows decoding at once.
+
+Not thread-safe: one loop owns it (the server's engine thread, the batch job's main loop) and calls
+`submit`, `cancel` and `step` between steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable
+
+import torch
+
+from .engine import FINISH_CANCELLED, DecodeEngine, EngineStats, Event, Request
+
+
+class Scheduler:
+    def __init__(self, model: torch.nn.Module, *, max_batch_size: int = 32) -> None:
+        if not isinstance(max_batch_size, int) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.waiting: deque[Request] = deque()
+        self.engines: dict[tuple[str, int], DecodeEngine] = {}  # only engines with rows
+        self.stats = EngineStats()  # totals over all engines
+
+    @property
+    def active(self) -> int:
+        return sum(len(e) for e in self.engines.values())
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and self.active == 0
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; it joins the batch at the next step with room. Raises ValueError for a
+        bad request or an id already queued or running."""
+        request.validate()
+        if request.id in self._ids():
+            raise ValueError(f"request id {request.id!r} is already queued or running")
+        self.waiting.append(request)
+
+    def cancel(self, request_id: Hashable) -> list[Event]:
+        """Remove a request wherever it is; returns its final event (none if unknown)."""
+        for i, req in enumerate(self.waiting):
+            if req.id == request_id:
+                del self.waiting[i]
+                return [Event(request_id, [], FINISH_CANCELLED)]
+        for engine in self.engines.values():
+            if request_id in engine.request_ids:
+                return engine.cancel({request_id})
+        return []
+
+    def step(self) -> list[Event]:
+        """Admit waiting requests while there is room, then one step of every engine with rows."""
+        events = self._admit()
+        for engine in self.engines.values():
+            events += engine.step()
+        self.engines = {key: e for key, e in self.engines.items() if len(e)}
+        return events
+
+    def _admit(self) -> list[Event]:
+        room = self.max_batch_size - self.active
+        joining: dict[tuple[str, int], list[Request]] = {}
+        while self.waiting and room > 0:
+            req = self.waiting.popleft()
+            joining.setdefault(req.engine_key, []).append(req)
+            room -= 1
+        events = []
+        for key, requests in joining.items():
+            engine = self.engines.get(key)
+            if engine is None:
+                engine = DecodeEngine(self.model, mode=key[0], block_size=key[1], stats=self.stats)
+                self.engines[key] = engine
+            events += engine.add(requests)
+        return events
+
+    def _ids(self) -> set[Hashable]:
+        ids = {r.id for r in self.waiting}
+        for engine in self.engines.values():
+            ids.update(engine.request_ids)
+        return ids
