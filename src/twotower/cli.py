@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from .checkpoint import CheckpointError
 
-MODES = ("diffusion", "ar", "mock-ar")
+MODES = ("diffusion", "ar", "mock-ar", "speculative")
 
 
 class CLIError(Exception):
@@ -33,6 +33,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
     g.add_argument("--block-size", type=int, default=16, help="diffusion block size S (default: 16)")
     g.add_argument("--steps-per-block", type=int, default=16, help="max denoiser steps per block T (default: 16)")
+    g.add_argument(
+        "--draft-steps", type=int, default=4, help="speculative mode: denoiser steps per drafted block (default: 4)"
+    )
     g.add_argument(
         "--threshold", type=float, default=0.9, help="confidence threshold gamma for committing (default: 0.9)"
     )
@@ -60,6 +63,7 @@ def run_mode(model, mode: str, ids, **kw):
         "diffusion": model.generate_mask_diffusion,
         "ar": model.generate_ar,
         "mock-ar": model.generate_mock_ar,
+        "speculative": model.generate_speculative,
     }[mode]
     return fn(ids, **kw)
 
@@ -128,6 +132,44 @@ class StepPrinter:
         canvas, committed = event["canvas"][0].tolist(), event["committed"][0].tolist()
         line = self.render(canvas, committed)
         print(f"block {event['block']:>2} step {event['step']:>2} | {line}", file=self.stream)
+
+
+# ---- score ----------------------------------------------------------------------------------------
+def cmd_score(args: argparse.Namespace) -> int:
+    """JSONL in (`{"text": ...}` or `{"ids": [...]}`, optional `id`), JSONL out with per-token logprobs."""
+    from .loading import load_for_inference
+
+    loaded = load_for_inference(args.model, device=args.device)
+    tok = loaded.tokenizer
+    src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
+    dst = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    errors = 0
+    with src, dst:
+        for number, line in enumerate(src, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                if not isinstance(item, dict) or ("text" in item) == ("ids" in item):
+                    raise ValueError('each line needs exactly one of "text" or "ids"')
+                if "text" in item:
+                    if not isinstance(item["text"], str):
+                        raise ValueError('"text" must be a string')
+                    ids = [tok.bos_id, *tok.encode(item["text"])]
+                else:
+                    ids = [int(t) for t in item["ids"]]
+                    if any(not 0 <= t < loaded.model.config.vocab_size for t in ids):
+                        raise ValueError("ids outside the vocabulary")
+            except (ValueError, TypeError) as err:
+                errors += 1
+                print(f"error: line {number}: {err}", file=sys.stderr)
+                continue
+            logprobs = loaded.model.score([ids])[0]
+            record = {"logprobs": logprobs, "tokens": ids[1:], "sum_logprob": sum(logprobs)}
+            if "id" in item:
+                record = {"id": item["id"], **record}
+            dst.write(json.dumps(record) + "\n")
+    return 1 if errors else 0
 
 
 # ---- training -------------------------------------------------------------------------------------
@@ -251,6 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-steps", action="store_true", help="show each block being unmasked, step by step")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser(
+        "score",
+        help="exact AR log-probabilities of texts (JSONL in, JSONL out)",
+        description='Score texts with the frozen AR context tower. Input lines: {"text": ...} or {"ids": [...]}, '
+        'optionally with "id". Output lines: {"id", "tokens", "logprobs", "sum_logprob"}.',
+    )
+    p.add_argument("input", help="JSONL file, or - for standard input")
+    p.add_argument("--output", default="-", help="JSONL file, or - for standard output (default)")
+    add_model_option(p)
+    p.set_defaults(func=cmd_score)
+
     train = sub.add_parser("train", help="train a backbone or a denoiser").add_subparsers(dest="what", required=True)
     p = train.add_parser("backbone", help="AR pretraining of a small NemotronH model")
     p.add_argument("--preset", default="tiny", help="architecture preset (default: tiny)")
@@ -305,7 +358,7 @@ EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 def _register_extras() -> None:
     import importlib
 
-    for name in ("twotower.bench.cli", "twotower.serve.cli", "twotower.batch_cli", "twotower.score_cli"):
+    for name in ("twotower.bench.cli", "twotower.serve.cli", "twotower.batch_cli", "twotower.eval_cli"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:

@@ -198,6 +198,17 @@ class TwoTowerForCausalLM(nn.Module):
 
         return generate_mask_diffusion(self, input_ids, **options)
 
+    def generate_speculative(self, input_ids, **options):
+        from .decode.speculative import generate_speculative
+
+        return generate_speculative(self, input_ids, **options)
+
+    def score(self, sequences, **options) -> list[list[float]]:
+        """Exact per-token AR log-probabilities of id sequences (see `twotower.decode.score`)."""
+        from .decode.score import score
+
+        return score(self, sequences, **options)
+
     # ---- devices -----------------------------------------------------------------------------------
     def place_towers_on_devices(self, ctx_device: str | torch.device, den_device: str | torch.device):
         """Context tower + AR head on one device; denoiser + head + adaLN on the other."""

@@ -77,12 +77,16 @@ def denoise_block(
     mask_id: int,
     generator: torch.Generator | RowGenerators | None,
     on_step: Callable[[dict], None] | None = None,
+    canvas: torch.Tensor | None = None,
+    masked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Fill one block of `size` positions for `rows` rows. Returns (canvas (rows, size), per-row
-    denoiser steps (rows,), number of batched forwards)."""
+    denoiser steps (rows,), number of batched forwards). A partly known block can be given as
+    `canvas` with `masked` (bool, True where still to fill); t stays the masked fraction."""
     device = model.denoiser_device
-    canvas = torch.full((rows, size), mask_id, dtype=torch.long, device=device)
-    masked = torch.ones(rows, size, dtype=torch.bool, device=device)
+    if canvas is None:
+        canvas = torch.full((rows, size), mask_id, dtype=torch.long, device=device)
+        masked = torch.ones(rows, size, dtype=torch.bool, device=device)
     row_steps = torch.zeros(rows, dtype=torch.long, device=device)
     forwards = 0
     for k in range(settings.steps_per_block):
