@@ -1,0 +1,1 @@
+"""An OpenAI-compatible completions server over the continuous-batching engine (standard library HTTP)."""

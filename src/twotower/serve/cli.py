@@ -1,0 +1,116 @@
+"""`twotower serve`: the OpenAI-compatible completions server (see serve/http.py for the routes)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from ..cli import CLIError, add_model_option
+from ..workload import Limits, OptionError, Options, parse_options
+
+API_KEY_ENV = "TWOTOWER_API_KEY"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible completions API (batched, streaming)",
+        description=(
+            "POST /v1/completions (stream or not), GET /v1/models, GET /health. Concurrent requests are "
+            "decoded together; diffusion settings go in the body as mode, block_size, steps_per_block, "
+            "confidence_threshold (and top_k). The options below set the defaults of a request."
+        ),
+    )
+    add_model_option(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else no key)",
+    )
+    g = p.add_argument_group("batching and limits")
+    g.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default: 32)")
+    g.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting beyond the batch; then 429 (default: 64)"
+    )
+    g.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts get a 400 (default: 2048)")
+    g.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted (default: 1024)")
+    g = p.add_argument_group("request defaults")
+    g.add_argument("--mode", choices=("diffusion", "ar"), default="diffusion")
+    g.add_argument("--max-tokens", type=int, default=16, help="when a request gives none (default: 16, as OpenAI)")
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--steps-per-block", type=int, default=16)
+    g.add_argument("--threshold", type=float, default=0.9, help="confidence threshold gamma (default: 0.9)")
+    p.add_argument("--log-requests", action="store_true", help="log one line per HTTP request to stderr")
+    p.set_defaults(func=cmd_serve)
+
+
+def server_config(args: argparse.Namespace):
+    from .http import ServerConfig
+
+    for name in ("max_batch_size", "max_prompt_tokens", "max_tokens_limit"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_queue < 0:
+        raise CLIError("--max-queue must be >= 0")
+    if not 0 <= args.port < 65536:
+        raise CLIError(f"--port must be in [0, 65535], got {args.port}")
+    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit)
+    given = dict(
+        mode=args.mode,
+        max_tokens=args.max_tokens,
+        block_size=args.block_size,
+        steps_per_block=args.steps_per_block,
+        confidence_threshold=args.threshold,
+    )
+    try:
+        defaults = parse_options(given, Options(), limits=limits)
+    except OptionError as err:
+        raise CLIError(f"bad default: {err}") from None
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        limits=limits,
+        defaults=defaults,
+        log_requests=args.log_requests,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..loading import load_for_inference
+    from .http import make_server
+
+    config = server_config(args)
+    if config.api_key is None and not _is_loopback(config.host):
+        print(
+            f"warning: serving on {config.host} without an API key: anyone who can reach it can use it", file=sys.stderr
+        )
+    loaded = load_for_inference(args.model, device=args.device)
+    try:
+        server = make_server(loaded, config)
+    except OSError as err:
+        raise CLIError(f"cannot listen on {config.host}:{config.port}: {err.strerror or err}") from None
+    server.start()
+    print(f"serving {loaded.name} on {server.url}", flush=True)  # the load test waits for this line
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        print("shutting down", file=sys.stderr)
+    finally:
+        server.close()
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

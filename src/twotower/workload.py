@@ -1,0 +1,220 @@
+"""Text and options for the workloads (the batch job and the server): generation options read from
+JSON with one clear error per bad field, prompt text -> ids, and generated ids -> text with stop
+strings. The decoding itself works on ids (`twotower.decode.engine`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import asdict, dataclass, fields, replace
+
+from .decode.diffusion import DiffusionSettings
+from .decode.engine import FINISH_EOS, FINISH_LENGTH, MODES, Request
+
+MAX_STOP_STRINGS = 4  # as in the OpenAI API
+
+
+class OptionError(ValueError):
+    """A bad option or request field; `field` names it (None when the whole input is at fault)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class Options:
+    """Generation options of one request, named as in the OpenAI completions API plus the
+    diffusion extras (`mode`, `block_size`, `steps_per_block`, `confidence_threshold`, `top_k`)."""
+
+    mode: str = "diffusion"
+    max_tokens: int = 16
+    block_size: int = 16
+    steps_per_block: int = 16
+    confidence_threshold: float = 0.9
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict:
+        """JSON-ready settings, as recorded next to each output."""
+        return {**asdict(self), "stop": list(self.stop)}
+
+    @property
+    def diffusion(self) -> DiffusionSettings:
+        return DiffusionSettings(
+            self.block_size, self.steps_per_block, self.confidence_threshold, self.temperature, self.top_k
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for."""
+
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 1024
+
+
+DEFAULT_LIMITS = Limits()
+OPTION_NAMES = tuple(f.name for f in fields(Options))
+
+
+def parse_options(given: Mapping, defaults: Options, *, limits: Limits = DEFAULT_LIMITS) -> Options:
+    """`defaults` overridden by the option fields present in `given` (other keys are ignored here;
+    the caller decides whether they are allowed). Raises OptionError naming the first bad field."""
+    values = {}
+    for name in OPTION_NAMES:
+        if name in given and given[name] is not None:
+            values[name] = _CHECKS[name](name, given[name])
+        elif name in given and name in ("top_k", "seed", "stop"):
+            values[name] = () if name == "stop" else None
+    options = replace(defaults, **values)
+    validate_options(options, limits=limits)
+    return options
+
+
+def validate_options(options: Options, *, limits: Limits = DEFAULT_LIMITS) -> None:
+    if options.mode not in MODES:
+        raise OptionError(
+            f"mode must be one of {', '.join(MODES)} (mock-ar is a debugging mode and is not offered here), "
+            f"got {options.mode!r}",
+            "mode",
+        )
+    if not 1 <= options.max_tokens <= limits.max_tokens:
+        raise OptionError(
+            f"max_tokens must be between 1 and {limits.max_tokens}, got {options.max_tokens}", "max_tokens"
+        )
+    try:
+        options.diffusion.validate()
+    except ValueError as err:
+        raise OptionError(str(err), str(err).split(" ", 1)[0]) from None
+
+
+def to_request(request_id: Hashable, prompt_ids: list[int], options: Options, *, eos_id: int | None) -> Request:
+    return Request(
+        request_id,
+        tuple(prompt_ids),
+        mode=options.mode,
+        max_new_tokens=options.max_tokens,
+        settings=options.diffusion,
+        eos_ids=(eos_id,) if eos_id is not None else (),
+        seed=options.seed,
+    )
+
+
+def encode_prompt(tokenizer, text: str, *, limits: Limits = DEFAULT_LIMITS) -> list[int]:
+    """[bos] + ids of `text`; OptionError if it is longer than the limit."""
+    ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
+    if not ids:
+        raise OptionError("the prompt is empty", "prompt")
+    if len(ids) > limits.max_prompt_tokens:
+        raise OptionError(
+            f"the prompt has {len(ids)} tokens, more than the limit of {limits.max_prompt_tokens}", "prompt"
+        )
+    return ids
+
+
+# ---- field checks ------------------------------------------------------------------------------------
+def _int(name: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise OptionError(f"{name} must be an integer, got {value!r}", name)
+    return value
+
+
+def _number(name: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise OptionError(f"{name} must be a number, got {value!r}", name)
+    return float(value)
+
+
+def _str(name: str, value) -> str:
+    if not isinstance(value, str):
+        raise OptionError(f"{name} must be a string, got {value!r}", name)
+    return value
+
+
+def _stop(name: str, value) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
+        raise OptionError(f"{name} must be a non-empty string or a list of them, got {value!r}", name)
+    if len(items) > MAX_STOP_STRINGS:
+        raise OptionError(f"{name} takes at most {MAX_STOP_STRINGS} strings, got {len(items)}", name)
+    return tuple(items)
+
+
+_CHECKS = {
+    "mode": _str,
+    "max_tokens": _int,
+    "block_size": _int,
+    "steps_per_block": _int,
+    "confidence_threshold": _number,
+    "temperature": _number,
+    "top_k": _int,
+    "seed": _int,
+    "stop": _stop,
+}
+
+
+# ---- ids -> text -------------------------------------------------------------------------------------
+class TextStream:
+    """Generated ids -> text, piece by piece. Holds back an incomplete UTF-8 character and any tail
+    that could begin a stop string; at the first stop string the text ends before it.
+
+    `feed(tokens)` returns the new text that is safe to show; `finish()` the rest. EOS is not text.
+    """
+
+    REPLACEMENT = "\ufffd"  # what the decoder shows for an incomplete byte sequence
+
+    def __init__(self, tokenizer, *, stop: Iterable[str] = (), eos_id: int | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.eos_id = eos_id
+        self.ids: list[int] = []
+        self.text = ""  # emitted so far
+        self.stopped = False
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.ids)
+
+    def feed(self, tokens: Iterable[int]) -> str:
+        if self.stopped:
+            return ""
+        self.ids += [t for t in tokens if t != self.eos_id]
+        full = self.tokenizer.decode(self.ids)
+        cut = self._first_stop(full)
+        if cut is not None:
+            self.stopped = True
+            return self._emit(full[:cut])
+        end = len(full.rstrip(self.REPLACEMENT))
+        for s in self.stop:  # a tail that may grow into a stop string waits for the next tokens
+            for k in range(min(len(s) - 1, end), 0, -1):
+                if full[:end].endswith(s[:k]):
+                    end -= k
+                    break
+        return self._emit(full[:end])
+
+    def finish(self) -> str:
+        """The text held back, at the end of generation."""
+        if self.stopped:
+            return ""
+        return self._emit(self.tokenizer.decode(self.ids))
+
+    def _first_stop(self, full: str) -> int | None:
+        hits = [i for i in (full.find(s) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _emit(self, upto: str) -> str:
+        if len(upto) <= len(self.text):
+            return ""
+        delta = upto[len(self.text) :]
+        self.text = upto
+        return delta
+
+
+def finish_reason(engine_reason: str | None, stream: TextStream) -> str:
+    """OpenAI's finish_reason: "stop" at EOS or a stop string, "length" when the budget ran out."""
+    if stream.stopped or engine_reason == FINISH_EOS:
+        return "stop"
+    return "length" if engine_reason == FINISH_LENGTH else "stop"
