@@ -48,6 +48,7 @@ class EngineWorker:
         self._lock = threading.Lock()
         self._inflight = 0
         self.active = 0  # rows decoding, as of the last step (published for /health)
+        self.peak_active = 0  # most rows ever decoded in one step
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="twotower-engine", daemon=True)
 
@@ -91,6 +92,10 @@ class EngineWorker:
                 self._take_inbox(block=self.scheduler.idle)
                 if self.scheduler.idle:
                     continue
+                self.peak_active = max(
+                    self.peak_active,
+                    min(self.scheduler.max_batch_size, self.scheduler.active + len(self.scheduler.waiting)),
+                )
                 try:
                     events = self.scheduler.step()
                 except Exception as err:  # a bug or out of memory: fail what is in flight, keep serving
