@@ -1,0 +1,373 @@
+"""lm-evaluation-harness adapter for TwoTower checkpoints, registered as model `twotower`.
+
+- `loglikelihood` / `loglikelihood_rolling`: exact, through the frozen context tower (`scoring`), in
+  every mode: the decoding mode changes how text is generated, not what the checkpoint's AR
+  likelihood of a string is.
+- `generate_until`: batched generation in the chosen decoding mode (`diffusion`, `ar`, `mock-ar`),
+  cut at the first stop string; speed statistics (NFE, tokens per forward, tokens/s) accumulate in
+  `speed` across calls.
+
+Text handling: every context starts with the tokenizer's BOS token (documents were trained as
+`bos ... eos`); trailing spaces of a context move to the front of its continuation, and context and
+continuation are encoded separately, so the continuation's tokens are exactly the ones scored.
+
+    lm_eval.simple_evaluate(model="twotower",
+                            model_args="pretrained=PATH,mode=diffusion,confidence_threshold=0.8", ...)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import lm_eval.models  # noqa: F401  (registers the harness's own models first; see `get_model`)
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import model_registry
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from ..decode.batch import normalise_eos
+from ..decode.diffusion import DiffusionSettings
+from ..decode.sampling import check_sampling_options
+from .scoring import score_continuations
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "twotower"
+MODES = ("diffusion", "ar", "mock-ar")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_MAX_LENGTH = 4096  # used when the config names no max_position_embeddings
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+# ---- settings ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalSettings:
+    """How the adapter decodes and batches. `temperature=None` follows each task's gen_kwargs
+    (`do_sample` false -> greedy); a number overrides every task (e.g. the paper's 0.1)."""
+
+    mode: str = "diffusion"
+    block_size: int = 16
+    steps_per_block: int = 16
+    confidence_threshold: float = 0.9
+    temperature: float | None = None
+    top_k: int | None = None
+    max_gen_toks: int = DEFAULT_MAX_GEN_TOKS
+    max_length: int | None = None  # None: the config's max_position_embeddings, else DEFAULT_MAX_LENGTH
+    batch_size: int = 1
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("max_gen_toks", "batch_size"):
+            if not _is_int(getattr(self, name), at_least=1):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.max_length is not None and not _is_int(self.max_length, at_least=2):
+            raise ValueError(f"max_length must be an integer >= 2, got {self.max_length!r}")
+        temperature = 0.0 if self.temperature is None else self.temperature
+        DiffusionSettings(
+            self.block_size, self.steps_per_block, self.confidence_threshold, temperature, self.top_k
+        ).validate()
+
+
+def _is_int(value, *, at_least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
+
+
+def parse_batch_size(value) -> int:
+    """The harness passes batch sizes as ints or strings; 'auto' is not supported."""
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"batch_size must be a positive integer (no 'auto' for twotower), got {value!r}")
+
+
+def parse_dtype(value) -> torch.dtype:
+    if isinstance(value, torch.dtype):
+        return value
+    if value not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}")
+    return DTYPES[value]
+
+
+# ---- speed statistics -------------------------------------------------------------------------------
+@dataclass
+class SpeedStats:
+    """Generation cost summed over all `generate_until` calls.
+
+    nfe: batched model forwards (denoiser forwards in diffusion; one per token step in AR/mock-AR).
+    row_forwards: forwards counted per row (a row's own denoiser steps, or its token count in AR),
+    so `tokens_per_forward` is what one sequence gains per forward, independent of batch size.
+    """
+
+    mode: str
+    requests: int = 0
+    generated_tokens: int = 0
+    nfe: int = 0
+    row_forwards: int = 0
+    seconds: float = 0.0
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.generated_tokens / self.row_forwards if self.row_forwards else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def add(self, out, seconds: float) -> None:
+        rows = out.new_tokens
+        self.requests += len(rows)
+        self.generated_tokens += sum(len(r) for r in rows)
+        self.nfe += int(out.stats["nfe"])
+        per_row = out.stats.get("denoiser_steps_per_row")  # diffusion; AR spends one forward per token
+        self.row_forwards += sum(per_row) if per_row is not None else sum(len(r) for r in rows)
+        self.seconds += seconds
+
+    def as_dict(self) -> dict:
+        return {
+            **asdict(self),
+            "tokens_per_forward": self.tokens_per_forward,
+            "tokens_per_second": self.tokens_per_second,
+        }
+
+
+# ---- the adapter ------------------------------------------------------------------------------------
+def _load(pretrained: str | None, *, device: str | None, denoiser_device: str | None, dtype: torch.dtype):
+    """Model + tokenizer. With two devices the checkpoint is loaded on the host and each tower moved
+    once, so that neither device has to hold both towers."""
+    from ..loading import load_for_inference
+
+    if denoiser_device is None:
+        return load_for_inference(pretrained, device=device or "cpu", dtype=dtype)
+    loaded = load_for_inference(pretrained, device="cpu", dtype=dtype)
+    loaded.model.place_towers_on_devices(device or "cpu", denoiser_device)
+    return loaded
+
+
+@dataclass
+class _GenRequest:
+    index: int
+    prompt: list[int]
+    until: tuple[str, ...]
+    max_gen_toks: int
+    temperature: float
+    context: str = field(repr=False, default="")
+    gen_kwargs: dict = field(repr=False, default_factory=dict)
+
+
+class TwoTowerLM(LM):
+    """A TwoTower checkpoint behind the harness's three request types (see the module docstring).
+
+    model_args: pretrained (checkpoint dir; default the bundled twotower-tiny), mode, block_size,
+    steps_per_block, confidence_threshold, temperature, top_k, max_gen_toks, max_length,
+    batch_size, device, denoiser_device (towers on two devices), dtype (float32|bfloat16|float16),
+    seed.
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        *,
+        mode: str = "diffusion",
+        block_size: int = 16,
+        steps_per_block: int = 16,
+        confidence_threshold: float = 0.9,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        max_length: int | None = None,
+        batch_size: int | str = 1,
+        device: str | None = None,
+        denoiser_device: str | None = None,
+        dtype: str | torch.dtype = "float32",
+        seed: int = 0,
+        max_batch_size: int | None = None,  # passed by simple_evaluate; unused
+        loaded=None,
+    ) -> None:
+        super().__init__()
+        self.settings = EvalSettings(
+            mode=mode,
+            block_size=block_size,
+            steps_per_block=steps_per_block,
+            confidence_threshold=confidence_threshold,
+            temperature=temperature,
+            top_k=top_k,
+            max_gen_toks=max_gen_toks,
+            max_length=max_length,
+            batch_size=parse_batch_size(batch_size),
+            seed=seed,
+        )
+        self.settings.validate()
+        if loaded is None:
+            loaded = _load(pretrained, device=device, denoiser_device=denoiser_device, dtype=parse_dtype(dtype))
+        elif denoiser_device is not None:
+            loaded.model.place_towers_on_devices(device or loaded.model.context_device, denoiser_device)
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_name = getattr(loaded, "name", str(pretrained))
+        self._device = self.model.context_device
+        if self.tokenizer.bos_id is None:
+            raise ValueError("the tokenizer has no BOS token, which every context starts with")
+        configured = self.model.config.extra.get("max_position_embeddings")
+        self.max_length = int(max_length or configured or DEFAULT_MAX_LENGTH)
+        self.eos_ids = tuple(sorted({*normalise_eos(self.tokenizer.eos_id), *self.model.config.eos_token_ids}))
+        self.speed = SpeedStats(self.settings.mode)
+        self._generate_calls = 0
+
+    @classmethod
+    def from_loaded(cls, loaded, **settings) -> TwoTowerLM:
+        """An adapter around an already loaded `twotower.loading.Loaded` (model + tokenizer)."""
+        return cls(loaded=loaded, **settings)
+
+    def get_model_info(self) -> dict:
+        """Recorded by the harness in results['config']."""
+        return {"model_name": self.model_name, "twotower": {**asdict(self.settings), "max_length": self.max_length}}
+
+    # ---- text -> ids ------------------------------------------------------------------------------
+    def _context_ids(self, context: str) -> list[int]:
+        return [self.tokenizer.bos_id, *self.tokenizer.encode(context)]
+
+    def _pair_ids(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """Trailing spaces of the context belong to the continuation (word-initial tokens)."""
+        n_spaces = len(context) - len(context.rstrip(" "))
+        if n_spaces:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        return self._context_ids(context), self.tokenizer.encode(continuation)
+
+    # ---- loglikelihood ----------------------------------------------------------------------------
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        pairs = [self._pair_ids(*req.args) for req in requests]
+        empty = [i for i, (_, cont) in enumerate(pairs) if not cont]
+        if empty:
+            raise ValueError(f"loglikelihood request {empty[0]} has an empty continuation")
+        scores = self._score([c for c, _ in pairs], [t for _, t in pairs], desc="loglikelihood")
+        for req, score in zip(requests, scores):
+            self.cache_hook.add_partial("loglikelihood", req.args, tuple(score))
+        return [(score.logprob, score.is_greedy) for score in scores]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Each string's full log-likelihood after BOS; strings longer than `max_length` are scored
+        in disjoint windows that each keep as much preceding context as fits."""
+        contexts, continuations, owner = [], [], []
+        for i, req in enumerate(requests):
+            (text,) = req.args
+            tokens = self.tokenizer.encode(text)
+            windows = get_rolling_token_windows(tokens, self.tokenizer.bos_id, self.max_length, 1)
+            for ctx, cont in map(make_disjoint_window, windows):
+                contexts.append(ctx)
+                continuations.append(cont)
+                owner.append(i)
+        scores = self._score(contexts, continuations, desc="loglikelihood_rolling")
+        totals = [0.0] * len(requests)
+        for i, score in zip(owner, scores):
+            totals[i] += score.logprob
+        for req, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, total)
+        return totals
+
+    def _score(self, contexts, continuations, *, desc: str):
+        """score_continuations in chunks, so that the progress bar moves on long tasks."""
+        chunk = self.settings.batch_size * 16
+        out = []
+        for start in tqdm(range(0, len(contexts), chunk), desc=desc, disable=len(contexts) <= chunk):
+            out += score_continuations(
+                self.model,
+                contexts[start : start + chunk],
+                continuations[start : start + chunk],
+                batch_size=self.settings.batch_size,
+                max_length=self.max_length,
+            )
+        return out
+
+    # ---- generation -------------------------------------------------------------------------------
+    def _gen_request(self, index: int, context: str, gen_kwargs: dict) -> _GenRequest:
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.get("until") or ()
+        until = (until,) if isinstance(until, str) else tuple(until)
+        max_gen_toks = int(kwargs.get("max_gen_toks", self.settings.max_gen_toks))
+        if self.settings.temperature is not None:
+            temperature = float(self.settings.temperature)
+        else:
+            temperature = float(kwargs.get("temperature", 1.0)) if kwargs.get("do_sample") else 0.0
+        check_sampling_options(temperature=temperature, top_k=self.settings.top_k)
+        budget = self.max_length - max_gen_toks
+        if budget < 1:
+            raise ValueError(f"max_gen_toks {max_gen_toks} leaves no room for a prompt in max_length {self.max_length}")
+        prompt = self._context_ids(context)
+        if len(prompt) > budget:  # keep the end of the prompt, and its BOS
+            prompt = [prompt[0], *prompt[len(prompt) - budget + 1 :]] if budget > 1 else prompt[-1:]
+        return _GenRequest(index, prompt, until, max_gen_toks, temperature, context, kwargs)
+
+    def _decode(self, tokens: list[int], until: tuple[str, ...]) -> str:
+        """Text of the generated tokens without EOS, cut before the earliest stop string."""
+        text = self.tokenizer.decode([t for t in tokens if t not in self.eos_ids])
+        cuts = [i for i in (text.find(s) for s in until if s) if i >= 0]
+        return text[: min(cuts)] if cuts else text
+
+    def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float):
+        """One batched call of the configured decoding mode; returns its `GenerationOutput`."""
+        s = self.settings
+        self._generate_calls += 1
+        common = dict(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=s.top_k,
+            eos_token_id=list(self.eos_ids),
+            seed=s.seed + self._generate_calls - 1,
+        )
+        if s.mode == "diffusion":
+            return self.model.generate_mask_diffusion(
+                prompts,
+                block_size=s.block_size,
+                steps_per_block=s.steps_per_block,
+                confidence_threshold=s.confidence_threshold,
+                **common,
+            )
+        if s.mode == "ar":
+            return self.model.generate_ar(prompts, **common)
+        return self.model.generate_mock_ar(prompts, **common)
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Batches requests that share stop strings, token budget and temperature, longest prompt
+        first; returns the texts in request order."""
+        gens = [self._gen_request(i, *req.args) for i, req in enumerate(requests)]
+        groups: dict[tuple, list[_GenRequest]] = defaultdict(list)
+        for g in gens:
+            groups[(g.until, g.max_gen_toks, g.temperature)].append(g)
+        results: list[str | None] = [None] * len(gens)
+        bar = tqdm(
+            total=len(gens), desc=f"generate_until ({self.settings.mode})", disable=disable_tqdm or len(gens) < 2
+        )
+        for (until, max_gen_toks, temperature), members in groups.items():
+            members.sort(key=lambda g: -len(g.prompt))
+            for start in range(0, len(members), self.settings.batch_size):
+                batch = members[start : start + self.settings.batch_size]
+                t0 = time.perf_counter()
+                out = self.generate_ids([g.prompt for g in batch], max_new_tokens=max_gen_toks, temperature=temperature)
+                self.speed.add(out, time.perf_counter() - t0)
+                for g, tokens in zip(batch, out.new_tokens):
+                    results[g.index] = self._decode(tokens, until)
+                    self.cache_hook.add_partial("generate_until", (g.context, g.gen_kwargs), results[g.index])
+                bar.update(len(batch))
+        bar.close()
+        return results  # type: ignore[return-value]
+
+
+def register() -> None:
+    """Make `twotower` a model name of the harness (idempotent)."""
+    if MODEL_NAME not in model_registry:
+        model_registry.register(MODEL_NAME)(TwoTowerLM)
+
+
+register()
+
+if __name__ == "__main__":  # `python -m twotower.evaluation.harness run --model twotower ...`: the harness's CLI
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
