@@ -49,3 +49,12 @@ def test_grouped_path_has_gradients():
     x = torch.randn(9, 48, requires_grad=True)
     moe(x).sum().backward()
     assert x.grad is not None and moe.experts.up_proj.grad.abs().sum() > 0
+
+
+@torch.no_grad()
+def test_few_token_path_equals_reference():
+    moe = _moe(n_routed_experts=8, num_experts_per_tok=2)
+    for n in (1, 3, 4):  # n * k <= 8 takes the direct path
+        x = torch.randn(n, 48)
+        idx, w = moe.gate(x)
+        torch.testing.assert_close(moe.experts(x, idx, w), experts_reference(moe.experts, x, idx, w))

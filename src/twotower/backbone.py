@@ -87,17 +87,16 @@ class NemotronHModel(nn.Module):
         `cache.rollback(keep)` can later keep only the first keep[r] of these tokens per row.
         """
         b, L = input_ids.shape
-        if mask is None:
-            mask = torch.ones(b, L, dtype=torch.bool, device=input_ids.device)
         if cache is not None:
             cache.reserve(L)
             start = cache.length
-            cache.valid[:, start : start + L] = mask
+            cache.valid[:, start : start + L] = True if mask is None else mask
             key_valid = cache.valid[:, : start + L]
         else:
-            key_valid = mask
-        attn_mask = causal_mask(key_valid, L)
-        mamba_mask = None if bool(mask.all()) else mask
+            key_valid = mask if mask is not None else torch.ones(b, L, dtype=torch.bool, device=input_ids.device)
+        # one new token sees every valid cached key; longer inputs need the causal mask
+        attn_mask = key_valid[:, None, None, :] if L == 1 else causal_mask(key_valid, L)
+        mamba_mask = mask
         histories: dict[int, list] = {}
         h = self.embeddings(input_ids)
         for i, layer in enumerate(self.layers):

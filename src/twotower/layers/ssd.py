@@ -79,12 +79,16 @@ def ssd_chunked(
 def ssd_step(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One recurrent step. x (b, h, p), dt (b, h), B/C (b, h, n), state (b, h, p, n) -> y (b, h, p), state."""
-    dt = dt.float()
-    decay = torch.exp(dt * A.float())[..., None, None]  # (b, h, 1, 1)
-    state = state.float() * decay + (dt[..., None] * x.float())[..., None] * B.float()[:, :, None, :]
-    y = torch.einsum("bhpn,bhn->bhp", state, C.float())
-    return y, state
+    """One recurrent step. x (b, h, p), dt (b, h), B/C (b, g, n) with g dividing h (g = h allowed),
+    state (b, h, p, n) -> y (b, h, p), new state. Heads of a group share its B and C."""
+    b, h, p = x.shape
+    g, n = B.shape[1], B.shape[2]
+    dt = dt.float().view(b, g, h // g)
+    decay = torch.exp(dt * A.float().view(1, g, h // g))[..., None, None]  # (b, g, k, 1, 1)
+    inp = (dt[..., None] * x.float().view(b, g, h // g, p))[..., None] * B.float()[:, :, None, None, :]
+    state = state.float().view(b, g, h // g, p, n) * decay + inp
+    y = torch.einsum("bgkpn,bgn->bgkp", state, C.float())
+    return y.reshape(b, h, p), state.reshape(b, h, p, n)
 
 
 def ssd_naive(
