@@ -31,7 +31,7 @@ from twotower.cli import CLIError
 from twotower.loading import load_for_inference
 from twotower.workload import Options
 
-from .serve.conftest import save_model_dir
+from .serve.models import save_model_dir
 
 FAST = ["--block-size", "4", "--steps-per-block", "4", "--threshold", "0.5", "--max-new-tokens", "12"]
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
 from .decode.diffusion import DiffusionSettings
-from .decode.engine import FINISH_EOS, FINISH_LENGTH, MODES, Request
+from .decode.engine import FINISH_EOS, FINISH_LENGTH, MODES, Request, check_seed
 
 MAX_STOP_STRINGS = 4  # as in the OpenAI API
 
@@ -87,6 +87,7 @@ def validate_options(options: Options, *, limits: Limits = DEFAULT_LIMITS) -> No
         )
     try:
         options.diffusion.validate()
+        check_seed(options.seed)
     except ValueError as err:
         raise OptionError(str(err), str(err).split(" ", 1)[0]) from None
 

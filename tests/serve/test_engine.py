@@ -11,7 +11,7 @@ from twotower.decode.engine import DecodeEngine, Request, compact
 from twotower.decode.sampling import RowGenerators
 from twotower.decode.scheduler import Scheduler
 
-from .conftest import make_two_tower
+from .models import make_two_tower
 
 BLOCK4 = DiffusionSettings(block_size=4, steps_per_block=4, confidence_threshold=0.5)
 
@@ -161,6 +161,8 @@ def test_zero_budget_finishes_at_once_and_bad_requests_are_refused(model):
         scheduler.submit(Request("x", ()))
     with pytest.raises(ValueError, match="steps_per_block"):
         scheduler.submit(Request("x", (5,), settings=DiffusionSettings(steps_per_block=0)))
+    with pytest.raises(ValueError, match="seed"):
+        scheduler.submit(Request("x", (5,), seed=-1))
     scheduler.submit(Request("dup", (5,)))
     with pytest.raises(ValueError, match="already queued"):
         scheduler.submit(Request("dup", (6,)))

@@ -147,6 +147,9 @@ def test_stop_string_and_seeded_sampling(server, loaded):
         (b'{"prompt": "a", "steps_per_blok": 2}', 400, "unknown field(s): steps_per_blok"),
         (b'{"prompt": ["a", "b"]}', 400, "one prompt per request"),
         (b'{"prompt": "a", "stream": "yes"}', 400, "stream must be true or false"),
+        (b'{"prompt": "a", "seed": -1}', 400, "seed must be an integer in [0, 2**64)"),
+        (b'{"prompt": [1, 99999]}', 400, "prompt token ids must be in [0, "),
+        (b'{"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop takes at most 4 strings"),
         (b'{"prompt": "a", "model": "gpt-4"}', 404, "model 'gpt-4' does not exist"),
     ],
 )

@@ -54,13 +54,20 @@ class Request:
             raise ValueError("the prompt needs at least one token (e.g. the BOS token)")
         check_max_new_tokens(self.max_new_tokens)
         self.settings.validate()
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        check_seed(self.seed)
 
     @property
     def engine_key(self) -> tuple[str, int]:
         """Rows that can share one engine: same mode and (diffusion) block size."""
         return (self.mode, self.settings.block_size if self.mode == "diffusion" else 1)
+
+
+def check_seed(seed: int | None) -> None:
+    """A seed torch.Generator takes: None or an integer in [0, 2**64)."""
+    if seed is None:
+        return
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
 
 
 @dataclass(frozen=True)
@@ -185,8 +192,9 @@ class DecodeEngine:
                 generator=RowGenerators([self.rows[i].generator for i in idx]),
             )
             self.stats.denoiser_forwards += forwards
+            canvas, steps = canvas.cpu(), steps.tolist()  # one transfer per group
             for j, i in enumerate(idx):
-                canvases[i], row_steps[i] = canvas[j].cpu(), int(steps[j])
+                canvases[i], row_steps[i] = canvas[j], steps[j]
         events, keep = self._commit([c.tolist() for c in canvases], row_steps)
         self._keep(keep)
         if self.rows:  # every remaining row filled a full block (a short block is always a row's last)
