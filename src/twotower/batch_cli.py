@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .cli import CLIError, add_generation_options, add_model_option
+from .decode.engine import MODES
 from .workload import Limits, Options, parse_options
 
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -87,8 +88,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise CLIError("--output must differ from --input")
     if args.max_batch_size < 1:
         raise CLIError("--max-batch-size must be at least 1")
-    if args.mode == "mock-ar":
-        raise CLIError("mode mock-ar is a debugging mode; batch offers diffusion and ar")
+    if args.mode not in MODES:
+        raise CLIError(f"batch decodes modes {' and '.join(MODES)} (continuous batching); {args.mode} is not one")
     rank, world = dist_rank_world()
     defaults = default_options(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ while the server keeps serving."""
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import threading
@@ -14,6 +15,7 @@ import openai
 import pytest
 
 from twotower.loading import load_for_inference
+from twotower.serve import cli as serve_cli
 from twotower.serve.http import ServerConfig, make_server
 from twotower.workload import Limits, Options
 
@@ -58,7 +60,10 @@ def raw_post(server, path: str, body: bytes, headers: dict | None = None) -> tup
 
 
 def test_binds_loopback_by_default():
-    assert ServerConfig().host == "127.0.0.1"
+    parser = argparse.ArgumentParser()
+    serve_cli.register(parser.add_subparsers())
+    args = parser.parse_args(["serve"])
+    assert ServerConfig().host == "127.0.0.1" and serve_cli.server_config(args).host == "127.0.0.1"
 
 
 def test_completion_equals_the_library_alone(server, loaded):
