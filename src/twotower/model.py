@@ -151,12 +151,15 @@ class TwoTowerForCausalLM(nn.Module):
         context: DenoiserContext,
         *,
         block_valid: torch.Tensor | None = None,
+        logits_for: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One denoiser forward over a block (SPEC 3.3). Returns logits (b, S, V) float32; position j
         predicts the token AT j.
 
         block_ids (b, S); t (b,) masked fraction per row, or None for no time conditioning (adaLN
         skipped: mock-AR); context: the read-only past. block_valid (b, S) marks real block positions.
+        logits_for (b, S) bool: compute the LM head only there (decoding needs masked positions
+        only; the head is the largest matmul of a small model) and leave zeros elsewhere.
         """
         b, S = block_ids.shape
         h = self.denoiser_tower.embeddings(block_ids)
@@ -180,7 +183,11 @@ class TwoTowerForCausalLM(nn.Module):
             else:
                 y = layer.mixer(u)
             h = h + (y if cond is None else gate * y)
-        return self.lm_head(self.denoiser_tower.norm_f(h)).float()
+        if logits_for is None:
+            return self.lm_head(self.denoiser_tower.norm_f(h)).float()
+        logits = h.new_zeros((b, S, self.config.vocab_size), dtype=torch.float32)
+        logits[logits_for] = self.lm_head(self.denoiser_tower.norm_f(h[logits_for])).float()
+        return logits
 
     # ---- decoding entry points (thin wrappers over twotower.decode) -----------------------------------
     def generate_ar(self, input_ids, **options):

@@ -94,7 +94,7 @@ def denoise_block(
         live = n_masked > 0
         if not bool(live.any()):
             break
-        logits = model.denoise(canvas, n_masked.float() / size, context)
+        logits = model.denoise(canvas, n_masked.float() / size, context, logits_for=masked)
         forwards += 1
         logits[..., mask_id] = float("-inf")
         # per-row streams: a row with nothing left to fill draws nothing, exactly as when decoded alone

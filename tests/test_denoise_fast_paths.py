@@ -1,0 +1,27 @@
+"""Fast paths of the denoiser pinned to their plain twins."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.conftest import randomise_special_params, tiny_config
+from twotower.backbone import NemotronHForCausalLM
+from twotower.model import DenoiserContext, TwoTowerForCausalLM
+
+
+@torch.no_grad()
+def test_logits_for_masked_positions_equal_full_logits():
+    torch.manual_seed(0)
+    backbone = NemotronHForCausalLM(tiny_config("M*E-")).eval()
+    randomise_special_params(backbone)
+    model = TwoTowerForCausalLM.from_backbone(backbone).eval()
+    cache = model.empty_cache(2, capacity=16)
+    model.extend_context(torch.randint(4, 96, (2, 7)), cache)
+    ctx = DenoiserContext.from_cache(cache)
+    block = torch.randint(4, 96, (2, 8))
+    want = torch.rand(2, 8) < 0.5
+    t = torch.tensor([0.3, 0.9])
+    full = model.denoise(block, t, ctx)
+    part = model.denoise(block, t, ctx, logits_for=want)
+    torch.testing.assert_close(part[want], full[want], rtol=1e-5, atol=1e-5)
+    assert (part[~want] == 0).all()
