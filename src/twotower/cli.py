@@ -358,6 +358,8 @@ EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
 def _register_extras() -> None:
     import importlib
 
+    if EXTRA_COMMANDS:  # already done in this process
+        return
     for name in ("twotower.bench.cli", "twotower.serve.cli", "twotower.batch_cli", "twotower.eval_cli"):
         try:
             module = importlib.import_module(name)
@@ -382,4 +384,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the package module so that `CLIError` is the same class the subcommands raise
+    from twotower.cli import main as package_main
+
+    sys.exit(package_main())
