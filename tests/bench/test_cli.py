@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import twotower.cli
 from tests.conftest import tiny_config
 from twotower.backbone import NemotronHForCausalLM
 from twotower.bench.evalset import load_evalset
@@ -22,10 +21,8 @@ QUICK = ["--limit", "1", "--thresholds", "0.8", "--block-sizes", "8", "--batch-s
 
 
 @pytest.fixture(autouse=True)
-def fresh_cli(monkeypatch):
-    """Each `main` call registers the workload commands again: give every test a fresh list (and
-    restore the thread count `--threads` changes)."""
-    monkeypatch.setattr(twotower.cli, "EXTRA_COMMANDS", [])
+def keep_threads():
+    """`--threads` changes the process-wide thread count: restore it."""
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
