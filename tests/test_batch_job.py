@@ -78,11 +78,12 @@ def test_outputs_equal_each_prompt_alone_and_a_rerun_changes_nothing(tmp_path, m
         {"id": 7, "prompt": "over the lazy dog", "mode": "ar", "max_tokens": 9},
         {"id": "c", "prompt": "Line 4:", "block_size": 2, "steps_per_block": 2, "max_new_tokens": 6},
         {"id": "d", "prompt": "jumps", "temperature": 0.9, "seed": 5},
+        {"id": "s", "prompt": "over the lazy dog", "mode": "speculative", "max_tokens": 9, "draft_steps": 2},
     ]
     src, out = write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
     assert run_batch("--input", src, "--output", out, "--model", model_dir, *FAST) == 0
     got = outputs(out)
-    assert [r["id"] for r in got] == ["a", 7, "c", "d"]  # one per id, in input order
+    assert [r["id"] for r in got] == ["a", 7, "c", "d", "s"]  # one per id, in input order
     loaded = load_for_inference(str(model_dir))
     tok, model = loaded.tokenizer, loaded.model
     for line, record in zip(lines, got):
@@ -91,7 +92,7 @@ def test_outputs_equal_each_prompt_alone_and_a_rerun_changes_nothing(tmp_path, m
         common = dict(
             max_new_tokens=s["max_tokens"], eos_token_id=tok.eos_id, temperature=s["temperature"], seed=s["seed"]
         )
-        if s["mode"] == "ar":
+        if s["mode"] in ("ar", "speculative"):  # greedy speculative decoding is the AR model's
             new = model.generate_ar([ids], **common).new_tokens[0]
         else:
             diffusion = dict(block_size=s["block_size"], steps_per_block=s["steps_per_block"])
@@ -108,7 +109,8 @@ def test_outputs_equal_each_prompt_alone_and_a_rerun_changes_nothing(tmp_path, m
         12,
     )
     assert got[2]["settings"]["block_size"] == 2 and got[3]["settings"]["seed"] == 5
-    assert "4/4" in capsys.readouterr().err and not (tmp_path / "out.jsonl.errors.jsonl").read_text()
+    assert got[4]["text"] == got[1]["text"] and got[4]["settings"]["draft_steps"] == 2  # same prompt as the AR line
+    assert "5/5" in capsys.readouterr().err and not (tmp_path / "out.jsonl.errors.jsonl").read_text()
 
     before = out.read_bytes()
     assert run_batch("--input", src, "--output", out, "--model", model_dir, *FAST) == 0
@@ -116,7 +118,7 @@ def test_outputs_equal_each_prompt_alone_and_a_rerun_changes_nothing(tmp_path, m
     write_lines(src, [*lines, {"id": "e", "prompt": "a new line"}])
     assert run_batch("--input", src, "--output", out, "--model", model_dir, *FAST) == 0
     again = outputs(out)
-    assert again[:4] == got and [r["id"] for r in again] == ["a", 7, "c", "d", "e"]
+    assert again[:5] == got and [r["id"] for r in again] == ["a", 7, "c", "d", "s", "e"]
 
 
 def test_bad_lines_go_to_the_errors_file_and_the_job_continues(tmp_path, model_dir):
@@ -136,6 +138,7 @@ def test_bad_lines_go_to_the_errors_file_and_the_job_continues(tmp_path, model_d
         {"id": 8, "prompt": "x", "max_tokens": 3, "max_new_tokens": 4},
         {"id": 9, "prompt": "x", "confidence_threshold": 1.5},
         {"id": 10, "prompt": "also fine", "stop": ["zz"]},
+        {"id": 12, "prompt": "x", "mode": "speculative", "draft_steps": 0},
     ]
     src, out = write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
     with open(src, "ab") as f:
@@ -156,7 +159,8 @@ def test_bad_lines_go_to_the_errors_file_and_the_job_continues(tmp_path, model_d
         12: "duplicate id 1 (first on line 1)",
         13: "give max_tokens or max_new_tokens, not both",
         14: "confidence_threshold must be in [0, 1]",
-        16: "not valid UTF-8",
+        16: "draft_steps must be a positive integer",
+        17: "not valid UTF-8",
     }
     assert sorted(errors) == sorted(expected)
     for line, message in expected.items():
@@ -209,6 +213,8 @@ def test_cli_refuses_bad_invocations(tmp_path, model_dir):
         run_batch("--input", src, "--output", tmp_path / "o.jsonl", "--mode", "mock-ar")
     with pytest.raises(ValueError, match="block_size"):
         run_batch("--input", src, "--output", tmp_path / "o.jsonl", "--block-size", "0")
+    with pytest.raises(ValueError, match="block_size must be at least 2 for speculative"):
+        run_batch("--input", src, "--output", tmp_path / "o.jsonl", "--mode", "speculative", "--block-size", "1")
 
 
 def test_kill_9_mid_run_then_resume_gives_exactly_one_output_per_id(tmp_path, model_dir):

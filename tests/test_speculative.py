@@ -8,7 +8,8 @@ import torch
 
 from tests.conftest import randomise_special_params, tiny_config
 from twotower.backbone import NemotronHForCausalLM
-from twotower.decode.speculative import verify_greedy
+from twotower.decode.sampling import RowGenerators
+from twotower.decode.speculative import draft_canvas, verify, verify_greedy, verify_sampled
 from twotower.model import TwoTowerForCausalLM
 
 
@@ -71,6 +72,37 @@ def test_verify_greedy_accepts_the_agreeing_prefix():
     accepted, nxt = verify_greedy(draft, logits)
     assert accepted.tolist() == [4, 1, 0]
     assert nxt.tolist() == [6, 2, 1]
+
+
+def test_draft_canvas_fixes_the_pending_token_and_masks_the_rest():
+    canvas, masked = draft_canvas(torch.tensor([7, 8]), size=3, mask_id=1, device="cpu")
+    assert canvas.tolist() == [[7, 1, 1], [8, 1, 1]]
+    assert masked.tolist() == [[False, True, True]] * 2
+
+
+def test_verify_with_row_streams_draws_each_row_as_verified_alone():
+    """The engine verifies rows of different requests together: with one stream per row, each row
+    gets exactly what `verify_sampled` gives it alone with its own generator."""
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4, 5, 10, generator=g)
+    draft = torch.cat([torch.zeros(4, 1, dtype=torch.long), logits[:, :-1].argmax(-1)], 1)  # likely drafts
+    draft[1, 2] = (draft[1, 2] + 1) % 10  # and an unlikely one
+    seeds = (1, 2, 3, 4)
+    got = verify(
+        draft,
+        logits,
+        temperature=0.8,
+        top_k=6,
+        generator=RowGenerators([torch.Generator().manual_seed(s) for s in seeds]),
+    )
+    for r, seed in enumerate(seeds):
+        alone = verify_sampled(
+            draft[r : r + 1], logits[r : r + 1], temperature=0.8, top_k=6, generator=torch.Generator().manual_seed(seed)
+        )
+        assert (int(got[0][r]), int(got[1][r])) == (int(alone[0][0]), int(alone[1][0])), r
+    assert int(got[0].max()) > 0  # some drafts were accepted
+    greedy = verify(draft, logits, temperature=0, top_k=None, generator=None)
+    assert [t.tolist() for t in greedy] == [t.tolist() for t in verify_greedy(draft, logits)]
 
 
 def _exact_two_token_distribution(model, prompt, temperature):

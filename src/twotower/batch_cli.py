@@ -27,8 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="generate for every line of a JSONL file (resumable, batched, data parallel under torchrun)",
         description=(
             "Each input line is a JSON object with an `id`, a `prompt` and optional generation options "
-            "(mode, max_tokens, block_size, steps_per_block, confidence_threshold, temperature, top_k, "
-            "seed, stop) that override the command-line defaults. Each output line carries the id, the "
+            "(mode: diffusion, ar or speculative; max_tokens, block_size, steps_per_block, draft_steps "
+            "(speculative: denoiser steps per drafted block), confidence_threshold, temperature, top_k, seed, "
+            "stop) that override the command-line defaults. Each output line carries the id, the "
             "text, the finish reason, the token counts and the settings used. Re-running the same "
             "command resumes: finished ids are skipped. Rejected lines go to OUTPUT.errors.jsonl."
         ),
@@ -56,6 +57,7 @@ def default_options(args: argparse.Namespace) -> Options:
         "max_tokens": args.max_new_tokens,
         "block_size": args.block_size,
         "steps_per_block": args.steps_per_block,
+        "draft_steps": args.draft_steps,
         "confidence_threshold": args.threshold,
         "temperature": args.temperature,
         "top_k": args.top_k,
@@ -89,7 +91,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if args.max_batch_size < 1:
         raise CLIError("--max-batch-size must be at least 1")
     if args.mode not in MODES:
-        raise CLIError(f"batch decodes modes {' and '.join(MODES)} (continuous batching); {args.mode} is not one")
+        raise CLIError(f"batch decodes modes {', '.join(MODES)} (continuous batching); {args.mode} is not one")
     rank, world = dist_rank_world()
     defaults = default_options(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)

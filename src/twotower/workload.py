@@ -9,7 +9,8 @@ from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
 from .decode.diffusion import DiffusionSettings
-from .decode.engine import FINISH_EOS, FINISH_LENGTH, MODES, Request, check_seed
+from .decode.engine import FINISH_EOS, FINISH_LENGTH, MODES, Request, check_options
+from .decode.speculative import DEFAULT_DRAFT_STEPS
 
 MAX_STOP_STRINGS = 4  # as in the OpenAI API
 
@@ -25,12 +26,15 @@ class OptionError(ValueError):
 @dataclass(frozen=True)
 class Options:
     """Generation options of one request, named as in the OpenAI completions API plus the
-    diffusion extras (`mode`, `block_size`, `steps_per_block`, `confidence_threshold`, `top_k`)."""
+    diffusion extras (`mode`, `block_size`, `steps_per_block`, `confidence_threshold`, `top_k`) and
+    `draft_steps`, the denoiser steps per drafted block in speculative mode (where `block_size` is
+    the draft's length and `confidence_threshold` its commit rule)."""
 
     mode: str = "diffusion"
     max_tokens: int = 16
     block_size: int = 16
     steps_per_block: int = 16
+    draft_steps: int = DEFAULT_DRAFT_STEPS
     confidence_threshold: float = 0.9
     temperature: float = 0.0
     top_k: int | None = None
@@ -86,8 +90,7 @@ def validate_options(options: Options, *, limits: Limits = DEFAULT_LIMITS) -> No
             f"max_tokens must be between 1 and {limits.max_tokens}, got {options.max_tokens}", "max_tokens"
         )
     try:
-        options.diffusion.validate()
-        check_seed(options.seed)
+        check_options(options.mode, options.diffusion, draft_steps=options.draft_steps, seed=options.seed)
     except ValueError as err:
         raise OptionError(str(err), str(err).split(" ", 1)[0]) from None
 
@@ -101,6 +104,7 @@ def to_request(request_id: Hashable, prompt_ids: list[int], options: Options, *,
         settings=options.diffusion,
         eos_ids=(eos_id,) if eos_id is not None else (),
         seed=options.seed,
+        draft_steps=options.draft_steps,
     )
 
 
@@ -149,6 +153,7 @@ _CHECKS = {
     "max_tokens": _int,
     "block_size": _int,
     "steps_per_block": _int,
+    "draft_steps": _int,
     "confidence_threshold": _number,
     "temperature": _number,
     "top_k": _int,

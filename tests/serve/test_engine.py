@@ -3,6 +3,8 @@ budgets, EOS and seeds, produce exactly what each prompt produces decoded alone.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -33,6 +35,9 @@ def alone(model, req: Request) -> list[int]:
     common.update(eos_token_id=list(req.eos_ids) or None, seed=req.seed)
     if req.mode == "ar":
         return model.generate_ar([list(req.prompt)], **common).new_tokens[0]
+    if req.mode == "speculative":
+        spec = dict(block_size=s.block_size, draft_steps=req.draft_steps, confidence_threshold=s.confidence_threshold)
+        return model.generate_speculative([list(req.prompt)], **spec, **common).new_tokens[0]
     diffusion = dict(block_size=s.block_size, steps_per_block=s.steps_per_block)
     out = model.generate_mask_diffusion(
         [list(req.prompt)], confidence_threshold=s.confidence_threshold, **diffusion, **common
@@ -110,6 +115,60 @@ def test_mixed_modes_block_sizes_and_seeded_sampling_each_equal_alone(model):
     assert scheduler.stats.generated_tokens == sum(len(t) for t in tokens.values())
 
 
+def test_speculative_rows_joining_a_running_batch_equal_ar_alone(model, monkeypatch):
+    """Greedy speculative rows that join mid-run give generate_ar's tokens. The drafter is an oracle
+    that knows each row's AR continuation but errs at every 5th position, so rounds accept 0 to 3
+    drafts and rows of one round keep different counts (per-row rollback, EOS inside a draft)."""
+    ps = prompts(3, 9, 1, 6, 5, seed=4)
+    reqs = [
+        Request(i, p, mode="speculative", max_new_tokens=9 + 4 * i, settings=BLOCK4, draft_steps=2)
+        for i, p in enumerate(ps)
+    ]
+    eos = rare_token(model, [replace(r, mode="ar") for r in reqs])
+    reqs = [replace(r, eos_ids=(eos,)) for r in reqs]
+    free = [list(r.prompt) + alone(model, replace(r, mode="ar", eos_ids=(), max_new_tokens=40)) for r in reqs]
+    vocab = model.config.vocab_size
+
+    def oracle(block_ids, t, context, **kw):
+        logits = torch.full((*block_ids.shape, vocab), -20.0)
+        for r, n in enumerate(context.key_valid.sum(-1).tolist()):  # n: tokens of row r in the cache
+            seq = next((f for f in free if len(f) > n and f[n] == int(block_ids[r, 0])), [])
+            for j in range(block_ids.shape[1]):
+                right = seq[n + j] if n + j < len(seq) else 0
+                logits[r, j, right if (n + j) % 5 else (right + 1) % vocab] = 0.0
+        return logits
+
+    monkeypatch.setattr(model, "denoise", oracle)
+    scheduler = Scheduler(model)
+    tokens, reasons = run(scheduler, [reqs[:2], [reqs[2]], [], [reqs[3], reqs[4]]])
+    for r in reqs:
+        assert tokens[r.id] == alone(model, replace(r, mode="ar")), r.id
+    assert set(reasons.values()) == {"eos", "length"}
+    stats = scheduler.stats
+    assert 1.0 < stats.accepted_per_round < BLOCK4.block_size - 1
+    assert stats.generated_tokens == sum(len(t) for t in tokens.values())
+
+
+def test_speculative_mixed_with_diffusion_and_ar_and_seeded_sampling_each_equal_alone(model):
+    ps = prompts(4, 7, 2, 5, 6, 3, seed=11)
+    sampled = DiffusionSettings(4, 4, 0.5, temperature=1.0, top_k=30)
+    reqs = [
+        Request("spec", ps[0], mode="speculative", max_new_tokens=9, settings=BLOCK4, draft_steps=2),
+        Request("d4", ps[1], max_new_tokens=8, settings=BLOCK4),
+        Request("ar", ps[2], mode="ar", max_new_tokens=6),
+        Request("spec-sampled", ps[3], mode="speculative", max_new_tokens=10, settings=sampled, draft_steps=3, seed=5),
+        Request("spec2", ps[4], mode="speculative", max_new_tokens=7, settings=DiffusionSettings(2, 2, 0.9)),
+        Request("spec-sampled-2", ps[5], mode="speculative", max_new_tokens=8, settings=sampled, seed=8),
+    ]
+    scheduler = Scheduler(model)
+    tokens, _ = run(scheduler, [reqs[:3], [reqs[3]], [reqs[4], reqs[5]]])
+    for r in reqs:
+        assert tokens[r.id] == alone(model, r), r.id
+    for r in (reqs[0], reqs[4]):  # greedy speculative is the AR model's decoding
+        assert tokens[r.id] == alone(model, replace(r, mode="ar")), r.id
+    assert scheduler.stats.draft_rounds > 0
+
+
 def test_seeded_sampling_differs_between_seeds(model):
     p = prompts(5)[0]
     sampled = DiffusionSettings(4, 4, 0.5, temperature=1.5)
@@ -163,6 +222,10 @@ def test_zero_budget_finishes_at_once_and_bad_requests_are_refused(model):
         scheduler.submit(Request("x", (5,), settings=DiffusionSettings(steps_per_block=0)))
     with pytest.raises(ValueError, match="seed"):
         scheduler.submit(Request("x", (5,), seed=-1))
+    with pytest.raises(ValueError, match="draft_steps must be a positive integer"):
+        scheduler.submit(Request("x", (5,), mode="speculative", draft_steps=0))
+    with pytest.raises(ValueError, match="block_size must be at least 2 for speculative"):
+        scheduler.submit(Request("x", (5,), mode="speculative", settings=DiffusionSettings(block_size=1)))
     scheduler.submit(Request("dup", (5,)))
     with pytest.raises(ValueError, match="already queued"):
         scheduler.submit(Request("dup", (6,)))

@@ -43,7 +43,7 @@ def reference(loaded, prompt: str, *, max_tokens: int, mode: str = "diffusion", 
     """What the library produces for this prompt alone (greedy), as text."""
     tok, model = loaded.tokenizer, loaded.model
     ids = [tok.bos_id, *tok.encode(prompt)]
-    if mode == "ar":
+    if mode in ("ar", "speculative"):  # greedy speculative decoding is the AR model's
         out = model.generate_ar([ids], max_new_tokens=max_tokens, eos_token_id=tok.eos_id)
     else:
         out = model.generate_mask_diffusion([ids], max_new_tokens=max_tokens, eos_token_id=tok.eos_id, **opts)
@@ -64,6 +64,9 @@ def test_binds_loopback_by_default():
     serve_cli.register(parser.add_subparsers())
     args = parser.parse_args(["serve"])
     assert ServerConfig().host == "127.0.0.1" and serve_cli.server_config(args).host == "127.0.0.1"
+    args = parser.parse_args(["serve", "--mode", "speculative", "--draft-steps", "2", "--block-size", "4"])
+    defaults = serve_cli.server_config(args).defaults
+    assert (defaults.mode, defaults.draft_steps, defaults.block_size) == ("speculative", 2, 4)
 
 
 def test_completion_equals_the_library_alone(server, loaded):
@@ -78,6 +81,15 @@ def test_completion_equals_the_library_alone(server, loaded):
     ar = c.completions.create(model=loaded.name, prompt="over the", max_tokens=7, extra_body={"mode": "ar"})
     assert ar.choices[0].text == reference(loaded, "over the", max_tokens=7, mode="ar")
     assert [m.id for m in c.models.list().data] == [loaded.name]
+
+
+def test_speculative_completion_equals_the_ar_completion(server, loaded):
+    c = client(server)
+    opts = dict(model=loaded.name, prompt="over the lazy", max_tokens=11)
+    spec = c.completions.create(**opts, extra_body={**FAST, "mode": "speculative", "draft_steps": 2})
+    ar = c.completions.create(**opts, extra_body={"mode": "ar"})
+    assert spec.choices[0].text == ar.choices[0].text == reference(loaded, "over the lazy", max_tokens=11, mode="ar")
+    assert (spec.choices[0].finish_reason, spec.usage) == (ar.choices[0].finish_reason, ar.usage)
 
 
 def test_stream_sends_one_event_per_block_and_the_same_text(server, loaded):
@@ -97,7 +109,7 @@ def test_concurrent_clients_are_batched_and_each_gets_its_lone_result(server, lo
     c = client(server)
     jobs = [
         dict(prompt=f"Line {i}: the quick", max_tokens=24 + 4 * (i % 3), extra_body={**FAST, "mode": mode})
-        for i, mode in enumerate(["diffusion", "ar", "diffusion", "diffusion", "ar", "diffusion"])
+        for i, mode in enumerate(["diffusion", "ar", "diffusion", "speculative", "ar", "diffusion"])
     ]
     alone = [c.completions.create(model=loaded.name, **j).choices[0].text for j in jobs]  # one at a time
     server.app.worker.peak_active = 0
@@ -146,6 +158,8 @@ def test_stop_string_and_seeded_sampling(server, loaded):
         (b'{"prompt": 5}', 400, "prompt must be a string"),
         (b'{"prompt": "a", "mode": "mock-ar"}', 400, "mode must be one of diffusion, ar"),
         (b'{"prompt": "a", "block_size": 0}', 400, "block_size must be a positive integer"),
+        (b'{"prompt": "a", "draft_steps": 0}', 400, "draft_steps must be a positive integer"),
+        (b'{"prompt": "a", "mode": "speculative", "block_size": 1}', 400, "block_size must be at least 2"),
         (b'{"prompt": "a", "max_tokens": 100000}', 400, "max_tokens must be between 1 and 256"),
         (b'{"prompt": "a", "n": 2}', 400, "n=2 is not supported"),
         (b'{"prompt": "a", "top_p": 0.5}', 400, "top_p=0.5 is not supported"),

@@ -8,15 +8,20 @@ same number of tokens per step). Per `step()`:
      token from the logits of its last step.
   2. each row's new tokens become an `Event` (cut after EOS); finished rows leave with `select_rows`.
   3. the context tower appends the committed tokens of the remaining rows in ONE forward.
+Speculative: one step is one round of `speculative.py` for every row: each row drafts a block after
+its own `pending` token (one `denoise_block` per group of draft settings), ONE context forward
+verifies all drafts, each row keeps its pending token + its accepted drafts (`HybridCache.rollback`
+with per-row counts) and the AR token at its first disagreement becomes its next `pending`.
 `add()` prefills new prompts together (left-padded) and merges their cache rows into the running
-cache (`HybridCache.merge`, right-aligned). A row decoded here, greedy or seeded, produces exactly
-what `generate_mask_diffusion` / `generate_ar` produce for its prompt alone.
+cache (`HybridCache.merge`, right-aligned); AR and speculative rows take their first token's logits
+from that prefill. A row decoded here, greedy or seeded, produces exactly what
+`generate_mask_diffusion` / `generate_ar` / `generate_speculative` produce for its prompt alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -28,15 +33,19 @@ from .ar import check_max_new_tokens
 from .batch import cut_at_eos, left_pad
 from .diffusion import DiffusionSettings, denoise_block
 from .sampling import RowGenerators, choose_tokens, make_generator
+from .speculative import DEFAULT_DRAFT_STEPS, draft_canvas, verify
+from .twotower import ar_logits
 
-MODES = ("diffusion", "ar")
+MODES = ("diffusion", "ar", "speculative")
+BLOCK_MODES = ("diffusion", "speculative")  # modes whose engines are keyed by block size
 FINISH_EOS, FINISH_LENGTH, FINISH_CANCELLED = "eos", "length", "cancelled"
 
 
 @dataclass(frozen=True)
 class Request:
-    """One generation request over token ids. `settings.temperature` / `top_k` apply to both modes;
-    block size, steps and threshold to diffusion only."""
+    """One generation request over token ids. `settings.temperature` / `top_k` apply to every mode;
+    block size and threshold to diffusion and speculative, steps to diffusion, `draft_steps` (the
+    denoiser steps of a draft) to speculative."""
 
     id: Hashable
     prompt: tuple[int, ...]
@@ -45,21 +54,37 @@ class Request:
     settings: DiffusionSettings = DiffusionSettings()
     eos_ids: tuple[int, ...] = ()
     seed: int | None = None
+    draft_steps: int = DEFAULT_DRAFT_STEPS
 
     def validate(self) -> None:
         """Raise ValueError naming the bad option."""
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        check_options(self.mode, self.settings, draft_steps=self.draft_steps, seed=self.seed)
         if len(self.prompt) == 0:
             raise ValueError("the prompt needs at least one token (e.g. the BOS token)")
         check_max_new_tokens(self.max_new_tokens)
-        self.settings.validate()
-        check_seed(self.seed)
 
     @property
     def engine_key(self) -> tuple[str, int]:
-        """Rows that can share one engine: same mode and (diffusion) block size."""
-        return (self.mode, self.settings.block_size if self.mode == "diffusion" else 1)
+        """Rows that can share one engine: same mode and (diffusion, speculative) block size."""
+        return (self.mode, self.settings.block_size if self.mode in BLOCK_MODES else 1)
+
+    @property
+    def draft_settings(self) -> DiffusionSettings:
+        """Speculative: the denoiser's settings for one draft (`draft_steps` steps per block)."""
+        return replace(self.settings, steps_per_block=self.draft_steps)
+
+
+def check_options(mode: str, settings: DiffusionSettings, *, draft_steps: int, seed: int | None) -> None:
+    """A request's decoding options, apart from its prompt and budget: ValueError naming the first
+    bad one (its message starts with the option's name)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    settings.validate()
+    if not isinstance(draft_steps, int) or isinstance(draft_steps, bool) or draft_steps < 1:
+        raise ValueError(f"draft_steps must be a positive integer, got {draft_steps!r}")
+    if mode == "speculative" and settings.block_size < 2:  # the pending token + at least one draft
+        raise ValueError(f"block_size must be at least 2 for speculative decoding, got {settings.block_size}")
+    check_seed(seed)
 
 
 def check_seed(seed: int | None) -> None:
@@ -78,7 +103,7 @@ class Event:
     request_id: Hashable
     tokens: list[int]
     finish_reason: str | None = None
-    denoiser_steps: int = 0  # forwards this row took for its block (diffusion), 1 per token for AR
+    denoiser_steps: int = 0  # forwards this row took for its block (diffusion) or draft (speculative); AR: 1
 
     @property
     def finished(self) -> bool:
@@ -102,6 +127,14 @@ class EngineStats:
     context_forwards: int = 0
     generated_tokens: int = 0
     steps: int = 0
+    draft_rounds: int = 0  # speculative: rounds summed over rows (one per row per step)
+    accepted_drafts: int = 0  # speculative: drafted tokens the AR model accepted, summed likewise
+
+    @property
+    def accepted_per_round(self) -> float:
+        """Speculative: mean accepted drafts per row and round, in [0, block_size - 1] (each round
+        also commits the pending token), as `generate_speculative`'s `mean_accepted`."""
+        return self.accepted_drafts / max(self.draft_rounds, 1)
 
 
 class DecodeEngine:
@@ -114,10 +147,11 @@ class DecodeEngine:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.model = model
         self.mode = mode
-        self.block_size = block_size if mode == "diffusion" else 1
+        self.block_size = block_size if mode in BLOCK_MODES else 1
         self.rows: list[_Row] = []
         self.cache: HybridCache | None = None  # one row per entry of `rows`
         self.logits: torch.Tensor | None = None  # AR: (rows, V) next-token logits of each row
+        self.pending: torch.Tensor | None = None  # speculative: (rows,) each row's decided next token
         self.stats = stats if stats is not None else EngineStats()  # may be shared by several engines
 
     def __len__(self) -> int:
@@ -147,14 +181,18 @@ class DecodeEngine:
         batch = left_pad([r.prompt for r in joining], pad_id=model.config.pad_token_id, device=model.context_device)
         cache = model.empty_cache(len(joining), capacity=batch.ids.shape[1])
         mask = None if batch.all_valid else batch.mask
+        rows = [_Row(r, make_generator(r.seed, model.denoiser_device)) for r in joining]
         if self.mode == "ar":
             new_logits = ar_logits(model, batch.ids, cache, mask)
             self.logits = new_logits if self.logits is None else torch.cat([self.logits, new_logits])
+        elif self.mode == "speculative":  # the first token is the AR model's, as in generate_speculative
+            new_pending = sample_rows(ar_logits(model, batch.ids, cache, mask), rows)
+            self.pending = new_pending if self.pending is None else torch.cat([self.pending, new_pending])
         else:
             model.extend_context(batch.ids, cache, mask=mask)
         self.stats.context_forwards += 1
         self.cache = cache if self.cache is None else HybridCache.merge([self.cache, cache])
-        self.rows += [_Row(r, make_generator(r.seed, model.denoiser_device)) for r in joining]
+        self.rows += rows
         return events
 
     def cancel(self, request_ids: set[Hashable]) -> list[Event]:
@@ -167,12 +205,15 @@ class DecodeEngine:
     # ---- one step -------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> list[Event]:
-        """Decode one block (diffusion) or one token (AR) for every row; see the module docstring."""
+        """Decode one block (diffusion), one token (AR) or one round (speculative) for every row;
+        see the module docstring."""
         if not self.rows:
             return []
         self.stats.steps += 1
         if self.mode == "ar":
             return self._step_ar()
+        if self.mode == "speculative":
+            return self._step_speculative()
         return self._step_diffusion()
 
     def _step_diffusion(self) -> list[Event]:
@@ -205,28 +246,66 @@ class DecodeEngine:
 
     def _block_groups(self) -> dict[tuple[int, DiffusionSettings], list[int]]:
         """Row indices by (this block's size, settings): one `denoise_block` call per group."""
-        groups: dict[tuple[int, DiffusionSettings], list[int]] = {}
-        for i, row in enumerate(self.rows):
-            size = min(self.block_size, row.remaining)
-            groups.setdefault((size, row.request.settings), []).append(i)
-        return groups
+        return row_groups(self.rows, lambda row: (min(self.block_size, row.remaining), row.request.settings))
 
     def _step_ar(self) -> list[Event]:
         model = self.model
-        tokens = torch.empty(len(self.rows), dtype=torch.long, device=self.logits.device)
-        groups: dict[tuple[float, int | None], list[int]] = {}
-        for i, row in enumerate(self.rows):
-            groups.setdefault((row.request.settings.temperature, row.request.settings.top_k), []).append(i)
-        for (temperature, top_k), idx in groups.items():
-            gens = RowGenerators([self.rows[i].generator for i in idx])
-            index = torch.tensor(idx, device=self.logits.device)
-            tokens[index] = choose_tokens(self.logits[index], temperature=temperature, top_k=top_k, generator=gens)
+        tokens = sample_rows(self.logits, self.rows)
         events, keep = self._commit([[t] for t in tokens.tolist()], [1] * len(self.rows))
         self._keep(keep)
         if self.rows:
             kept = tokens[torch.tensor(keep, device=tokens.device)]
             self.logits = ar_logits(model, kept[:, None].to(model.context_device), self.cache, None)
             self.stats.context_forwards += 1
+        return events
+
+    def _step_speculative(self) -> list[Event]:
+        """One round of `generate_speculative` for every row (numbered as in speculative.py)."""
+        model, size, n = self.model, self.block_size, len(self.rows)
+        # 1. draft after each row's pending token: one denoise_block per group of draft settings
+        context = DenoiserContext.from_cache(self.cache).to(model.denoiser_device)
+        canvas, masked = draft_canvas(
+            self.pending, size=size, mask_id=model.mask_token_id, device=model.denoiser_device
+        )
+        row_steps = torch.zeros(n, dtype=torch.long)
+        for settings, idx in row_groups(self.rows, lambda row: row.request.draft_settings).items():
+            whole = len(idx) == n
+            index = torch.tensor(idx, device=canvas.device)
+            drafted, steps, forwards = denoise_block(
+                model,
+                context if whole else subset_context(context, idx),
+                rows=len(idx),
+                size=size,
+                settings=settings,
+                mask_id=model.mask_token_id,
+                generator=RowGenerators([self.rows[i].generator for i in idx]),
+                canvas=canvas if whole else canvas[index],
+                masked=masked if whole else masked[index],
+            )
+            self.stats.denoiser_forwards += forwards
+            canvas[index], row_steps[index.cpu()] = drafted, steps.cpu()
+        # 2. verify every row's draft in ONE causal forward (position j predicts j + 1)
+        drafted = canvas.to(model.context_device)
+        logits = model.context_lm_head(model.context_tower(drafted, cache=self.cache, rollback_point=True)).float()
+        self.stats.context_forwards += 1
+        # 3. accept per row, by its own sampling settings and random stream
+        accepted = torch.empty(n, dtype=torch.long, device=drafted.device)
+        pending = torch.empty(n, dtype=torch.long, device=drafted.device)
+        for (temperature, top_k), idx in row_groups(self.rows, sampling_key).items():
+            index = torch.tensor(idx, device=drafted.device)
+            gens = RowGenerators([self.rows[i].generator for i in idx])
+            accepted[index], pending[index] = verify(
+                drafted[index], logits[index], temperature=temperature, top_k=top_k, generator=gens
+            )
+        # 4. each row keeps its pending token + its accepted drafts
+        self.cache.rollback(accepted + 1)
+        self.pending = pending
+        self.stats.draft_rounds += n
+        self.stats.accepted_drafts += int(accepted.sum())
+        kept = (accepted + 1).tolist()
+        new = [d[:k][: row.remaining] for d, k, row in zip(drafted.tolist(), kept, self.rows, strict=True)]
+        events, keep = self._commit(new, row_steps.tolist())
+        self._keep(keep)
         return events
 
     # ---- bookkeeping ----------------------------------------------------------------------------------
@@ -248,23 +327,42 @@ class DecodeEngine:
         return events, keep
 
     def _keep(self, keep: list[bool]) -> None:
-        """Keep only the rows marked True: their cache rows, logits and state."""
+        """Keep only the rows marked True: their cache rows, logits, pending tokens and state."""
         if all(keep):
             return
         self.rows = [r for r, k in zip(self.rows, keep) if k]
         if not self.rows:
-            self.cache, self.logits = None, None
+            self.cache, self.logits, self.pending = None, None, None
             return
         index = torch.tensor(keep).nonzero()[:, 0]
         self.cache = compact(self.cache.select_rows(index.to(self.cache.valid.device)))
         if self.logits is not None:
             self.logits = self.logits[index.to(self.logits.device)]
+        if self.pending is not None:
+            self.pending = self.pending[index.to(self.pending.device)]
 
 
-def ar_logits(model, ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor | None) -> torch.Tensor:
-    """Context tower + AR head on the last position, as `generate_ar` computes it: (b, V) float32."""
-    hidden = model.context_tower(ids, cache=cache, mask=mask)[:, -1:]
-    return model.context_lm_head(hidden).float()[:, -1]
+def row_groups(rows: list[_Row], key: Callable[[_Row], Hashable]) -> dict[Hashable, list[int]]:
+    """Indices of `rows` by `key(row)`, in row order: one batched call per group."""
+    groups: dict[Hashable, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(key(row), []).append(i)
+    return groups
+
+
+def sampling_key(row: _Row) -> tuple[float, int | None]:
+    """Rows sampled alike: same temperature and top_k."""
+    return row.request.settings.temperature, row.request.settings.top_k
+
+
+def sample_rows(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    """One token per row from logits (rows, V), by each row's temperature / top_k and own stream."""
+    tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    for (temperature, top_k), idx in row_groups(rows, sampling_key).items():
+        gens = RowGenerators([rows[i].generator for i in idx])
+        index = torch.tensor(idx, device=logits.device)
+        tokens[index] = choose_tokens(logits[index], temperature=temperature, top_k=top_k, generator=gens)
+    return tokens
 
 
 def subset_context(context: DenoiserContext, rows: list[int]) -> DenoiserContext:

@@ -16,6 +16,7 @@ One round, per row (batched, every row on its own):
   4. the cache is rolled back to the pending token + the accepted drafts (attention holes, Mamba
      states restored from the per-position states of step 2: nothing is re-run).
 Each round commits accepted + 1 tokens for one denoiser draft and one context forward.
+The continuous-batching engine (`engine.py`) runs the same round with `draft_canvas` and `verify`.
 """
 
 from __future__ import annotations
@@ -29,12 +30,39 @@ from ..model import DenoiserContext
 from .ar import check_max_new_tokens
 from .batch import GenerationOutput, cut_at_eos, left_pad, normalise_eos
 from .diffusion import DiffusionSettings, denoise_block
-from .sampling import apply_top_k, choose_tokens, make_generator
+from .sampling import RowGenerators, apply_top_k, choose_tokens, make_generator
+from .twotower import ar_logits
+
+DEFAULT_DRAFT_STEPS = 4  # denoiser steps per drafted block
 
 
 def ar_probs(logits: torch.Tensor, *, temperature: float, top_k: int | None) -> torch.Tensor:
     """The AR target distribution: softmax(top_k(logits) / temperature)."""
     return torch.softmax(apply_top_k(logits.float(), top_k) / temperature, dim=-1)
+
+
+def draft_canvas(pending: torch.Tensor, *, size: int, mask_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1's block: pending (b,) at position 0, masks at the other size-1. Returns the canvas
+    (b, size) long and `masked` (b, size) bool, True where the denoiser drafts."""
+    canvas = torch.full((len(pending), size), mask_id, dtype=torch.long, device=device)
+    canvas[:, 0] = pending.to(device)
+    masked = torch.ones_like(canvas, dtype=torch.bool)
+    masked[:, 0] = False
+    return canvas, masked
+
+
+def verify(
+    draft: torch.Tensor,
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | RowGenerators | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3: `verify_greedy` at temperature 0, else `verify_sampled`."""
+    if temperature == 0:
+        return verify_greedy(draft, logits)
+    return verify_sampled(draft, logits, temperature=temperature, top_k=top_k, generator=generator)
 
 
 def verify_greedy(draft: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,13 +81,17 @@ def verify_sampled(
     *,
     temperature: float,
     top_k: int | None,
-    generator: torch.Generator | None,
+    generator: torch.Generator | RowGenerators | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sampled twin of `verify_greedy` (rule in the module docstring)."""
+    """The sampled twin of `verify_greedy` (rule in the module docstring). A `RowGenerators` draws
+    each row from its own stream, exactly what that row draws verified alone."""
     b, S, V = logits.shape
     p = ar_probs(logits, temperature=temperature, top_k=top_k)  # (b, S, V)
     p_draft = p[:, :-1].gather(-1, draft[:, 1:, None])[..., 0]  # (b, S-1)
-    u = torch.rand(p_draft.shape, generator=generator, device="cpu").to(p_draft.device)
+    if isinstance(generator, RowGenerators):
+        u = generator.uniform(p_draft.shape, p_draft.device)
+    else:
+        u = torch.rand(p_draft.shape, generator=generator, device="cpu").to(p_draft.device)
     accept = (u < p_draft).long()
     accepted = accept.cumprod(-1).sum(-1)
     rows = torch.arange(b, device=draft.device)
@@ -80,7 +112,7 @@ def generate_speculative(
     *,
     max_new_tokens: int = 128,
     block_size: int = 16,
-    draft_steps: int = 4,
+    draft_steps: int = DEFAULT_DRAFT_STEPS,
     confidence_threshold: float = 0.9,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -106,7 +138,7 @@ def generate_speculative(
 
     t0 = time.perf_counter()
     cache = model.empty_cache(b, capacity=batch.ids.shape[1] + max_new_tokens + 2 * block_size)
-    first = model.context_forward(batch.ids, cache=cache, mask=None if batch.all_valid else batch.mask)[:, -1]
+    first = ar_logits(model, batch.ids, cache, None if batch.all_valid else batch.mask)
     pending = choose_tokens(first, temperature=temperature, top_k=top_k, generator=gen)
     outputs: list[list[int]] = [[] for _ in range(b)]
     active = torch.arange(b)
@@ -114,10 +146,7 @@ def generate_speculative(
     nfe, context_forwards = 0, 1
     while len(active):
         # 1. draft: pending token fixed at position 0, the rest masked
-        canvas = torch.full((len(active), block_size), mask_id, dtype=torch.long, device=den_device)
-        canvas[:, 0] = pending.to(den_device)
-        masked = torch.ones_like(canvas, dtype=torch.bool)
-        masked[:, 0] = False
+        canvas, masked = draft_canvas(pending, size=block_size, mask_id=mask_id, device=den_device)
         context = DenoiserContext.from_cache(cache).to(den_device)
         drafted, _, forwards = denoise_block(
             model, context, rows=len(active), size=block_size, settings=draft, mask_id=mask_id,
@@ -130,10 +159,7 @@ def generate_speculative(
         logits = model.context_lm_head(hidden).float()
         context_forwards += 1
         # 3. accept
-        if temperature == 0:
-            accepted, pending = verify_greedy(drafted, logits)
-        else:
-            accepted, pending = verify_sampled(drafted, logits, temperature=temperature, top_k=top_k, generator=gen)
+        accepted, pending = verify(drafted, logits, temperature=temperature, top_k=top_k, generator=gen)
         # 4. roll back to pending + accepted drafts
         cache.rollback(accepted + 1)
         keep_rows = []

@@ -16,12 +16,18 @@ def prompt_shape(input_ids) -> tuple[int, int]:
     return len(input_ids), max((len(p) for p in input_ids), default=0)
 
 
+def ar_logits(model, ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor | None) -> torch.Tensor:
+    """Append ids (b, L) to the cache; the AR head on the last position only: (b, V) float32.
+    The one next-token step of AR decoding (here, the engine and speculative prefill)."""
+    hidden = model.context_tower(ids, cache=cache, mask=mask)[:, -1:]
+    return model.context_lm_head(hidden).float()[:, -1]
+
+
 def generate_ar(model, input_ids, *, max_new_tokens: int = 128, **options) -> GenerationOutput:
     """Ordinary cached decoding with the context tower: exactly the frozen backbone."""
 
     def step(ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor | None) -> torch.Tensor:
-        hidden = model.context_tower(ids, cache=cache, mask=mask)[:, -1:]
-        return model.context_lm_head(hidden).float()[:, -1]
+        return ar_logits(model, ids, cache, mask)
 
     b, width = prompt_shape(input_ids)
     cache = model.empty_cache(b, capacity=width + max_new_tokens)
@@ -36,4 +42,4 @@ def generate_ar(model, input_ids, *, max_new_tokens: int = 128, **options) -> Ge
     )
 
 
-__all__ = ["generate_ar", "left_pad", "prompt_shape"]
+__all__ = ["ar_logits", "generate_ar", "left_pad", "prompt_shape"]

@@ -2,8 +2,9 @@
 response and stream-chunk bodies. No sockets here.
 
 Accepted: `model`, `prompt` (a string, a one-string list, or token ids), `max_tokens`, `temperature`,
-`seed`, `stop`, `stream`, `stream_options.include_usage`, and the extras `mode`, `block_size`,
-`steps_per_block`, `confidence_threshold`, `top_k`. Accepted only at their neutral value (anything
+`seed`, `stop`, `stream`, `stream_options.include_usage`, and the extras `mode` ("diffusion", "ar" or
+"speculative"), `block_size`, `steps_per_block`, `draft_steps` (speculative: denoiser steps per
+drafted block, default 4), `confidence_threshold`, `top_k`. Accepted only at their neutral value (anything
 else is a 400 naming the field): `n`=1, `best_of`=1, `echo`=false, `logprobs`=null, `suffix`=null,
 `top_p`=1, `presence_penalty`=0, `frequency_penalty`=0, `logit_bias`={}. `user` is ignored. Any
 other field is a 400, so a misspelt option never passes silently.

@@ -8,6 +8,7 @@ import os
 import sys
 
 from ..cli import CLIError, add_model_option
+from ..decode.engine import MODES
 from ..workload import Limits, OptionError, Options, parse_options
 
 API_KEY_ENV = "TWOTOWER_API_KEY"
@@ -19,8 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="serve an OpenAI-compatible completions API (batched, streaming)",
         description=(
             "POST /v1/completions (stream or not), GET /v1/models, GET /health. Concurrent requests are "
-            "decoded together; diffusion settings go in the body as mode, block_size, steps_per_block, "
-            "confidence_threshold (and top_k). The options below set the defaults of a request."
+            "decoded together; decoding settings go in the body as mode (diffusion, ar, speculative), "
+            "block_size, steps_per_block, draft_steps (speculative), confidence_threshold (and top_k). "
+            "The options below set the defaults of a request."
         ),
     )
     add_model_option(p)
@@ -39,10 +41,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-prompt-tokens", type=int, default=2048, help="longer prompts get a 400 (default: 2048)")
     g.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted (default: 1024)")
     g = p.add_argument_group("request defaults")
-    g.add_argument("--mode", choices=("diffusion", "ar"), default="diffusion")
+    g.add_argument("--mode", choices=MODES, default="diffusion")
     g.add_argument("--max-tokens", type=int, default=16, help="when a request gives none (default: 16, as OpenAI)")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--steps-per-block", type=int, default=16)
+    g.add_argument(
+        "--draft-steps",
+        type=int,
+        default=Options.draft_steps,
+        help=f"speculative: denoiser steps per drafted block (default: {Options.draft_steps})",
+    )
     g.add_argument("--threshold", type=float, default=0.9, help="confidence threshold gamma (default: 0.9)")
     p.add_argument("--log-requests", action="store_true", help="log one line per HTTP request to stderr")
     p.set_defaults(func=cmd_serve)
@@ -64,6 +72,7 @@ def server_config(args: argparse.Namespace):
         max_tokens=args.max_tokens,
         block_size=args.block_size,
         steps_per_block=args.steps_per_block,
+        draft_steps=args.draft_steps,
         confidence_threshold=args.threshold,
     )
     try:
