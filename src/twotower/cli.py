@@ -55,6 +55,8 @@ def generation_kwargs(args: argparse.Namespace, eos_id: int | None) -> dict:
     )
     if args.mode == "diffusion":
         kw.update(block_size=args.block_size, steps_per_block=args.steps_per_block, confidence_threshold=args.threshold)
+    elif args.mode == "speculative":
+        kw.update(block_size=args.block_size, draft_steps=args.draft_steps, confidence_threshold=args.threshold)
     return kw
 
 
