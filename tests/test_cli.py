@@ -1,0 +1,82 @@
+"""`twotower generate` / `score` end to end on a model directory written to disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.serve.models import save_model_dir
+from twotower.cli import main
+from twotower.loading import load_for_inference
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_model_dir(tmp_path_factory.mktemp("model"))
+
+
+def _json_run(capsys, *argv):
+    assert main(list(argv)) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "ar", "mock-ar", "speculative"])
+def test_generate_json_matches_the_library(model_dir, capsys, mode):
+    out = _json_run(capsys, "generate", "the quick", "--model", str(model_dir), "--mode", mode,
+                    "--max-new-tokens", "12", "--json", "--block-size", "4")  # fmt: skip
+    loaded = load_for_inference(str(model_dir))
+    tok = loaded.tokenizer
+    ids = [tok.bos_id, *tok.encode("the quick")]
+    fn = {"diffusion": loaded.model.generate_mask_diffusion, "ar": loaded.model.generate_ar,
+          "mock-ar": loaded.model.generate_mock_ar, "speculative": loaded.model.generate_speculative}[mode]  # fmt: skip
+    extra = {"block_size": 4} if mode in ("diffusion", "speculative") else {}
+    ref = fn([ids], max_new_tokens=12, eos_token_id=tok.eos_id, seed=0, **extra)
+    assert out["completion"] == tok.decode([t for t in ref.new_tokens[0] if t != tok.eos_id])
+    assert out["tokens"] == len(ref.new_tokens[0]) and out["mode"] == mode and out["nfe"] >= 1
+
+
+def test_speculative_cli_equals_ar(model_dir, capsys):
+    ar = _json_run(capsys, "generate", "Line 3", "--model", str(model_dir), "--mode", "ar", "--json")
+    spec = _json_run(capsys, "generate", "Line 3", "--model", str(model_dir), "--mode", "speculative",
+                     "--draft-steps", "2", "--block-size", "6", "--json")  # fmt: skip
+    assert spec["completion"] == ar["completion"]
+
+
+def test_show_steps_renders_the_unmasking(model_dir, capsys):
+    assert main(["generate", "fox", "--model", str(model_dir), "--max-new-tokens", "8", "--block-size", "4",
+                 "--show-steps", "--threshold", "1.0"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("block")]
+    assert len(lines) == 8  # threshold 1.0: one token per step, 2 blocks of 4
+    assert lines[0].count("░") == 3 and "░" not in lines[3]
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["generate", "x", "--model", "/definitely/missing"], "does not exist"),
+        (["generate", "x", "--block-size", "0"], "block_size"),
+        (["generate", "x", "--mode", "ar", "--show-steps"], "show-steps"),
+        (["generate", "x", "--threshold", "2"], "confidence_threshold"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(model_dir, capsys, argv, msg):
+    if "--model" not in argv:
+        argv = [*argv, "--model", str(model_dir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and msg in err[0]
+
+
+def test_score_jsonl(model_dir, tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "text": "the lazy dog"}\nnot json\n{"ids": [1, 5, 6]}\n')
+    out = tmp_path / "out.jsonl"
+    assert main(["score", str(src), "--output", str(out), "--model", str(model_dir)]) == 1  # one bad line
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r.get("id") for r in rows] == ["a", None]
+    loaded = load_for_inference(str(model_dir))
+    ids = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode("the lazy dog")]
+    assert rows[0]["logprobs"] == pytest.approx(loaded.model.score([ids])[0], abs=1e-6)
+    assert "line 2" in capsys.readouterr().err
