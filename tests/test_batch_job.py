@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from twotower import batch_cli
 from twotower.batch_job import (
@@ -35,14 +34,6 @@ from .serve.models import save_model_dir
 
 FAST = ["--block-size", "4", "--steps-per-block", "4", "--threshold", "0.5", "--max-new-tokens", "12"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,15 +17,6 @@ from twotower.model import DenoiserContext, TwoTowerForCausalLM
 MASK = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention (25x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_prompts(lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(4, 96, (n,), generator=g).tolist() for n in lengths]

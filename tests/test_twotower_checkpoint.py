@@ -19,15 +19,6 @@ PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20]]
 GEN = dict(max_new_tokens=8, block_size=4, steps_per_block=4, confidence_threshold=0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention (25x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def make_model(seed: int = 0) -> TwoTowerForCausalLM:
     """from_backbone, then a denoiser that differs from the context tower and non-trivial adaLN, so a

@@ -20,15 +20,6 @@ from twotower.model import DenoiserContext, TwoTowerForCausalLM
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20], [30, 31, 32, 33, 34]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention (25x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_backbone(pattern: str = "M*E-", seed: int = 0) -> NemotronHForCausalLM:
     torch.manual_seed(seed)
     model = NemotronHForCausalLM(tiny_config(pattern)).eval()

@@ -5,7 +5,6 @@ ratios, the speculative and transformers rows."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.bench.conftest import EOS, SMALL_BATCH, make_tiny_twotower
 from twotower.bench.evalset import CATEGORIES
@@ -18,14 +17,6 @@ from twotower.bench.runner import (
     settings_grid,
 )
 from twotower.decode.batch import GenerationOutput
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def count_from_sequences(out, width: int) -> list[int]:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from twotower.tokenizer import train_tokenizer
 from twotower.train.data import (
     SPLITS,
     PackedTokens,
@@ -16,7 +17,6 @@ from twotower.train.data import (
     pack_tokens,
     token_dtype,
 )
-from twotower.tokenizer import train_tokenizer
 
 DOCS = [f"Document number {i}: {'alpha beta gamma ' * (i % 5 + 1)}\n    indented code {i}\n" for i in range(60)]
 HOLDOUT_PERCENT = 30.0
