@@ -25,3 +25,20 @@ def test_logits_for_masked_positions_equal_full_logits():
     part = model.denoise(block, t, ctx, logits_for=want)
     torch.testing.assert_close(part[want], full[want], rtol=1e-5, atol=1e-5)
     assert (part[~want] == 0).all()
+
+
+def test_rows_stop_once_their_eos_prefix_is_complete():
+    """Stopping a row at its completed EOS prefix changes only the NFE, never the output."""
+    from tests.serve.models import make_two_tower
+
+    model = make_two_tower(seed=3)
+    prompts = [[5, 6, 7], [9, 10, 11, 12, 13], [20]]
+    free = model.generate_mask_diffusion(prompts, max_new_tokens=24, block_size=8, confidence_threshold=0.7)
+    eos = free.new_tokens[0][2]  # row 0 produces this token early in its first block
+    with_eos = model.generate_mask_diffusion(
+        prompts, max_new_tokens=24, block_size=8, confidence_threshold=0.7, eos_token_id=eos
+    )
+    for full, cut in zip(free.new_tokens, with_eos.new_tokens, strict=True):
+        expected = full[: full.index(eos) + 1] if eos in full else full
+        assert cut == expected
+    assert sum(with_eos.stats["denoiser_steps_per_row"]) < sum(free.stats["denoiser_steps_per_row"])

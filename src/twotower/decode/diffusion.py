@@ -66,6 +66,17 @@ def select_commits(confidence: torch.Tensor, masked: torch.Tensor, counts: torch
     return masked & (rank < counts[:, None])
 
 
+def rows_needing_tokens(canvas: torch.Tensor, masked: torch.Tensor, eos_ids: torch.Tensor | None) -> torch.Tensor:
+    """(b,) bool: the row still has a masked position before its first committed EOS (if any)."""
+    if eos_ids is None or eos_ids.numel() == 0:
+        return masked.any(-1)
+    size = canvas.shape[1]
+    pos = torch.arange(size, device=canvas.device)
+    is_eos = torch.isin(canvas, eos_ids.to(canvas.device)) & ~masked
+    first_eos = torch.where(is_eos, pos, size).min(-1).values
+    return (masked & (pos[None] < first_eos[:, None])).any(-1)
+
+
 @torch.no_grad()
 def denoise_block(
     model,
@@ -79,10 +90,15 @@ def denoise_block(
     on_step: Callable[[dict], None] | None = None,
     canvas: torch.Tensor | None = None,
     masked: torch.Tensor | None = None,
+    eos_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Fill one block of `size` positions for `rows` rows. Returns (canvas (rows, size), per-row
     denoiser steps (rows,), number of batched forwards). A partly known block can be given as
-    `canvas` with `masked` (bool, True where still to fill); t stays the masked fraction."""
+    `canvas` with `masked` (bool, True where still to fill); t stays the masked fraction.
+
+    With `eos_ids`, a row stops as soon as it has committed an EOS and every position before it:
+    what follows its EOS is never output, so those positions stay masked (its output is exactly
+    what running all steps would give, since committed tokens never change)."""
     device = model.denoiser_device
     if canvas is None:
         canvas = torch.full((rows, size), mask_id, dtype=torch.long, device=device)
@@ -91,10 +107,10 @@ def denoise_block(
     forwards = 0
     for k in range(settings.steps_per_block):
         n_masked = masked.sum(-1)
-        live = n_masked > 0
+        live = rows_needing_tokens(canvas, masked, eos_ids)
         if not bool(live.any()):
             break
-        logits = model.denoise(canvas, n_masked.float() / size, context, logits_for=masked)
+        logits = model.denoise(canvas, n_masked.float() / size, context, logits_for=masked & live[:, None])
         forwards += 1
         logits[..., mask_id] = float("-inf")
         # per-row streams: a row with nothing left to fill draws nothing, exactly as when decoded alone
@@ -103,6 +119,7 @@ def denoise_block(
         confidence = torch.softmax(logits, dim=-1).gather(-1, pred[..., None])[..., 0]
         n_confident = (masked & (confidence > settings.confidence_threshold)).sum(-1)
         commit = select_commits(confidence, masked, commit_counts(n_masked, n_confident, k, settings.steps_per_block))
+        commit &= live[:, None]
         canvas = torch.where(commit, pred, canvas)
         masked = masked & ~commit
         row_steps += live.long()
@@ -179,6 +196,7 @@ def generate_mask_diffusion(
             mask_id=mask_id,
             generator=gen,
             on_step=on_step,
+            eos_ids=eos_t if eos else None,
         )
         nfe += forwards
         canvas_cpu, row_steps = canvas.cpu(), row_steps.cpu()

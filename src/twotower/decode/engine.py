@@ -223,6 +223,8 @@ class DecodeEngine:
         row_steps = [0] * len(self.rows)
         for (size, settings), idx in self._block_groups().items():
             sub = context if len(idx) == len(self.rows) else subset_context(context, idx)
+            eos_sets = {self.rows[i].request.eos_ids for i in idx}
+            shared_eos = next(iter(eos_sets)) if len(eos_sets) == 1 else ()
             canvas, steps, forwards = denoise_block(
                 model,
                 sub,
@@ -231,6 +233,7 @@ class DecodeEngine:
                 settings=settings,
                 mask_id=model.mask_token_id,
                 generator=RowGenerators([self.rows[i].generator for i in idx]),
+                eos_ids=torch.tensor(shared_eos, dtype=torch.long) if shared_eos else None,
             )
             self.stats.denoiser_forwards += forwards
             canvas, steps = canvas.cpu(), steps.tolist()  # one transfer per group
