@@ -128,6 +128,11 @@ def denoise_block(
     return canvas, row_steps, forwards
 
 
+def _block_reporter(step_callback: Callable[[dict], None], **where) -> Callable[[dict], None]:
+    """Adds the block's index, start position and original row ids to every step event."""
+    return lambda event: step_callback({**event, **where})
+
+
 @torch.no_grad()
 def generate_mask_diffusion(
     model,
@@ -183,9 +188,7 @@ def generate_mask_diffusion(
         context = DenoiserContext.from_cache(cache).to(model.denoiser_device)
         on_step = None
         if step_callback is not None:
-
-            def on_step(event, _rows=active.clone(), _block=block_index, _pos=pos):
-                step_callback({**event, "block": _block, "position": _pos, "rows": _rows})
+            on_step = _block_reporter(step_callback, rows=active.clone(), block=block_index, position=pos)
 
         canvas, row_steps, forwards = denoise_block(
             model,
