@@ -58,3 +58,17 @@ def test_few_token_path_equals_reference():
         x = torch.randn(n, 48)
         idx, w = moe.gate(x)
         torch.testing.assert_close(moe.experts(x, idx, w), experts_reference(moe.experts, x, idx, w))
+
+
+def test_fused_norms_equal_the_plain_formula():
+    from twotower.layers.norm import GatedRMSNorm, RMSNorm, rms_norm_reference
+
+    x, z = torch.randn(3, 5, 48), torch.randn(3, 5, 48)
+    norm = RMSNorm(48, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    torch.testing.assert_close(norm(x), rms_norm_reference(x, norm.weight, 1e-5))
+    gated = GatedRMSNorm(48, group_size=12, eps=1e-5)
+    torch.nn.init.normal_(gated.weight)
+    h = (x * torch.nn.functional.silu(z)).unflatten(-1, (4, 12))
+    want = gated.weight * rms_norm_reference(h, None, 1e-5).flatten(-2)
+    torch.testing.assert_close(gated(x, z), want)

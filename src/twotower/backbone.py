@@ -107,7 +107,7 @@ class NemotronHModel(nn.Module):
                     u, cache.mamba(i) if cache is not None else None, mask=mamba_mask, history=record
                 )
                 if cache is not None:
-                    cache.set_mamba(i, state)
+                    cache.layers[i] = state  # fresh tensors each step: no copy into the old ones
             elif layer.kind == "full_attention":
                 q, k, v = layer.mixer.qkv(u)
                 if cache is not None:

@@ -114,6 +114,8 @@ class Mamba2Mixer(nn.Module):
 
     def _dt(self, dt: torch.Tensor) -> torch.Tensor:
         dt = F.softplus(dt.float() + self.dt_bias.float())
+        if self.dt_limit == (0.0, float("inf")):  # the released limit: softplus is already > 0
+            return dt
         return dt.clamp(min=self.dt_limit[0], max=self.dt_limit[1])
 
     # ---- forward --------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Experts are stored fused, `experts.up_proj` (E, I, H) and `experts.down_proj` (E
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import NemotronHConfig
@@ -32,7 +33,7 @@ class TopkRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, H) -> (expert ids (N, k) int64, weights (N, k) in x's dtype)."""
-        scores = torch.sigmoid(x.double() @ self.weight.double().t())  # (N, E)
+        scores = torch.sigmoid(F.linear(x.double(), self.weight.double()))  # (N, E), float64 (SPEC pitfall 4)
         choice = scores + self.e_score_correction_bias.double()
         if self.n_group > 1:
             choice = self._limit_to_groups(choice)
@@ -88,9 +89,10 @@ class Experts(nn.Module):
         expert) pair directly; sorting and scattering would cost more than the two GEMVs."""
         rows = []
         for t, experts in enumerate(idx.tolist()):  # the single host sync
+            xt = x[t]
             acc = 0
             for j, e in enumerate(experts):
-                acc = acc + weights[t, j] * (relu2(x[t] @ self.up_proj[e].t()) @ self.down_proj[e].t())
+                acc = acc + weights[t, j] * F.linear(relu2(F.linear(xt, self.up_proj[e])), self.down_proj[e])
             rows.append(acc)
         return torch.stack(rows)
 
