@@ -68,3 +68,27 @@ def tiny_model():
     model = NemotronHForCausalLM(tiny_config()).eval()
     randomise_special_params(model)
     return model
+
+
+@torch.no_grad()
+def perturbed_twotower(*, vocab_size: int = 96, seed: int = 0, sharpness: float = 20.0):
+    """from_backbone, then a denoiser that differs from the context tower, a sharpened denoiser head
+    (confidences spread over [0, 1], so thresholds matter) and non-trivial adaLN tables and t_block."""
+    from twotower.backbone import NemotronHForCausalLM
+    from twotower.model import TwoTowerForCausalLM
+
+    torch.manual_seed(seed)
+    backbone = NemotronHForCausalLM(tiny_config("M*E-", vocab_size=vocab_size)).eval()
+    randomise_special_params(backbone, seed=seed)
+    model = TwoTowerForCausalLM.from_backbone(backbone).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    for p in model.denoiser_tower.parameters():
+        if p.numel() > 1:
+            p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
+    model.lm_head.weight.mul_(sharpness)
+    for p in [*model.t_embedder.parameters(), *model.t_block.parameters()]:
+        p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    for table in model.scale_shift_tables:
+        table.copy_(0.2 * torch.randn(table.shape, generator=g))
+        table[2].add_(1.0)
+    return model

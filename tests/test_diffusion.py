@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import randomise_special_params, tiny_config
-from twotower.backbone import NemotronHForCausalLM
+from tests.conftest import perturbed_twotower
 from twotower.decode.batch import cut_at_eos
 from twotower.decode.diffusion import commit_counts, select_commits
 from twotower.model import DenoiserContext, TwoTowerForCausalLM
@@ -22,24 +21,8 @@ def random_prompts(lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
     return [torch.randint(4, 96, (n,), generator=g).tolist() for n in lengths]
 
 
-@torch.no_grad()
 def make_model(seed: int = 0, *, sharpness: float = 20.0) -> TwoTowerForCausalLM:
-    """from_backbone, then a denoiser that differs from the context tower, with non-trivial adaLN."""
-    torch.manual_seed(seed)
-    backbone = NemotronHForCausalLM(tiny_config("M*E-")).eval()
-    randomise_special_params(backbone, seed=seed)
-    model = TwoTowerForCausalLM.from_backbone(backbone).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    for p in model.denoiser_tower.parameters():
-        if p.numel() > 1:
-            p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
-    model.lm_head.weight.mul_(sharpness)  # confidences spread over [0, 1]
-    for p in [*model.t_embedder.parameters(), *model.t_block.parameters()]:
-        p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    for table in model.scale_shift_tables:
-        table.copy_(0.2 * torch.randn(table.shape, generator=g))
-        table[2].add_(1.0)
-    return model
+    return perturbed_twotower(seed=seed, sharpness=sharpness)
 
 
 @pytest.fixture(scope="module")
