@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..model import DenoiserContext
-from .ar import decode_ar
-from .twotower import prompt_shape
+from .twotower import decode_one_token_per_step
 
 
 def generate_mock_ar(model, input_ids, *, max_new_tokens: int = 128, **options):
@@ -28,14 +27,4 @@ def generate_mock_ar(model, input_ids, *, max_new_tokens: int = 128, **options):
         context = DenoiserContext.from_cache(cache).to(model.denoiser_device)
         return model.denoise(last.to(model.denoiser_device), None, context)[:, -1].to(ids.device)
 
-    b, width = prompt_shape(input_ids)
-    cache = model.empty_cache(b, capacity=width + max_new_tokens)
-    return decode_ar(
-        step,
-        cache,
-        input_ids,
-        device=model.context_device,
-        pad_id=model.config.pad_token_id,
-        max_new_tokens=max_new_tokens,
-        **options,
-    )
+    return decode_one_token_per_step(model, step, input_ids, max_new_tokens=max_new_tokens, **options)

@@ -23,12 +23,9 @@ def ar_logits(model, ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor |
     return model.context_lm_head(hidden).float()[:, -1]
 
 
-def generate_ar(model, input_ids, *, max_new_tokens: int = 128, **options) -> GenerationOutput:
-    """Ordinary cached decoding with the context tower: exactly the frozen backbone."""
-
-    def step(ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor | None) -> torch.Tensor:
-        return ar_logits(model, ids, cache, mask)
-
+def decode_one_token_per_step(model, step, input_ids, *, max_new_tokens: int, **options) -> GenerationOutput:
+    """`decode_ar` with a step function over a fresh context cache sized for the whole generation
+    (shared by AR and mock-AR mode)."""
     b, width = prompt_shape(input_ids)
     cache = model.empty_cache(b, capacity=width + max_new_tokens)
     return decode_ar(
@@ -42,4 +39,13 @@ def generate_ar(model, input_ids, *, max_new_tokens: int = 128, **options) -> Ge
     )
 
 
-__all__ = ["ar_logits", "generate_ar", "left_pad", "prompt_shape"]
+def generate_ar(model, input_ids, *, max_new_tokens: int = 128, **options) -> GenerationOutput:
+    """Ordinary cached decoding with the context tower: exactly the frozen backbone."""
+
+    def step(ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor | None) -> torch.Tensor:
+        return ar_logits(model, ids, cache, mask)
+
+    return decode_one_token_per_step(model, step, input_ids, max_new_tokens=max_new_tokens, **options)
+
+
+__all__ = ["ar_logits", "decode_one_token_per_step", "generate_ar", "left_pad", "prompt_shape"]
