@@ -42,3 +42,22 @@ def test_rows_stop_once_their_eos_prefix_is_complete():
         expected = full[: full.index(eos) + 1] if eos in full else full
         assert cut == expected
     assert sum(with_eos.stats["denoiser_steps_per_row"]) < sum(free.stats["denoiser_steps_per_row"])
+
+
+@torch.no_grad()
+def test_reused_context_buffers_equal_fresh_concatenation():
+    """Denoiser steps on one context reuse [past ; block] K/V buffers: every step must equal a step on
+    a fresh context (plain concatenation)."""
+    from tests.conftest import perturbed_twotower
+
+    model = perturbed_twotower(seed=2)
+    cache = model.empty_cache(2, capacity=16)
+    model.extend_context(torch.randint(4, 96, (2, 9)), cache)
+    shared = DenoiserContext.from_cache(cache)
+    for step in range(3):
+        block = torch.randint(4, 96, (2, 8), generator=torch.Generator().manual_seed(step))
+        t = torch.tensor([0.2 * step + 0.1, 0.9])
+        got = model.denoise(block, t, shared)
+        want = model.denoise(block, t, DenoiserContext.from_cache(cache))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert shared._joined  # the buffers were really reused

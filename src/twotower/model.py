@@ -8,7 +8,7 @@ Module names match the released checkpoint: `context_tower`, `context_lm_head`, 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +33,25 @@ class DenoiserContext:
     kv: list[tuple[torch.Tensor, torch.Tensor] | None]
     key_valid: torch.Tensor
     mamba: list[MambaState | None]
+    # per attention layer, [past ; block] K/V buffers reused by every denoiser step of a block
+    _joined: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[past K/V of `layer` ; the block's k/v] along positions. While decoding (no autograd) the
+        past is copied once per context and later steps only overwrite the block's slots; with
+        autograd (training) it is a plain concatenation."""
+        past_k, past_v = self.kv[layer]
+        joined = self._joined.get(layer)
+        fits = joined is not None and joined[0].shape[2] == past_k.shape[2] + k.shape[2]
+        if torch.is_grad_enabled() or not fits or joined[0].shape[0] != k.shape[0] or joined[0].dtype != k.dtype:
+            joined = (torch.cat([past_k, k], 2), torch.cat([past_v, v], 2))
+            if not torch.is_grad_enabled():
+                self._joined[layer] = joined
+            return joined
+        T = past_k.shape[2]
+        joined[0][:, :, T:] = k
+        joined[1][:, :, T:] = v
+        return joined
 
     @classmethod
     def from_cache(cls, cache: HybridCache) -> DenoiserContext:
@@ -178,8 +197,7 @@ class TwoTowerForCausalLM(nn.Module):
                 y, _ = layer.mixer(u, context.mamba[i])  # final state discarded: every step restarts from the seed
             elif layer.kind == "full_attention":
                 q, k, v = layer.mixer.qkv(u)
-                past_k, past_v = context.kv[i]
-                y = layer.mixer.attend(q, torch.cat([past_k, k], 2), torch.cat([past_v, v], 2), attn_mask)
+                y = layer.mixer.attend(q, *context.keys_values(i, k, v), attn_mask)
             else:
                 y = layer.mixer(u)
             h = h + (y if cond is None else gate * y)
