@@ -34,7 +34,8 @@ import torch
 from twotower.backbone import NemotronHForCausalLM
 from twotower.config import PATTERN_TO_TYPE, PRESETS, NemotronHConfig, preset
 
-IMPLS = ("ours", "transformers")
+IMPLS = ("ours-compiled", "ours", "transformers")
+DECODE_STEP = {"ours": "eager", "ours-compiled": "compiled"}  # `decode_step` of our generate
 
 
 def small_config() -> NemotronHConfig:
@@ -99,15 +100,15 @@ def build_models(config: NemotronHConfig, *, seed: int) -> tuple[torch.nn.Module
 # ---- the operations we time -----------------------------------------------------------------------
 def prefill(impl: str, model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """One plain causal forward over the prompt (no cache): logits (1, L, V)."""
-    if impl == "ours":
+    if impl in DECODE_STEP:  # prefill is the same eager forward for both of ours
         return model(ids).logits
     return model(ids, use_cache=False).logits
 
 
 def generate(impl: str, model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     """Greedy, no EOS stop: (1, L + new_tokens) ids."""
-    if impl == "ours":
-        return model.generate(ids, max_new_tokens=new_tokens).sequences
+    if impl in DECODE_STEP:
+        return model.generate(ids, max_new_tokens=new_tokens, decode_step=DECODE_STEP[impl]).sequences
     return model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -142,15 +143,17 @@ class Figures:
 
 
 def check_same_tokens(models: dict[str, torch.nn.Module], ids: torch.Tensor, new_tokens: int) -> list[int]:
+    """Every implementation's greedy tokens equal transformers'. This first call also compiles."""
     out = {impl: generate(impl, m, ids, new_tokens)[0].tolist() for impl, m in models.items()}
-    ours, theirs = out["ours"], out["transformers"]
-    assert len(ours) == len(theirs) == ids.shape[1] + new_tokens, (len(ours), len(theirs))
-    if ours != theirs:
-        first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
-        raise AssertionError(
-            f"greedy tokens differ from position {first}: ours {ours[first:]}, theirs {theirs[first:]}"
-        )
-    return ours[ids.shape[1] :]
+    theirs = out["transformers"]
+    for impl, ours in out.items():
+        assert len(ours) == len(theirs) == ids.shape[1] + new_tokens, (impl, len(ours), len(theirs))
+        if ours != theirs:
+            first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+            raise AssertionError(
+                f"{impl}: greedy tokens differ from position {first}: {ours[first:]}, transformers {theirs[first:]}"
+            )
+    return theirs[ids.shape[1] :]
 
 
 def measure(
@@ -187,20 +190,21 @@ def measure(
 
 
 def markdown_table(figures: dict[str, Figures]) -> str:
-    ours, theirs = figures["ours"], figures["transformers"]
+    theirs = figures["transformers"]
     rows = [
         "| implementation | prefill tok/s | decode tok/s | decode ms/token | generate tok/s |",
         "|---|---:|---:|---:|---:|",
     ]
-    for impl in IMPLS:
-        f = figures[impl]
+    for impl, f in figures.items():
         rows.append(
             f"| {impl} | {f.prefill_tps:,.0f} | {f.decode_tps:,.1f} | {f.decode_ms_per_token:.2f} | {f.generate_tps:,.1f} |"
         )
-    rows.append(
-        f"| ours / transformers | {ours.prefill_tps / theirs.prefill_tps:.2f}x | {ours.decode_tps / theirs.decode_tps:.2f}x "
-        f"| | {ours.generate_tps / theirs.generate_tps:.2f}x |"
-    )
+    for impl, f in figures.items():
+        if impl != "transformers":
+            rows.append(
+                f"| {impl} / transformers | {f.prefill_tps / theirs.prefill_tps:.2f}x "
+                f"| {f.decode_tps / theirs.decode_tps:.2f}x | | {f.generate_tps / theirs.generate_tps:.2f}x |"
+            )
     return "\n".join(rows)
 
 
@@ -216,6 +220,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time, or this thread's CPU time")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-compiled",
+        action="store_true",
+        help="skip ours-compiled (torch.compile of the fixed-shape decode step; compiling takes tens of seconds)",
+    )
     p.add_argument("--json", metavar="FILE", default=None, help="also write the figures as JSON")
     args = p.parse_args(argv)
     for name, low in (("prompt_len", 1), ("new_tokens", 2), ("repeats", 1), ("threads", 1)):
@@ -231,9 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     ours, theirs = build_models(config, seed=args.seed)
     models = {"ours": ours, "transformers": theirs}
+    if not args.no_compiled:
+        models = {"ours-compiled": ours, **models}
     ids = torch.randint(3, config.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(args.seed))
     with torch.inference_mode():
+        start = time.perf_counter()
         tokens = check_same_tokens(models, ids, args.new_tokens)
+        first_call_s = time.perf_counter() - start
         figures = measure(models, ids, new_tokens=args.new_tokens, repeats=args.repeats, clock=CLOCKS[args.clock])
     load_after = os.getloadavg()
 
@@ -244,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         f"config: {args.preset or 'small'} (pattern {config.hybrid_override_pattern}, hidden {config.hidden_size}, "
         f"vocab {config.vocab_size}, {n_params / 1e6:.2f}M params); batch 1, float32, CPU, "
         f"{args.threads} thread(s), {args.clock} clock; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-        f"median of {args.repeats}; greedy tokens identical"
+        f"median of {args.repeats}; greedy tokens identical; first (compiling) call of all "
+        f"implementations {first_call_s:.1f} s, not timed"
     )
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}; load average before {load_before[0]:.2f}, after {load_after[0]:.2f}"
@@ -266,9 +280,14 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_after": load_after,
             "greedy_tokens": tokens,
             "figures": {impl: asdict(f) for impl, f in figures.items()},
-            "ratio_ours_over_transformers": {
-                key: getattr(figures["ours"], key) / getattr(figures["transformers"], key)
-                for key in ("prefill_tps", "decode_tps", "generate_tps")
+            "first_call_seconds": first_call_s,
+            "ratio_over_transformers": {
+                impl: {
+                    key: getattr(figures[impl], key) / getattr(figures["transformers"], key)
+                    for key in ("prefill_tps", "decode_tps", "generate_tps")
+                }
+                for impl in figures
+                if impl != "transformers"
             },
         }
         with open(args.json, "w") as fh:

@@ -78,17 +78,33 @@ def decode_ar(
     return GenerationOutput(sequences, batch.lengths, rows, stats)
 
 
-def generate(model, input_ids, *, max_new_tokens: int = 128, **options) -> GenerationOutput:
-    """Cached AR generation with a `NemotronHForCausalLM`. Options: temperature, top_k,
-    eos_token_id, seed, attention_mask, step_callback."""
+def with_decode_step(step: StepFn, decode_step: str, body, head, *, max_new_tokens: int) -> StepFn:
+    """`step` itself for "eager"; else eager prefill, then fixed-shape one-token steps ("static"),
+    compiled with `torch.compile` ("compiled"; see `twotower.decode.static`)."""
+    from .static import check_decode_step, fixed_shape_steps
 
-    def step(ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor | None) -> torch.Tensor:
+    check_decode_step(decode_step)
+    if decode_step == "eager":
+        return step
+    return fixed_shape_steps(step, body, head, max_new_tokens=max_new_tokens, compile=decode_step == "compiled")
+
+
+def generate(
+    model, input_ids, *, max_new_tokens: int = 128, decode_step: str = "eager", **options
+) -> GenerationOutput:
+    """Cached AR generation with a `NemotronHForCausalLM`. Options: temperature, top_k,
+    eos_token_id, seed, attention_mask, step_callback. `decode_step`: "eager" (default), "static"
+    or "compiled" (fixed-shape steps under `torch.compile`: fastest once compiled; the first call
+    per shape compiles, which takes tens of seconds and needs a C++ compiler on CPU)."""
+
+    def eager(ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor | None) -> torch.Tensor:
         return model(ids, cache=cache, attention_mask=mask, logits_to_keep=1).logits[:, -1]
 
+    step = with_decode_step(eager, decode_step, model.backbone, model.lm_head, max_new_tokens=max_new_tokens)
     pad_id = model.config.pad_token_id
     batch_size = 1 if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1 else len(input_ids)
     width = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else max(len(p) for p in input_ids)
-    cache = model.empty_cache(batch_size, capacity=width + max_new_tokens)
+    cache = model.empty_cache(batch_size, capacity=width + (max_new_tokens if decode_step == "eager" else 0))
     return decode_ar(
         step, cache, input_ids, device=model.device, pad_id=pad_id, max_new_tokens=max_new_tokens, **options
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..cache import HybridCache
-from .ar import decode_ar
+from .ar import with_decode_step, decode_ar
 from .batch import GenerationOutput, left_pad
 
 
@@ -23,11 +23,13 @@ def ar_logits(model, ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor |
     return model.context_lm_head(hidden).float()[:, -1]
 
 
-def decode_one_token_per_step(model, step, input_ids, *, max_new_tokens: int, **options) -> GenerationOutput:
+def decode_one_token_per_step(
+    model, step, input_ids, *, max_new_tokens: int, cache_capacity: int | None = None, **options
+) -> GenerationOutput:
     """`decode_ar` with a step function over a fresh context cache sized for the whole generation
     (shared by AR and mock-AR mode)."""
     b, width = prompt_shape(input_ids)
-    cache = model.empty_cache(b, capacity=width + max_new_tokens)
+    cache = model.empty_cache(b, capacity=cache_capacity or width + max_new_tokens)
     return decode_ar(
         step,
         cache,
@@ -39,13 +41,22 @@ def decode_one_token_per_step(model, step, input_ids, *, max_new_tokens: int, **
     )
 
 
-def generate_ar(model, input_ids, *, max_new_tokens: int = 128, **options) -> GenerationOutput:
-    """Ordinary cached decoding with the context tower: exactly the frozen backbone."""
+def generate_ar(
+    model, input_ids, *, max_new_tokens: int = 128, decode_step: str = "eager", **options
+) -> GenerationOutput:
+    """Ordinary cached decoding with the context tower: exactly the frozen backbone.
+    `decode_step` as in `twotower.decode.ar.generate` ("eager", "static" or "compiled")."""
 
-    def step(ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor | None) -> torch.Tensor:
+    def eager(ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor | None) -> torch.Tensor:
         return ar_logits(model, ids, cache, mask)
 
-    return decode_one_token_per_step(model, step, input_ids, max_new_tokens=max_new_tokens, **options)
+    step = with_decode_step(
+        eager, decode_step, model.context_tower, model.context_lm_head, max_new_tokens=max_new_tokens
+    )
+    capacity = None if decode_step == "eager" else prompt_shape(input_ids)[1]
+    return decode_one_token_per_step(
+        model, step, input_ids, max_new_tokens=max_new_tokens, cache_capacity=capacity, **options
+    )
 
 
 __all__ = ["ar_logits", "decode_one_token_per_step", "generate_ar", "left_pad", "prompt_shape"]

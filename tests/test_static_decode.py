@@ -1,0 +1,108 @@
+"""The fixed-shape decode step (decode/static.py) against its plain twin, the eager cached step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import perturbed_twotower, randomise_special_params, tiny_config
+from twotower.backbone import NemotronHForCausalLM
+from twotower.decode.static import StaticDecoder, round_capacity
+
+
+def _model(pattern: str = "M*E-ME", seed: int = 0, **overrides) -> NemotronHForCausalLM:
+    torch.manual_seed(seed)
+    model = NemotronHForCausalLM(tiny_config(pattern, **overrides)).eval()
+    randomise_special_params(model, seed=seed)
+    return model
+
+
+@torch.no_grad()
+def _compare_steps(model, prompts: torch.Tensor, mask: torch.Tensor | None, steps: int, *, compile: bool) -> None:
+    b = prompts.shape[0]
+    cache = model.empty_cache(b, capacity=prompts.shape[1] + steps)
+    model(prompts, cache=cache, attention_mask=mask)
+    decoder = StaticDecoder(model.backbone, model.lm_head, b, round_capacity(prompts.shape[1] + steps), compile=compile)
+    decoder.load(cache)
+    tokens = torch.randint(4, model.config.vocab_size, (b, steps), generator=torch.Generator().manual_seed(3))
+    for j in range(steps):
+        want = model(tokens[:, j : j + 1], cache=cache).logits[:, -1]
+        got = decoder.step(tokens[:, j])
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert decoder.length == prompts.shape[1] + steps
+
+
+@pytest.mark.parametrize(
+    "pattern,batch,overrides",
+    [
+        ("M*E-ME", 1, {}),  # MoE by gathered experts (b * k <= E)
+        ("M*E-ME", 4, {}),  # MoE through every expert with a combine matrix (b * k > E)
+        ("*EM", 2, {"n_group": 2, "topk_group": 1, "num_key_value_heads": 4}),  # group-limited routing, MHA
+        ("MM-*", 3, {"n_groups": 1, "conv_kernel": 2}),
+    ],
+)
+def test_static_step_equals_eager_cached_step(pattern, batch, overrides):
+    model = _model(pattern, **overrides)
+    prompts = torch.randint(4, model.config.vocab_size, (batch, 7), generator=torch.Generator().manual_seed(1))
+    _compare_steps(model, prompts, None, steps=9, compile=False)
+
+
+def test_static_step_honours_left_padding():
+    model = _model()
+    prompts = torch.randint(4, 96, (3, 8), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[0, :5] = False
+    mask[2, :2] = False
+    prompts[~mask] = model.config.pad_token_id
+    _compare_steps(model, prompts, mask, steps=6, compile=False)
+
+
+@torch.no_grad()
+def test_generate_with_static_steps_equals_eager():
+    model = _model()
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(4, 96, (n,), generator=g).tolist() for n in (3, 11, 6)]
+    for options in ({}, {"temperature": 0.8, "top_k": 20, "seed": 9}):
+        eager = model.generate(prompts, max_new_tokens=12, **options)
+        static = model.generate(prompts, max_new_tokens=12, decode_step="static", **options)
+        assert static.new_tokens == eager.new_tokens
+        assert static.sequences.tolist() == eager.sequences.tolist()
+    eos = eager.new_tokens[1][4]
+    assert (
+        model.generate(prompts, max_new_tokens=12, eos_token_id=eos, decode_step="static").new_tokens
+        == model.generate(prompts, max_new_tokens=12, eos_token_id=eos).new_tokens
+    )
+
+
+@torch.no_grad()
+def test_twotower_ar_mode_with_static_steps_equals_eager():
+    model = perturbed_twotower()
+    prompts = [[5, 9, 11, 4], [7, 8]]
+    eager = model.generate_ar(prompts, max_new_tokens=10)
+    assert model.generate_ar(prompts, max_new_tokens=10, decode_step="static").new_tokens == eager.new_tokens
+
+
+def test_compiled_step_equals_eager_cached_step():
+    """The same step under torch.compile (fullgraph, fixed shapes): one compile, then exact steps."""
+    model = _model("M*E-")
+    prompts = torch.randint(4, 96, (1, 5), generator=torch.Generator().manual_seed(5))
+    _compare_steps(model, prompts, None, steps=8, compile=True)
+    ids = prompts.tolist()
+    eager = model.generate(ids, max_new_tokens=10)
+    assert model.generate(ids, max_new_tokens=10, decode_step="compiled").new_tokens == eager.new_tokens
+
+
+@torch.no_grad()
+def test_bad_options_and_overflow_are_clear_errors():
+    model = _model()
+    with pytest.raises(ValueError, match="decode_step must be one of"):
+        model.generate([[5, 6]], max_new_tokens=3, decode_step="fast")
+    cache = model.empty_cache(1, capacity=8)
+    model(torch.tensor([[5, 6, 7, 8]]), cache=cache)
+    with pytest.raises(ValueError, match="does not fit"):
+        StaticDecoder(model.backbone, model.lm_head, 2, 16).load(cache)
+    decoder = StaticDecoder(model.backbone, model.lm_head, 1, 5)
+    decoder.load(cache)
+    decoder.step(torch.tensor([9]))
+    with pytest.raises(RuntimeError, match="full"):
+        decoder.step(torch.tensor([9]))
