@@ -89,9 +89,7 @@ def with_decode_step(step: StepFn, decode_step: str, body, head, *, max_new_toke
     return fixed_shape_steps(step, body, head, max_new_tokens=max_new_tokens, compile=decode_step == "compiled")
 
 
-def generate(
-    model, input_ids, *, max_new_tokens: int = 128, decode_step: str = "eager", **options
-) -> GenerationOutput:
+def generate(model, input_ids, *, max_new_tokens: int = 128, decode_step: str = "eager", **options) -> GenerationOutput:
     """Cached AR generation with a `NemotronHForCausalLM`. Options: temperature, top_k,
     eos_token_id, seed, attention_mask, step_callback. `decode_step`: "eager" (default), "static"
     or "compiled" (fixed-shape steps under `torch.compile`: fastest once compiled; the first call

@@ -144,7 +144,12 @@ def _mamba_step(mixer, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: tor
     x = x.reshape(b, mixer.num_heads, mixer.head_dim)
     A = -torch.exp(mixer.A_log.float())
     y, new_state = ssd_step(
-        x, dt, A, B.reshape(b, mixer.n_groups, mixer.state_size), C.reshape(b, mixer.n_groups, mixer.state_size), ssm_state
+        x,
+        dt,
+        A,
+        B.reshape(b, mixer.n_groups, mixer.state_size),
+        C.reshape(b, mixer.n_groups, mixer.state_size),
+        ssm_state,
     )
     ssm_state.copy_(new_state)
     y = y + x.float() * mixer.D.float()[:, None]

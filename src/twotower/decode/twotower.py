@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..cache import HybridCache
-from .ar import with_decode_step, decode_ar
+from .ar import decode_ar, with_decode_step
 from .batch import GenerationOutput, left_pad
 
 
