@@ -43,6 +43,13 @@ def test_speculative_cli_equals_ar(model_dir, capsys):
     assert spec["completion"] == ar["completion"]
 
 
+def test_static_decode_step_cli_equals_eager(model_dir, capsys):
+    eager = _json_run(capsys, "generate", "Line 3", "--model", str(model_dir), "--mode", "ar", "--json")
+    static = _json_run(capsys, "generate", "Line 3", "--model", str(model_dir), "--mode", "ar",
+                       "--decode-step", "static", "--json")  # fmt: skip
+    assert static["completion"] == eager["completion"] and static["tokens"] == eager["tokens"]
+
+
 def test_show_steps_renders_the_unmasking(model_dir, capsys):
     assert main(["generate", "fox", "--model", str(model_dir), "--max-new-tokens", "8", "--block-size", "4",
                  "--show-steps", "--threshold", "1.0"]) == 0  # fmt: skip
@@ -59,6 +66,7 @@ def test_show_steps_renders_the_unmasking(model_dir, capsys):
         (["generate", "x", "--block-size", "0"], "block_size"),
         (["generate", "x", "--mode", "ar", "--show-steps"], "show-steps"),
         (["generate", "x", "--threshold", "2"], "confidence_threshold"),
+        (["generate", "x", "--decode-step", "compiled"], "--mode ar only"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(model_dir, capsys, argv, msg):

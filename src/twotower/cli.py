@@ -43,6 +43,13 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     g.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
+    g.add_argument(
+        "--decode-step",
+        choices=("eager", "static", "compiled"),
+        default="eager",
+        help="AR mode: how each one-token step runs; 'compiled' fixes shapes and uses torch.compile "
+        "(several times faster per token; the first call compiles for tens of seconds) (default: eager)",
+    )
 
 
 def generation_kwargs(args: argparse.Namespace, eos_id: int | None) -> dict:
@@ -57,6 +64,10 @@ def generation_kwargs(args: argparse.Namespace, eos_id: int | None) -> dict:
         kw.update(block_size=args.block_size, steps_per_block=args.steps_per_block, confidence_threshold=args.threshold)
     elif args.mode == "speculative":
         kw.update(block_size=args.block_size, draft_steps=args.draft_steps, confidence_threshold=args.threshold)
+    if getattr(args, "decode_step", "eager") != "eager":
+        if args.mode != "ar":
+            raise CLIError(f"--decode-step {args.decode_step} applies to --mode ar only")
+        kw["decode_step"] = args.decode_step
     return kw
 
 
