@@ -329,6 +329,10 @@ class PackedTokens:
         if self.bin_path.stat().st_size != count * dtype.itemsize:
             raise ValueError(f"{self.bin_path} does not hold the {count} tokens its metadata promises")
         self.tokens = np.memmap(self.bin_path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype)
+        # Row-aligned files (e.g. `train.distill`) hold fixed-length rows: windows are whole rows.
+        self.row_len = int(self.metadata.get("row_len") or 0) or None
+        if self.row_len and count % self.row_len:
+            raise ValueError(f"{self.bin_path}: {count} tokens is not a whole number of {self.row_len}-token rows")
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -340,8 +344,10 @@ class PackedTokens:
         the modulo bias is below 2**-32 for any file under 2**32 tokens.
         """
         self._check_batch_options(step=step, global_batch_size=global_batch_size, seq_len=seq_len, seed=seed)
-        span = len(self) - seq_len + 1
         raw = np.random.PCG64(np.random.SeedSequence([seed, step])).random_raw(global_batch_size)
+        if self.row_len:  # a uniformly drawn whole row
+            return (raw % np.uint64(len(self) // self.row_len)).astype(np.int64) * self.row_len
+        span = len(self) - seq_len + 1
         return (raw % np.uint64(span)).astype(np.int64)
 
     def batch(
@@ -390,3 +396,7 @@ class PackedTokens:
             raise ValueError(f"global_batch_size and seq_len must be >= 1, got {global_batch_size}, {seq_len}")
         if seq_len > len(self):
             raise ValueError(f"seq_len {seq_len} is longer than the {len(self)} tokens in {self.bin_path}")
+        if self.row_len and seq_len != self.row_len:
+            raise ValueError(
+                f"{self.bin_path} holds {self.row_len}-token rows; train with seq_len {self.row_len}, not {seq_len}"
+            )
