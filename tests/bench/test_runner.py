@@ -117,6 +117,15 @@ def test_settings_grid():
     assert Setting("diffusion", 0.8, 16, 16).label == "diffusion γ=0.8 S=16 T=16"
 
 
+def test_compiled_ar_row_decodes_exactly_like_ar(tiny_model):
+    grid = settings_grid(thresholds=[0.8], block_sizes=[16], ar_compiled=True)
+    assert grid[:2] == [Setting("ar"), Setting("ar-compiled")]
+    assert grid[1].label == "AR, compiled decode step"
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    compiled = make_decoder(grid[1], tiny_model, eos_token_id=EOS)(prompts, 12)
+    assert compiled.new_tokens == direct(tiny_model, Setting("ar"), prompts, 12).new_tokens
+
+
 def test_bad_grids_are_refused(tiny_model, tokenizer, small_items):
     with pytest.raises(ValueError, match="exactly one AR"):
         run_benchmark(tiny_model, tokenizer, small_items, settings=[Setting("diffusion", 0.8, 8, 8)])

@@ -59,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-hf", action="store_true", help="leave out the transformers generate baseline row")
     p.add_argument(
+        "--ar-compiled",
+        action="store_true",
+        help="add an AR row whose one-token steps run compiled (decode_step='compiled'; the warm-up compiles "
+        "one graph per batch size and rounded prompt length, tens of seconds each). Ratios stay against eager AR",
+    )
+    p.add_argument(
         "--categories",
         nargs="+",
         default=None,
@@ -131,6 +137,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         steps_per_block=args.steps_per_block,
         draft_steps=args.draft_steps if speculative else (),
         hf=hf_model is not None,
+        ar_compiled=args.ar_compiled,
     )
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_benchmark(

@@ -29,7 +29,7 @@ from .baseline import hf_generate
 from .evalset import CATEGORIES, EvalItem
 
 Decoder = Callable[[list[list[int]], int], object]  # (prompt id lists, max_new_tokens) -> GenerationOutput
-MODES = ("ar", "diffusion", "speculative", "hf-generate")
+MODES = ("ar", "ar-compiled", "diffusion", "speculative", "hf-generate")
 PAPER_POINT = {"quality_retained": 98.7, "throughput_ratio": 2.42, "threshold": 0.8, "block_size": 16}
 
 
@@ -48,6 +48,8 @@ class Setting:
     def label(self) -> str:
         if self.mode == "ar":
             return "AR"
+        if self.mode == "ar-compiled":
+            return "AR, compiled decode step"
         if self.mode == "hf-generate":
             return "transformers generate (AR weights)"
         if self.mode == "diffusion":
@@ -62,11 +64,12 @@ def settings_grid(
     steps_per_block: int | None = None,
     draft_steps: Sequence[int] = (),
     hf: bool = False,
+    ar_compiled: bool = False,
 ) -> list[Setting]:
     """AR first, then diffusion for each (block size, threshold), speculative for each
     (block size, threshold, draft steps), then the transformers baseline. T defaults to S.
     Repeated values are run once."""
-    grid = [Setting("ar")]
+    grid = [Setting("ar")] + ([Setting("ar-compiled")] if ar_compiled else [])
     for s in block_sizes:
         grid += [Setting("diffusion", g, s, steps_per_block or s) for g in thresholds]
     for s in block_sizes:
@@ -149,6 +152,8 @@ def make_decoder(setting: Setting, model, *, eos_token_id, hf_model=None) -> Dec
     common = {"temperature": 0.0, "eos_token_id": eos_token_id}
     if setting.mode == "ar":
         return lambda p, n: model.generate_ar(p, max_new_tokens=n, **common)
+    if setting.mode == "ar-compiled":
+        return lambda p, n: model.generate_ar(p, max_new_tokens=n, decode_step="compiled", **common)
     if setting.mode == "diffusion":
         return lambda p, n: model.generate_mask_diffusion(
             p,

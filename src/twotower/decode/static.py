@@ -27,6 +27,7 @@ from ..layers.mlp import relu2
 from ..layers.ssd import ssd_step
 
 CAPACITY_ROUNDING = 128  # capacities are rounded up so that nearby lengths share one compiled graph
+RECOMPILE_LIMIT = 64  # compiled shapes (batch x capacity) kept before Dynamo gives up on recompiling
 
 
 def round_capacity(n: int) -> int:
@@ -180,6 +181,11 @@ def compiled_step():
     """`decode_step` under `torch.compile`, wrapped once: Dynamo compiles it once per model and
     shape (batch, capacity, dtype, device) and reuses the graph for every later decoder."""
     if not _COMPILED:
+        # one graph per (batch, capacity) shape: allow more than Dynamo's default of 8 before it
+        # would silently fall back to eager (capacities are rounded, so shapes stay few)
+        limit = getattr(torch._dynamo.config, "recompile_limit", None)
+        if limit is not None and limit < RECOMPILE_LIMIT:
+            torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
         _COMPILED.append(torch.compile(decode_step, fullgraph=True, dynamic=False))
     return _COMPILED[0]
 
