@@ -2,7 +2,11 @@
 tokenizer, corpus manifest, loss-curve plot and MODEL_CARD.md figures (computed from the logs).
 
     python scripts/build_bundled_model.py --ar-run runs/tiny-ar --denoiser-run runs/tiny-denoiser \
+        --distill-run runs/tiny-denoiser-distill --distill-data runs/distill \
         --tokenizer runs/tokenizer --corpus runs/corpus --packed runs/packed
+
+With `--distill-run`, the weights are that run's (the denoiser fine-tuned on self-distillation rows,
+`scripts/distill_tiny.py`) and its log is the third training stage.
 """
 
 from __future__ import annotations
@@ -41,6 +45,10 @@ def summarise(run: Path) -> dict:
     }
 
 
+def _meta(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -49,23 +57,31 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ar-run", type=Path, required=True)
     p.add_argument("--denoiser-run", type=Path, required=True)
+    p.add_argument("--distill-run", type=Path, default=None, help="denoiser fine-tuned on distillation rows")
+    p.add_argument("--distill-data", type=Path, default=None, help="the distillation rows it trained on")
     p.add_argument("--tokenizer", type=Path, required=True)
     p.add_argument("--corpus", type=Path, required=True)
     p.add_argument("--packed", type=Path, required=True)
     args = p.parse_args()
 
+    card = (ASSET / "MODEL_CARD.md").read_text() if (ASSET / "MODEL_CARD.md").is_file() else None
     if ASSET.exists():
         shutil.rmtree(ASSET)
-    shutil.copytree(args.denoiser_run / "model", ASSET)
+    shutil.copytree((args.distill_run or args.denoiser_run) / "model", ASSET)
+    if card is not None:  # hand-written; its figures are updated from training_facts.json by hand
+        (ASSET / "MODEL_CARD.md").write_text(card)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(args.tokenizer / name, ASSET / name)
     manifest = json.loads((args.corpus / "manifest.json").read_text())
     (ASSET / "corpus_manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     figure = REPO / "docs" / "figures" / "tiny_training.png"
+    logs = [str(args.ar_run / "log.jsonl"), str(args.denoiser_run / "log.jsonl")]
+    labels = ["AR pretraining (context tower)", "denoiser training (mask diffusion, S=16)"]
+    if args.distill_run:
+        logs.append(str(args.distill_run / "log.jsonl"))
+        labels.append("denoiser on self-distillation rows")
     subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "plot_training.py"),
-         str(args.ar_run / "log.jsonl"), str(args.denoiser_run / "log.jsonl"),
-         "--labels", "AR pretraining (context tower)", "denoiser training (mask diffusion, S=16)",
+        [sys.executable, str(REPO / "benchmarks" / "plot_training.py"), *logs, "--labels", *labels,
          "--out", str(figure)],
         check=True,
     )  # fmt: skip
@@ -73,6 +89,12 @@ def main() -> None:
     facts = {
         "ar": summarise(args.ar_run),
         "denoiser": summarise(args.denoiser_run),
+        **({"denoiser_distill": summarise(args.distill_run)} if args.distill_run else {}),
+        **(
+            {"distill_data": {s: _meta(args.distill_data / f"{s}.json") for s in ("train", "heldout")}}
+            if args.distill_data
+            else {}
+        ),
         "packed": {s: json.loads((args.packed / f"{s}.json").read_text()) for s in ("train", "heldout")},
         "weights_sha256": sha256(ASSET / "model.safetensors"),
         "weights_bytes": (ASSET / "model.safetensors").stat().st_size,

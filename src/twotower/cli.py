@@ -245,9 +245,24 @@ def cmd_train_denoiser(args: argparse.Namespace) -> int:
         model = TwoTowerForCausalLM.from_backbone(NemotronHForCausalLM.from_pretrained(args.backbone))
     else:
         model = TwoTowerForCausalLM.from_pretrained(args.twotower)
-    train_denoiser(model, args.data, args.out, train_settings(args), block_size=args.block_size, device=args.device)
+    train_denoiser(
+        model,
+        args.data,
+        args.out,
+        train_settings(args),
+        block_size=args.block_size,
+        curriculum=[_curriculum_phase(x) for x in args.curriculum],
+        device=args.device,
+    )
     _copy_tokenizer(args.data, args.tokenizer or args.backbone or args.twotower, args.out)
     return 0
+
+
+def _curriculum_phase(text: str) -> tuple[int, int]:
+    size, sep, steps = text.partition(":")
+    if not sep or not size.strip().isdigit() or not steps.strip().isdigit():
+        raise CLIError(f"--curriculum takes SIZE:STEPS phases like 32:1000, got {text!r}")
+    return int(size), int(steps)
 
 
 def _copy_tokenizer(data_dir, tokenizer_dir, out_dir) -> None:
@@ -357,7 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--tokenizer", default=None)
     p.add_argument("--out", required=True)
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=16, help="block size S (after any curriculum) (default: 16)")
+    p.add_argument(
+        "--curriculum",
+        nargs="*",
+        default=[],
+        metavar="SIZE:STEPS",
+        help="block-size curriculum phases run first, e.g. 32:1000 (the paper's 32 -> 16); then --block-size",
+    )
     add_train_settings(p, lr=5e-4)
     p.set_defaults(func=cmd_train_denoiser)
 

@@ -170,4 +170,30 @@ def test_train_commands_end_to_end(tmp_path):
     for k, v in backbone.backbone.state_dict().items():  # the context tower is the AR model, unchanged
         assert torch.equal(model.context_tower.state_dict()[k], v), k
     assert main(["train", "denoiser", "--out", str(tmp_path / "x"), *common]) == 2
+    assert main(["train", "denoiser", "--backbone", str(tmp_path / "ar" / "model"), "--out", str(tmp_path / "cur"),
+                 "--block-size", "16", "--curriculum", "32:1", *common]) == 0  # fmt: skip
+    assert TwoTowerForCausalLM.from_pretrained(tmp_path / "cur" / "model").trained_block_size == 16
+    assert main(["train", "denoiser", "--backbone", str(tmp_path / "ar" / "model"), "--out", str(tmp_path / "x"),
+                 "--curriculum", "32-1", *common]) == 2  # fmt: skip
     assert main(["train", "denoiser", "--backbone", str(tmp_path / "nope"), "--out", str(tmp_path / "x"), *common]) == 2
+
+
+def test_block_size_curriculum_runs_its_phases_then_the_final_size(tmp_path):
+    from twotower.train.recipes import block_size_schedule
+
+    at = block_size_schedule(16, [(32, 2), (8, 1)])
+    assert [at(s) for s in range(5)] == [32, 32, 8, 16, 16]
+    data = write_packed(tmp_path / "data")
+    settings = TrainSettings(steps=4, **SMALL)
+    cur = train_denoiser(twotower_model(), data, tmp_path / "c", settings, block_size=16, curriculum=[(32, 2)],
+                         progress=False)  # fmt: skip
+    big = train_denoiser(twotower_model(), data, tmp_path / "b", TrainSettings(**{**settings.__dict__, "steps": 2}),
+                         block_size=32, progress=False)  # fmt: skip
+    plain = train_denoiser(twotower_model(), data, tmp_path / "p", settings, block_size=16, progress=False)
+    assert [r["loss"] for r in cur[:2]] == [r["loss"] for r in big]  # phase 1: exactly a 32-block run
+    assert cur[2]["loss"] != plain[2]["loss"]  # phase 2 starts from other weights, on 16-blocks
+    assert TwoTowerForCausalLM.from_pretrained(tmp_path / "c" / "model").trained_block_size == 16
+    with pytest.raises(ValueError, match="multiple of block size 24"):
+        train_denoiser(twotower_model(), data, tmp_path / "x", settings, block_size=16, curriculum=[(24, 2)])
+    with pytest.raises(ValueError, match="curriculum phase"):
+        block_size_schedule(16, [(32, 0)])

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +114,27 @@ def pretrain_backbone(
     return trainer.run()
 
 
+def block_size_schedule(block_size: int, curriculum: Sequence[tuple[int, int]] = ()) -> Callable[[int], int]:
+    """step -> block size: each (size, steps) phase of `curriculum` in turn, then `block_size`."""
+    phases = []
+    end = 0
+    for size, steps in curriculum:
+        if not isinstance(size, int) or size < 1 or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"a curriculum phase is (block size >= 1, steps >= 1), got ({size!r}, {steps!r})")
+        end += steps
+        phases.append((end, size))
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+
+    def block_at(step: int) -> int:
+        for phase_end, size in phases:
+            if step < phase_end:
+                return size
+        return block_size
+
+    return block_at
+
+
 def train_denoiser(
     model: TwoTowerForCausalLM,
     data_dir: str | Path,
@@ -120,12 +142,21 @@ def train_denoiser(
     settings: TrainSettings,
     *,
     block_size: int = 16,
+    curriculum: Sequence[tuple[int, int]] = (),
     device: str = "cpu",
     progress: bool | None = None,
 ) -> list[dict]:
-    """Train the denoiser of `model` (context tower frozen) with the single-pass objective."""
-    if settings.seq_len % block_size:
-        raise ValueError(f"seq_len {settings.seq_len} must be a multiple of block_size {block_size}")
+    """Train the denoiser of `model` (context tower frozen) with the single-pass objective.
+
+    `curriculum`: the paper's block-size curriculum, as (block size, steps) phases run first, e.g.
+    `[(32, 1000)]` trains with 32-token blocks for steps 0..999 and with `block_size` after. The
+    block size is a function of the step, so a resumed run sees what an uninterrupted one would.
+    `block_size` (the last phase) is what the saved model records as its trained block size.
+    """
+    block_at = block_size_schedule(block_size, curriculum)
+    for size in {block_size, *(b for b, _ in curriculum)}:
+        if settings.seq_len % size:
+            raise ValueError(f"seq_len {settings.seq_len} must be a multiple of block size {size}")
     dist_info = Dist.from_env()
     paths = DataPaths.from_dir(data_dir)
     train = PackedTokens(paths.train)
@@ -145,16 +176,17 @@ def train_denoiser(
             rank=d.rank,
             world_size=d.world_size,
         ).to(device)
-        t, u = draw_noise(settings.global_batch, settings.seq_len, block_size=block_size, seed=settings.seed, step=step)
-        count = count_masked(t, u, block_size=block_size)
+        size = block_at(step)
+        t, u = draw_noise(settings.global_batch, settings.seq_len, block_size=size, seed=settings.seed, step=step)
+        count = count_masked(t, u, block_size=size)
         rows = slice(d.rank * local, (d.rank + 1) * local)
         t, u = t[rows].to(device), u[rows].to(device)
-        micro = [(ids[sl], (t[sl], u[sl])) for sl in _micro_slices(local, settings.micro_batch)]
+        micro = [(ids[sl], (t[sl], u[sl]), size) for sl in _micro_slices(local, settings.micro_batch)]
         return StepBatch(micro, count)
 
     def loss_fn(model, item, global_count):
-        ids, noise = item
-        return diffusion_loss(model, ids, noise, block_size=block_size, global_count=global_count).total
+        ids, noise, size = item
+        return diffusion_loss(model, ids, noise, block_size=size, global_count=global_count).total
 
     def heldout_loss(m, ids, i):
         noise = draw_noise(ids.shape[0], settings.seq_len, block_size=block_size, seed=settings.seed + 999, step=i)
