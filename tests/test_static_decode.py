@@ -83,10 +83,16 @@ def test_twotower_ar_mode_with_static_steps_equals_eager():
 
 
 def test_compiled_step_equals_eager_cached_step():
-    """The same step under torch.compile (fullgraph, fixed shapes): one compile, then exact steps."""
+    """The same step under torch.compile (fullgraph, fixed shapes): exact steps at batch 1 (gathered
+    experts) and at batch 4 with left padding (every expert, combine matrix)."""
     model = _model("M*E-")
     prompts = torch.randint(4, 96, (1, 5), generator=torch.Generator().manual_seed(5))
     _compare_steps(model, prompts, None, steps=8, compile=True)
+    padded = torch.randint(4, 96, (4, 6), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[1, :4] = False
+    padded[~mask] = model.config.pad_token_id
+    _compare_steps(model, padded, mask, steps=5, compile=True)
     ids = prompts.tolist()
     eager = model.generate(ids, max_new_tokens=10)
     assert model.generate(ids, max_new_tokens=10, decode_step="compiled").new_tokens == eager.new_tokens
@@ -106,3 +112,23 @@ def test_bad_options_and_overflow_are_clear_errors():
     decoder.step(torch.tensor([9]))
     with pytest.raises(RuntimeError, match="full"):
         decoder.step(torch.tensor([9]))
+
+
+@torch.no_grad()
+def test_past_the_recompile_limit_a_decoder_runs_uncompiled():
+    model = _model()
+    cache = model.empty_cache(1, capacity=8)
+    model(torch.tensor([[5, 6, 7]]), cache=cache)
+    decoder, twin = (StaticDecoder(model.backbone, model.lm_head, 1, 16) for _ in range(2))
+    decoder.load(cache)
+    twin.load(cache)
+
+    def over_the_limit(*args):
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile limit reached")
+
+    decoder._step = over_the_limit
+    with pytest.warns(RuntimeWarning, match="uncompiled"):
+        got = decoder.step(torch.tensor([9]))
+    torch.testing.assert_close(got, twin.step(torch.tensor([9])))
+    torch.testing.assert_close(decoder.step(torch.tensor([4])), twin.step(torch.tensor([4])))
+    assert decoder.length == twin.length == 5

@@ -43,13 +43,6 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     g.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
-    g.add_argument(
-        "--decode-step",
-        choices=("eager", "static", "compiled"),
-        default="eager",
-        help="AR mode: how each one-token step runs; 'compiled' fixes shapes and uses torch.compile "
-        "(several times faster per token; the first call compiles for tens of seconds) (default: eager)",
-    )
 
 
 def generation_kwargs(args: argparse.Namespace, eos_id: int | None) -> dict:
@@ -343,6 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--show-steps", action="store_true", help="show each block being unmasked, step by step")
+    p.add_argument(
+        "--decode-step",
+        choices=("eager", "static", "compiled"),
+        default="eager",
+        help="AR mode: how each one-token step runs; 'compiled' fixes shapes and uses torch.compile "
+        "(several times faster per token; the first call compiles for tens of seconds) (default: eager)",
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(

@@ -81,6 +81,37 @@ def test_a_killed_build_resumes_without_loss_or_duplicates(setup, tmp_path):
     assert (part / "train.bin").read_bytes() == (whole / "train.bin").read_bytes()
     with pytest.raises(ValueError, match="other settings"):
         build_distill_set(model, source, tok, part, DistillSettings(**{**SETTINGS.__dict__, "seed": 6}))
+    other = NemotronHForCausalLM(tiny_config("M*E", vocab_size=tok.vocab_size)).eval()  # fresh random weights
+    with pytest.raises(ValueError, match="other model"):
+        build_distill_set(other, source, tok, part, SETTINGS)
+    meta = json.loads((part / "train.json").read_text())
+    (part / "train.json").write_text(json.dumps({**meta, "rows": 12}))  # promises more than the file holds
+    with pytest.raises(ValueError, match="fewer than the 12 rows"):
+        build_distill_set(model, source, tok, part, SETTINGS)
+
+
+def test_everything_after_the_first_eos_becomes_eos():
+    class Fixed(torch.nn.Module):  # "generates" a fixed continuation
+        def __init__(self, cont):
+            super().__init__()
+            self.cont = cont
+
+        def generate(self, prefixes, max_new_tokens):
+            return type("Out", (), {"sequences": torch.cat([prefixes, self.cont[:, :max_new_tokens]], 1)})
+
+    from twotower.train.distill import continue_greedily
+
+    cont = torch.tensor([[2, 7, 8, 9], [5, 2, 6, 2], [5, 6, 7, 8]])
+    rows = continue_greedily(Fixed(cont), torch.zeros(3, 2, dtype=torch.long), 4, eos_id=2)
+    assert rows[:, 2:].tolist() == [[2, 2, 2, 2], [5, 2, 2, 2], [5, 6, 7, 8]]
+
+
+def test_the_two_splits_draw_different_prefixes(setup):
+    tok, source, _ = setup
+    sampler = PrefixSampler(source, tok, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    train = batch_prefixes(sampler, SETTINGS, 0, "train")
+    assert torch.equal(train, batch_prefixes(sampler, SETTINGS, 0))
+    assert not torch.equal(train, batch_prefixes(sampler, SETTINGS, 0, "heldout"))
 
 
 def test_row_aligned_batches_and_bad_settings(setup, tmp_path):

@@ -197,3 +197,5 @@ def test_block_size_curriculum_runs_its_phases_then_the_final_size(tmp_path):
         train_denoiser(twotower_model(), data, tmp_path / "x", settings, block_size=16, curriculum=[(24, 2)])
     with pytest.raises(ValueError, match="curriculum phase"):
         block_size_schedule(16, [(32, 0)])
+    with pytest.raises(ValueError, match="leave none"):
+        train_denoiser(twotower_model(), data, tmp_path / "y", settings, block_size=16, curriculum=[(32, 4)])

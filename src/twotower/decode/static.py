@@ -19,6 +19,8 @@ Prefill stays eager (`StaticDecoder.load` copies a prefilled `HybridCache`).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -60,11 +62,8 @@ class StaticDecoder:
                 self.conv[i], self.ssm[i] = st.conv, st.ssm
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.length = 0  # mirrors `position` on the host, so no step reads the device
         self._step = compiled_step() if compile else decode_step
-
-    @property
-    def length(self) -> int:
-        return int(self.position)
 
     @torch.no_grad()
     def load(self, cache: HybridCache) -> None:
@@ -88,16 +87,37 @@ class StaticDecoder:
         self.valid.zero_()
         self.valid[:, :n] = cache.key_valid()
         self.position.fill_(n)
+        self.length = n
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (b,) -> logits (b, V) of the next position; the state advances by one."""
         if self.length >= self.capacity:
             raise RuntimeError(f"static decoder is full ({self.capacity} positions)")
-        logits = self._step(
-            self.body, self.head, tokens.reshape(self.batch, 1), self.position, self.kv, self.conv, self.ssm, self.valid
+        args = (
+            self.body,
+            self.head,
+            tokens.reshape(self.batch, 1),
+            self.position,
+            self.kv,
+            self.conv,
+            self.ssm,
+            self.valid,
         )
+        try:
+            logits = self._step(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            # too many compiled shapes in this process: keep going, uncompiled, rather than fail
+            warnings.warn(
+                f"torch.compile's recompile limit is reached; this decoder ({self.batch} rows x {self.capacity} "
+                "positions) runs its fixed-shape step uncompiled",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._step = decode_step
+            logits = self._step(*args)
         self.position += 1
+        self.length += 1
         return logits
 
 
@@ -181,8 +201,8 @@ def compiled_step():
     """`decode_step` under `torch.compile`, wrapped once: Dynamo compiles it once per model and
     shape (batch, capacity, dtype, device) and reuses the graph for every later decoder."""
     if not _COMPILED:
-        # one graph per (batch, capacity) shape: allow more than Dynamo's default of 8 before it
-        # would silently fall back to eager (capacities are rounded, so shapes stay few)
+        # one graph per (batch, capacity) shape: allow more than Dynamo's default of 8 (capacities
+        # are rounded, so shapes stay few); past the limit `StaticDecoder.step` runs uncompiled
         limit = getattr(torch._dynamo.config, "recompile_limit", None)
         if limit is not None and limit < RECOMPILE_LIMIT:
             torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT

@@ -23,6 +23,7 @@ it stopped, loses nothing and duplicates nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -37,6 +38,7 @@ from .corpus import iter_problems
 from .data import FORMAT_NAME, FORMAT_VERSION, SPLITS, PackedTokens
 
 PREFIX_KINDS = ("window", "start", "math")
+MAX_DRAWS = 10_000  # random draws of a document boundary before the source is declared unsuitable
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class DistillSettings:
     seed: int = 0
 
     def validate(self) -> None:
+        if self.block_size < 1 or self.row_len < 1:
+            raise ValueError(f"row_len and block_size must be >= 1, got {self.row_len}, {self.block_size}")
         if self.row_len % self.block_size:
             raise ValueError(f"row_len {self.row_len} must be a multiple of block_size {self.block_size}")
         if not 1 <= self.min_prefix_blocks <= self.max_prefix_blocks < self.row_len // self.block_size:
@@ -89,21 +93,25 @@ class PrefixSampler:
         return [int(t) for t in self.tokens[start : start + length]]
 
     def _document_tail(self, length: int, rng: random.Random) -> list[int]:
-        while True:  # the `length` tokens that end just before some document's BOS
+        for _ in range(MAX_DRAWS):  # the `length` tokens that end just before some document's BOS
             bos = int(self.bos_positions[rng.randrange(1, len(self.bos_positions))])
             if bos >= length:
                 return [int(t) for t in self.tokens[bos - length : bos]]
+        raise ValueError(f"no document boundary has {length} tokens before it in the source split")
 
     def _document_start(self, length: int, rng: random.Random) -> list[int]:
-        while True:
+        for _ in range(MAX_DRAWS):
             bos = int(self.bos_positions[rng.randrange(0, len(self.bos_positions))])
             if bos + length <= len(self.tokens):
                 return [int(t) for t in self.tokens[bos : bos + length]]
+        raise ValueError(f"no document has {length} tokens after its start in the source split")
 
 
-def batch_prefixes(sampler: PrefixSampler, settings: DistillSettings, index: int) -> torch.Tensor:
-    """The prefixes (batch_size, p) of batch `index`: one length per batch, so no padding."""
-    rng = random.Random(f"distill:{settings.seed}:{index}")
+def batch_prefixes(sampler: PrefixSampler, settings: DistillSettings, index: int, split: str = "train") -> torch.Tensor:
+    """The prefixes (batch_size, p) of batch `index`: one length per batch, so no padding.
+    The draws depend on (split, seed, index), so the two splits never repeat each other's draws."""
+    key = f"distill:{settings.seed}:{index}" if split == "train" else f"distill:{split}:{settings.seed}:{index}"
+    rng = random.Random(key)
     blocks = rng.randint(settings.min_prefix_blocks, settings.max_prefix_blocks)
     length = blocks * settings.block_size
     kinds = rng.choices(PREFIX_KINDS, weights=settings.kind_weights, k=settings.batch_size)
@@ -114,12 +122,11 @@ def batch_prefixes(sampler: PrefixSampler, settings: DistillSettings, index: int
 def continue_greedily(model, prefixes: torch.Tensor, new_tokens: int, *, eos_id: int) -> torch.Tensor:
     """prefixes + the AR model's greedy continuation; everything after the first EOS becomes EOS."""
     out = model.generate(prefixes, max_new_tokens=new_tokens)
-    cont = out.sequences[:, prefixes.shape[1] :]
-    after_eos = torch.cumsum((cont == eos_id).long(), dim=1) > 0
-    after_eos[:, 0] = False
-    after_eos[:, 1:] = after_eos[:, :-1].clone()  # keep the first EOS itself, fill after it
+    cont = out.sequences[:, prefixes.shape[1] :].cpu()
+    is_eos = (cont == eos_id).long()
+    after_eos = (torch.cumsum(is_eos, dim=1) - is_eos) > 0  # an EOS strictly before this position
     cont = cont.masked_fill(after_eos, eos_id)
-    return torch.cat([prefixes, cont], dim=1)
+    return torch.cat([prefixes.cpu(), cont], dim=1)
 
 
 def build_distill_set(
@@ -147,14 +154,14 @@ def build_distill_set(
     sampler = PrefixSampler(source, tokenizer, bos_id=bos, eos_id=eos)
     meta_path, bin_path = out / f"{split}.json", out / f"{split}.bin"
     dtype = np.dtype(source.metadata["dtype"])
-    meta = {**_metadata(source, tokenizer, settings, dtype), "split": split}
+    meta = {**_metadata(source, tokenizer, settings, dtype), "split": split, "model_sha256": model_fingerprint(model)}
     done_rows = _resume_point(bin_path, meta_path, meta, settings, dtype)
     batches = -(-settings.rows // settings.batch_size)
     bar = tqdm(total=settings.rows, initial=done_rows, unit="row", desc="distill", disable=not progress)
     with open(bin_path, "ab") as fh:
         for index in range(done_rows // settings.batch_size if done_rows < settings.rows else batches, batches):
             first = index * settings.batch_size
-            prefixes = batch_prefixes(sampler, settings, index)
+            prefixes = batch_prefixes(sampler, settings, index, split)
             rows = continue_greedily(model, prefixes, settings.row_len - prefixes.shape[1], eos_id=eos)
             # the rows of this batch not yet on disk (a batch is regenerated identically on resume)
             rows = rows[done_rows - first : settings.rows - first]
@@ -190,12 +197,28 @@ def _resume_point(bin_path: Path, meta_path: Path, meta: dict, settings: Distill
         bin_path.unlink(missing_ok=True)
         return 0
     old = json.loads(meta_path.read_text(encoding="utf-8"))
-    if old.get("settings") != meta["settings"] or old.get("source") != meta["source"]:
-        raise ValueError(f"{meta_path.parent} was built with other settings; use a new directory")
+    for key in ("settings", "source", "tokenizer_sha256", "model_sha256"):
+        if old.get(key) != meta[key]:
+            raise ValueError(
+                f"{meta_path.parent} was built with other {key.replace('_sha256', '')}; use a new directory"
+            )
     rows = int(old["rows"])
+    size = bin_path.stat().st_size if bin_path.exists() else 0
+    if size < rows * settings.row_len * dtype.itemsize:
+        raise ValueError(f"{bin_path} holds fewer than the {rows} rows its metadata promises; rebuild it")
     with open(bin_path, "r+b") as fh:  # drop bytes of a batch that was being written when killed
         fh.truncate(rows * settings.row_len * dtype.itemsize)
     return rows
+
+
+def model_fingerprint(model) -> str:
+    """SHA-256 over the model's parameters and buffers (names, shapes, dtypes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _write_json(path: Path, data: dict) -> None:

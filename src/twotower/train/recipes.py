@@ -154,6 +154,11 @@ def train_denoiser(
     `block_size` (the last phase) is what the saved model records as its trained block size.
     """
     block_at = block_size_schedule(block_size, curriculum)
+    if curriculum and sum(steps for _, steps in curriculum) >= settings.steps:
+        raise ValueError(
+            f"the curriculum's {sum(steps for _, steps in curriculum)} steps leave none of the {settings.steps} "
+            f"for block_size {block_size}, which the saved model would claim it was trained at"
+        )
     for size in {block_size, *(b for b, _ in curriculum)}:
         if settings.seq_len % size:
             raise ValueError(f"seq_len {settings.seq_len} must be a multiple of block size {size}")
