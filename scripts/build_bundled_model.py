@@ -2,11 +2,13 @@
 tokenizer, corpus manifest, loss-curve plot and MODEL_CARD.md figures (computed from the logs).
 
     python scripts/build_bundled_model.py --ar-run runs/tiny-ar --denoiser-run runs/tiny-denoiser \
-        --distill-run runs/tiny-denoiser-distill --distill-data runs/distill \
+        --distill-run runs/tiny-denoiser-distill runs/tiny-denoiser-distill2 \
+        --distill-data runs/distill runs/distill-joined \
         --tokenizer runs/tokenizer --corpus runs/corpus --packed runs/packed
 
-With `--distill-run`, the weights are that run's (the denoiser fine-tuned on self-distillation rows,
-`scripts/distill_tiny.py`) and its log is the third training stage.
+With `--distill-run` (one or more runs, in order), the weights are the last run's (the denoiser
+fine-tuned on self-distillation rows, `scripts/distill_tiny.py`, `scripts/distill_tiny_round2.py`)
+and their logs are the later training stages.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ar-run", type=Path, required=True)
     p.add_argument("--denoiser-run", type=Path, required=True)
-    p.add_argument("--distill-run", type=Path, default=None, help="denoiser fine-tuned on distillation rows")
-    p.add_argument("--distill-data", type=Path, default=None, help="the distillation rows it trained on")
+    p.add_argument("--distill-run", type=Path, nargs="*", default=[], help="denoiser runs on distillation rows, in order")
+    p.add_argument("--distill-data", type=Path, nargs="*", default=[], help="the distillation rows each trained on")
     p.add_argument("--tokenizer", type=Path, required=True)
     p.add_argument("--corpus", type=Path, required=True)
     p.add_argument("--packed", type=Path, required=True)
@@ -67,7 +69,7 @@ def main() -> None:
     card = (ASSET / "MODEL_CARD.md").read_text() if (ASSET / "MODEL_CARD.md").is_file() else None
     if ASSET.exists():
         shutil.rmtree(ASSET)
-    shutil.copytree((args.distill_run or args.denoiser_run) / "model", ASSET)
+    shutil.copytree((args.distill_run[-1] if args.distill_run else args.denoiser_run) / "model", ASSET)
     if card is not None:  # hand-written; its figures are updated from training_facts.json by hand
         (ASSET / "MODEL_CARD.md").write_text(card)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -77,9 +79,9 @@ def main() -> None:
     figure = REPO / "docs" / "figures" / "tiny_training.png"
     logs = [str(args.ar_run / "log.jsonl"), str(args.denoiser_run / "log.jsonl")]
     labels = ["AR pretraining (context tower)", "denoiser training (mask diffusion, S=16)"]
-    if args.distill_run:
-        logs.append(str(args.distill_run / "log.jsonl"))
-        labels.append("denoiser on self-distillation rows")
+    for i, run in enumerate(args.distill_run, start=1):
+        logs.append(str(run / "log.jsonl"))
+        labels.append(f"denoiser on self-distillation rows (round {i})")
     subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "plot_training.py"), *logs, "--labels", *labels,
          "--out", str(figure)],
@@ -89,12 +91,11 @@ def main() -> None:
     facts = {
         "ar": summarise(args.ar_run),
         "denoiser": summarise(args.denoiser_run),
-        **({"denoiser_distill": summarise(args.distill_run)} if args.distill_run else {}),
-        **(
-            {"distill_data": {s: _meta(args.distill_data / f"{s}.json") for s in ("train", "heldout")}}
-            if args.distill_data
-            else {}
-        ),
+        **{f"denoiser_distill_round{i}": summarise(run) for i, run in enumerate(args.distill_run, start=1)},
+        **{
+            f"distill_data_round{i}": {s: _meta(d / f"{s}.json") for s in ("train", "heldout")}
+            for i, d in enumerate(args.distill_data, start=1)
+        },
         "packed": {s: json.loads((args.packed / f"{s}.json").read_text()) for s in ("train", "heldout")},
         "weights_sha256": sha256(ASSET / "model.safetensors"),
         "weights_bytes": (ASSET / "model.safetensors").stat().st_size,
