@@ -22,11 +22,10 @@ from __future__ import annotations
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 from ..cache import HybridCache
+from ..layers.mamba2 import MambaState
 from ..layers.mlp import relu2
-from ..layers.ssd import ssd_step
 
 CAPACITY_ROUNDING = 128  # capacities are rounded up so that nearby lengths share one compiled graph
 RECOMPILE_LIMIT = 64  # compiled shapes (batch x capacity) kept before Dynamo gives up on recompiling
@@ -150,32 +149,11 @@ def decode_step(body, head, tokens, position, kv, conv, ssm, valid) -> torch.Ten
 
 
 def _mamba_step(mixer, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
-    b = u.shape[0]
-    z, xbc, dt = mixer.in_proj(u[:, 0]).split([mixer.d_inner, mixer.conv_dim, mixer.num_heads], dim=-1)
-    window = torch.cat([conv_state, xbc[:, :, None].to(conv_state.dtype)], dim=-1)  # (b, C, K)
-    w = mixer.conv1d.weight[:, 0]
-    out = (window.to(w.dtype) * w).sum(-1)
-    if mixer.conv1d.bias is not None:
-        out = out + mixer.conv1d.bias
-    conv_state.copy_(window[:, :, 1:])
-    xbc = F.silu(out).to(u.dtype)
-    dt = mixer._dt(dt)
-    gs = mixer.n_groups * mixer.state_size
-    x, B, C = xbc.split([mixer.d_inner, gs, gs], dim=-1)
-    x = x.reshape(b, mixer.num_heads, mixer.head_dim)
-    A = -torch.exp(mixer.A_log.float())
-    y, new_state = ssd_step(
-        x,
-        dt,
-        A,
-        B.reshape(b, mixer.n_groups, mixer.state_size),
-        C.reshape(b, mixer.n_groups, mixer.state_size),
-        ssm_state,
-    )
-    ssm_state.copy_(new_state)
-    y = y + x.float() * mixer.D.float()[:, None]
-    y = mixer.norm(y.reshape(b, 1, mixer.d_inner), z[:, None].float())
-    return mixer.out_proj(y.to(u.dtype))
+    """The mixer's own one-token step; its new states are written into the fixed buffers."""
+    y, state = mixer(u, MambaState(conv_state, ssm_state))
+    conv_state.copy_(state.conv)
+    ssm_state.copy_(state.ssm)
+    return y
 
 
 def _moe_step(moe, u: torch.Tensor) -> torch.Tensor:
