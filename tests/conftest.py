@@ -71,20 +71,13 @@ def tiny_model():
 
 
 @torch.no_grad()
-def perturbed_twotower(*, vocab_size: int = 96, seed: int = 0, sharpness: float = 20.0):
-    """from_backbone, then a denoiser that differs from the context tower, a sharpened denoiser head
-    (confidences spread over [0, 1], so thresholds matter) and non-trivial adaLN tables and t_block."""
-    from twotower.backbone import NemotronHForCausalLM
-    from twotower.model import TwoTowerForCausalLM
-
-    torch.manual_seed(seed)
-    backbone = NemotronHForCausalLM(tiny_config("M*E-", vocab_size=vocab_size)).eval()
-    randomise_special_params(backbone, seed=seed)
-    model = TwoTowerForCausalLM.from_backbone(backbone).eval()
-    g = torch.Generator().manual_seed(seed + 1)
+def perturb_denoiser(model, *, seed: int, noise: float = 0.5, sharpness: float = 20.0):
+    """Make the denoiser differ from the context tower, sharpen its head (confidences spread over
+    [0, 1], so thresholds matter) and make the adaLN tables and t_block non-trivial. In place."""
+    g = torch.Generator().manual_seed(seed)
     for p in model.denoiser_tower.parameters():
         if p.numel() > 1:
-            p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g))
+            p.add_(noise * p.std() * torch.randn(p.shape, generator=g))
     model.lm_head.weight.mul_(sharpness)
     for p in [*model.t_embedder.parameters(), *model.t_block.parameters()]:
         p.copy_(0.2 * torch.randn(p.shape, generator=g))
@@ -92,3 +85,16 @@ def perturbed_twotower(*, vocab_size: int = 96, seed: int = 0, sharpness: float 
         table.copy_(0.2 * torch.randn(table.shape, generator=g))
         table[2].add_(1.0)
     return model
+
+
+@torch.no_grad()
+def perturbed_twotower(pattern: str = "M*E-", *, vocab_size: int = 96, seed: int = 0, sharpness: float = 20.0):
+    """from_backbone of a random tiny backbone, then `perturb_denoiser` (seeded with seed + 1)."""
+    from twotower.backbone import NemotronHForCausalLM
+    from twotower.model import TwoTowerForCausalLM
+
+    torch.manual_seed(seed)
+    backbone = NemotronHForCausalLM(tiny_config(pattern, vocab_size=vocab_size)).eval()
+    randomise_special_params(backbone, seed=seed)
+    model = TwoTowerForCausalLM.from_backbone(backbone).eval()
+    return perturb_denoiser(model, seed=seed + 1, sharpness=sharpness)

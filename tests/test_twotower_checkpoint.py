@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import randomise_special_params, tiny_config
+from tests.conftest import perturbed_twotower, tiny_config
 from twotower.backbone import NemotronHForCausalLM
 from twotower.checkpoint import INDEX_NAME, WEIGHTS_NAME, CheckpointError, read_tensors, write_tensors
 from twotower.model import TwoTowerForCausalLM
@@ -19,24 +19,10 @@ PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20]]
 GEN = dict(max_new_tokens=8, block_size=4, steps_per_block=4, confidence_threshold=0.5)
 
 
-@torch.no_grad()
 def make_model(seed: int = 0) -> TwoTowerForCausalLM:
-    """from_backbone, then a denoiser that differs from the context tower and non-trivial adaLN, so a
-    load that dropped or re-initialised any part would show."""
-    torch.manual_seed(seed)
-    backbone = NemotronHForCausalLM(tiny_config("M*E-")).eval()
-    randomise_special_params(backbone, seed=seed)
-    model = TwoTowerForCausalLM.from_backbone(backbone).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    for p in model.denoiser_tower.parameters():
-        p.add_(0.5 * p.std() * torch.randn(p.shape, generator=g) if p.numel() > 1 else 0.1)
-    model.lm_head.weight.mul_(20.0)
-    for p in [*model.t_embedder.parameters(), *model.t_block.parameters()]:
-        p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    for table in model.scale_shift_tables:
-        table.copy_(0.2 * torch.randn(table.shape, generator=g))
-        table[2].add_(1.0)
-    return model
+    """A denoiser that differs from the context tower and non-trivial adaLN, so a load that dropped
+    or re-initialised any part would show."""
+    return perturbed_twotower(seed=seed)
 
 
 @pytest.fixture(scope="module")

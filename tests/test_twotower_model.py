@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests import conftest
 from tests.conftest import randomise_special_params, tiny_config
 from twotower.backbone import NemotronHForCausalLM
 from twotower.conditioning import timestep_sinusoid
@@ -27,24 +28,8 @@ def make_backbone(pattern: str = "M*E-", seed: int = 0) -> NemotronHForCausalLM:
     return model
 
 
-@torch.no_grad()
-def perturb_denoiser(model: TwoTowerForCausalLM, *, seed: int = 1, noise: float = 0.5) -> TwoTowerForCausalLM:
-    """Make the denoiser differ from the context tower, with non-trivial adaLN tables and t_block."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.denoiser_tower.parameters():
-        if p.numel() > 1:
-            p.add_(noise * p.std() * torch.randn(p.shape, generator=g))
-    model.lm_head.weight.mul_(4.0)  # peakier predictions, so confidences spread over [0, 1]
-    for p in [*model.t_embedder.parameters(), *model.t_block.parameters()]:
-        p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    for table in model.scale_shift_tables:
-        table.copy_(0.2 * torch.randn(table.shape, generator=g))
-        table[2].add_(1.0)
-    return model
-
-
 def perturbed_twotower(pattern: str = "M*E-", seed: int = 0) -> TwoTowerForCausalLM:
-    return perturb_denoiser(TwoTowerForCausalLM.from_backbone(make_backbone(pattern, seed)).eval(), seed=seed + 1)
+    return conftest.perturbed_twotower(pattern, seed=seed, sharpness=4.0)
 
 
 def prefilled_cache(model: TwoTowerForCausalLM, prompts: list[list[int]], *, extra: int = 8):

@@ -21,15 +21,6 @@ TOKENIZER_TEXTS = [
 ] * 20
 
 
-@pytest.fixture(autouse=True, scope="package")
-def one_thread():
-    """Tiny tensors: a second intra-op thread only adds contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @torch.no_grad()
 def build_tiny_checkpoint(out: Path, *, seed: int = 0) -> Path:
     """A random TwoTower (two independent towers, sharpened heads so that confidences spread over
