@@ -163,10 +163,10 @@ def generate_speculative(
         # 4. roll back to pending + accepted drafts
         cache.rollback(accepted + 1)
         keep_rows = []
-        for j, r in enumerate(active.tolist()):
-            n = int(accepted[j]) + 1
-            accepted_per_block[r].append(n - 1)
-            outputs[r].extend(drafted[j, :n].tolist())
+        # one host transfer each for the accept counts and the drafts, not one per row
+        for r, n_accepted, draft_row in zip(active.tolist(), accepted.tolist(), drafted.tolist(), strict=True):
+            accepted_per_block[r].append(n_accepted)
+            outputs[r].extend(draft_row[: n_accepted + 1])
             outputs[r] = cut_at_eos(outputs[r], eos)[:max_new_tokens]
             finished = len(outputs[r]) >= max_new_tokens or (eos and outputs[r] and outputs[r][-1] in eos)
             keep_rows.append(not finished)
