@@ -50,6 +50,18 @@ def test_static_decode_step_cli_equals_eager(model_dir, capsys):
     assert static["completion"] == eager["completion"] and static["tokens"] == eager["tokens"]
 
 
+def test_anchored_diffusion_cli_matches_the_library(model_dir, capsys):
+    out = _json_run(capsys, "generate", "the quick", "--model", str(model_dir), "--anchor",
+                    "--max-new-tokens", "12", "--block-size", "4", "--json")  # fmt: skip
+    loaded = load_for_inference(str(model_dir))
+    tok = loaded.tokenizer
+    ref = loaded.model.generate_mask_diffusion(
+        [[tok.bos_id, *tok.encode("the quick")]], max_new_tokens=12, block_size=4, eos_token_id=tok.eos_id, anchor=True
+    )
+    assert out["completion"] == tok.decode([t for t in ref.new_tokens[0] if t != tok.eos_id])
+    assert out["nfe"] == ref.stats["nfe"]
+
+
 def test_show_steps_renders_the_unmasking(model_dir, capsys):
     assert main(["generate", "fox", "--model", str(model_dir), "--max-new-tokens", "8", "--block-size", "4",
                  "--show-steps", "--threshold", "1.0"]) == 0  # fmt: skip
@@ -67,6 +79,7 @@ def test_show_steps_renders_the_unmasking(model_dir, capsys):
         (["generate", "x", "--mode", "ar", "--show-steps"], "show-steps"),
         (["generate", "x", "--threshold", "2"], "confidence_threshold"),
         (["generate", "x", "--decode-step", "compiled"], "--mode ar only"),
+        (["generate", "x", "--mode", "ar", "--anchor"], "--mode diffusion only"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(model_dir, capsys, argv, msg):

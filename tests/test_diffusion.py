@@ -288,3 +288,62 @@ def test_seeded_sampling_is_reproducible(model):
 def test_bad_options_raise_value_error_naming_the_option(model, opts, name):
     with pytest.raises(ValueError, match=name):
         model.generate_mask_diffusion([[5, 6, 7]], **opts)
+
+
+# ---- anchored blocks: position 0 is the context tower's token -------------------------------------------
+def test_anchored_one_token_blocks_are_exactly_ar(model):
+    """With S=1 every block is its anchor: no denoiser forward, and the output is AR decoding's."""
+    prompts = random_prompts((3, 9, 1, 6), seed=8)
+    out = model.generate_mask_diffusion(prompts, max_new_tokens=7, block_size=1, anchor=True)
+    assert out.stats["nfe"] == 0
+    assert out.new_tokens == model.generate_ar(prompts, max_new_tokens=7).new_tokens
+
+
+def test_anchored_blocks_equal_hand_rolled_decoding(model):
+    """Position 0 is the AR argmax after everything committed; the denoiser fills the rest from t=(S-1)/S."""
+    prompt = random_prompts((5,), seed=9)[0]
+    out = model.generate_mask_diffusion([prompt], max_new_tokens=9, block_size=3, steps_per_block=1, anchor=True)
+    seq = list(prompt)
+    for _ in range(3):
+        first = model.context_forward(torch.tensor([seq]))[0, -1].argmax().item()  # uncached full forward
+        cache = model.empty_cache(1, capacity=len(seq))
+        model.extend_context(torch.tensor([seq]), cache)
+        canvas = torch.tensor([[first, MASK, MASK]])
+        logits = model.denoise(canvas, torch.tensor([2 / 3]), DenoiserContext.from_cache(cache))
+        logits[..., MASK] = float("-inf")
+        seq += [first] + logits[0, 1:].argmax(-1).tolist()
+    assert out.new_tokens[0] == seq[len(prompt) :]
+    assert out.stats["nfe"] == 3 and out.stats["settings"]["anchor"] is True
+    # the anchor changes the output: the denoiser alone would not have chosen these blocks
+    assert model.generate_mask_diffusion([prompt], max_new_tokens=9, block_size=3, steps_per_block=1).new_tokens != [
+        seq[len(prompt) :]
+    ]
+
+
+def test_anchored_batches_equal_each_alone_and_stop_at_an_anchored_eos(model):
+    prompts = random_prompts((3, 9, 1, 6), seed=3)
+    opts = dict(max_new_tokens=12, anchor=True, **OPTS)
+    free = model.generate_mask_diffusion(prompts, **opts)
+    for i, p in enumerate(prompts):
+        assert model.generate_mask_diffusion([p], **opts).new_tokens[0] == free.new_tokens[i], i
+    # an EOS that is some row's very first (anchored) token and that another row never produces
+    eos = next(row[0] for row in free.new_tokens if any(row[0] not in other for other in free.new_tokens))
+    out = model.generate_mask_diffusion(prompts, eos_token_id=eos, **opts)
+    for r, row in enumerate(free.new_tokens):
+        assert out.new_tokens[r] == cut_at_eos(row, [eos]), r
+        if row[0] == eos:  # ended before any denoiser step
+            assert out.new_tokens[r] == [eos] and out.stats["steps_per_block"][r] == [0]
+    assert any(eos not in row for row in out.new_tokens)
+
+
+def test_anchored_seeded_sampling_is_reproducible(model):
+    prompts = random_prompts((3, 6), seed=5)
+    opts = dict(max_new_tokens=8, temperature=1.0, seed=7, anchor=True, **OPTS)
+    a = model.generate_mask_diffusion(prompts, **opts)
+    assert a.new_tokens == model.generate_mask_diffusion(prompts, **opts).new_tokens
+    assert a.new_tokens != model.generate_mask_diffusion(prompts, **{**opts, "seed": 8}).new_tokens
+
+
+def test_anchor_must_be_a_bool(model):
+    with pytest.raises(ValueError, match="anchor"):
+        model.generate_mask_diffusion([[5, 6, 7]], anchor="yes")

@@ -8,8 +8,9 @@ import torch
 
 from tests.conftest import randomise_special_params, tiny_config
 from twotower.backbone import NemotronHForCausalLM
+from twotower.decode.diffusion import anchored_canvas
 from twotower.decode.sampling import RowGenerators
-from twotower.decode.speculative import draft_canvas, verify, verify_greedy, verify_sampled
+from twotower.decode.speculative import verify, verify_greedy, verify_sampled
 from twotower.model import TwoTowerForCausalLM
 
 
@@ -74,8 +75,8 @@ def test_verify_greedy_accepts_the_agreeing_prefix():
     assert nxt.tolist() == [6, 2, 1]
 
 
-def test_draft_canvas_fixes_the_pending_token_and_masks_the_rest():
-    canvas, masked = draft_canvas(torch.tensor([7, 8]), size=3, mask_id=1, device="cpu")
+def test_anchored_canvas_fixes_the_pending_token_and_masks_the_rest():
+    canvas, masked = anchored_canvas(torch.tensor([7, 8]), size=3, mask_id=1, device="cpu")
     assert canvas.tolist() == [[7, 1, 1], [8, 1, 1]]
     assert masked.tolist() == [[False, True, True]] * 2
 

@@ -39,6 +39,12 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--threshold", type=float, default=0.9, help="confidence threshold gamma for committing (default: 0.9)"
     )
+    g.add_argument(
+        "--anchor",
+        action="store_true",
+        help="diffusion mode: each block's first token is the context tower's own next token (read from the "
+        "forward that commits the previous block); the denoiser fills the rest. Not in the paper; off by default",
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     g.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
@@ -55,7 +61,11 @@ def generation_kwargs(args: argparse.Namespace, eos_id: int | None) -> dict:
     )
     if args.mode == "diffusion":
         kw.update(block_size=args.block_size, steps_per_block=args.steps_per_block, confidence_threshold=args.threshold)
-    elif args.mode == "speculative":
+        if getattr(args, "anchor", False):
+            kw["anchor"] = True
+    elif getattr(args, "anchor", False):
+        raise CLIError("--anchor applies to --mode diffusion only")
+    if args.mode == "speculative":
         kw.update(block_size=args.block_size, draft_steps=args.draft_steps, confidence_threshold=args.threshold)
     if getattr(args, "decode_step", "eager") != "eager":
         if args.mode != "ar":

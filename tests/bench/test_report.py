@@ -54,11 +54,31 @@ def test_paper_comparison_with_the_papers_setting(bench_result):
     assert report.paper_comparison(result).endswith("(does not meet both targets).")
 
 
+def test_frontier_keeps_only_undominated_settings(bench_result):
+    result = copy.deepcopy(bench_result)
+    template = result.rows[1]
+    points = {"slow-good": (99.0, 0.5), "fast-bad": (40.0, 2.0), "dominated": (39.0, 1.9), "middle": (80.0, 1.5)}
+    result.rows = [result.rows[0]]  # AR: 100% at 1.0x
+    result.rows[0].throughput[1].ratio_to_ar = 1.0
+    for i, (q, x) in enumerate(points.values()):
+        row = copy.deepcopy(template)
+        row.setting = Setting("diffusion", 0.1 * (i + 1), 16, 16)
+        row.quality_retained, row.throughput[1].ratio_to_ar = q, x
+        result.rows.append(row)
+    on = [(r.quality_retained, r.throughput[1].ratio_to_ar) for r in report.frontier(result)]
+    assert on == [(40.0, 2.0), (80.0, 1.5), (100.0, 1.0)]  # slow-good loses to AR; "dominated" to fast-bad
+    assert report.frontier_line(result).startswith(
+        "Frontier (batch 1, fastest first): diffusion γ=0.2 S=16 T=16: 40.0% at 2.00x;"
+    )
+    assert "99.0%" not in report.frontier_line(result)
+
+
 def test_json_record(bench_result, tmp_path):
     path = tmp_path / "bench.json"
     report.write_json(bench_result, path)
     data = json.loads(path.read_text(encoding="utf-8"))
     assert data["paper_point"] == PAPER_POINT
+    assert data["frontier"] == [r.label for r in report.frontier(bench_result)] and data["frontier"]
     assert data["options"]["batch_sizes"] == [1, SMALL_BATCH]
     assert data["environment"]["torch_threads"] == 1
     for row, original in zip(data["rows"], bench_result.rows, strict=True):

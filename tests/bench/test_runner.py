@@ -115,6 +115,20 @@ def test_settings_grid():
     assert settings_grid(thresholds=[0.8], block_sizes=[16], steps_per_block=4)[1].steps_per_block == 4
     assert len(settings_grid(thresholds=[0.8, 0.8], block_sizes=[16, 16])) == 2  # AR + one diffusion setting
     assert Setting("diffusion", 0.8, 16, 16).label == "diffusion γ=0.8 S=16 T=16"
+    anchored = settings_grid(thresholds=[0.9, 0.8], block_sizes=[16], anchor=True)
+    assert [(s.threshold, s.anchor) for s in anchored[1:]] == [(0.9, False), (0.9, True), (0.8, False), (0.8, True)]
+    assert anchored[2].label == "diffusion γ=0.9 S=16 T=16, anchored"
+
+
+def test_anchored_row_decodes_like_anchored_diffusion(tiny_model):
+    setting = Setting("diffusion", 0.8, 4, 4, anchor=True)
+    decode = make_decoder(setting, tiny_model, eos_token_id=EOS)
+    prompts = [[5, 6, 7], [8, 9]]
+    want = tiny_model.generate_mask_diffusion(prompts, max_new_tokens=9, block_size=4, confidence_threshold=0.8,
+                                              eos_token_id=EOS, anchor=True)  # fmt: skip
+    assert decode(prompts, 9).new_tokens == want.new_tokens
+    plain = make_decoder(Setting("diffusion", 0.8, 4, 4), tiny_model, eos_token_id=EOS)(prompts, 9)
+    assert plain.new_tokens != want.new_tokens  # the anchor really reached the decoder
 
 
 def test_compiled_ar_row_decodes_exactly_like_ar(tiny_model):

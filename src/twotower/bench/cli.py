@@ -57,6 +57,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="K",
         help="draft steps for --speculative rows (default: 2)",
     )
+    p.add_argument(
+        "--anchor",
+        action="store_true",
+        help="also run every diffusion setting anchored: each block's first token from the context tower's head "
+        "(generate_mask_diffusion(anchor=True); not in the paper)",
+    )
     p.add_argument("--no-hf", action="store_true", help="leave out the transformers generate baseline row")
     p.add_argument(
         "--ar-compiled",
@@ -138,6 +144,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         draft_steps=args.draft_steps if speculative else (),
         hf=hf_model is not None,
         ar_compiled=args.ar_compiled,
+        anchor=args.anchor,
     )
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_benchmark(

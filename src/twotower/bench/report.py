@@ -62,7 +62,7 @@ def _cells(row: SettingResult, batches: list[int]) -> list[str]:
 def paper_comparison(result: BenchResult) -> str:
     """One line: the paper's operating point against ours at the same (gamma, S), batch 1."""
     paper = PAPER_POINT
-    row = result.row("diffusion", threshold=paper["threshold"], block_size=paper["block_size"])
+    row = result.row("diffusion", threshold=paper["threshold"], block_size=paper["block_size"], anchor=False)
     head = f"Paper (γ={paper['threshold']}, S={paper['block_size']}): {paper['quality_retained']}% quality retained at {paper['throughput_ratio']}x AR."
     if row is None:
         return head + " That setting was not run here."
@@ -70,6 +70,30 @@ def paper_comparison(result: BenchResult) -> str:
     met = q is not None and q >= paper["quality_retained"] and x >= paper["throughput_ratio"]
     return (
         head + f" Here, batch 1: {_fmt(q, '.1f')}% at {x:.2f}x AR ({'meets' if met else 'does not meet'} both targets)."
+    )
+
+
+def frontier(result: BenchResult) -> list[SettingResult]:
+    """The settings on the batch-1 frontier of (quality retained, throughput ratio), fastest first:
+    no other setting is at least as good on both and better on one. AR itself (1.0x, 100%) counts."""
+    rows = [r for r in result.rows if r.quality_retained is not None and 1 in r.throughput]
+
+    def point(r: SettingResult) -> tuple[float, float]:
+        return r.quality_retained, r.throughput[1].ratio_to_ar
+
+    def dominated(r: SettingResult) -> bool:
+        q, x = point(r)
+        return any((q2 >= q and x2 >= x) and (q2 > q or x2 > x) for q2, x2 in (point(o) for o in rows if o is not r))
+
+    return sorted((r for r in rows if not dominated(r)), key=lambda r: -point(r)[1])
+
+
+def frontier_line(result: BenchResult) -> str:
+    best = frontier(result)
+    if not best:
+        return "Frontier (batch 1): no setting has a quality figure."
+    return "Frontier (batch 1, fastest first): " + "; ".join(
+        f"{r.label}: {r.quality_retained:.1f}% at {r.throughput[1].ratio_to_ar:.2f}x" for r in best
     )
 
 
@@ -82,6 +106,7 @@ def render(result: BenchResult) -> str:
         markdown_table(result),
         "",
         paper_comparison(result),
+        frontier_line(result),
         "",
         f"Eval set: {items} items; greedy; {opts['repeats']} timed rounds per batch size; "
         f"torch {env.get('torch')}, {env.get('torch_threads')} thread(s), {env.get('device')}, {env.get('dtype')}.",
@@ -98,6 +123,7 @@ def to_json(result: BenchResult) -> dict:
         data["label"] = row.label
     record["paper_point"] = dict(PAPER_POINT)
     record["paper_comparison"] = paper_comparison(result)
+    record["frontier"] = [row.label for row in frontier(result)]
     record["metric_notes"] = METRIC_NOTES
     return record
 

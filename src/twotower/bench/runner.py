@@ -36,13 +36,15 @@ PAPER_POINT = {"quality_retained": 98.7, "throughput_ratio": 2.42, "threshold": 
 @dataclass(frozen=True)
 class Setting:
     """One decoding configuration. Diffusion and speculative use threshold and block_size;
-    diffusion also steps_per_block (T), speculative draft_steps."""
+    diffusion also steps_per_block (T) and anchor (each block's first token from the AR head),
+    speculative draft_steps."""
 
     mode: str
     threshold: float | None = None
     block_size: int | None = None
     steps_per_block: int | None = None
     draft_steps: int | None = None
+    anchor: bool = False
 
     @property
     def label(self) -> str:
@@ -53,7 +55,8 @@ class Setting:
         if self.mode == "hf-generate":
             return "transformers generate (AR weights)"
         if self.mode == "diffusion":
-            return f"diffusion γ={self.threshold:g} S={self.block_size} T={self.steps_per_block}"
+            anchored = ", anchored" if self.anchor else ""
+            return f"diffusion γ={self.threshold:g} S={self.block_size} T={self.steps_per_block}{anchored}"
         return f"speculative γ={self.threshold:g} S={self.block_size} draft={self.draft_steps}"
 
 
@@ -65,13 +68,17 @@ def settings_grid(
     draft_steps: Sequence[int] = (),
     hf: bool = False,
     ar_compiled: bool = False,
+    anchor: bool = False,
 ) -> list[Setting]:
-    """AR first, then diffusion for each (block size, threshold), speculative for each
-    (block size, threshold, draft steps), then the transformers baseline. T defaults to S.
-    Repeated values are run once."""
+    """AR first, then diffusion for each (block size, threshold) (with `anchor`, each followed by
+    its anchored twin), speculative for each (block size, threshold, draft steps), then the
+    transformers baseline. T defaults to S. Repeated values are run once."""
     grid = [Setting("ar")] + ([Setting("ar-compiled")] if ar_compiled else [])
     for s in block_sizes:
-        grid += [Setting("diffusion", g, s, steps_per_block or s) for g in thresholds]
+        for g in thresholds:
+            grid.append(Setting("diffusion", g, s, steps_per_block or s))
+            if anchor:
+                grid.append(Setting("diffusion", g, s, steps_per_block or s, anchor=True))
     for s in block_sizes:
         grid += [Setting("speculative", g, s, draft_steps=d) for g in thresholds for d in draft_steps]
     if hf:
@@ -161,6 +168,7 @@ def make_decoder(setting: Setting, model, *, eos_token_id, hf_model=None) -> Dec
             block_size=setting.block_size,
             steps_per_block=setting.steps_per_block,
             confidence_threshold=setting.threshold,
+            anchor=setting.anchor,
             **common,
         )
     if setting.mode == "speculative":

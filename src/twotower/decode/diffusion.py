@@ -7,6 +7,12 @@ Per block of S positions:
      predicts all of them and commits the c most confident (the commit rule below).
   3. the context tower appends the S committed tokens in ONE forward.
   4. a row whose block holds an EOS stops; it leaves the batch (its cache rows are dropped).
+
+Anchored variant (`anchor=True`, not in the paper; off by default): position 0 of every block is the
+context tower's own next token, read from its head at the last committed position (prefill and each
+extension forward compute that position anyway, so it costs one row of the head); the denoiser fills
+the other S-1 positions, with t = masked fraction as usual. Every block then starts exactly where AR
+decoding would, which is where a block's drift from the AR output would otherwise begin.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from ..model import DenoiserContext
 from .ar import check_max_new_tokens
 from .batch import GenerationOutput, cut_at_eos, left_pad, normalise_eos
 from .sampling import RowGenerators, check_sampling_options, choose_tokens, make_generator
+from .twotower import ar_logits
 
 
 @dataclass(frozen=True)
@@ -128,6 +135,20 @@ def denoise_block(
     return canvas, row_steps, forwards
 
 
+def anchored_canvas(
+    first: torch.Tensor, *, size: int, mask_id: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block whose position 0 holds `first` (b,) (already decided by the AR model) and whose other
+    size-1 positions are masked. Returns the canvas (b, size) long and `masked` (b, size) bool, True
+    where the denoiser fills; on `device` (default: `first`'s)."""
+    device = first.device if device is None else device
+    canvas = torch.full((len(first), size), mask_id, dtype=torch.long, device=device)
+    canvas[:, 0] = first.to(device)
+    masked = torch.ones_like(canvas, dtype=torch.bool)
+    masked[:, 0] = False
+    return canvas, masked
+
+
 def _block_reporter(step_callback: Callable[[dict], None], **where) -> Callable[[dict], None]:
     """Adds the block's index, start position and original row ids to every step event."""
     return lambda event: step_callback({**event, **where})
@@ -149,11 +170,15 @@ def generate_mask_diffusion(
     step_callback: Callable[[dict], None] | None = None,
     seed: int | None = None,
     attention_mask: torch.Tensor | None = None,
+    anchor: bool = False,
 ) -> GenerationOutput:
     """Block-wise mask diffusion with the reference's arguments and defaults. Returns prompt +
     generated ids and statistics (NFE, tokens per forward, steps per block, per-row lengths).
 
     `max_new_tokens` need not be a multiple of `block_size`: the last block is shorter.
+    `anchor=True`: each block's first token is the context tower's (greedy at temperature 0, else
+    sampled at `temperature`/`top_k`), the denoiser fills the rest (see the module docstring). Those
+    tokens count as generated but cost no denoiser forward.
     """
     check_max_new_tokens(max_new_tokens)
     settings = DiffusionSettings(block_size, steps_per_block, confidence_threshold, temperature, top_k)
@@ -172,9 +197,20 @@ def generate_mask_diffusion(
     b = batch.ids.shape[0]
     gen = make_generator(seed, model.denoiser_device)
 
+    if not isinstance(anchor, bool):
+        raise ValueError(f"anchor must be True or False, got {anchor!r}")
+
+    def extend(ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Append to the context cache; anchored, also the AR choice of the next token (b,)."""
+        if not anchor:
+            model.extend_context(ids, cache, mask=mask)
+            return None
+        logits = ar_logits(model, ids.to(ctx_device), cache, mask).to(model.denoiser_device)
+        return choose_tokens(logits, temperature=temperature, top_k=top_k, generator=gen)
+
     t0 = time.perf_counter()
     cache = model.empty_cache(b, capacity=batch.ids.shape[1] + max_new_tokens)
-    model.extend_context(batch.ids, cache, mask=None if batch.all_valid else batch.mask)
+    pending = extend(batch.ids, None if batch.all_valid else batch.mask)
     out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long)
     active = torch.arange(b)  # original row index of each cache row
     steps_per_row = torch.zeros(b, dtype=torch.long)
@@ -190,6 +226,9 @@ def generate_mask_diffusion(
         if step_callback is not None:
             on_step = _block_reporter(step_callback, rows=active.clone(), block=block_index, position=pos)
 
+        canvas = masked = None
+        if anchor:
+            canvas, masked = anchored_canvas(pending, size=size, mask_id=mask_id)
         canvas, row_steps, forwards = denoise_block(
             model,
             context,
@@ -199,6 +238,8 @@ def generate_mask_diffusion(
             mask_id=mask_id,
             generator=gen,
             on_step=on_step,
+            canvas=canvas,
+            masked=masked,
             eos_ids=eos_t if eos else None,
         )
         nfe += forwards
@@ -215,7 +256,7 @@ def generate_mask_diffusion(
             cache = cache.select_rows(keep.nonzero()[:, 0].to(ctx_device))
             canvas = canvas[keep.to(canvas.device)]
         if len(active):
-            model.extend_context(canvas.to(ctx_device), cache)
+            pending = extend(canvas)
             context_forwards += 1
     elapsed = time.perf_counter() - t0
 
@@ -234,7 +275,7 @@ def generate_mask_diffusion(
         "denoiser_steps_per_row": steps_per_row.tolist(),
         "seconds": elapsed,
         "tokens_per_second": generated / elapsed if elapsed > 0 else 0.0,
-        "settings": {**settings.__dict__, "mask_token_id": mask_id},
+        "settings": {**settings.__dict__, "mask_token_id": mask_id, "anchor": anchor},
     }
     sequences = torch.cat([batch.ids.cpu(), out], dim=1)
     return GenerationOutput(sequences, batch.lengths, rows, stats)

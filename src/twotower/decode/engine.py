@@ -31,9 +31,9 @@ from ..layers.mamba2 import MambaState
 from ..model import DenoiserContext
 from .ar import check_max_new_tokens
 from .batch import cut_at_eos, left_pad
-from .diffusion import DiffusionSettings, denoise_block
+from .diffusion import DiffusionSettings, anchored_canvas, denoise_block
 from .sampling import RowGenerators, choose_tokens, make_generator
-from .speculative import DEFAULT_DRAFT_STEPS, draft_canvas, verify
+from .speculative import DEFAULT_DRAFT_STEPS, verify
 from .twotower import ar_logits
 
 MODES = ("diffusion", "ar", "speculative")
@@ -267,7 +267,7 @@ class DecodeEngine:
         model, size, n = self.model, self.block_size, len(self.rows)
         # 1. draft after each row's pending token: one denoise_block per group of draft settings
         context = DenoiserContext.from_cache(self.cache).to(model.denoiser_device)
-        canvas, masked = draft_canvas(
+        canvas, masked = anchored_canvas(
             self.pending, size=size, mask_id=model.mask_token_id, device=model.denoiser_device
         )
         row_steps = torch.zeros(n, dtype=torch.long)

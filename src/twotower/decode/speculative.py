@@ -16,7 +16,7 @@ One round, per row (batched, every row on its own):
   4. the cache is rolled back to the pending token + the accepted drafts (attention holes, Mamba
      states restored from the per-position states of step 2: nothing is re-run).
 Each round commits accepted + 1 tokens for one denoiser draft and one context forward.
-The continuous-batching engine (`engine.py`) runs the same round with `draft_canvas` and `verify`.
+The continuous-batching engine (`engine.py`) runs the same round with `anchored_canvas` and `verify`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from ..model import DenoiserContext
 from .ar import check_max_new_tokens
 from .batch import GenerationOutput, cut_at_eos, left_pad, normalise_eos
-from .diffusion import DiffusionSettings, denoise_block
+from .diffusion import DiffusionSettings, anchored_canvas, denoise_block
 from .sampling import RowGenerators, apply_top_k, choose_tokens, make_generator
 from .twotower import ar_logits
 
@@ -39,16 +39,6 @@ DEFAULT_DRAFT_STEPS = 4  # denoiser steps per drafted block
 def ar_probs(logits: torch.Tensor, *, temperature: float, top_k: int | None) -> torch.Tensor:
     """The AR target distribution: softmax(top_k(logits) / temperature)."""
     return torch.softmax(apply_top_k(logits.float(), top_k) / temperature, dim=-1)
-
-
-def draft_canvas(pending: torch.Tensor, *, size: int, mask_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 1's block: pending (b,) at position 0, masks at the other size-1. Returns the canvas
-    (b, size) long and `masked` (b, size) bool, True where the denoiser drafts."""
-    canvas = torch.full((len(pending), size), mask_id, dtype=torch.long, device=device)
-    canvas[:, 0] = pending.to(device)
-    masked = torch.ones_like(canvas, dtype=torch.bool)
-    masked[:, 0] = False
-    return canvas, masked
 
 
 def verify(
@@ -146,7 +136,7 @@ def generate_speculative(
     nfe, context_forwards = 0, 1
     while len(active):
         # 1. draft: pending token fixed at position 0, the rest masked
-        canvas, masked = draft_canvas(pending, size=block_size, mask_id=mask_id, device=den_device)
+        canvas, masked = anchored_canvas(pending, size=block_size, mask_id=mask_id, device=den_device)
         context = DenoiserContext.from_cache(cache).to(den_device)
         drafted, _, forwards = denoise_block(
             model, context, rows=len(active), size=block_size, settings=draft, mask_id=mask_id,
