@@ -72,3 +72,20 @@ def test_fused_norms_equal_the_plain_formula():
     h = (x * torch.nn.functional.silu(z)).unflatten(-1, (4, 12))
     want = gated.weight * rms_norm_reference(h, None, 1e-5).flatten(-2)
     torch.testing.assert_close(gated(x, z), want)
+
+
+@torch.no_grad()
+def test_fixed_shape_path_equals_reference_gathered_and_dense():
+    moe = _moe(n_routed_experts=8, num_experts_per_tok=2)
+    for n in (1, 4, 5, 23):  # n * k <= 8 gathers the chosen experts; beyond, every expert runs densely
+        x = torch.randn(n, 48)
+        idx, w = moe.gate(x)
+        torch.testing.assert_close(moe.experts.fixed_shape(x, idx, w), experts_reference(moe.experts, x, idx, w))
+
+
+def test_the_whole_moe_compiles_into_one_graph_and_matches_eager():
+    moe = _moe(n_routed_experts=8, num_experts_per_tok=2)
+    x = torch.randn(2, 16, 48)
+    compiled = torch.compile(moe, fullgraph=True, dynamic=False)  # fails if the host read is traced
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), moe(x), rtol=1e-5, atol=1e-5)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import randomise_special_params, tiny_config
 
-from twotower.layers.mamba2 import Mamba2Mixer
+from twotower.layers.mamba2 import Mamba2Mixer, short_depthwise_conv
 from twotower.layers.ssd import ssd_all_states, ssd_chunked, ssd_naive
 
 
@@ -83,3 +84,16 @@ def test_all_states_equal_naive_states():
     for t in range(16):
         _, s = ssd_naive(x[:, t : t + 1], dt[:, t : t + 1], A, B[:, t : t + 1], C[:, t : t + 1], state=s)
         torch.testing.assert_close(states[:, t], s, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("K,L", [(4, 2), (4, 16), (2, 5), (4, 64)])
+def test_short_conv_equals_conv1d(K, L):
+    g = torch.Generator().manual_seed(K * 100 + L)
+    window, weight, bias = (
+        torch.randn(3, 10, K - 1 + L, generator=g),
+        torch.randn(10, K, generator=g),
+        torch.randn(10, generator=g),
+    )
+    want = F.conv1d(window, weight[:, None], bias, groups=10)
+    torch.testing.assert_close(short_depthwise_conv(window, weight, bias), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(short_depthwise_conv(window, weight, None), want - bias[:, None], atol=1e-6, rtol=1e-5)

@@ -126,9 +126,91 @@ def test_past_the_recompile_limit_a_decoder_runs_uncompiled():
     def over_the_limit(*args):
         raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile limit reached")
 
-    decoder._step = over_the_limit
+    decoder._step.fn = over_the_limit
     with pytest.warns(RuntimeWarning, match="uncompiled"):
         got = decoder.step(torch.tensor([9]))
     torch.testing.assert_close(got, twin.step(torch.tensor([9])))
     torch.testing.assert_close(decoder.step(torch.tensor([4])), twin.step(torch.tensor([4])))
     assert decoder.length == twin.length == 5
+
+
+# ---- the multi-token step and fixed-shape diffusion ----------------------------------------------------
+@torch.no_grad()
+def test_appending_a_block_equals_the_eager_forward_and_later_steps_agree():
+    """`append` of L tokens (one causal fixed-shape forward) leaves the same state as the eager cached
+    forward over them: the logits after it, and every later step's, match."""
+    model = _model("M*E-ME")
+    prompts = torch.randint(4, 96, (2, 5), generator=torch.Generator().manual_seed(7))
+    cache = model.empty_cache(2, capacity=5 + 6 + 3)
+    model(prompts, cache=cache)
+    decoder = StaticDecoder(model.backbone, model.lm_head, 2, 128)
+    decoder.load(cache)
+    block = torch.randint(4, 96, (2, 6), generator=torch.Generator().manual_seed(8))
+    torch.testing.assert_close(decoder.append(block), model(block, cache=cache).logits[:, -1], atol=2e-5, rtol=1e-5)
+    assert decoder.length == 11 and int(decoder.position) == 11
+    for tok in (9, 17, 33):
+        ids = torch.tensor([tok, tok + 1])
+        torch.testing.assert_close(
+            decoder.step(ids), model(ids[:, None], cache=cache).logits[:, -1], atol=2e-5, rtol=1e-5
+        )
+
+
+@torch.no_grad()
+def test_denoiser_over_the_fixed_buffers_equals_denoiser_over_the_cache():
+    from twotower.decode.static import FixedShapeDenoiser
+    from twotower.model import DenoiserContext
+
+    model = perturbed_twotower()
+    prompts = torch.randint(4, 96, (2, 7), generator=torch.Generator().manual_seed(9))
+    cache = model.empty_cache(2, capacity=7)
+    model.extend_context(prompts, cache)
+    decoder = StaticDecoder(model.context_tower, model.context_lm_head, 2, 128)
+    decoder.load(cache)
+    canvas = torch.tensor([[3, 3, 40, 3], [12, 3, 3, 3]])
+    t = torch.tensor([0.75, 0.75])
+    want = model.denoise(canvas, t, DenoiserContext.from_cache(cache))
+    got = FixedShapeDenoiser(model, compile=False)(canvas, t, decoder.denoiser_context())
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+DIFFUSION_CASES = [
+    dict(block_size=4, confidence_threshold=0.5),
+    dict(block_size=4, confidence_threshold=0.8, anchor=True),
+    dict(block_size=5, steps_per_block=2, confidence_threshold=0.9),  # 14 = 5 + 5 + 4: a short last block
+]
+
+
+@pytest.mark.parametrize("options", DIFFUSION_CASES)
+@torch.no_grad()
+def test_static_diffusion_equals_eager(options):
+    model = perturbed_twotower()
+    g = torch.Generator().manual_seed(10)
+    prompts = [torch.randint(4, 96, (n,), generator=g).tolist() for n in (3, 9, 6)]
+    eager = model.generate_mask_diffusion(prompts, max_new_tokens=14, **options)
+    static = model.generate_mask_diffusion(prompts, max_new_tokens=14, decode_step="static", **options)
+    assert static.new_tokens == eager.new_tokens
+    assert static.stats["steps_per_block"] == eager.stats["steps_per_block"]
+    assert static.stats["nfe"] == eager.stats["nfe"]
+    # an EOS that ends one row in its first block: the row stays in the fixed-shape batch, idle
+    eos = next(t for t in eager.new_tokens[1][:4] if all(t not in r for r in eager.new_tokens[::2]))
+    eager = model.generate_mask_diffusion(prompts, max_new_tokens=14, eos_token_id=eos, **options)
+    static = model.generate_mask_diffusion(
+        prompts, max_new_tokens=14, eos_token_id=eos, decode_step="static", **options
+    )
+    assert static.new_tokens == eager.new_tokens and len(eager.new_tokens[1]) <= 4
+    assert static.stats["steps_per_block"] == eager.stats["steps_per_block"]
+    assert static.sequences.tolist() == eager.sequences.tolist()
+
+
+def test_compiled_diffusion_equals_eager():
+    """Both fixed-shape forwards compiled (the block commit and the denoiser), anchored, batch 2."""
+    model = perturbed_twotower()
+    prompts = [[5, 9, 11, 4], [7, 8]]
+    options = dict(max_new_tokens=12, block_size=4, confidence_threshold=0.7, anchor=True)
+    eager = model.generate_mask_diffusion(prompts, **options)
+    assert model.generate_mask_diffusion(prompts, decode_step="compiled", **options).new_tokens == eager.new_tokens
+
+
+def test_diffusion_rejects_an_unknown_decode_step():
+    with pytest.raises(ValueError, match="decode_step must be one of"):
+        perturbed_twotower().generate_mask_diffusion([[5, 6]], max_new_tokens=4, decode_step="fast")

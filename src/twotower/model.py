@@ -39,14 +39,15 @@ class DenoiserContext:
     def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[past K/V of `layer` ; the block's k/v] along positions. While decoding (no autograd) the
         past is copied once per context and later steps only overwrite the block's slots; with
-        autograd (training) it is a plain concatenation."""
+        autograd (training) or under torch.compile it is a plain concatenation."""
         past_k, past_v = self.kv[layer]
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # no buffer kept across calls
+            return torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
         joined = self._joined.get(layer)
         fits = joined is not None and joined[0].shape[2] == past_k.shape[2] + k.shape[2]
-        if torch.is_grad_enabled() or not fits or joined[0].shape[0] != k.shape[0] or joined[0].dtype != k.dtype:
+        if not fits or joined[0].shape[0] != k.shape[0] or joined[0].dtype != k.dtype:
             joined = (torch.cat([past_k, k], 2), torch.cat([past_v, v], 2))
-            if not torch.is_grad_enabled():
-                self._joined[layer] = joined
+            self._joined[layer] = joined
             return joined
         T = past_k.shape[2]
         joined[0][:, :, T:] = k
@@ -180,6 +181,18 @@ class TwoTowerForCausalLM(nn.Module):
         logits_for (b, S) bool: compute the LM head only there (decoding needs masked positions
         only; the head is the largest matmul of a small model) and leave zeros elsewhere.
         """
+        h = self.denoise_hidden(block_ids, t, context, block_valid=block_valid)
+        return self.denoiser_logits(h, logits_for)
+
+    def denoise_hidden(
+        self,
+        block_ids: torch.Tensor,
+        t: torch.Tensor | None,
+        context: DenoiserContext,
+        *,
+        block_valid: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The denoiser body of `denoise`: its last hidden states (b, S, H), before `norm_f` and the head."""
         b, S = block_ids.shape
         h = self.denoiser_tower.embeddings(block_ids)
         cond = self.t_block(self.t_embedder(t)) if t is not None else None
@@ -201,8 +214,14 @@ class TwoTowerForCausalLM(nn.Module):
             else:
                 y = layer.mixer(u)
             h = h + (y if cond is None else gate * y)
+        return h
+
+    def denoiser_logits(self, h: torch.Tensor, logits_for: torch.Tensor | None = None) -> torch.Tensor:
+        """`norm_f` and the denoiser head over hidden states (b, S, H): logits (b, S, V) float32,
+        only at `logits_for` (zeros elsewhere) when it is given."""
         if logits_for is None:
             return self.lm_head(self.denoiser_tower.norm_f(h)).float()
+        b, S, _ = h.shape
         logits = h.new_zeros((b, S, self.config.vocab_size), dtype=torch.float32)
         logits[logits_for] = self.lm_head(self.denoiser_tower.norm_f(h[logits_for])).float()
         return logits

@@ -28,6 +28,7 @@ from ..model import DenoiserContext
 from .ar import check_max_new_tokens
 from .batch import GenerationOutput, cut_at_eos, left_pad, normalise_eos
 from .sampling import RowGenerators, check_sampling_options, choose_tokens, make_generator
+from .static import FixedShapeDenoiser, StaticDecoder, check_decode_step, round_capacity
 from .twotower import ar_logits
 
 
@@ -98,6 +99,7 @@ def denoise_block(
     canvas: torch.Tensor | None = None,
     masked: torch.Tensor | None = None,
     eos_ids: torch.Tensor | None = None,
+    denoise: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Fill one block of `size` positions for `rows` rows. Returns (canvas (rows, size), per-row
     denoiser steps (rows,), number of batched forwards). A partly known block can be given as
@@ -105,8 +107,11 @@ def denoise_block(
 
     With `eos_ids`, a row stops as soon as it has committed an EOS and every position before it:
     what follows its EOS is never output, so those positions stay masked (its output is exactly
-    what running all steps would give, since committed tokens never change)."""
+    what running all steps would give, since committed tokens never change).
+
+    `denoise` replaces `model.denoise` (same arguments; e.g. a `FixedShapeDenoiser`)."""
     device = model.denoiser_device
+    denoise = model.denoise if denoise is None else denoise
     if canvas is None:
         canvas = torch.full((rows, size), mask_id, dtype=torch.long, device=device)
         masked = torch.ones(rows, size, dtype=torch.bool, device=device)
@@ -117,7 +122,7 @@ def denoise_block(
         live = rows_needing_tokens(canvas, masked, eos_ids)
         if not bool(live.any()):
             break
-        logits = model.denoise(canvas, n_masked.float() / size, context, logits_for=masked & live[:, None])
+        logits = denoise(canvas, n_masked.float() / size, context, logits_for=masked & live[:, None])
         forwards += 1
         logits[..., mask_id] = float("-inf")
         # per-row streams: a row with nothing left to fill draws nothing, exactly as when decoded alone
@@ -149,6 +154,58 @@ def anchored_canvas(
     return canvas, masked
 
 
+class _ContextState:
+    """The context tower's state through one generation: an eager `HybridCache` whose finished rows
+    leave the batch, or (decode_step "static"/"compiled") a `StaticDecoder`, whose rows stay so that
+    shapes never change. Also picks the matching denoiser forward."""
+
+    def __init__(self, model, batch, *, max_new_tokens: int, decode_step: str) -> None:
+        self.model, self.batch = model, batch
+        self.fixed_shape = decode_step != "eager"
+        width = batch.ids.shape[1]
+        # fixed-shape: the prefill cache only holds the prompt; the decoder takes it over
+        self.cache = model.empty_cache(len(batch.ids), capacity=width + (0 if self.fixed_shape else max_new_tokens))
+        self.decoder = None
+        self.capacity = round_capacity(width + max_new_tokens + 1)
+        self.compile = decode_step == "compiled"
+        self.denoise = FixedShapeDenoiser(model, compile=self.compile) if self.fixed_shape else None
+
+    def prefill(self, *, anchor: bool) -> torch.Tensor | None:
+        """The prompt into the cache; anchored, the AR logits of the next token (b, V)."""
+        mask = None if self.batch.all_valid else self.batch.mask
+        logits = None
+        if anchor:
+            logits = ar_logits(self.model, self.batch.ids, self.cache, mask).to(self.model.denoiser_device)
+        else:
+            self.model.extend_context(self.batch.ids, self.cache, mask=mask)
+        if self.fixed_shape:
+            model = self.model
+            self.decoder = StaticDecoder(
+                model.context_tower, model.context_lm_head, len(self.batch.ids), self.capacity, compile=self.compile
+            )
+            self.decoder.load(self.cache)
+            self.cache = None
+        return logits
+
+    def denoiser_context(self) -> DenoiserContext:
+        ctx = self.decoder.denoiser_context() if self.fixed_shape else DenoiserContext.from_cache(self.cache)
+        return ctx.to(self.model.denoiser_device)
+
+    def extend(self, canvas: torch.Tensor, *, anchor: bool) -> torch.Tensor | None:
+        """Commit a block (b, S) in one context forward; anchored, the AR logits after it (b, V)."""
+        ids = canvas.to(self.model.context_device)
+        if self.fixed_shape:
+            logits = self.decoder.append(ids)
+            return logits.to(self.model.denoiser_device) if anchor else None
+        if not anchor:
+            self.model.extend_context(ids, self.cache)
+            return None
+        return ar_logits(self.model, ids, self.cache, None).to(self.model.denoiser_device)
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        self.cache = self.cache.select_rows(keep.nonzero()[:, 0].to(self.model.context_device))
+
+
 def _block_reporter(step_callback: Callable[[dict], None], **where) -> Callable[[dict], None]:
     """Adds the block's index, start position and original row ids to every step event."""
     return lambda event: step_callback({**event, **where})
@@ -171,6 +228,7 @@ def generate_mask_diffusion(
     seed: int | None = None,
     attention_mask: torch.Tensor | None = None,
     anchor: bool = False,
+    decode_step: str = "eager",
 ) -> GenerationOutput:
     """Block-wise mask diffusion with the reference's arguments and defaults. Returns prompt +
     generated ids and statistics (NFE, tokens per forward, steps per block, per-row lengths).
@@ -179,6 +237,11 @@ def generate_mask_diffusion(
     `anchor=True`: each block's first token is the context tower's (greedy at temperature 0, else
     sampled at `temperature`/`top_k`), the denoiser fills the rest (see the module docstring). Those
     tokens count as generated but cost no denoiser forward.
+    `decode_step`: "eager" (default), or "static" / "compiled": the context tower's state lives in
+    fixed-capacity buffers (`StaticDecoder`), each block is committed by its fixed-shape multi-token
+    step and the denoiser reads the whole buffers under the validity mask, so that both forwards
+    can be compiled (`torch.compile`, one graph per batch size, block size and rounded capacity).
+    Same tokens as eager up to float rounding; finished rows stay in the batch instead of leaving it.
     """
     check_max_new_tokens(max_new_tokens)
     settings = DiffusionSettings(block_size, steps_per_block, confidence_threshold, temperature, top_k)
@@ -199,39 +262,38 @@ def generate_mask_diffusion(
 
     if not isinstance(anchor, bool):
         raise ValueError(f"anchor must be True or False, got {anchor!r}")
-
-    def extend(ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Append to the context cache; anchored, also the AR choice of the next token (b,)."""
-        if not anchor:
-            model.extend_context(ids, cache, mask=mask)
-            return None
-        logits = ar_logits(model, ids.to(ctx_device), cache, mask).to(model.denoiser_device)
-        return choose_tokens(logits, temperature=temperature, top_k=top_k, generator=gen)
+    check_decode_step(decode_step)
 
     t0 = time.perf_counter()
-    cache = model.empty_cache(b, capacity=batch.ids.shape[1] + max_new_tokens)
-    pending = extend(batch.ids, None if batch.all_valid else batch.mask)
+    state = _ContextState(model, batch, max_new_tokens=max_new_tokens, decode_step=decode_step)
+    pending = state.prefill(anchor=anchor)
+    if pending is not None:
+        pending = choose_tokens(pending, temperature=temperature, top_k=top_k, generator=gen)
     out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long)
-    active = torch.arange(b)  # original row index of each cache row
+    active = torch.arange(b)  # original row index of each batch row
+    done = torch.zeros(b, dtype=torch.bool)  # fixed-shape paths: finished rows stay in the batch
     steps_per_row = torch.zeros(b, dtype=torch.long)
     block_steps: list[list[int]] = [[] for _ in range(b)]
     nfe = context_forwards = 0
     eos_t = torch.tensor(eos, dtype=torch.long)
+    den_device = model.denoiser_device
     for block_index, pos in enumerate(range(0, max_new_tokens, block_size)):
-        if len(active) == 0:
+        if len(active) == 0 or bool(done.all()):
             break
         size = min(block_size, max_new_tokens - pos)
-        context = DenoiserContext.from_cache(cache).to(model.denoiser_device)
+        if anchor:
+            canvas, masked = anchored_canvas(pending, size=size, mask_id=mask_id, device=den_device)
+        else:
+            canvas = torch.full((len(active), size), mask_id, dtype=torch.long, device=den_device)
+            masked = torch.ones(len(active), size, dtype=torch.bool, device=den_device)
+        masked[done.to(den_device)] = False  # nothing left to fill: never live, never committed
         on_step = None
         if step_callback is not None:
             on_step = _block_reporter(step_callback, rows=active.clone(), block=block_index, position=pos)
 
-        canvas = masked = None
-        if anchor:
-            canvas, masked = anchored_canvas(pending, size=size, mask_id=mask_id)
         canvas, row_steps, forwards = denoise_block(
             model,
-            context,
+            state.denoiser_context(),
             rows=len(active),
             size=size,
             settings=settings,
@@ -241,22 +303,30 @@ def generate_mask_diffusion(
             canvas=canvas,
             masked=masked,
             eos_ids=eos_t if eos else None,
+            denoise=state.denoise,
         )
         nfe += forwards
         canvas_cpu, row_steps = canvas.cpu(), row_steps.cpu()
-        out[active, pos : pos + size] = canvas_cpu
+        running = ~done
+        out[active[running], pos : pos + size] = canvas_cpu[running]
         steps_per_row[active] += row_steps
-        for r, s in zip(active.tolist(), row_steps.tolist()):
+        for r, s in zip(active[running].tolist(), row_steps[running].tolist()):
             block_steps[r].append(s)
-        keep = ~torch.isin(canvas_cpu, eos_t).any(-1) if eos else torch.ones(len(active), dtype=torch.bool)
+        finished = torch.isin(canvas_cpu, eos_t).any(-1) & running if eos else torch.zeros_like(done)
         if pos + size >= max_new_tokens:
             break
-        if not bool(keep.all()):
-            active = active[keep]
-            cache = cache.select_rows(keep.nonzero()[:, 0].to(ctx_device))
-            canvas = canvas[keep.to(canvas.device)]
-        if len(active):
-            pending = extend(canvas)
+        if bool(finished.any()):
+            if state.fixed_shape:
+                done |= finished
+            else:
+                keep = ~finished
+                active, done = active[keep], done[keep]
+                state.select_rows(keep)
+                canvas = canvas[keep.to(canvas.device)]
+        if not bool(done.all()):
+            pending = state.extend(canvas, anchor=anchor)
+            if pending is not None:
+                pending = choose_tokens(pending, temperature=temperature, top_k=top_k, generator=gen)
             context_forwards += 1
     elapsed = time.perf_counter() - t0
 

@@ -25,7 +25,7 @@ import torch
 
 from ..cache import HybridCache
 from ..layers.mamba2 import MambaState
-from ..layers.mlp import relu2
+from ..model import DenoiserContext
 
 CAPACITY_ROUNDING = 128  # capacities are rounded up so that nearby lengths share one compiled graph
 RECOMPILE_LIMIT = 64  # compiled shapes (batch x capacity) kept before Dynamo gives up on recompiling
@@ -62,7 +62,7 @@ class StaticDecoder:
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)
         self.length = 0  # mirrors `position` on the host, so no step reads the device
-        self._step = compiled_step() if compile else decode_step
+        self._step = Compiled(decode_step, compile=compile, what=f"this decoder ({batch} rows x {capacity} positions)")
 
     @torch.no_grad()
     def load(self, cache: HybridCache) -> None:
@@ -91,45 +91,44 @@ class StaticDecoder:
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (b,) -> logits (b, V) of the next position; the state advances by one."""
-        if self.length >= self.capacity:
-            raise RuntimeError(f"static decoder is full ({self.capacity} positions)")
-        args = (
-            self.body,
-            self.head,
-            tokens.reshape(self.batch, 1),
-            self.position,
-            self.kv,
-            self.conv,
-            self.ssm,
-            self.valid,
-        )
-        try:
-            logits = self._step(*args)
-        except torch._dynamo.exc.FailOnRecompileLimitHit:
-            # too many compiled shapes in this process: keep going, uncompiled, rather than fail
-            warnings.warn(
-                f"torch.compile's recompile limit is reached; this decoder ({self.batch} rows x {self.capacity} "
-                "positions) runs its fixed-shape step uncompiled",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            self._step = decode_step
-            logits = self._step(*args)
-        self.position += 1
-        self.length += 1
+        return self.append(tokens.reshape(self.batch, 1))
+
+    @torch.no_grad()
+    def append(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (b, L) -> logits (b, V) after the last of them; the state advances by L (a
+        diffusion block is committed in one such call). Compiled, one graph per L."""
+        L = tokens.shape[1]
+        if self.length + L > self.capacity:
+            raise RuntimeError(f"static decoder is full ({self.length} + {L} > {self.capacity} positions)")
+        logits = self._step(self.body, self.head, tokens, self.position, self.kv, self.conv, self.ssm, self.valid)
+        self.position += L
+        self.length += L
         return logits
+
+    def denoiser_context(self) -> DenoiserContext:
+        """What the denoiser sees of the past: the whole fixed-capacity buffers (views, no copies)
+        under the validity mask, so its shapes never change while the decoder fills up."""
+        kv = [self.kv.get(i) for i in range(len(self.kinds))]
+        mamba = [MambaState(self.conv[i], self.ssm[i]) if i in self.conv else None for i in range(len(self.kinds))]
+        return DenoiserContext(kv, self.valid, mamba)
 
 
 def decode_step(body, head, tokens, position, kv, conv, ssm, valid) -> torch.Tensor:
-    """One token per row through every layer, updating the fixed-shape state in place (not `position`).
+    """L tokens per row through every layer, updating the fixed-shape state in place (not `position`).
 
-    tokens (b, 1); position (1,) long, the slot the token goes to; kv {layer: (k, v)} with
+    tokens (b, L); position (1,) long, the slot the first token goes to; kv {layer: (k, v)} with
     (b, kv_heads, capacity, d); conv {layer: (b, C, K-1)}; ssm {layer: (b, h, p, n) fp32};
-    valid (b, capacity) bool. Returns logits (b, V) float32.
+    valid (b, capacity) bool. Returns the logits after the last token, (b, V) float32.
     """
-    valid.index_fill_(1, position, True)
-    mask = valid[:, None, None, :]
-    h = body.embeddings(tokens)  # (b, 1, H)
+    L = tokens.shape[1]
+    slots = position + torch.arange(L, device=position.device)  # (L,)
+    valid.index_fill_(1, slots, True)
+    if L == 1:  # every valid key is at or before the new token
+        mask = valid[:, None, None, :]
+    else:  # causal inside the new tokens
+        keys = torch.arange(valid.shape[1], device=valid.device)
+        mask = valid[:, None, None, :] & (keys[None, :] <= slots[:, None])[None, None]
+    h = body.embeddings(tokens)  # (b, L, H)
     for i, layer in enumerate(body.layers):
         u = layer.norm(h)
         if layer.kind == "linear_attention":
@@ -137,19 +136,20 @@ def decode_step(body, head, tokens, position, kv, conv, ssm, valid) -> torch.Ten
         elif layer.kind == "full_attention":
             q, k, v = layer.mixer.qkv(u)
             kbuf, vbuf = kv[i]
-            kbuf.index_copy_(2, position, k)
-            vbuf.index_copy_(2, position, v)
+            kbuf.index_copy_(2, slots, k)
+            vbuf.index_copy_(2, slots, v)
             y = layer.mixer.attend(q, kbuf, vbuf, mask)
         elif layer.kind == "moe":
             y = _moe_step(layer.mixer, u)
         else:
             y = layer.mixer(u)
         h = h + y
-    return head(body.norm_f(h)[:, 0]).float()
+    return head(body.norm_f(h[:, -1])).float()
 
 
 def _mamba_step(mixer, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
-    """The mixer's own one-token step; its new states are written into the fixed buffers."""
+    """The mixer's own forward from the buffered state (its one-token step when L is 1); the new
+    states are written into the fixed buffers."""
     y, state = mixer(u, MambaState(conv_state, ssm_state))
     conv_state.copy_(state.conv)
     ssm_state.copy_(state.ssm)
@@ -157,35 +157,66 @@ def _mamba_step(mixer, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: tor
 
 
 def _moe_step(moe, u: torch.Tensor) -> torch.Tensor:
-    """MoE for (b, 1, H) with no host read: gather the chosen experts' weights, or run them all."""
-    x = u[:, 0]
-    idx, weights = moe.gate(x)  # (b, k)
-    up, down = moe.experts.up_proj, moe.experts.down_proj  # (E, I, H), (E, H, I)
-    b, k = idx.shape
-    if b * k <= up.shape[0]:
-        hid = relu2(torch.einsum("bkih,bh->bki", up[idx], x))
-        routed = torch.einsum("bkhi,bki,bk->bh", down[idx], hid, weights)
-    else:
-        combine = torch.zeros(b, up.shape[0], dtype=weights.dtype, device=x.device).scatter_(1, idx, weights)
-        hid = relu2(torch.einsum("eih,bh->bei", up, x))
-        routed = torch.einsum("ehi,bei,be->bh", down, hid, combine)
-    return (routed + moe.shared_experts(x))[:, None]
+    """MoE for (b, L, H) with no host read (`Experts.fixed_shape`)."""
+    x = u.reshape(-1, u.shape[-1])
+    idx, weights = moe.gate(x)  # (N, k)
+    return (moe.experts.fixed_shape(x, idx, weights) + moe.shared_experts(x)).view_as(u)
 
 
-_COMPILED: list = []
+def denoise_step(model, canvas: torch.Tensor, t: torch.Tensor, context: DenoiserContext) -> torch.Tensor:
+    """The denoiser body over a block (`model.denoise_hidden`): nothing in it depends on values, so
+    it compiles into one graph for a fixed-shape context (`StaticDecoder.denoiser_context`)."""
+    return model.denoise_hidden(canvas, t, context)
 
 
-def compiled_step():
-    """`decode_step` under `torch.compile`, wrapped once: Dynamo compiles it once per model and
-    shape (batch, capacity, dtype, device) and reuses the graph for every later decoder."""
-    if not _COMPILED:
-        # one graph per (batch, capacity) shape: allow more than Dynamo's default of 8 (capacities
-        # are rounded, so shapes stay few); past the limit `StaticDecoder.step` runs uncompiled
+_COMPILED: dict = {}
+
+
+def compiled(fn):
+    """`fn` under `torch.compile(fullgraph=True, dynamic=False)`, wrapped once per function: Dynamo
+    compiles it once per model and shape and reuses the graph for every later call."""
+    if fn not in _COMPILED:
+        # one graph per shape: allow more than Dynamo's default of 8 (capacities are rounded, so
+        # shapes stay few); past the limit the callers run uncompiled
         limit = getattr(torch._dynamo.config, "recompile_limit", None)
         if limit is not None and limit < RECOMPILE_LIMIT:
             torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-        _COMPILED.append(torch.compile(decode_step, fullgraph=True, dynamic=False))
-    return _COMPILED[0]
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
+    return _COMPILED[fn]
+
+
+class Compiled:
+    """`fn` compiled (shared graphs, see `compiled`) or plain; past Dynamo's recompile limit it warns
+    and goes on with the plain `fn` rather than fail."""
+
+    def __init__(self, fn, *, compile: bool, what: str) -> None:
+        self.plain, self.what = fn, what
+        self.fn = compiled(fn) if compile else fn
+
+    def __call__(self, *args):
+        try:
+            return self.fn(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            warnings.warn(
+                f"torch.compile's recompile limit is reached; {self.what} runs its fixed-shape step uncompiled",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self.fn = self.plain
+            return self.fn(*args)
+
+
+class FixedShapeDenoiser:
+    """`model.denoise` for `denoise_block` over a `StaticDecoder.denoiser_context`: the body runs as
+    the fixed-shape `denoise_step`, compiled or not; the head then runs eagerly on the `logits_for`
+    positions only (a selection whose size depends on values, so it stays out of the graph)."""
+
+    def __init__(self, model, *, compile: bool) -> None:
+        self.model = model
+        self._body = Compiled(denoise_step, compile=compile, what="the denoiser")
+
+    def __call__(self, canvas, t, context, *, logits_for=None) -> torch.Tensor:
+        return self.model.denoiser_logits(self._body(self.model, canvas, t, context), logits_for)
 
 
 DECODE_STEPS = ("eager", "static", "compiled")

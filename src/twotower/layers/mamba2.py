@@ -53,6 +53,20 @@ class MambaHistory:
         return MambaState(conv, self.ssm[torch.arange(b, device=keep.device), keep])
 
 
+SHORT_CONV = 64  # up to this many positions the causal conv is K shifted multiply-adds, not a conv1d call
+
+
+def short_depthwise_conv(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Causal depthwise conv as K multiply-adds: window (b, C, K-1+L), weight (C, K), bias (C,) ->
+    (b, C, L). Equals `F.conv1d(window, weight[:, None], bias, groups=C)` (the plain twin)."""
+    K = weight.shape[1]
+    L = window.shape[-1] - (K - 1)
+    out = window[..., :L] * weight[:, :1]
+    for k in range(1, K):
+        out = out + window[..., k : k + L] * weight[:, k : k + 1]
+    return out + bias[:, None] if bias is not None else out
+
+
 class Mamba2Mixer(nn.Module):
     """Selective SSM mixer. Parameter names match the checkpoint keys (`in_proj`, `conv1d`, `dt_bias`, ...)."""
 
@@ -108,6 +122,8 @@ class Mamba2Mixer(nn.Module):
         if L == 1:  # decode step: a multiply-sum is ~10x cheaper than a conv1d call for one position
             out = (window.to(w.dtype) * w[:, 0]).sum(-1, keepdim=True)
             out = out + self.conv1d.bias[:, None] if self.conv1d.bias is not None else out
+        elif L <= SHORT_CONV:  # a block: K shifted multiply-adds beat the conv1d call (and compile)
+            out = short_depthwise_conv(window.to(w.dtype), w[:, 0], self.conv1d.bias)
         else:
             out = F.conv1d(window.to(w.dtype), w, self.conv1d.bias, groups=self.conv_dim)  # (b, C, L)
         return F.silu(out).transpose(1, 2).to(xbc.dtype), window

@@ -65,7 +65,10 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Tokens grouped by expert: one sort, one host read of the group sizes, then one GEMM pair
-        per expert that has tokens. x (N, H), idx/weights (N, k) -> (N, H)."""
+        per expert that has tokens. x (N, H), idx/weights (N, k) -> (N, H). Under `torch.compile`
+        the host read would break the graph, so the fixed-shape form runs instead."""
+        if torch.compiler.is_compiling():
+            return self.fixed_shape(x, idx, weights)
         N, k = idx.shape
         if N * k <= self.up_proj.shape[0]:
             return self._few_tokens(x, idx, weights)
@@ -83,6 +86,19 @@ class Experts(nn.Module):
             start += n
         ys = torch.cat(outs) * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+    def fixed_shape(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The same sum with shapes that depend on nothing but the input's (no host read, so it
+        compiles into one graph): gather the chosen experts' weights, or, with more (token, expert)
+        pairs than experts, run every expert on every token under a dense combine matrix."""
+        N, k = idx.shape
+        E = self.up_proj.shape[0]
+        if N * k <= E:
+            hid = relu2(torch.einsum("nkih,nh->nki", self.up_proj[idx], x))
+            return torch.einsum("nkhi,nki,nk->nh", self.down_proj[idx], hid, weights)
+        combine = torch.zeros(N, E, dtype=weights.dtype, device=x.device).scatter_(1, idx, weights)
+        hid = relu2(torch.einsum("eih,nh->nei", self.up_proj, x))
+        return torch.einsum("ehi,nei,ne->nh", self.down_proj, hid, combine)
 
     def _few_tokens(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decode-sized inputs (at most one assignment per expert on average): visit each (token,
