@@ -60,6 +60,9 @@ def test_anchored_diffusion_cli_matches_the_library(model_dir, capsys):
     )
     assert out["completion"] == tok.decode([t for t in ref.new_tokens[0] if t != tok.eos_id])
     assert out["nfe"] == ref.stats["nfe"]
+    static = _json_run(capsys, "generate", "the quick", "--model", str(model_dir), "--anchor", "--decode-step",
+                       "static", "--max-new-tokens", "12", "--block-size", "4", "--json")  # fmt: skip
+    assert static["completion"] == out["completion"]
 
 
 def test_show_steps_renders_the_unmasking(model_dir, capsys):
@@ -78,7 +81,7 @@ def test_show_steps_renders_the_unmasking(model_dir, capsys):
         (["generate", "x", "--block-size", "0"], "block_size"),
         (["generate", "x", "--mode", "ar", "--show-steps"], "show-steps"),
         (["generate", "x", "--threshold", "2"], "confidence_threshold"),
-        (["generate", "x", "--decode-step", "compiled"], "--mode ar only"),
+        (["generate", "x", "--mode", "speculative", "--decode-step", "compiled"], "--mode ar and --mode diffusion"),
         (["generate", "x", "--mode", "ar", "--anchor"], "--mode diffusion only"),
     ],
 )

@@ -68,8 +68,8 @@ def generation_kwargs(args: argparse.Namespace, eos_id: int | None) -> dict:
     if args.mode == "speculative":
         kw.update(block_size=args.block_size, draft_steps=args.draft_steps, confidence_threshold=args.threshold)
     if getattr(args, "decode_step", "eager") != "eager":
-        if args.mode != "ar":
-            raise CLIError(f"--decode-step {args.decode_step} applies to --mode ar only")
+        if args.mode not in ("ar", "diffusion"):
+            raise CLIError(f"--decode-step {args.decode_step} applies to --mode ar and --mode diffusion only")
         kw["decode_step"] = args.decode_step
     return kw
 
@@ -350,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-step",
         choices=("eager", "static", "compiled"),
         default="eager",
-        help="AR mode: how each one-token step runs; 'compiled' fixes shapes and uses torch.compile "
-        "(several times faster per token; the first call compiles for tens of seconds) (default: eager)",
+        help="AR and diffusion modes: 'static' keeps the context cache in fixed-shape buffers, 'compiled' "
+        "also runs the one-token AR step, or the block commit and the denoiser body, under torch.compile "
+        "(faster per forward; the first call compiles for tens of seconds) (default: eager)",
     )
     p.set_defaults(func=cmd_generate)
 

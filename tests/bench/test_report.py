@@ -103,3 +103,15 @@ def test_plot_skipped_without_matplotlib(bench_result, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert not report.write_plot(bench_result, tmp_path / "bench.png")
     assert not (tmp_path / "bench.png").exists()
+
+
+def test_compiled_ar_line_only_with_that_row(bench_result):
+    assert report.compiled_ar_line(bench_result) is None
+    result = copy.deepcopy(bench_result)
+    base = copy.deepcopy(result.rows[0])
+    base.setting = Setting("ar-compiled")
+    base.throughput[1].tokens_per_second = 2 * result.rows[1].throughput[1].tokens_per_second
+    result.rows.insert(1, base)
+    line = report.compiled_ar_line(result)
+    assert line.startswith("Against compiled AR") and f"{result.rows[2].label}: 0.50x" in line
+    assert line in report.render(result)

@@ -4,6 +4,8 @@ ratios, the speculative and transformers rows."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tests.bench.conftest import EOS, SMALL_BATCH, make_tiny_twotower
@@ -118,6 +120,9 @@ def test_settings_grid():
     anchored = settings_grid(thresholds=[0.9, 0.8], block_sizes=[16], anchor=True)
     assert [(s.threshold, s.anchor) for s in anchored[1:]] == [(0.9, False), (0.9, True), (0.8, False), (0.8, True)]
     assert anchored[2].label == "diffusion γ=0.9 S=16 T=16, anchored"
+    stepped = settings_grid(thresholds=[0.8], block_sizes=[16], diffusion_steps=["eager", "compiled"])
+    assert [s.decode_step for s in stepped[1:]] == ["eager", "compiled"]
+    assert stepped[2].label == "diffusion γ=0.8 S=16 T=16, compiled"
 
 
 def test_anchored_row_decodes_like_anchored_diffusion(tiny_model):
@@ -129,6 +134,8 @@ def test_anchored_row_decodes_like_anchored_diffusion(tiny_model):
     assert decode(prompts, 9).new_tokens == want.new_tokens
     plain = make_decoder(Setting("diffusion", 0.8, 4, 4), tiny_model, eos_token_id=EOS)(prompts, 9)
     assert plain.new_tokens != want.new_tokens  # the anchor really reached the decoder
+    static = make_decoder(replace(setting, decode_step="static"), tiny_model, eos_token_id=EOS)(prompts, 9)
+    assert static.new_tokens == want.new_tokens and static.stats["settings"]["decode_step"] == "static"
 
 
 def test_compiled_ar_row_decodes_exactly_like_ar(tiny_model):

@@ -63,6 +63,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also run every diffusion setting anchored: each block's first token from the context tower's head "
         "(generate_mask_diffusion(anchor=True); not in the paper)",
     )
+    p.add_argument(
+        "--diffusion-decode-steps",
+        nargs="+",
+        choices=("eager", "static", "compiled"),
+        default=["eager"],
+        metavar="STEP",
+        help="run every diffusion setting with each of these decode steps: eager, static (fixed-shape buffers) "
+        "or compiled (block commit and denoiser body under torch.compile; the warm-up compiles) (default: eager)",
+    )
     p.add_argument("--no-hf", action="store_true", help="leave out the transformers generate baseline row")
     p.add_argument(
         "--ar-compiled",
@@ -145,6 +154,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         hf=hf_model is not None,
         ar_compiled=args.ar_compiled,
         anchor=args.anchor,
+        diffusion_steps=args.diffusion_decode_steps,
     )
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_benchmark(

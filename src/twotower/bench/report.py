@@ -62,7 +62,9 @@ def _cells(row: SettingResult, batches: list[int]) -> list[str]:
 def paper_comparison(result: BenchResult) -> str:
     """One line: the paper's operating point against ours at the same (gamma, S), batch 1."""
     paper = PAPER_POINT
-    row = result.row("diffusion", threshold=paper["threshold"], block_size=paper["block_size"], anchor=False)
+    row = result.row(
+        "diffusion", threshold=paper["threshold"], block_size=paper["block_size"], anchor=False, decode_step="eager"
+    )
     head = f"Paper (γ={paper['threshold']}, S={paper['block_size']}): {paper['quality_retained']}% quality retained at {paper['throughput_ratio']}x AR."
     if row is None:
         return head + " That setting was not run here."
@@ -97,6 +99,21 @@ def frontier_line(result: BenchResult) -> str:
     )
 
 
+def compiled_ar_line(result: BenchResult) -> str | None:
+    """Batch-1 throughput of every diffusion and speculative row against the compiled-AR row (ratio of
+    median tokens/s), when that row was run: "x AR" compares with eager AR only."""
+    base = result.row("ar-compiled")
+    if base is None or 1 not in base.throughput or base.throughput[1].tokens_per_second <= 0:
+        return None
+    tps = base.throughput[1].tokens_per_second
+    cells = [
+        f"{r.label}: {r.throughput[1].tokens_per_second / tps:.2f}x"
+        for r in result.rows
+        if r.setting.mode in ("diffusion", "speculative") and 1 in r.throughput
+    ]
+    return "Against compiled AR (batch 1, ratio of median tok/s): " + "; ".join(cells)
+
+
 def render(result: BenchResult) -> str:
     """The full stdout report: table, paper comparison, notes."""
     env = result.environment
@@ -107,6 +124,7 @@ def render(result: BenchResult) -> str:
         "",
         paper_comparison(result),
         frontier_line(result),
+        *filter(None, [compiled_ar_line(result)]),
         "",
         f"Eval set: {items} items; greedy; {opts['repeats']} timed rounds per batch size; "
         f"torch {env.get('torch')}, {env.get('torch_threads')} thread(s), {env.get('device')}, {env.get('dtype')}.",

@@ -45,6 +45,7 @@ class Setting:
     steps_per_block: int | None = None
     draft_steps: int | None = None
     anchor: bool = False
+    decode_step: str = "eager"  # diffusion: "eager", "static" or "compiled" (generate_mask_diffusion)
 
     @property
     def label(self) -> str:
@@ -56,7 +57,8 @@ class Setting:
             return "transformers generate (AR weights)"
         if self.mode == "diffusion":
             anchored = ", anchored" if self.anchor else ""
-            return f"diffusion γ={self.threshold:g} S={self.block_size} T={self.steps_per_block}{anchored}"
+            step = "" if self.decode_step == "eager" else f", {self.decode_step}"
+            return f"diffusion γ={self.threshold:g} S={self.block_size} T={self.steps_per_block}{anchored}{step}"
         return f"speculative γ={self.threshold:g} S={self.block_size} draft={self.draft_steps}"
 
 
@@ -69,16 +71,19 @@ def settings_grid(
     hf: bool = False,
     ar_compiled: bool = False,
     anchor: bool = False,
+    diffusion_steps: Sequence[str] = ("eager",),
 ) -> list[Setting]:
-    """AR first, then diffusion for each (block size, threshold) (with `anchor`, each followed by
-    its anchored twin), speculative for each (block size, threshold, draft steps), then the
-    transformers baseline. T defaults to S. Repeated values are run once."""
+    """AR first, then diffusion for each (block size, threshold, decode step in `diffusion_steps`)
+    (with `anchor`, each followed by its anchored twin), speculative for each (block size,
+    threshold, draft steps), then the transformers baseline. T defaults to S. Repeated values are
+    run once."""
     grid = [Setting("ar")] + ([Setting("ar-compiled")] if ar_compiled else [])
     for s in block_sizes:
         for g in thresholds:
-            grid.append(Setting("diffusion", g, s, steps_per_block or s))
-            if anchor:
-                grid.append(Setting("diffusion", g, s, steps_per_block or s, anchor=True))
+            for step in diffusion_steps:
+                grid.append(Setting("diffusion", g, s, steps_per_block or s, decode_step=step))
+                if anchor:
+                    grid.append(Setting("diffusion", g, s, steps_per_block or s, anchor=True, decode_step=step))
     for s in block_sizes:
         grid += [Setting("speculative", g, s, draft_steps=d) for g in thresholds for d in draft_steps]
     if hf:
@@ -169,6 +174,7 @@ def make_decoder(setting: Setting, model, *, eos_token_id, hf_model=None) -> Dec
             steps_per_block=setting.steps_per_block,
             confidence_threshold=setting.threshold,
             anchor=setting.anchor,
+            decode_step=setting.decode_step,
             **common,
         )
     if setting.mode == "speculative":

@@ -345,7 +345,7 @@ def generate_mask_diffusion(
         "denoiser_steps_per_row": steps_per_row.tolist(),
         "seconds": elapsed,
         "tokens_per_second": generated / elapsed if elapsed > 0 else 0.0,
-        "settings": {**settings.__dict__, "mask_token_id": mask_id, "anchor": anchor},
+        "settings": {**settings.__dict__, "mask_token_id": mask_id, "anchor": anchor, "decode_step": decode_step},
     }
     sequences = torch.cat([batch.ids.cpu(), out], dim=1)
     return GenerationOutput(sequences, batch.lengths, rows, stats)
