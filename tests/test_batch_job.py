@@ -202,8 +202,8 @@ def test_cli_refuses_bad_invocations(tmp_path, model_dir):
         run_batch("--input", src, "--output", src)
     with pytest.raises(CLIError, match="mock-ar"):
         run_batch("--input", src, "--output", tmp_path / "o.jsonl", "--mode", "mock-ar")
-    with pytest.raises(CLIError, match="--anchor is not available in batch"):
-        run_batch("--input", src, "--output", tmp_path / "o.jsonl", "--anchor")
+    with pytest.raises(ValueError, match="anchor applies to mode diffusion only"):
+        run_batch("--input", src, "--output", tmp_path / "o.jsonl", "--anchor", "--mode", "ar")
     with pytest.raises(ValueError, match="block_size"):
         run_batch("--input", src, "--output", tmp_path / "o.jsonl", "--block-size", "0")
     with pytest.raises(ValueError, match="block_size must be at least 2 for speculative"):

@@ -61,6 +61,7 @@ def default_options(args: argparse.Namespace) -> Options:
         "confidence_threshold": args.threshold,
         "temperature": args.temperature,
         "top_k": args.top_k,
+        "anchor": args.anchor,
     }
     return parse_options(given, Options(), limits=batch_limits(args))
 
@@ -92,8 +93,6 @@ def cmd_batch(args: argparse.Namespace) -> int:
         raise CLIError("--max-batch-size must be at least 1")
     if args.mode not in MODES:
         raise CLIError(f"batch decodes modes {', '.join(MODES)} (continuous batching); {args.mode} is not one")
-    if args.anchor:
-        raise CLIError("--anchor is not available in batch (the continuous-batching engine has no anchored blocks)")
     rank, world = dist_rank_world()
     defaults = default_options(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)

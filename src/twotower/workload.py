@@ -26,9 +26,9 @@ class OptionError(ValueError):
 @dataclass(frozen=True)
 class Options:
     """Generation options of one request, named as in the OpenAI completions API plus the
-    diffusion extras (`mode`, `block_size`, `steps_per_block`, `confidence_threshold`, `top_k`) and
-    `draft_steps`, the denoiser steps per drafted block in speculative mode (where `block_size` is
-    the draft's length and `confidence_threshold` its commit rule)."""
+    diffusion extras (`mode`, `block_size`, `steps_per_block`, `confidence_threshold`, `top_k`,
+    `anchor`) and `draft_steps`, the denoiser steps per drafted block in speculative mode (where
+    `block_size` is the draft's length and `confidence_threshold` its commit rule)."""
 
     mode: str = "diffusion"
     max_tokens: int = 16
@@ -40,6 +40,7 @@ class Options:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    anchor: bool = False  # diffusion: each block's first token from the context tower (not in the paper)
 
     def as_dict(self) -> dict:
         """JSON-ready settings, as recorded next to each output."""
@@ -74,6 +75,8 @@ def parse_options(given: Mapping, defaults: Options, *, limits: Limits = DEFAULT
         elif name in given and name in ("top_k", "seed", "stop"):
             values[name] = () if name == "stop" else None
     options = replace(defaults, **values)
+    if options.anchor and options.mode != "diffusion" and "anchor" not in values:
+        options = replace(options, anchor=False)  # a default anchor does not stop a request asking for ar
     validate_options(options, limits=limits)
     return options
 
@@ -90,7 +93,9 @@ def validate_options(options: Options, *, limits: Limits = DEFAULT_LIMITS) -> No
             f"max_tokens must be between 1 and {limits.max_tokens}, got {options.max_tokens}", "max_tokens"
         )
     try:
-        check_options(options.mode, options.diffusion, draft_steps=options.draft_steps, seed=options.seed)
+        check_options(
+            options.mode, options.diffusion, draft_steps=options.draft_steps, seed=options.seed, anchor=options.anchor
+        )
     except ValueError as err:
         raise OptionError(str(err), str(err).split(" ", 1)[0]) from None
 
@@ -105,6 +110,7 @@ def to_request(request_id: Hashable, prompt_ids: list[int], options: Options, *,
         eos_ids=(eos_id,) if eos_id is not None else (),
         seed=options.seed,
         draft_steps=options.draft_steps,
+        anchor=options.anchor,
     )
 
 
@@ -139,6 +145,12 @@ def _str(name: str, value) -> str:
     return value
 
 
+def _bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise OptionError(f"{name} must be true or false, got {value!r}", name)
+    return value
+
+
 def _stop(name: str, value) -> tuple[str, ...]:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) and s for s in items):
@@ -159,6 +171,7 @@ _CHECKS = {
     "top_k": _int,
     "seed": _int,
     "stop": _stop,
+    "anchor": _bool,
 }
 
 

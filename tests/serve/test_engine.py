@@ -38,7 +38,7 @@ def alone(model, req: Request) -> list[int]:
     if req.mode == "speculative":
         spec = dict(block_size=s.block_size, draft_steps=req.draft_steps, confidence_threshold=s.confidence_threshold)
         return model.generate_speculative([list(req.prompt)], **spec, **common).new_tokens[0]
-    diffusion = dict(block_size=s.block_size, steps_per_block=s.steps_per_block)
+    diffusion = dict(block_size=s.block_size, steps_per_block=s.steps_per_block, anchor=req.anchor)
     out = model.generate_mask_diffusion(
         [list(req.prompt)], confidence_threshold=s.confidence_threshold, **diffusion, **common
     )
@@ -113,6 +113,28 @@ def test_mixed_modes_block_sizes_and_seeded_sampling_each_equal_alone(model):
         assert tokens[r.id] == alone(model, r), r.id
     # the two seeded diffusion rows shared denoiser forwards, yet each drew from its own stream
     assert scheduler.stats.generated_tokens == sum(len(t) for t in tokens.values())
+
+
+def test_anchored_and_plain_diffusion_rows_share_a_batch_and_each_equal_alone(model):
+    """Anchored rows (first token of each block from the AR head) join a batch of plain rows and the
+    other way round, greedy and seeded; every row decodes exactly as generate_mask_diffusion alone."""
+    ps = prompts(5, 2, 7, 4, 6, 3, seed=12)
+    sampled = DiffusionSettings(4, 3, 0.6, temperature=0.8, top_k=20)
+    reqs = [
+        Request("plain", ps[0], max_new_tokens=9, settings=BLOCK4),
+        Request("plain-sampled", ps[1], max_new_tokens=10, settings=sampled, seed=7),
+        Request("anchored", ps[2], max_new_tokens=11, settings=BLOCK4, anchor=True),
+        Request("anchored-sampled", ps[3], max_new_tokens=10, settings=sampled, seed=5, anchor=True),
+        Request("anchored-late", ps[4], max_new_tokens=7, settings=DiffusionSettings(4, 4, 0.9), anchor=True),
+        Request("plain-late", ps[5], max_new_tokens=8, settings=BLOCK4),
+    ]
+    tokens, _ = run(Scheduler(model), [reqs[:2], [reqs[2], reqs[3]], [reqs[4]], [reqs[5]]])
+    for r in reqs:
+        assert tokens[r.id] == alone(model, r), r.id
+    assert tokens["anchored"] != alone(model, replace(reqs[2], anchor=False))  # the anchor mattered
+    tokens, _ = run(Scheduler(model), [[reqs[2]], [reqs[0], reqs[1]]])  # plain rows joining anchored ones
+    for r in (reqs[0], reqs[1], reqs[2]):
+        assert tokens[r.id] == alone(model, r), r.id
 
 
 def test_speculative_rows_joining_a_running_batch_equal_ar_alone(model, monkeypatch):
@@ -222,6 +244,10 @@ def test_zero_budget_finishes_at_once_and_bad_requests_are_refused(model):
         scheduler.submit(Request("x", (5,), settings=DiffusionSettings(steps_per_block=0)))
     with pytest.raises(ValueError, match="seed"):
         scheduler.submit(Request("x", (5,), seed=-1))
+    with pytest.raises(ValueError, match="anchor applies to mode diffusion only"):
+        scheduler.submit(Request("x", (5,), mode="ar", anchor=True))
+    with pytest.raises(ValueError, match="anchor must be true or false"):
+        scheduler.submit(Request("x", (5,), anchor="yes"))
     with pytest.raises(ValueError, match="draft_steps must be a positive integer"):
         scheduler.submit(Request("x", (5,), mode="speculative", draft_steps=0))
     with pytest.raises(ValueError, match="block_size must be at least 2 for speculative"):

@@ -17,7 +17,7 @@ import pytest
 from twotower.loading import load_for_inference
 from twotower.serve import cli as serve_cli
 from twotower.serve.http import ServerConfig, make_server
-from twotower.workload import Limits, Options
+from twotower.workload import Limits, OptionError, Options, parse_options
 
 KEY = "test-key"
 FAST = {"block_size": 4, "steps_per_block": 4, "confidence_threshold": 0.5}
@@ -67,6 +67,11 @@ def test_binds_loopback_by_default():
     args = parser.parse_args(["serve", "--mode", "speculative", "--draft-steps", "2", "--block-size", "4"])
     defaults = serve_cli.server_config(args).defaults
     assert (defaults.mode, defaults.draft_steps, defaults.block_size) == ("speculative", 2, 4)
+    defaults = serve_cli.server_config(parser.parse_args(["serve", "--anchor"])).defaults
+    assert defaults.anchor and defaults.mode == "diffusion"
+    assert parse_options({"mode": "ar"}, defaults).anchor is False  # a default anchor yields to an ar request
+    with pytest.raises(OptionError, match="anchor applies to mode diffusion only"):
+        parse_options({"mode": "ar", "anchor": True}, defaults)
 
 
 def test_completion_equals_the_library_alone(server, loaded):
@@ -81,6 +86,13 @@ def test_completion_equals_the_library_alone(server, loaded):
     ar = c.completions.create(model=loaded.name, prompt="over the", max_tokens=7, extra_body={"mode": "ar"})
     assert ar.choices[0].text == reference(loaded, "over the", max_tokens=7, mode="ar")
     assert [m.id for m in c.models.list().data] == [loaded.name]
+
+
+def test_anchored_completion_equals_the_library_alone(server, loaded):
+    out = client(server).completions.create(
+        model=loaded.name, prompt="the lazy", max_tokens=12, extra_body={**FAST, "anchor": True}
+    )
+    assert out.choices[0].text == reference(loaded, "the lazy", max_tokens=12, anchor=True, **FAST)
 
 
 def test_speculative_completion_equals_the_ar_completion(server, loaded):
@@ -166,6 +178,8 @@ def test_stop_string_and_seeded_sampling(server, loaded):
         (b'{"prompt": "a", "steps_per_blok": 2}', 400, "unknown field(s): steps_per_blok"),
         (b'{"prompt": ["a", "b"]}', 400, "one prompt per request"),
         (b'{"prompt": "a", "stream": "yes"}', 400, "stream must be true or false"),
+        (b'{"prompt": "a", "anchor": "yes"}', 400, "anchor must be true or false"),
+        (b'{"prompt": "a", "mode": "ar", "anchor": true}', 400, "anchor applies to mode diffusion only"),
         (b'{"prompt": "a", "seed": -1}', 400, "seed must be an integer in [0, 2**64)"),
         (b'{"prompt": [1, 99999]}', 400, "prompt token ids must be in [0, "),
         (b'{"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop takes at most 4 strings"),

@@ -55,10 +55,11 @@ class Request:
     eos_ids: tuple[int, ...] = ()
     seed: int | None = None
     draft_steps: int = DEFAULT_DRAFT_STEPS
+    anchor: bool = False  # diffusion: each block's first token from the context tower (anchored blocks)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad option."""
-        check_options(self.mode, self.settings, draft_steps=self.draft_steps, seed=self.seed)
+        check_options(self.mode, self.settings, draft_steps=self.draft_steps, seed=self.seed, anchor=self.anchor)
         if len(self.prompt) == 0:
             raise ValueError("the prompt needs at least one token (e.g. the BOS token)")
         check_max_new_tokens(self.max_new_tokens)
@@ -74,11 +75,17 @@ class Request:
         return replace(self.settings, steps_per_block=self.draft_steps)
 
 
-def check_options(mode: str, settings: DiffusionSettings, *, draft_steps: int, seed: int | None) -> None:
+def check_options(
+    mode: str, settings: DiffusionSettings, *, draft_steps: int, seed: int | None, anchor: bool = False
+) -> None:
     """A request's decoding options, apart from its prompt and budget: ValueError naming the first
     bad one (its message starts with the option's name)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if not isinstance(anchor, bool):
+        raise ValueError(f"anchor must be true or false, got {anchor!r}")
+    if anchor and mode != "diffusion":
+        raise ValueError(f"anchor applies to mode diffusion only, not {mode}")
     settings.validate()
     if not isinstance(draft_steps, int) or isinstance(draft_steps, bool) or draft_steps < 1:
         raise ValueError(f"draft_steps must be a positive integer, got {draft_steps!r}")
@@ -151,7 +158,8 @@ class DecodeEngine:
         self.rows: list[_Row] = []
         self.cache: HybridCache | None = None  # one row per entry of `rows`
         self.logits: torch.Tensor | None = None  # AR: (rows, V) next-token logits of each row
-        self.pending: torch.Tensor | None = None  # speculative: (rows,) each row's decided next token
+        # speculative and anchored diffusion rows: (rows,) each row's decided next token (-1: none)
+        self.pending: torch.Tensor | None = None
         self.stats = stats if stats is not None else EngineStats()  # may be shared by several engines
 
     def __len__(self) -> int:
@@ -188,6 +196,11 @@ class DecodeEngine:
         elif self.mode == "speculative":  # the first token is the AR model's, as in generate_speculative
             new_pending = sample_rows(ar_logits(model, batch.ids, cache, mask), rows)
             self.pending = new_pending if self.pending is None else torch.cat([self.pending, new_pending])
+        elif self.pending is not None or any(r.request.anchor for r in rows):
+            # anchored diffusion rows start at the AR model's token; the others hold -1
+            new_pending = self._anchors(ar_logits(model, batch.ids, cache, mask), rows)
+            before = self.pending if self.pending is not None else self._anchors(None, self.rows)
+            self.pending = torch.cat([before, new_pending])
         else:
             model.extend_context(batch.ids, cache, mask=mask)
         self.stats.context_forwards += 1
@@ -221,10 +234,16 @@ class DecodeEngine:
         context = DenoiserContext.from_cache(self.cache).to(model.denoiser_device)
         canvases: list[torch.Tensor | None] = [None] * len(self.rows)
         row_steps = [0] * len(self.rows)
-        for (size, settings), idx in self._block_groups().items():
+        for (size, settings, anchor), idx in self._block_groups().items():
             sub = context if len(idx) == len(self.rows) else subset_context(context, idx)
             eos_sets = {self.rows[i].request.eos_ids for i in idx}
             shared_eos = next(iter(eos_sets)) if len(eos_sets) == 1 else ()
+            canvas = masked = None
+            if anchor:
+                first = self.pending[torch.tensor(idx, device=self.pending.device)]
+                canvas, masked = anchored_canvas(
+                    first, size=size, mask_id=model.mask_token_id, device=model.denoiser_device
+                )
             canvas, steps, forwards = denoise_block(
                 model,
                 sub,
@@ -233,6 +252,8 @@ class DecodeEngine:
                 settings=settings,
                 mask_id=model.mask_token_id,
                 generator=RowGenerators([self.rows[i].generator for i in idx]),
+                canvas=canvas,
+                masked=masked,
                 eos_ids=torch.tensor(shared_eos, dtype=torch.long) if shared_eos else None,
             )
             self.stats.denoiser_forwards += forwards
@@ -242,14 +263,31 @@ class DecodeEngine:
         events, keep = self._commit([c.tolist() for c in canvases], row_steps)
         self._keep(keep)
         if self.rows:  # every remaining row filled a full block (a short block is always a row's last)
-            kept = torch.stack([c for c, k in zip(canvases, keep) if k])
-            model.extend_context(kept.to(model.context_device), self.cache)
+            kept = torch.stack([c for c, k in zip(canvases, keep) if k]).to(model.context_device)
+            if self.pending is None:
+                model.extend_context(kept, self.cache)
+            else:
+                self.pending = self._anchors(ar_logits(model, kept, self.cache, None), self.rows)
             self.stats.context_forwards += 1
         return events
 
-    def _block_groups(self) -> dict[tuple[int, DiffusionSettings], list[int]]:
-        """Row indices by (this block's size, settings): one `denoise_block` call per group."""
-        return row_groups(self.rows, lambda row: (min(self.block_size, row.remaining), row.request.settings))
+    def _anchors(self, logits: torch.Tensor | None, rows: list[_Row]) -> torch.Tensor:
+        """Each anchored row's next token from AR logits (rows, V), drawn by its own settings and
+        stream; -1 for the other rows, whose random streams are left untouched."""
+        device = self.model.denoiser_device
+        out = torch.full((len(rows),), -1, dtype=torch.long, device=device)
+        idx = [i for i, r in enumerate(rows) if r.request.anchor]
+        if idx and logits is not None:
+            out[torch.tensor(idx, device=device)] = sample_rows(
+                logits[torch.tensor(idx)].to(device), [rows[i] for i in idx]
+            )
+        return out
+
+    def _block_groups(self) -> dict[tuple[int, DiffusionSettings, bool], list[int]]:
+        """Row indices by (this block's size, settings, anchored): one `denoise_block` call per group."""
+        return row_groups(
+            self.rows, lambda row: (min(self.block_size, row.remaining), row.request.settings, row.request.anchor)
+        )
 
     def _step_ar(self) -> list[Event]:
         model = self.model

@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "POST /v1/completions (stream or not), GET /v1/models, GET /health. Concurrent requests are "
             "decoded together; decoding settings go in the body as mode (diffusion, ar, speculative), "
-            "block_size, steps_per_block, draft_steps (speculative), confidence_threshold (and top_k). "
+            "block_size, steps_per_block, draft_steps (speculative), confidence_threshold, anchor (and top_k). "
             "The options below set the defaults of a request."
         ),
     )
@@ -52,6 +52,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"speculative: denoiser steps per drafted block (default: {Options.draft_steps})",
     )
     g.add_argument("--threshold", type=float, default=0.9, help="confidence threshold gamma (default: 0.9)")
+    g.add_argument(
+        "--anchor",
+        action="store_true",
+        help="diffusion requests default to anchored blocks (each block's first token from the context tower)",
+    )
     p.add_argument("--log-requests", action="store_true", help="log one line per HTTP request to stderr")
     p.set_defaults(func=cmd_serve)
 
@@ -74,6 +79,7 @@ def server_config(args: argparse.Namespace):
         steps_per_block=args.steps_per_block,
         draft_steps=args.draft_steps,
         confidence_threshold=args.threshold,
+        anchor=args.anchor,
     )
     try:
         defaults = parse_options(given, Options(), limits=limits)
