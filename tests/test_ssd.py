@@ -97,3 +97,12 @@ def test_short_conv_equals_conv1d(K, L):
     want = F.conv1d(window, weight[:, None], bias, groups=10)
     torch.testing.assert_close(short_depthwise_conv(window, weight, bias), want, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(short_depthwise_conv(window, weight, None), want - bias[:, None], atol=1e-6, rtol=1e-5)
+
+
+def test_short_conv_in_bfloat16_rounds_once():
+    g = torch.Generator().manual_seed(5)
+    window, weight, bias = (torch.randn(*shape, generator=g).bfloat16() for shape in ((2, 8, 19), (8, 4), (8,)))
+    exact = F.conv1d(window.double(), weight.double()[:, None], bias.double(), groups=8)
+    got = short_depthwise_conv(window, weight, bias)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, exact.bfloat16())  # fp32 accumulation of 4 products, then one rounding

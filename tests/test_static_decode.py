@@ -202,6 +202,36 @@ def test_static_diffusion_equals_eager(options):
     assert static.sequences.tolist() == eager.sequences.tolist()
 
 
+@pytest.mark.parametrize("anchor", [False, True])
+@torch.no_grad()
+def test_static_seeded_sampling_and_step_events_equal_eager_after_a_row_finishes(anchor):
+    """A finished row stays in the fixed-shape batch but draws nothing and is not reported: seeded
+    sampling and every step event match the eager batch, which drops the row."""
+    model = perturbed_twotower()
+    g = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(4, 96, (n,), generator=g).tolist() for n in (3, 9, 6)]
+    options = dict(max_new_tokens=14, block_size=4, confidence_threshold=0.6, temperature=1.0, seed=3, anchor=anchor)
+    free = model.generate_mask_diffusion(prompts, **options)
+    eos = next(t for t in free.new_tokens[1][:4] if all(t not in r for r in free.new_tokens[::2]))
+
+    def run(step):
+        events = []
+        out = model.generate_mask_diffusion(
+            prompts, eos_token_id=eos, decode_step=step, step_callback=lambda e: events.append(e), **options
+        )
+        return out, events
+
+    (eager, eager_events), (static, static_events) = run("eager"), run("static")
+    assert len(eager.new_tokens[1]) <= 4  # row 1 finished in block 0
+    assert static.new_tokens == eager.new_tokens
+    assert len(static_events) == len(eager_events)
+    for a, b in zip(eager_events, static_events, strict=True):
+        assert a["rows"].tolist() == b["rows"].tolist() and a["block"] == b["block"]
+        for key in ("canvas", "committed", "masked", "t"):
+            assert torch.equal(a[key], b[key]), key
+    assert 1 not in static_events[-1]["rows"].tolist() and len(static_events[-1]["rows"]) >= 1
+
+
 def test_compiled_diffusion_equals_eager():
     """Both fixed-shape forwards compiled (the block commit and the denoiser), anchored, batch 2."""
     model = perturbed_twotower()

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Each input line is a JSON object with an `id`, a `prompt` and optional generation options "
             "(mode: diffusion, ar or speculative; max_tokens, block_size, steps_per_block, draft_steps "
             "(speculative: denoiser steps per drafted block), confidence_threshold, temperature, top_k, seed, "
-            "stop) that override the command-line defaults. Each output line carries the id, the "
+            "stop, anchor (diffusion: each block's first token from the context tower)) that override the command-line defaults. Each output line carries the id, the "
             "text, the finish reason, the token counts and the settings used. Re-running the same "
             "command resumes: finished ids are skipped. Rejected lines go to OUTPUT.errors.jsonl."
         ),

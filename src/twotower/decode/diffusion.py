@@ -6,7 +6,8 @@ Per block of S positions:
   2. up to T = steps_per_block denoiser forwards; each step every row with masked positions
      predicts all of them and commits the c most confident (the commit rule below).
   3. the context tower appends the S committed tokens in ONE forward.
-  4. a row whose block holds an EOS stops; it leaves the batch (its cache rows are dropped).
+  4. a row whose block holds an EOS stops; it leaves the batch (its cache rows are dropped), or,
+     on the fixed-shape paths (decode_step "static"/"compiled"), stays in it idle.
 
 Anchored variant (`anchor=True`, not in the paper; off by default): position 0 of every block is the
 context tower's own next token, read from its head at the last committed position (prefill and each
@@ -74,6 +75,26 @@ def select_commits(confidence: torch.Tensor, masked: torch.Tensor, counts: torch
     return masked & (rank < counts[:, None])
 
 
+def choose_rows(
+    logits: torch.Tensor,
+    rows: torch.Tensor | None,
+    *,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | RowGenerators | None,
+) -> torch.Tensor:
+    """`choose_tokens` over the rows (leading dimension) marked True only; the others get 0 and draw
+    nothing, so the random stream advances exactly as for a batch holding just those rows."""
+    if rows is None or bool(rows.all()):
+        return choose_tokens(logits, temperature=temperature, top_k=top_k, generator=generator)
+    if isinstance(generator, RowGenerators):
+        raise ValueError("choose_rows selects rows of one shared generator; RowGenerators skip rows themselves")
+    out = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    rows = rows.to(logits.device)
+    out[rows] = choose_tokens(logits[rows], temperature=temperature, top_k=top_k, generator=generator)
+    return out
+
+
 def rows_needing_tokens(canvas: torch.Tensor, masked: torch.Tensor, eos_ids: torch.Tensor | None) -> torch.Tensor:
     """(b,) bool: the row still has a masked position before its first committed EOS (if any)."""
     if eos_ids is None or eos_ids.numel() == 0:
@@ -100,6 +121,7 @@ def denoise_block(
     masked: torch.Tensor | None = None,
     eos_ids: torch.Tensor | None = None,
     denoise: Callable[..., torch.Tensor] | None = None,
+    draw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Fill one block of `size` positions for `rows` rows. Returns (canvas (rows, size), per-row
     denoiser steps (rows,), number of batched forwards). A partly known block can be given as
@@ -109,7 +131,9 @@ def denoise_block(
     what follows its EOS is never output, so those positions stay masked (its output is exactly
     what running all steps would give, since committed tokens never change).
 
-    `denoise` replaces `model.denoise` (same arguments; e.g. a `FixedShapeDenoiser`)."""
+    `denoise` replaces `model.denoise` (same arguments; e.g. a `FixedShapeDenoiser`). `draw` (rows,)
+    bool: only these rows draw random numbers when sampling (rows kept idle in a fixed-shape batch
+    must not consume the stream the rows of an eager batch would get); needs a plain generator."""
     device = model.denoiser_device
     denoise = model.denoise if denoise is None else denoise
     if canvas is None:
@@ -127,7 +151,7 @@ def denoise_block(
         logits[..., mask_id] = float("-inf")
         # per-row streams: a row with nothing left to fill draws nothing, exactly as when decoded alone
         step_gen = generator.only(live) if isinstance(generator, RowGenerators) else generator
-        pred = choose_tokens(logits, temperature=settings.temperature, top_k=settings.top_k, generator=step_gen)
+        pred = choose_rows(logits, draw, temperature=settings.temperature, top_k=settings.top_k, generator=step_gen)
         confidence = torch.softmax(logits, dim=-1).gather(-1, pred[..., None])[..., 0]
         n_confident = (masked & (confidence > settings.confidence_threshold)).sum(-1)
         commit = select_commits(confidence, masked, commit_counts(n_masked, n_confident, k, settings.steps_per_block))
@@ -206,9 +230,17 @@ class _ContextState:
         self.cache = self.cache.select_rows(keep.nonzero()[:, 0].to(self.model.context_device))
 
 
-def _block_reporter(step_callback: Callable[[dict], None], **where) -> Callable[[dict], None]:
-    """Adds the block's index, start position and original row ids to every step event."""
-    return lambda event: step_callback({**event, **where})
+def _block_reporter(step_callback: Callable[[dict], None], running: torch.Tensor, **where) -> Callable[[dict], None]:
+    """Adds the block's index, start position and original row ids to every step event, whose
+    per-row tensors keep the `running` rows only."""
+
+    def report(event: dict) -> None:
+        if not bool(running.all()):
+            keep = running.to(event["canvas"].device)
+            event = {k: v[keep] if isinstance(v, torch.Tensor) else v for k, v in event.items()}
+        step_callback({**event, **where})
+
+    return report
 
 
 @torch.no_grad()
@@ -241,7 +273,8 @@ def generate_mask_diffusion(
     fixed-capacity buffers (`StaticDecoder`), each block is committed by its fixed-shape multi-token
     step and the denoiser reads the whole buffers under the validity mask, so that both forwards
     can be compiled (`torch.compile`, one graph per batch size, block size and rounded capacity).
-    Same tokens as eager up to float rounding; finished rows stay in the batch instead of leaving it.
+    Greedy: the same tokens as eager (up to float rounding). Finished rows stay in the batch, idle:
+    they draw no random numbers, so seeded sampling draws as eager does.
     """
     check_max_new_tokens(max_new_tokens)
     settings = DiffusionSettings(block_size, steps_per_block, confidence_threshold, temperature, top_k)
@@ -266,9 +299,15 @@ def generate_mask_diffusion(
 
     t0 = time.perf_counter()
     state = _ContextState(model, batch, max_new_tokens=max_new_tokens, decode_step=decode_step)
-    pending = state.prefill(anchor=anchor)
-    if pending is not None:
-        pending = choose_tokens(pending, temperature=temperature, top_k=top_k, generator=gen)
+
+    def anchors(logits: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+        """Each running row's first token of the next block: exactly AR's choice (even the mask id,
+        which a trained AR model does not predict; the denoiser never may)."""
+        if logits is None:
+            return None
+        return choose_rows(logits, rows, temperature=temperature, top_k=top_k, generator=gen)
+
+    pending = anchors(state.prefill(anchor=anchor), torch.ones(b, dtype=torch.bool))
     out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long)
     active = torch.arange(b)  # original row index of each batch row
     done = torch.zeros(b, dtype=torch.bool)  # fixed-shape paths: finished rows stay in the batch
@@ -288,8 +327,8 @@ def generate_mask_diffusion(
             masked = torch.ones(len(active), size, dtype=torch.bool, device=den_device)
         masked[done.to(den_device)] = False  # nothing left to fill: never live, never committed
         on_step = None
-        if step_callback is not None:
-            on_step = _block_reporter(step_callback, rows=active.clone(), block=block_index, position=pos)
+        if step_callback is not None:  # running rows only (a fixed-shape batch also holds idle ones)
+            on_step = _block_reporter(step_callback, ~done, rows=active[~done], block=block_index, position=pos)
 
         canvas, row_steps, forwards = denoise_block(
             model,
@@ -304,6 +343,7 @@ def generate_mask_diffusion(
             masked=masked,
             eos_ids=eos_t if eos else None,
             denoise=state.denoise,
+            draw=~done if state.fixed_shape else None,
         )
         nfe += forwards
         canvas_cpu, row_steps = canvas.cpu(), row_steps.cpu()
@@ -324,9 +364,7 @@ def generate_mask_diffusion(
                 state.select_rows(keep)
                 canvas = canvas[keep.to(canvas.device)]
         if not bool(done.all()):
-            pending = state.extend(canvas, anchor=anchor)
-            if pending is not None:
-                pending = choose_tokens(pending, temperature=temperature, top_k=top_k, generator=gen)
+            pending = anchors(state.extend(canvas, anchor=anchor), ~done)
             context_forwards += 1
     elapsed = time.perf_counter() - t0
 

@@ -3,18 +3,20 @@ blocks, each row with its own settings, budget, EOS and random stream, all shari
 
 One `DecodeEngine` serves one mode and block size (rows of a batch must advance the context by the
 same number of tokens per step). Per `step()`:
-  1. diffusion: rows are grouped by their block settings and each group fills one block with
-     `denoise_block` (a row in its short last block forms its own group); AR: every row picks one
-     token from the logits of its last step.
+  1. diffusion: rows are grouped by their block settings and anchoring and each group fills one
+     block with `denoise_block` (a row in its short last block forms its own group; an anchored
+     row's block starts with its `pending` token); AR: every row picks one token from the logits
+     of its last step.
   2. each row's new tokens become an `Event` (cut after EOS); finished rows leave with `select_rows`.
-  3. the context tower appends the committed tokens of the remaining rows in ONE forward.
+  3. the context tower appends the committed tokens of the remaining rows in ONE forward (with
+     anchored rows in the batch, its head at the last position gives their next `pending` token).
 Speculative: one step is one round of `speculative.py` for every row: each row drafts a block after
 its own `pending` token (one `denoise_block` per group of draft settings), ONE context forward
 verifies all drafts, each row keeps its pending token + its accepted drafts (`HybridCache.rollback`
 with per-row counts) and the AR token at its first disagreement becomes its next `pending`.
 `add()` prefills new prompts together (left-padded) and merges their cache rows into the running
-cache (`HybridCache.merge`, right-aligned); AR and speculative rows take their first token's logits
-from that prefill. A row decoded here, greedy or seeded, produces exactly what
+cache (`HybridCache.merge`, right-aligned); AR, speculative and anchored diffusion rows take their
+first token's logits from that prefill. A row decoded here, greedy or seeded, produces exactly what
 `generate_mask_diffusion` / `generate_ar` / `generate_speculative` produce for its prompt alone.
 """
 

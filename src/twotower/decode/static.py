@@ -1,19 +1,24 @@
-"""A fixed-shape one-token decode step, made to be compiled with `torch.compile`.
+"""Fixed-shape decode steps, made to be compiled with `torch.compile`: the context tower's step over
+L new tokens per row (L = 1: an AR step; L = S: committing a diffusion block) and the denoiser body
+over a block that reads the context state from the same fixed buffers.
 
 The eager cached step (`NemotronHModel.forward` with a `HybridCache`) is dominated by per-operator
 dispatch at small sizes: about 85% of a CPU step on the tiny preset. Compiling it does not help
 while its shapes change every step (the K/V view grows) and it reads values to the host (MoE
-grouping). This step keeps every shape fixed, so `torch.compile(fullgraph=True, dynamic=False)`
-turns it into a handful of fused kernels:
+grouping). These steps keep every shape fixed, so `torch.compile(fullgraph=True, dynamic=False)`
+turns them into a handful of fused kernels:
 
-- attention K/V live in buffers of a fixed capacity; the new token is written at `position`, a
-  tensor, and the query attends over the whole buffer under the cache's validity mask;
-- Mamba conv and SSM states are updated in place;
-- MoE routing is unchanged (float64 sigmoid, correction bias selects, top-k), and the chosen
-  experts' weights are gathered by index, so no value ever leaves the device (with more token x
-  expert pairs than experts, every expert runs on every token, weighted by a dense combine matrix).
+- attention K/V live in buffers of a fixed capacity; new tokens are written at `position`, a
+  tensor, and queries attend over the whole buffer under the validity mask (causal among the new
+  tokens); the denoiser attends over the same buffers plus its block;
+- Mamba conv and SSM states are updated in place (the denoiser only reads them as its seed);
+- MoE routing is unchanged (float64 sigmoid, correction bias selects, top-k); under compilation the
+  experts take their fixed-shape form (`Experts.fixed_shape`: the chosen experts' weights gathered
+  by index, or, with more token x expert pairs than experts, every expert on every token under a
+  dense combine matrix), so no value ever leaves the device. Uncompiled ("static") the experts
+  run grouped as in eager.
 
-The eager cached step is the plain twin; `tests/test_static_decode.py` pins the two together.
+The eager paths are the plain twins; `tests/test_static_decode.py` pins them together.
 Prefill stays eager (`StaticDecoder.load` copies a prefilled `HybridCache`).
 """
 
@@ -28,7 +33,7 @@ from ..layers.mamba2 import MambaState
 from ..model import DenoiserContext
 
 CAPACITY_ROUNDING = 128  # capacities are rounded up so that nearby lengths share one compiled graph
-RECOMPILE_LIMIT = 64  # compiled shapes (batch x capacity) kept before Dynamo gives up on recompiling
+RECOMPILE_LIMIT = 64  # compiled shapes (batch x new tokens x capacity) kept before Dynamo gives up recompiling
 
 
 def round_capacity(n: int) -> int:
@@ -36,12 +41,13 @@ def round_capacity(n: int) -> int:
 
 
 class StaticDecoder:
-    """Fixed-capacity decode state plus a one-token step for a NemotronH body and its LM head
+    """Fixed-capacity decode state plus a fixed-shape step for a NemotronH body and its LM head
     (`model.backbone, model.lm_head`, or a TwoTower's `context_tower, context_lm_head`).
 
-    `load(cache)` copies a prefilled cache in; then each `step(tokens)` appends one token per row
-    and returns the next-token logits (b, V) in float32. With `compile=True` the step is compiled
-    once per (batch, capacity, dtype, device) and shared by every decoder of the model.
+    `load(cache)` copies a prefilled cache in; then each `step(tokens)` appends one token per row,
+    or `append(tokens)` L tokens per row, and returns the logits after the last (b, V) in float32.
+    With `compile=True` the step is compiled once per (batch, L, capacity, dtype, device) and shared
+    by every decoder of the model. `denoiser_context()` exposes the state to the denoiser.
     """
 
     def __init__(self, body, head, batch: int, capacity: int, *, compile: bool = False) -> None:
@@ -139,9 +145,7 @@ def decode_step(body, head, tokens, position, kv, conv, ssm, valid) -> torch.Ten
             kbuf.index_copy_(2, slots, k)
             vbuf.index_copy_(2, slots, v)
             y = layer.mixer.attend(q, kbuf, vbuf, mask)
-        elif layer.kind == "moe":
-            y = _moe_step(layer.mixer, u)
-        else:
+        else:  # MoE: under torch.compile the experts take their fixed-shape form (`Experts.forward`)
             y = layer.mixer(u)
         h = h + y
     return head(body.norm_f(h[:, -1])).float()
@@ -154,13 +158,6 @@ def _mamba_step(mixer, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: tor
     conv_state.copy_(state.conv)
     ssm_state.copy_(state.ssm)
     return y
-
-
-def _moe_step(moe, u: torch.Tensor) -> torch.Tensor:
-    """MoE for (b, L, H) with no host read (`Experts.fixed_shape`)."""
-    x = u.reshape(-1, u.shape[-1])
-    idx, weights = moe.gate(x)  # (N, k)
-    return (moe.experts.fixed_shape(x, idx, weights) + moe.shared_experts(x)).view_as(u)
 
 
 def denoise_step(model, canvas: torch.Tensor, t: torch.Tensor, context: DenoiserContext) -> torch.Tensor:

@@ -58,13 +58,17 @@ SHORT_CONV = 64  # up to this many positions the causal conv is K shifted multip
 
 def short_depthwise_conv(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Causal depthwise conv as K multiply-adds: window (b, C, K-1+L), weight (C, K), bias (C,) ->
-    (b, C, L). Equals `F.conv1d(window, weight[:, None], bias, groups=C)` (the plain twin)."""
+    (b, C, L) in window's dtype. Equals `F.conv1d(window, weight[:, None], bias, groups=C)` (the
+    plain twin); the sum is accumulated in float32, so half-precision inputs round once, at the end."""
     K = weight.shape[1]
     L = window.shape[-1] - (K - 1)
-    out = window[..., :L] * weight[:, :1]
+    x, w = window.float(), weight.float()
+    out = x[..., :L] * w[:, :1]
     for k in range(1, K):
-        out = out + window[..., k : k + L] * weight[:, k : k + 1]
-    return out + bias[:, None] if bias is not None else out
+        out = out + x[..., k : k + L] * w[:, k : k + 1]
+    if bias is not None:
+        out = out + bias.float()[:, None]
+    return out.to(window.dtype)
 
 
 class Mamba2Mixer(nn.Module):
