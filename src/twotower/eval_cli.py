@@ -46,6 +46,9 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps-per-block", type=int, default=16, help="max denoiser steps per block T (default: 16)")
     g.add_argument("--threshold", type=float, default=0.9, help="confidence threshold gamma (default: 0.9)")
     g.add_argument(
+        "--anchor", action="store_true", help="diffusion: each block's first token from the context tower (AR)"
+    )
+    g.add_argument(
         "--temperature", type=float, default=None, help="sampling temperature for every task (default: each task's)"
     )
     g.add_argument("--top-k", type=int, default=None)
@@ -71,6 +74,7 @@ def build_adapter(args: argparse.Namespace):
         denoiser_device=args.denoiser_device,
         dtype=args.dtype,
         seed=args.seed,
+        anchor=args.anchor,
     )
 
 

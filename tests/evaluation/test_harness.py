@@ -33,7 +33,7 @@ def test_model_args_string_through_the_registry(tiny_checkpoint):
     assert cls is TwoTowerLM
     lm = cls.create_from_arg_string(
         f"pretrained={tiny_checkpoint},mode=ar,block_size=8,steps_per_block=4,confidence_threshold=0.8,"
-        "temperature=0.5,max_gen_toks=7,max_length=64,dtype=float32,denoiser_device=cpu",
+        "temperature=0.5,max_gen_toks=7,max_length=64,dtype=float32,denoiser_device=cpu,anchor=False",
         {"batch_size": "2", "max_batch_size": None, "device": "cpu"},
     )
     s = lm.settings
@@ -52,6 +52,8 @@ def test_model_args_string_through_the_registry(tiny_checkpoint):
         ({"temperature": -1.0}, "temperature must be >= 0"),
         ({"max_gen_toks": 0}, "max_gen_toks must be a positive integer"),
         ({"max_length": 1}, "max_length must be an integer >= 2"),
+        ({"mode": "ar", "anchor": True}, "anchor applies to mode diffusion only"),
+        ({"anchor": "yes"}, "anchor must be True or False"),
     ],
 )
 def test_bad_model_args_raise_clear_errors(tiny_loaded, options, message):
@@ -130,6 +132,15 @@ def test_generate_until_matches_our_decoding_cut_at_stop_strings(tiny_loaded, mo
         assert speed["tokens_per_forward"] > 1.0  # several tokens committed per denoiser step
     else:
         assert speed["tokens_per_forward"] == 1.0
+
+
+def test_anchored_generation_through_the_adapter(tiny_loaded):
+    lm = TwoTowerLM.from_loaded(tiny_loaded, **DIFFUSION, anchor=True)
+    prompt = "Q: 2 + 3 = ?\nA:"
+    got = lm.generate_until([instance("generate_until", (prompt, {"until": [], "max_gen_toks": 10}), 0)])
+    want = text_of(tiny_loaded, own_generation(tiny_loaded, "diffusion", prompt, 10, anchor=True))
+    assert got == [want] and lm.settings.anchor
+    assert want != text_of(tiny_loaded, own_generation(tiny_loaded, "diffusion", prompt, 10))
 
 
 def test_temperature_follows_the_task_unless_set(tiny_loaded):

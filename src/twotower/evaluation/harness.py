@@ -59,10 +59,15 @@ class EvalSettings:
     max_length: int | None = None  # None: the config's max_position_embeddings, else DEFAULT_MAX_LENGTH
     batch_size: int = 1
     seed: int = 0
+    anchor: bool = False  # diffusion: anchored blocks (docs/decoding.md)
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not isinstance(self.anchor, bool):
+            raise ValueError(f"anchor must be True or False, got {self.anchor!r}")
+        if self.anchor and self.mode != "diffusion":
+            raise ValueError(f"anchor applies to mode diffusion only, not {self.mode}")
         for name in ("max_gen_toks", "batch_size"):
             if not _is_int(getattr(self, name), at_least=1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -167,7 +172,7 @@ class TwoTowerLM(LM):
     model_args: pretrained (checkpoint dir; default the bundled twotower-tiny), mode, block_size,
     steps_per_block, confidence_threshold, temperature, top_k, max_gen_toks, max_length,
     batch_size, device, denoiser_device (towers on two devices), dtype (float32|bfloat16|float16),
-    seed.
+    seed, anchor (diffusion: each block's first token from the context tower).
     """
 
     def __init__(
@@ -187,6 +192,7 @@ class TwoTowerLM(LM):
         denoiser_device: str | None = None,
         dtype: str | torch.dtype = "float32",
         seed: int = 0,
+        anchor: bool = False,
         max_batch_size: int | None = None,  # passed by simple_evaluate; unused
         loaded=None,
     ) -> None:
@@ -202,6 +208,7 @@ class TwoTowerLM(LM):
             max_length=max_length,
             batch_size=parse_batch_size(batch_size),
             seed=seed,
+            anchor=anchor,
         )
         self.settings.validate()
         if loaded is None:
@@ -327,6 +334,7 @@ class TwoTowerLM(LM):
                 block_size=s.block_size,
                 steps_per_block=s.steps_per_block,
                 confidence_threshold=s.confidence_threshold,
+                anchor=s.anchor,
                 **common,
             )
         if s.mode == "ar":
