@@ -162,6 +162,8 @@ def write_plot(result: BenchResult, path: str | Path) -> bool:
         return False
     largest = max(result.options["batch_sizes"])
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    if len(result.rows) > 10:  # the default cycle repeats after 10 colours
+        ax.set_prop_cycle(color=[plt.get_cmap("tab20")(i % 20) for i in range(len(result.rows))])
     for row in result.rows:
         if row.quality_retained is None:
             continue
