@@ -94,3 +94,17 @@ def test_benchmarks_script_runs_the_same_command(model_dir, capsys, tmp_path):
     args = ["--model", str(model_dir), *QUICK, "--categories", "math", "--no-hf", "--quiet", "--threads", "1"]
     assert script["main"](args) == 0
     assert "| AR |" in capsys.readouterr().out
+
+
+def test_profile_forwards_script_times_every_forward(model_dir, capsys, tmp_path):
+    script = runpy.run_path(str(REPO / "benchmarks" / "profile_forwards.py"), run_name="imported")
+    out = tmp_path / "profile.json"
+    assert script["main"](["--model", str(model_dir), "--repeats", "1", "--context", "5", "--block-size", "4",
+                           "--json", str(out)]) == 0  # fmt: skip
+    text = capsys.readouterr().out
+    assert "| ar_step |" in text and "one forward per block would give" in text
+    record = json.loads(out.read_text())
+    for name in ("ar_step", "denoise", "commit"):
+        assert record["ms"][name]["eager"] > 0 and record["ms"][name]["compiled"] > 0
+    need = record["tokens_per_forward_needed"]["eager"]
+    assert need["paper_ratio"] >= need["match_ar"] > 0  # 2.42x needs at least as many tokens per forward as 1x
