@@ -10,6 +10,7 @@ import pytest
 
 from tests.bench.conftest import EOS, SMALL_BATCH, make_tiny_twotower
 from twotower.bench.evalset import CATEGORIES
+from twotower.bench.report import markdown_table
 from twotower.bench.runner import (
     Setting,
     encode_prompt,
@@ -193,3 +194,14 @@ def test_transformers_generate_row_matches_our_ar(tiny_model, tokenizer, small_i
     assert [i.tokens for i in theirs.items] == [i.tokens for i in ours.items]
     assert theirs.quality_retained == pytest.approx(100.0)
     assert theirs.throughput[2].tokens == ours.throughput[2].tokens
+
+
+def test_anchored_one_token_blocks_have_no_forwards_and_equal_ar(tiny_model, tokenizer, small_items):
+    """Anchored S=1 is AR decoding: no denoiser forward (tokens per forward is undefined, not 0)."""
+    settings = [Setting("ar"), Setting("diffusion", 0.8, 1, 1, anchor=True)]
+    result = run_benchmark(tiny_model, tokenizer, small_items, settings=settings, batch_sizes=(1,), repeats=1)
+    ar, anchored = result.rows
+    assert anchored.nfe == 0 and anchored.tokens_per_forward is None
+    assert [i.completion for i in anchored.items] == [i.completion for i in ar.items]
+    assert anchored.quality_retained == 100.0
+    assert "| diffusion γ=0.8 S=1 T=1, anchored |" in markdown_table(result)

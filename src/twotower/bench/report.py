@@ -50,7 +50,7 @@ def _cells(row: SettingResult, batches: list[int]) -> list[str]:
         _fmt(text.get("repetition"), ".2f"),
         f"{row.mean_score:.1f}",
         _fmt(row.quality_retained, ".1f") + ("%" if row.quality_retained is not None else ""),
-        f"{row.tokens_per_forward:.2f}",
+        _fmt(row.tokens_per_forward, ".2f"),
         str(row.nfe),
     ]
     for b in batches:

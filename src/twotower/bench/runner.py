@@ -129,7 +129,7 @@ class SettingResult:
     diversity: dict[str, dict[str, float]]  # per category: mean entropy (bits), repetition; text: judge J
     tokens: int  # batch 1, whole eval set
     nfe: int  # batch 1: AR forwards, or denoiser forwards (diffusion, speculative)
-    tokens_per_forward: float
+    tokens_per_forward: float | None  # None when no forward ran (anchored S=1: every token is the AR head's)
     context_forwards: int | None
     throughput: dict[int, Throughput]
     deterministic: bool  # batch-1 outputs identical in every round
@@ -344,7 +344,7 @@ def _summarise(setting, rounds, ar, model, tokenizer, items, prompts, batch_size
         diversity=diversity,
         tokens=tokens,
         nfe=first.nfe,
-        tokens_per_forward=tokens / first.nfe if first.nfe else 0.0,
+        tokens_per_forward=tokens / first.nfe if first.nfe else None,
         context_forwards=first.context_forwards if setting.mode in ("diffusion", "speculative") else None,
         throughput=throughput,
         deterministic=all(r.outputs == first.outputs for r in rounds[(setting, 1)]),
