@@ -164,8 +164,10 @@ class NemotronHForCausalLM(nn.Module):
     # ---- checkpoints (all name mapping lives in checkpoint.py) -----------------------------------
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+        cls, path: str | Path, *, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = None
     ) -> NemotronHForCausalLM:
+        """Stream a checkpoint directory into a new model. `dtype="auto"` (or None) keeps the stored
+        dtype (config.json's `torch_dtype`); `device` is where the parameters are allocated."""
         from .checkpoint import load_backbone
 
         return load_backbone(path, dtype=dtype, device=device)

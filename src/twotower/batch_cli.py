@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .cli import CLIError, add_generation_options, add_model_option
+from .cli import CLIError, add_generation_options, add_model_option, load_model
 from .decode.engine import MODES
 from .workload import Limits, Options, parse_options
 
@@ -83,7 +83,6 @@ def dist_rank_world() -> tuple[int, int]:
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from . import batch_job as bj
-    from .loading import load_for_inference
 
     if not args.input.is_file():
         raise CLIError(f"input file {args.input} does not exist")
@@ -97,7 +96,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     defaults = default_options(args)
     args.output.parent.mkdir(parents=True, exist_ok=True)
 
-    loaded = load_for_inference(args.model, device=args.device)
+    loaded = load_model(args)
     tok = loaded.tokenizer
     jobs, errors = bj.read_jobs(args.input, tok, defaults, limits=batch_limits(args))
     jobs = [

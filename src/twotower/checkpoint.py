@@ -4,35 +4,40 @@ in the `transformers` NemotronH layout and the released TwoTower layout (SPEC.md
 Our module names ARE the canonical keys; this file only renames what other writers call them:
     `model.` / `backbone.` prefix  -> `backbone.` (NemotronHForCausalLM) / the tower prefix (TwoTower)
     `embedding.`                   -> `embeddings.`
-    `experts.{e}.up_proj.weight`   -> slices of the fused `experts.up_proj` (E, I, H) (same for down)
-Loading never re-initialises a tensor: the model is built on the meta device and every parameter
-and buffer is assigned from the file, so a missing tensor is an error, not a silent default.
+    `experts.{e}.up_proj.weight`   -> row e of the fused `experts.up_proj` (E, I, H) (same for down)
+
+Loading streams (see `shards.py`): the model is built on the meta device, every file header is read
+and checked against it (names, shapes, kinds) before a byte of data is read, then each parameter is
+allocated once, in its target dtype on its target device, and filled straight from the file; the
+fused expert tensors are filled expert by expert. No dict of the checkpoint, no cast copies, and a
+bad file fails before anything is allocated. Nothing is re-initialised (SPEC pitfall 7): a tensor
+the file lacks is an error, except the adaLN parts when a TwoTower is built from an AR checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import NemotronHConfig
+from .dtypes import resolve_dtype
+from .errors import CheckpointError
+from .shards import ShardWriter, TensorEntry, TensorReader, read_header
+
+__all__ = ["CheckpointError", "load_backbone", "load_twotower", "save_backbone", "save_twotower"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 _PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
-_KEEP_FP32 = ("e_score_correction_bias",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked: missing, corrupt, or not matching the model."""
+_KEEP_FP32 = ("e_score_correction_bias",)  # selection bias: float32 whatever the model dtype (SPEC pitfall 4)
+DeviceOf = Callable[[str], torch.device]
 
 
 # ---- reading files --------------------------------------------------------------------------------
@@ -52,103 +57,121 @@ def read_config_dict(path: str | Path) -> dict:
     return data
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a directory: `model.safetensors`, or the shards named by the index file."""
+def checkpoint_entries(path: str | Path) -> dict[str, TensorEntry]:
+    """Every tensor of a directory (`model.safetensors`, or the shards an index names), from the
+    headers alone; the index is checked against what the shards really hold."""
     path = Path(path)
     index = path / INDEX_NAME
+    weight_map = None
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
         files = sorted(set(weight_map.values()))
     elif (path / WEIGHTS_NAME).is_file():
-        files, weight_map = [WEIGHTS_NAME], None
+        files = [WEIGHTS_NAME]
     else:
-        found = sorted(p.name for p in path.glob("*.safetensors"))
-        if not found:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
             raise CheckpointError(f"{path}: no {WEIGHTS_NAME}, no {INDEX_NAME}, and no *.safetensors files")
-        files, weight_map = found, None
-    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, TensorEntry] = {}
     for name in files:
         shard = path / name
         if not shard.is_file():
-            raise CheckpointError(f"{path}: shard {name} named in the index is missing")
-        try:
-            tensors.update(load_file(str(shard)))
-        except (SafetensorError, OSError, RuntimeError) as err:
-            raise CheckpointError(f"{shard}: corrupt or unreadable safetensors file ({err})") from None
+            raise CheckpointError(f"{path}: shard {name} named in {INDEX_NAME} is missing")
+        for key, entry in read_header(shard).items():
+            if key in entries:
+                raise CheckpointError(f"{path}: tensor {key} is stored twice ({entries[key].file.name}, {name})")
+            entries[key] = entry
     if weight_map is not None:
-        absent = sorted(set(weight_map) - set(tensors))
-        if absent:
-            raise CheckpointError(f"{path}: index names tensors the shards lack: {_names(absent)}")
-    return tensors
+        for key, name in sorted(weight_map.items()):
+            if key not in entries or entries[key].file.name != name:
+                raise CheckpointError(f"{index.name}: names {key} in {name}, which does not hold it")
+    return entries
 
 
-def write_tensors(tensors: dict[str, torch.Tensor], path: str | Path, *, max_shard_bytes: int | None = None) -> None:
-    """Write a safetensors directory atomically per file; shard with an index above `max_shard_bytes`."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    limit = max_shard_bytes or DEFAULT_SHARD_BYTES
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key in sorted(tensors):
-        t = tensors[key].detach().contiguous().cpu()
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][key] = t
-        size += nbytes
-    for stale in list(path.glob("*.safetensors")) + [path / INDEX_NAME]:
-        stale.unlink(missing_ok=True)
-    if len(shards) == 1:
-        _atomic_save(shards[0], path / WEIGHTS_NAME)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _atomic_save(shard, path / name)
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a directory as a dict of CPU tensors (small checkpoints and tests only: the
+    loaders below never build this)."""
+    entries = checkpoint_entries(path)
+    with TensorReader() as reader:
+        return {key: reader.read(e) for key, e in entries.items()}
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], target: Path) -> None:
-    tmp = target.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, target)
+def write_tensors(
+    tensors: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+    path: str | Path,
+    *,
+    max_shard_bytes: int | None = None,
+) -> None:
+    """Write a safetensors directory, shard by shard (each file written whole, then renamed into
+    place); above `max_shard_bytes` as `model-0000i-of-0000N.safetensors` with an index."""
+    items = sorted(tensors.items()) if isinstance(tensors, dict) else tensors
+    writer = ShardWriter(
+        Path(path),
+        max_shard_bytes=max_shard_bytes or DEFAULT_SHARD_BYTES,
+        weights_name=WEIGHTS_NAME,
+        index_name=INDEX_NAME,
+    )
+    for key, t in items:
+        writer.add(key, t)
+    writer.finish()
 
 
 # ---- renaming ---------------------------------------------------------------------------------------
-def normalise_body_keys(tensors: dict[str, torch.Tensor], prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
-    """Rename file prefixes (e.g. {'model.': 'backbone.'}), `embedding.` -> `embeddings.`, and fuse
-    per-expert weights into (E, out, in) tensors."""
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        for old, new in prefixes.items():
-            if key.startswith(old):
-                key = new + key[len(old) :]
-                break
-        key = key.replace(".embedding.", ".embeddings.")
-        m = _PER_EXPERT.match(key)
+@dataclass(frozen=True)
+class Source:
+    """Where one model tensor comes from: one file entry, or one per expert stacked along dim 0."""
+
+    parts: tuple[TensorEntry, ...]
+    stacked: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.parts), *self.parts[0].shape) if self.stacked else self.parts[0].shape
+
+    @property
+    def where(self) -> str:
+        return self.parts[0].where
+
+
+def canonical_key(key: str, prefixes: dict[str, str]) -> str:
+    for old, new in prefixes.items():
+        if key.startswith(old):
+            key = new + key[len(old) :]
+            break
+    return key.replace(".embedding.", ".embeddings.")
+
+
+def map_sources(entries: dict[str, TensorEntry], prefixes: dict[str, str]) -> dict[str, Source]:
+    """Model key -> source: prefixes renamed, per-expert weights gathered into fused tensors."""
+    out: dict[str, Source] = {}
+    experts: dict[tuple[str, str], dict[int, TensorEntry]] = {}
+    for key, entry in entries.items():
+        name = canonical_key(key, prefixes)
+        m = _PER_EXPERT.match(name)
         if m:
-            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = t
+            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = entry
         else:
-            out[key] = t
+            out[name] = Source((entry,))
     for (base, proj), by_index in experts.items():
         n = max(by_index) + 1
         gaps = sorted(set(range(n)) - set(by_index))
         if gaps:
             raise CheckpointError(f"{base}: per-expert {proj} weights missing for experts {gaps}")
-        out[f"{base}.{proj}"] = torch.stack([by_index[e] for e in range(n)])
+        parts = tuple(by_index[e] for e in range(n))
+        odd = [p for p in parts if p.shape != parts[0].shape or p.dtype != parts[0].dtype]
+        if odd:
+            raise CheckpointError(f"{odd[0].where}: {odd[0].shape} {odd[0].dtype}, but expert 0 is {parts[0].shape}")
+        out[f"{base}.{proj}"] = Source(parts, stacked=True)
     return out
 
 
 def split_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of the fusing above: `experts.up_proj` (E, I, H) -> `experts.{e}.up_proj.weight`."""
+    """Inverse of the fusing above: `experts.up_proj` (E, I, H) -> `experts.{e}.up_proj.weight` (views)."""
     out = {}
     for key, t in tensors.items():
         if key.endswith((".experts.up_proj", ".experts.down_proj")):
@@ -160,35 +183,111 @@ def split_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-# ---- assigning into a module ------------------------------------------------------------------------
+# ---- streaming into a module ------------------------------------------------------------------------
 def _names(keys: list[str], limit: int = 8) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def assign_state(module: nn.Module, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype | None, where: str) -> None:
-    """Check names and shapes, then assign every parameter/buffer of `module` from `tensors`."""
+def check_sources(module: nn.Module, sources: dict[str, Source], *, where: str, optional: Iterable[str] = ()) -> None:
+    """Every tensor of `module` (on the meta device) has a source of its shape and kind; no source is
+    left over. `optional` names keys the caller initialises itself."""
     expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
+    optional = set(optional)
+    missing = sorted(set(expected) - set(sources) - optional)
+    unexpected = sorted(set(sources) - set(expected))
     problems = []
     if missing:
         problems.append(f"missing tensors: {_names(missing)}")
     if unexpected:
         problems.append(f"unexpected tensors: {_names(unexpected)}")
+    wrong, mistyped = [], []
+    for key in sorted(set(expected) & set(sources)):
+        src, want = sources[key], expected[key]
+        if tuple(want.shape) != src.shape:
+            wrong.append(f"{key} {src.shape} vs model {tuple(want.shape)} [{src.parts[0].file.name}]")
+        elif src.parts[0].dtype.is_floating_point != want.dtype.is_floating_point:
+            mistyped.append(f"{key} is {src.parts[0].dtype}, the model needs {want.dtype} [{src.parts[0].file.name}]")
     if wrong:
-        detail = [f"{k} {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong]
-        problems.append(f"mis-shaped tensors: {_names(detail)}")
+        problems.append(f"mis-shaped tensors: {_names(wrong)}")
+    if mistyped:
+        problems.append(f"mistyped tensors: {_names(mistyped)}")
     if problems:
-        raise CheckpointError(f"{where} does not match its config: " + "; ".join(problems))
-    cast = {}
-    for key, t in tensors.items():
-        target = expected[key].dtype if dtype is None else dtype
-        if not t.is_floating_point() or key.endswith(_KEEP_FP32):
-            target = torch.float32 if t.is_floating_point() else t.dtype
-        cast[key] = t.to(target)
-    module.load_state_dict(cast, strict=True, assign=True)
+        raise CheckpointError(f"{where} does not match its config.json: " + "; ".join(problems))
+
+
+def target_dtype(key: str, meta: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    if not meta.dtype.is_floating_point:
+        return meta.dtype
+    return torch.float32 if key.endswith(_KEEP_FP32) else dtype
+
+
+@torch.no_grad()
+def materialize(module: nn.Module, *, dtype: torch.dtype, device_of: DeviceOf) -> None:
+    """Replace every meta parameter/buffer by an uninitialised tensor of its target dtype on its
+    target device (one allocation each; the values come next)."""
+    for key, meta in module.state_dict(keep_vars=True).items():
+        owner_name, _, attr = key.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        fresh = torch.empty(meta.shape, dtype=target_dtype(key, meta, dtype), device=device_of(key))
+        if attr in owner._parameters:
+            owner._parameters[attr] = nn.Parameter(fresh, requires_grad=meta.requires_grad)
+        else:
+            owner._buffers[attr] = fresh
+    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    if leftover:  # a non-persistent buffer the file cannot hold: the model must not rely on one
+        raise CheckpointError(f"tensors not in any checkpoint would stay uninitialised: {_names(leftover)}")
+
+
+@torch.no_grad()
+def stream_into(
+    module: nn.Module, sources: dict[str, Source], *, progress: Callable[[int], None] | None = None
+) -> None:
+    """Fill the (materialised) tensors of `module` named in `sources`, in file order."""
+    state = module.state_dict()
+    jobs = []
+    for key, src in sources.items():
+        dst = state[key]
+        jobs.extend((part, dst[e] if src.stacked else dst) for e, part in enumerate(src.parts))
+    jobs.sort(key=lambda job: (str(job[0].file), job[0].offset))
+    with TensorReader() as reader:
+        for entry, dst in jobs:
+            reader.read_into(entry, dst)
+            if progress is not None:
+                progress(entry.nbytes)
+
+
+def _progress_bar(total: int, what: str):
+    """A tqdm byte counter on stderr (silent when stderr is not a terminal or the load is small)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {what}", leave=False, disable=None)
+    return bar
+
+
+def load_into(module: nn.Module, sources: dict[str, Source], *, dtype: torch.dtype, device_of: DeviceOf, what: str):
+    """Allocate `module`'s tensors and stream their values; returns the module."""
+    materialize(module, dtype=dtype, device_of=device_of)
+    total = sum(p.nbytes for s in sources.values() for p in s.parts)
+    with _progress_bar(total, what) as bar:
+        stream_into(module, sources, progress=bar.update)
+    return module
+
+
+def stored_dtype(raw_config: dict, entries: dict[str, TensorEntry]) -> torch.dtype:
+    """What `dtype="auto"` means for a directory: config.json's `torch_dtype`, else the dtype most
+    floating-point bytes in the files have."""
+    named = raw_config.get("torch_dtype")
+    if named is not None:
+        try:
+            return resolve_dtype(named)
+        except ValueError:
+            raise CheckpointError(f"config.json: unknown torch_dtype {named!r}") from None
+    counts: dict[torch.dtype, int] = {}
+    for e in entries.values():
+        if e.dtype.is_floating_point:
+            counts[e.dtype] = counts.get(e.dtype, 0) + e.nbytes
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
@@ -196,19 +295,35 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
         return factory()
 
 
+def _config(path: Path, raw: dict) -> NemotronHConfig:
+    try:
+        return NemotronHConfig.from_dict(raw)
+    except ValueError as err:
+        raise CheckpointError(f"{path / 'config.json'}: {err}") from None
+
+
+def _device(device) -> torch.device:
+    return torch.device(device if device is not None else "cpu")
+
+
 # ---- the NemotronH causal LM ------------------------------------------------------------------------
-def load_backbone(path: str | Path, *, dtype: torch.dtype | None = None, device=None):
-    """Load a NemotronH AR checkpoint directory in any known layout."""
+_BACKBONE_PREFIXES = {"model.": "backbone.", "backbone.": "backbone."}
+
+
+def load_backbone(path: str | Path, *, dtype="auto", device=None):
+    """Load a NemotronH AR checkpoint directory in any known layout (streamed; see the module doc)."""
     from .backbone import NemotronHForCausalLM
 
-    config = NemotronHConfig.from_dict(read_config_dict(path))
-    raw = read_tensors(path)
-    tensors = normalise_body_keys(raw, {"model.": "backbone.", "backbone.": "backbone."})
+    path = Path(path)
+    raw = read_config_dict(path)
+    config = _config(path, raw)
+    entries = checkpoint_entries(path)
+    sources = map_sources(entries, _BACKBONE_PREFIXES)
     model = build_on_meta(lambda: NemotronHForCausalLM(config))
-    if dtype is None:
-        dtype = _stored_dtype(raw)
-    assign_state(model, tensors, dtype=dtype, where=str(path))
-    return model.to(device) if device is not None else model
+    check_sources(model, sources, where=str(path))
+    dtype = stored_dtype(raw, entries) if resolve_dtype(dtype) is None else resolve_dtype(dtype)
+    dev = _device(device)
+    return load_into(model, sources, dtype=dtype, device_of=lambda key: dev, what=path.name)
 
 
 def save_backbone(model, path: str | Path, *, max_shard_bytes: int | None = None) -> None:
@@ -217,40 +332,84 @@ def save_backbone(model, path: str | Path, *, max_shard_bytes: int | None = None
     for key, t in model.state_dict().items():
         tensors["model." + key[len("backbone.") :] if key.startswith("backbone.") else key] = t
     write_tensors(tensors, path, max_shard_bytes=max_shard_bytes)
-    model.config.save(Path(path) / "config.json")
+    _save_config(model, path, architecture=None)
 
 
-def _stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
-    """The dtype most floating tensors in the file have (so loading keeps what was saved)."""
-    counts: dict[torch.dtype, int] = {}
-    for t in tensors.values():
-        if t.is_floating_point():
-            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
-    return max(counts, key=counts.get) if counts else torch.float32
+def _save_config(model, path, *, architecture: str | None) -> None:
+    extra = {**model.config.extra, "torch_dtype": str(model.lm_head.weight.dtype).removeprefix("torch.")}
+    if architecture is not None:
+        extra["architectures"] = [architecture]
+    model.config.replace(extra=extra).save(Path(path) / "config.json")
 
 
 # ---- the TwoTower model (released layout) -----------------------------------------------------------
 _TOWER_PREFIXES = {"context_tower.": "context_tower.", "denoiser_tower.": "denoiser_tower."}
+_CONTEXT_PARTS = ("context_tower.", "context_lm_head.")
+_ADALN_PARTS = ("t_embedder.", "t_block.", "scale_shift_tables.")
+AR_HINT = (
+    "For an AR backbone use TwoTowerForCausalLM.from_backbone_pretrained (or NemotronHForCausalLM.from_pretrained)."
+)
 
 
-def load_twotower(path: str | Path, *, dtype: torch.dtype | None = None, device=None):
+def tower_devices(device=None, denoiser_device=None) -> DeviceOf:
+    """Context tower + AR head on `device`; denoiser, its head and the adaLN parts on `denoiser_device`."""
+    ctx = _device(device)
+    den = _device(denoiser_device) if denoiser_device is not None else ctx
+    return lambda key: ctx if key.startswith(_CONTEXT_PARTS) else den
+
+
+def load_twotower(path: str | Path, *, dtype="auto", device=None, denoiser_device=None):
     """Load a TwoTower directory in the released layout (per-expert keys, `embedding.` alias, shards)."""
     from .model import TWOTOWER_ARCH, TwoTowerForCausalLM
 
-    raw_config = read_config_dict(path)
-    archs = raw_config.get("architectures") or []
-    hint = "For an AR backbone use NemotronHForCausalLM.from_pretrained, then TwoTowerForCausalLM.from_backbone."
+    path = Path(path)
+    raw = read_config_dict(path)
+    archs = raw.get("architectures") or []
     if archs and TWOTOWER_ARCH not in archs:
-        raise CheckpointError(f"{path}: config.json says architectures={archs}, not {TWOTOWER_ARCH}. {hint}")
-    config = NemotronHConfig.from_dict(raw_config)
-    raw = read_tensors(path)
-    if not any(k.startswith("context_tower.") for k in raw) and any(k.startswith(("model.", "backbone.")) for k in raw):
-        raise CheckpointError(f"{path}: holds an AR backbone (model./backbone. keys), not a TwoTower model. {hint}")
-    tensors = normalise_body_keys(raw, _TOWER_PREFIXES)
+        raise CheckpointError(f"{path}: config.json says architectures={archs}, not {TWOTOWER_ARCH}. {AR_HINT}")
+    config = _config(path, raw)
+    entries = checkpoint_entries(path)
+    if not any(k.startswith("context_tower.") for k in entries) and any(
+        k.startswith(("model.", "backbone.")) for k in entries
+    ):
+        raise CheckpointError(f"{path}: holds an AR backbone (model./backbone. keys), not a TwoTower model. {AR_HINT}")
+    sources = map_sources(entries, _TOWER_PREFIXES)
     model = build_on_meta(lambda: TwoTowerForCausalLM(config))
-    assign_state(model, tensors, dtype=dtype or _stored_dtype(raw), where=str(path))
+    check_sources(model, sources, where=str(path))
+    dtype = stored_dtype(raw, entries) if resolve_dtype(dtype) is None else resolve_dtype(dtype)
+    load_into(model, sources, dtype=dtype, device_of=tower_devices(device, denoiser_device), what=path.name)
     model.freeze_context()
-    return model.to(device) if device is not None else model
+    return model
+
+
+def load_twotower_from_backbone(path: str | Path, *, dtype="auto", device=None, denoiser_device=None, seed: int = 0):
+    """A TwoTower whose two towers are both read from one AR checkpoint (the denoiser's copy comes
+    straight from the file, so only the two towers are ever in memory), adaLN initialised so the
+    denoiser equals the backbone (SPEC 3.2), `t_embedder` drawn from `seed`."""
+    from .model import TwoTowerForCausalLM
+
+    path = Path(path)
+    raw = read_config_dict(path)
+    config = _config(path, raw)
+    entries = checkpoint_entries(path)
+    body = map_sources(entries, _BACKBONE_PREFIXES)
+    sources = {}
+    for key, src in body.items():
+        if key.startswith("backbone."):
+            rest = key[len("backbone.") :]
+            sources["context_tower." + rest] = sources["denoiser_tower." + rest] = src
+        elif key == "lm_head.weight":
+            sources["context_lm_head.weight"] = sources["lm_head.weight"] = src
+        else:
+            sources[key] = src
+    model = build_on_meta(lambda: TwoTowerForCausalLM(config))
+    adaln = [k for k in model.state_dict() if k.startswith(_ADALN_PARTS)]
+    check_sources(model, sources, where=str(path), optional=adaln)
+    dtype = stored_dtype(raw, entries) if resolve_dtype(dtype) is None else resolve_dtype(dtype)
+    load_into(model, sources, dtype=dtype, device_of=tower_devices(device, denoiser_device), what=path.name)
+    model.init_adaln(seed=seed)
+    model.freeze_context()
+    return model
 
 
 def save_twotower(model, path: str | Path, *, max_shard_bytes: int | None = None) -> None:
@@ -258,8 +417,7 @@ def save_twotower(model, path: str | Path, *, max_shard_bytes: int | None = None
     from .model import TWOTOWER_ARCH
 
     write_tensors(split_experts(dict(model.state_dict())), path, max_shard_bytes=max_shard_bytes)
-    config = model.config.replace(extra={**model.config.extra, "architectures": [TWOTOWER_ARCH]})
-    config.save(Path(path) / "config.json")
+    _save_config(model, path, architecture=TWOTOWER_ARCH)
 
 
 def is_twotower_dir(path: str | Path) -> bool:

@@ -23,8 +23,47 @@ class CLIError(Exception):
 
 # ---- shared options -------------------------------------------------------------------------------
 def add_model_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled twotower-tiny)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    """The options of every command that loads a model: where it is, its dtype, where it goes."""
+    from .dtypes import DTYPE_CHOICES
+    from .quantize import QUANTIZE_SCHEMES
+
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory: TwoTower (the released layout) or an AR NemotronH checkpoint, whose two "
+        "towers are both read from it (default: the bundled twotower-tiny)",
+    )
+    g.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="parameter dtype; auto = as stored (config.json's torch_dtype, e.g. bfloat16 for NVIDIA's release)",
+    )
+    g.add_argument(
+        "--device", default="cpu", help="torch device of the context tower, e.g. cpu, cuda, cuda:0 (default: cpu)"
+    )
+    g.add_argument(
+        "--denoiser-device",
+        default=None,
+        help="put the denoiser tower (+ its head and adaLN) on another device, e.g. cuda:1 (default: --device)",
+    )
+    g.add_argument(
+        "--quantize",
+        choices=QUANTIZE_SCHEMES,
+        default="none",
+        help="int8-experts: routed and shared experts as per-channel int8 (about half the bytes of a bf16 model); "
+        "fp8-experts where the GPU has a fused fp8 grouped GEMM (default: none)",
+    )
+
+
+def load_model(args: argparse.Namespace):
+    """`twotower.loading.Loaded` for the model options of `add_model_option`."""
+    from .loading import load_for_inference
+
+    return load_for_inference(
+        args.model, device=args.device, denoiser_device=args.denoiser_device, dtype=args.dtype, quantize=args.quantize
+    )
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -86,9 +125,7 @@ def run_mode(model, mode: str, ids, **kw):
 
 # ---- generate -------------------------------------------------------------------------------------
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .loading import load_for_inference
-
-    loaded = load_for_inference(args.model, device=args.device)
+    loaded = load_model(args)
     tok = loaded.tokenizer
     ids = [tok.bos_id, *tok.encode(args.prompt)] if tok.bos_id is not None else tok.encode(args.prompt)
     kw = generation_kwargs(args, tok.eos_id)
@@ -153,9 +190,7 @@ class StepPrinter:
 # ---- score ----------------------------------------------------------------------------------------
 def cmd_score(args: argparse.Namespace) -> int:
     """JSONL in (`{"text": ...}` or `{"ids": [...]}`, optional `id`), JSONL out with per-token logprobs."""
-    from .loading import load_for_inference
-
-    loaded = load_for_inference(args.model, device=args.device)
+    loaded = load_model(args)
     tok = loaded.tokenizer
     src = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     dst = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")

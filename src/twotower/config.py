@@ -13,6 +13,7 @@ from typing import Any
 PATTERN_TO_TYPE = {"M": "linear_attention", "*": "full_attention", "E": "moe", "-": "mlp"}
 TYPE_TO_PATTERN = {v: k for k, v in PATTERN_TO_TYPE.items()}
 # Older spellings of layer kinds seen in some configs.
+_STATE_DTYPES = ("float32", "bfloat16", "float16")
 _LEGACY_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}
 
 # Config keys that older files spell differently (HF accepts these aliases too).
@@ -71,6 +72,7 @@ class NemotronHConfig:
     time_step_max: float = 0.1
     time_step_floor: float = 1e-4
     time_step_limit: tuple[float, float] = (0.0, float("inf"))
+    mamba_ssm_cache_dtype: str = "float32"  # dtype the SSM state is KEPT in; the scan always runs in fp32
     # dense MLP and MoE
     intermediate_size: int = 4096
     mlp_bias: bool = False
@@ -158,6 +160,10 @@ class NemotronHConfig:
             raise ValueError(f"mlp_hidden_act: only 'relu2' is supported, got {self.mlp_hidden_act!r}")
         if self.layer_norm_epsilon <= 0:
             raise ValueError(f"layer_norm_epsilon: must be > 0, got {self.layer_norm_epsilon}")
+        if self.mamba_ssm_cache_dtype not in _STATE_DTYPES:
+            raise ValueError(
+                f"mamba_ssm_cache_dtype: {self.mamba_ssm_cache_dtype!r} is not one of {', '.join(_STATE_DTYPES)}"
+            )
         lo, hi = self.time_step_limit
         if not lo <= hi:
             raise ValueError(f"time_step_limit: lower bound {lo} exceeds upper bound {hi}")
@@ -275,6 +281,7 @@ def _tiny() -> NemotronHConfig:
 def _nano_30b() -> NemotronHConfig:
     return NemotronHConfig(
         layers_block_type=tuple(PATTERN_TO_TYPE[c] for c in "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"),
+        intermediate_size=1856,  # unused (no dense `-` layers) but what the released config.json says
         eos_token_id=(2, 11),
     )
 

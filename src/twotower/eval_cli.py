@@ -28,11 +28,9 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     p.add_argument("--limit", type=float, default=None, help="examples per task (a fraction if < 1); for testing")
     p.add_argument("--batch-size", type=int, default=1, help="requests per model call (default: 1)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument(
         "--max-length", type=int, default=None, help="longest model input (default: from the config, or 4096)"
     )
-    p.add_argument("--denoiser-device", default=None, help="put the denoiser tower on another device")
     p.add_argument("--json", metavar="FILE", default=None, help="write scores, speed and settings to FILE")
     p.add_argument("--log-samples", action="store_true", help="keep every request and response in --json")
     p.add_argument(
@@ -73,6 +71,7 @@ def build_adapter(args: argparse.Namespace):
         device=args.device,
         denoiser_device=args.denoiser_device,
         dtype=args.dtype,
+        quantize=args.quantize,
         seed=args.seed,
         anchor=args.anchor,
     )

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from .backbone import NemotronHForCausalLM
 from .checkpoint import CheckpointError, is_twotower_dir
 from .model import TwoTowerForCausalLM
 from .tokenizer import Tokenizer
@@ -46,21 +45,33 @@ class Loaded:
 
 
 def load_for_inference(
-    model: str | None = None, *, device: str = "cpu", dtype: torch.dtype | None = torch.float32
+    model: str | None = None,
+    *,
+    device: str = "cpu",
+    denoiser_device: str | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    quantize: str = "none",
 ) -> Loaded:
-    """A TwoTower checkpoint as is, or an AR NemotronH checkpoint wrapped by `from_backbone` (its
-    denoiser then equals the backbone: diffusion works but is untrained). The tokenizer must sit in
-    the same directory (tokenizer.json)."""
+    """A TwoTower checkpoint as is, or an AR NemotronH checkpoint with both towers read from it (its
+    denoiser then equals the backbone: diffusion works but is untrained). `dtype="auto"` keeps the
+    stored dtype; `quantize` is a scheme of `twotower.quantize` applied after loading. The tokenizer
+    must sit in the same directory (tokenizer.json, with tokenizer_config.json /
+    special_tokens_map.json when present)."""
     path = resolve_model_path(model)
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{path}: no tokenizer.json next to the weights")
     tokenizer = Tokenizer.load(path)
+    where = dict(dtype=dtype, device=device, denoiser_device=denoiser_device)
     if is_twotower_dir(path):
-        tt = TwoTowerForCausalLM.from_pretrained(path, dtype=dtype, device=device)
+        tt = TwoTowerForCausalLM.from_pretrained(path, **where)
     else:
-        tt = TwoTowerForCausalLM.from_backbone(NemotronHForCausalLM.from_pretrained(path, dtype=dtype, device=device))
+        tt = TwoTowerForCausalLM.from_backbone_pretrained(path, **where)
     if tokenizer.vocab_size > tt.config.vocab_size:
         raise CheckpointError(
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {tt.config.vocab_size}"
         )
+    if quantize != "none":
+        from .quantize import quantize_model
+
+        quantize_model(tt, quantize)
     return Loaded(tt.eval(), tokenizer, path, BUNDLED_NAME if path == bundled_model_path() else path.name)

@@ -101,29 +101,37 @@ class TwoTowerForCausalLM(nn.Module):
             p.requires_grad_(False)
 
     @classmethod
-    def from_backbone(cls, backbone: NemotronHForCausalLM) -> TwoTowerForCausalLM:
-        """Both towers copies of an AR model; adaLN initialised so the denoiser equals the backbone."""
+    def from_backbone(cls, backbone: NemotronHForCausalLM, *, seed: int = 0) -> TwoTowerForCausalLM:
+        """A TwoTower whose context tower IS `backbone`'s body and head (shared, not copied, and frozen
+        in place) and whose denoiser is one copy of them, so at most two backbones ever exist. adaLN
+        starts so the denoiser equals the backbone (SPEC 3.2); `t_embedder` is drawn from `seed`, so
+        runs (and every rank of a data-parallel job) start from the same weights."""
         config = backbone.config
         with torch.device("meta"):
             model = cls(config)
-        model.context_tower = copy.deepcopy(backbone.backbone)
-        model.context_lm_head = copy.deepcopy(backbone.lm_head)
+        model.context_tower = backbone.backbone
+        model.context_lm_head = backbone.lm_head
         model.denoiser_tower = copy.deepcopy(backbone.backbone)
         model.lm_head = copy.deepcopy(backbone.lm_head)
         ref = backbone.lm_head.weight
-        model.t_embedder = TimestepEmbedder(config.hidden_size).to(device=ref.device, dtype=ref.dtype)
-        model.t_block = nn.Sequential(nn.SiLU(), nn.Linear(config.hidden_size, 3 * config.hidden_size))
-        model.t_block.to(device=ref.device, dtype=ref.dtype)
-        model.scale_shift_tables = nn.ParameterList(
-            nn.Parameter(torch.zeros(3, config.hidden_size, device=ref.device, dtype=ref.dtype))
-            for _ in range(config.num_hidden_layers)
-        )
-        init_weights(model.t_embedder, config)
-        model.reset_adaln()
+        for part in (model.t_embedder, model.t_block, model.scale_shift_tables):
+            part.to_empty(device=ref.device).to(dtype=ref.dtype)
+        model.init_adaln(seed=seed)
         model.freeze_context()
         for p in model.denoiser_parameters():
             p.requires_grad_(True)
         return model
+
+    @torch.no_grad()
+    def init_adaln(self, *, seed: int = 0) -> None:
+        """Fresh adaLN: `t_embedder` normal(initializer_range) from a generator seeded with `seed`
+        (drawn on the CPU, so every device gives the same weights), then `reset_adaln`."""
+        gen = torch.Generator().manual_seed(seed)
+        std = self.config.initializer_range
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * std)
+            lin.bias.zero_()
+        self.reset_adaln()
 
     def denoiser_parameters(self) -> list[nn.Parameter]:
         """Everything that trains: denoiser body, its head, and the adaLN parts."""
@@ -271,11 +279,35 @@ class TwoTowerForCausalLM(nn.Module):
     # ---- checkpoints -------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+        cls,
+        path: str | Path,
+        *,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = None,
+        denoiser_device: str | torch.device | None = None,
     ) -> TwoTowerForCausalLM:
+        """Stream a TwoTower directory (the released layout) into a new model. `dtype="auto"` keeps
+        the stored dtype; the context tower and its head go to `device`, the denoiser, its head and
+        adaLN to `denoiser_device` (default: `device`)."""
         from .checkpoint import load_twotower
 
-        return load_twotower(path, dtype=dtype, device=device)
+        return load_twotower(path, dtype=dtype, device=device, denoiser_device=denoiser_device)
+
+    @classmethod
+    def from_backbone_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = None,
+        denoiser_device: str | torch.device | None = None,
+        seed: int = 0,
+    ) -> TwoTowerForCausalLM:
+        """A TwoTower from an AR NemotronH checkpoint: both towers read from the file (no copies in
+        memory), adaLN initialised as in `from_backbone`."""
+        from .checkpoint import load_twotower_from_backbone
+
+        return load_twotower_from_backbone(path, dtype=dtype, device=device, denoiser_device=denoiser_device, seed=seed)
 
     def save_pretrained(self, path: str | Path, *, max_shard_bytes: int | None = None) -> None:
         from .checkpoint import save_twotower

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli import add_model_option, load_model
+
 DEFAULT_THRESHOLDS = (0.9, 0.8, 0.7, 0.5)
 DEFAULT_BLOCK_SIZES = (16,)
 DEFAULT_BATCH_SIZES = (1, 8)
@@ -14,8 +16,7 @@ DEFAULT_DRAFT_STEPS = (2,)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint directory (default: the bundled twotower-tiny)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    add_model_option(p)
     p.add_argument(
         "--thresholds",
         type=float,
@@ -127,7 +128,6 @@ def check_arguments(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from ..loading import load_for_inference
     from .evalset import evalset_path, load_evalset
     from .report import render, write_json, write_plot
     from .runner import run_benchmark, settings_grid
@@ -136,7 +136,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     items = load_evalset(args.evalset, categories=args.categories, limit=args.limit)
-    loaded = load_for_inference(args.model, device=args.device)
+    loaded = load_model(args)
     notes = []
     speculative = args.speculative and hasattr(loaded.model, "generate_speculative")
     if args.speculative and not speculative:

@@ -32,13 +32,13 @@ from tqdm import tqdm
 from ..decode.batch import normalise_eos
 from ..decode.diffusion import DiffusionSettings
 from ..decode.sampling import check_sampling_options
+from ..dtypes import resolve_dtype
 from .scoring import score_continuations
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "twotower"
 MODES = ("diffusion", "ar", "mock-ar")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_MAX_LENGTH = 4096  # used when the config names no max_position_embeddings
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -92,14 +92,6 @@ def parse_batch_size(value) -> int:
     raise ValueError(f"batch_size must be a positive integer (no 'auto' for twotower), got {value!r}")
 
 
-def parse_dtype(value) -> torch.dtype:
-    if isinstance(value, torch.dtype):
-        return value
-    if value not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {value!r}")
-    return DTYPES[value]
-
-
 # ---- speed statistics -------------------------------------------------------------------------------
 @dataclass
 class SpeedStats:
@@ -143,16 +135,13 @@ class SpeedStats:
 
 
 # ---- the adapter ------------------------------------------------------------------------------------
-def _load(pretrained: str | None, *, device: str | None, denoiser_device: str | None, dtype: torch.dtype):
-    """Model + tokenizer. With two devices the checkpoint is loaded on the host and each tower moved
-    once, so that neither device has to hold both towers."""
+def _load(pretrained: str | None, *, device: str | None, denoiser_device: str | None, dtype, quantize: str):
+    """Model + tokenizer; each tower is streamed straight onto its own device."""
     from ..loading import load_for_inference
 
-    if denoiser_device is None:
-        return load_for_inference(pretrained, device=device or "cpu", dtype=dtype)
-    loaded = load_for_inference(pretrained, device="cpu", dtype=dtype)
-    loaded.model.place_towers_on_devices(device or "cpu", denoiser_device)
-    return loaded
+    return load_for_inference(
+        pretrained, device=device or "cpu", denoiser_device=denoiser_device, dtype=dtype, quantize=quantize
+    )
 
 
 @dataclass
@@ -171,7 +160,7 @@ class TwoTowerLM(LM):
 
     model_args: pretrained (checkpoint dir; default the bundled twotower-tiny), mode, block_size,
     steps_per_block, confidence_threshold, temperature, top_k, max_gen_toks, max_length,
-    batch_size, device, denoiser_device (towers on two devices), dtype (float32|bfloat16|float16),
+    batch_size, device, denoiser_device (towers on two devices), dtype (auto|float32|bfloat16|float16; auto = as stored), quantize (none|int8-experts),
     seed, anchor (diffusion: each block's first token from the context tower).
     """
 
@@ -190,7 +179,8 @@ class TwoTowerLM(LM):
         batch_size: int | str = 1,
         device: str | None = None,
         denoiser_device: str | None = None,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "auto",
+        quantize: str = "none",
         seed: int = 0,
         anchor: bool = False,
         max_batch_size: int | None = None,  # passed by simple_evaluate; unused
@@ -212,7 +202,8 @@ class TwoTowerLM(LM):
         )
         self.settings.validate()
         if loaded is None:
-            loaded = _load(pretrained, device=device, denoiser_device=denoiser_device, dtype=parse_dtype(dtype))
+            resolve_dtype(dtype)  # a bad name fails before any file is read
+            loaded = _load(pretrained, device=device, denoiser_device=denoiser_device, dtype=dtype, quantize=quantize)
         elif denoiser_device is not None:
             loaded.model.place_towers_on_devices(device or loaded.model.context_device, denoiser_device)
         self.model = loaded.model

@@ -23,10 +23,11 @@ from .ssd import ssd_all_states, ssd_chunked, ssd_step
 
 @dataclass
 class MambaState:
-    """Per-layer Mamba-2 state: the last (kernel-1) pre-conv xBC vectors and the fp32 SSM state."""
+    """Per-layer Mamba-2 state: the last (kernel-1) pre-conv xBC vectors and the SSM state (kept in
+    `config.mamba_ssm_cache_dtype`, float32 in the release; always scanned in float32)."""
 
     conv: torch.Tensor  # (b, conv_dim, kernel - 1)
-    ssm: torch.Tensor  # (b, heads, head_dim, state_size), float32
+    ssm: torch.Tensor  # (b, heads, head_dim, state_size), mamba_ssm_cache_dtype
 
     def clone(self) -> MambaState:
         return MambaState(self.conv.clone(), self.ssm.clone())
@@ -80,6 +81,7 @@ class Mamba2Mixer(nn.Module):
         self.head_dim = config.mamba_head_dim
         self.n_groups = config.n_groups
         self.state_size = config.ssm_state_size
+        self.ssm_dtype = getattr(torch, config.mamba_ssm_cache_dtype)  # config.mamba_ssm_cache_dtype (fp32 in the release)
         self.d_inner = config.mamba_d_inner
         self.conv_dim = config.mamba_conv_dim
         self.kernel = config.conv_kernel
@@ -110,7 +112,7 @@ class Mamba2Mixer(nn.Module):
     def empty_state(self, batch: int, *, device: torch.device, dtype: torch.dtype) -> MambaState:
         """A zero state, allocated by the layer that owns it."""
         conv = torch.zeros(batch, self.conv_dim, self.kernel - 1, device=device, dtype=dtype)
-        ssm = torch.zeros(batch, self.num_heads, self.head_dim, self.state_size, device=device, dtype=torch.float32)
+        ssm = torch.zeros(batch, self.num_heads, self.head_dim, self.state_size, device=device, dtype=self.ssm_dtype)
         return MambaState(conv, ssm)
 
     # ---- pieces ---------------------------------------------------------------------------------
@@ -169,7 +171,7 @@ class Mamba2Mixer(nn.Module):
         B = B.reshape(b, L, self.n_groups, self.state_size)
         C = C.reshape(b, L, self.n_groups, self.state_size)
         A = -torch.exp(self.A_log.float())
-        ssm0 = state.ssm if state is not None else None
+        ssm0 = state.ssm.float() if state is not None else None  # kept in ssm_dtype, scanned in fp32
         if L == 1 and ssm0 is not None and history is None:
             y, ssm = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], ssm0)  # groups broadcast, no copies
             y = y[:, None]
@@ -184,4 +186,4 @@ class Mamba2Mixer(nn.Module):
             history.append(MambaHistory(conv_window, torch.cat([start.float()[:, None], states], 1)))
         y = y + x.float() * self.D.float()[:, None]
         y = self.norm(y.reshape(b, L, self.d_inner), z.float())
-        return self.out_proj(y.to(hidden.dtype)), MambaState(conv_state, ssm)
+        return self.out_proj(y.to(hidden.dtype)), MambaState(conv_state, ssm.to(self.ssm_dtype))

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import sys
 
-from ..cli import CLIError, add_model_option
+from ..cli import CLIError, add_model_option, load_model
 from ..decode.engine import MODES
 from ..workload import Limits, OptionError, Options, parse_options
 
@@ -98,7 +98,6 @@ def server_config(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from ..loading import load_for_inference
     from .http import make_server
 
     config = server_config(args)
@@ -106,7 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(
             f"warning: serving on {config.host} without an API key: anyone who can reach it can use it", file=sys.stderr
         )
-    loaded = load_for_inference(args.model, device=args.device)
+    loaded = load_model(args)
     try:
         server = make_server(loaded, config)
     except OSError as err:
