@@ -150,7 +150,7 @@ def run_with_progress(loaded, todo, log, *, total: int, args: argparse.Namespace
             todo,
             model_name=loaded.name,
             max_batch_size=args.max_batch_size,
-            eos_id=None if args.no_eos else loaded.tokenizer.eos_id,
+            eos_ids=() if args.no_eos else loaded.model.config.eos_token_ids,
             on_step=on_step,
         )
     finally:

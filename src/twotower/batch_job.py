@@ -307,7 +307,7 @@ def generate_outputs(
     *,
     model_name: str,
     max_batch_size: int,
-    eos_id: int | None,
+    eos_ids: tuple[int, ...],
     on_step: Callable[[list[dict], int], None],
 ) -> None:
     """Decode `jobs` with continuous batching; after every step, `on_step(finished output records,
@@ -318,8 +318,8 @@ def generate_outputs(
     while todo or not scheduler.idle:
         while todo and len(scheduler.waiting) < max_batch_size:
             job = todo.popleft()
-            scheduler.submit(to_request(job.key, job.prompt_ids, job.options, eos_id=eos_id))
-            running[job.key] = (job, TextStream(tokenizer, stop=job.options.stop, eos_id=eos_id))
+            scheduler.submit(to_request(job.key, job.prompt_ids, job.options, eos_ids=eos_ids))
+            running[job.key] = (job, TextStream(tokenizer, stop=job.options.stop, eos_ids=eos_ids))
         finished, new_tokens = [], 0
         for event in scheduler.step():
             job, stream = running[event.request_id]

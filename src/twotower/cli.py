@@ -90,13 +90,13 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
 
 
-def generation_kwargs(args: argparse.Namespace, eos_id: int | None) -> dict:
+def generation_kwargs(args: argparse.Namespace, eos_ids: tuple[int, ...]) -> dict:
     kw = dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         seed=args.seed,
-        eos_token_id=None if args.no_eos else eos_id,
+        eos_token_id=None if args.no_eos else list(eos_ids),
     )
     if args.mode == "diffusion":
         kw.update(block_size=args.block_size, steps_per_block=args.steps_per_block, confidence_threshold=args.threshold)
@@ -128,7 +128,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loaded = load_model(args)
     tok = loaded.tokenizer
     ids = [tok.bos_id, *tok.encode(args.prompt)] if tok.bos_id is not None else tok.encode(args.prompt)
-    kw = generation_kwargs(args, tok.eos_id)
+    eos_ids = loaded.model.config.eos_token_ids
+    kw = generation_kwargs(args, eos_ids)
     if args.show_steps:
         if args.mode != "diffusion":
             raise CLIError("--show-steps shows the diffusion process; use it with --mode diffusion")
@@ -137,7 +138,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = run_mode(loaded.model, args.mode, [ids], **kw)
     seconds = time.perf_counter() - t0
     new = out.new_tokens[0]
-    text = tok.decode([t for t in new if t != tok.eos_id])
+    text = tok.decode([t for t in new if t not in eos_ids])
     stats = {
         "mode": args.mode,
         "tokens": len(new),

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, is_twotower_dir
-from .model import TwoTowerForCausalLM
+from .checkpoint import CheckpointError, is_twotower_dir, read_config_dict
+from .config import NemotronHConfig
+from .model import DEFAULT_MASK_TOKEN_ID, TwoTowerForCausalLM
 from .tokenizer import Tokenizer
 
 BUNDLED_NAME = "twotower-tiny"
@@ -70,8 +71,26 @@ def load_for_inference(
         raise CheckpointError(
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {tt.config.vocab_size}"
         )
+    tt.config = resolve_special_ids(tt.config, read_config_dict(path), tokenizer)
     if quantize != "none":
         from .quantize import quantize_model
 
         quantize_model(tt, quantize)
     return Loaded(tt.eval(), tokenizer, path, BUNDLED_NAME if path == bundled_model_path() else path.name)
+
+
+def resolve_special_ids(config: NemotronHConfig, raw_config: dict, tokenizer: Tokenizer) -> NemotronHConfig:
+    """The one EOS set and mask id every command uses, written into the model's config: config.json
+    first (`eos_token_id`, a list in NVIDIA's release: 2 and 11; `mask_token_id`), the tokenizer's
+    own special tokens second (its eos token; a `<mask>` token), then the convention (mask 3)."""
+    eos = config.eos_token_ids
+    if raw_config.get("eos_token_id") is None and tokenizer.eos_id is not None:
+        eos = (tokenizer.eos_id,)
+    mask = raw_config.get("mask_token_id", config.extra.get("mask_token_id"))
+    if mask is None:
+        mask = tokenizer.mask_id if tokenizer.mask_id is not None else DEFAULT_MASK_TOKEN_ID
+    for name, ids in (("eos", eos), ("mask", (mask,))):
+        bad = [i for i in ids if not 0 <= int(i) < config.vocab_size]
+        if bad:
+            raise CheckpointError(f"{name} token id {bad[0]} is outside the vocabulary of {config.vocab_size}")
+    return config.replace(eos_token_id=tuple(int(i) for i in eos), extra={**config.extra, "mask_token_id": int(mask)})

@@ -100,14 +100,16 @@ def validate_options(options: Options, *, limits: Limits = DEFAULT_LIMITS) -> No
         raise OptionError(str(err), str(err).split(" ", 1)[0]) from None
 
 
-def to_request(request_id: Hashable, prompt_ids: list[int], options: Options, *, eos_id: int | None) -> Request:
+def to_request(
+    request_id: Hashable, prompt_ids: list[int], options: Options, *, eos_ids: tuple[int, ...]
+) -> Request:
     return Request(
         request_id,
         tuple(prompt_ids),
         mode=options.mode,
         max_new_tokens=options.max_tokens,
         settings=options.diffusion,
-        eos_ids=(eos_id,) if eos_id is not None else (),
+        eos_ids=tuple(eos_ids),
         seed=options.seed,
         draft_steps=options.draft_steps,
         anchor=options.anchor,
@@ -185,10 +187,10 @@ class TextStream:
 
     REPLACEMENT = "\ufffd"  # what the decoder shows for an incomplete byte sequence
 
-    def __init__(self, tokenizer, *, stop: Iterable[str] = (), eos_id: int | None = None) -> None:
+    def __init__(self, tokenizer, *, stop: Iterable[str] = (), eos_ids: Iterable[int] = ()) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
-        self.eos_id = eos_id
+        self.eos_ids = frozenset(eos_ids)
         self.ids: list[int] = []
         self.text = ""  # emitted so far
         self.stopped = False
@@ -200,7 +202,7 @@ class TextStream:
     def feed(self, tokens: Iterable[int]) -> str:
         if self.stopped:
             return ""
-        self.ids += [t for t in tokens if t != self.eos_id]
+        self.ids += [t for t in tokens if t not in self.eos_ids]
         full = self.tokenizer.decode(self.ids)
         cut = self._first_stop(full)
         if cut is not None:

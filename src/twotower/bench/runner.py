@@ -262,7 +262,7 @@ def run_benchmark(
     if not items:
         raise ValueError("no eval items")
     batch_sizes = sorted({1, *batch_sizes})
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None else list(model.config.eos_token_ids)
+    eos = list(model.config.eos_token_ids)  # the one EOS set (twotower.loading.resolve_special_ids)
     decoders = {s: make_decoder(s, model, eos_token_id=eos, hf_model=hf_model) for s in settings}
     prompts = {item.id: encode_prompt(tokenizer, item.prompt) for item in items}
     say = log or (lambda _msg: None)
@@ -372,7 +372,7 @@ def _throughput(mine: list[_Round], ar: list[_Round], reference: _Round, batch_s
 
 def score_item(item: EvalItem, tokens: list[int], model, tokenizer, prompt_ids: list[int]) -> ItemResult:
     """Score one completion (token ids, EOS included if generated) by its category's metric."""
-    eos_ids = {tokenizer.eos_id, *model.config.eos_token_ids} - {None}
+    eos_ids = set(model.config.eos_token_ids)
     hit_eos = bool(tokens) and tokens[-1] in eos_ids
     body = tokens[:-1] if hit_eos else tokens
     text = tokenizer.decode(body)

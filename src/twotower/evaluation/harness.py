@@ -29,7 +29,6 @@ from lm_eval.api.registry import model_registry
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from ..decode.batch import normalise_eos
 from ..decode.diffusion import DiffusionSettings
 from ..decode.sampling import check_sampling_options
 from ..dtypes import resolve_dtype
@@ -214,7 +213,7 @@ class TwoTowerLM(LM):
             raise ValueError("the tokenizer has no BOS token, which every context starts with")
         configured = self.model.config.extra.get("max_position_embeddings")
         self.max_length = int(max_length or configured or DEFAULT_MAX_LENGTH)
-        self.eos_ids = tuple(sorted({*normalise_eos(self.tokenizer.eos_id), *self.model.config.eos_token_ids}))
+        self.eos_ids = tuple(self.model.config.eos_token_ids)  # the one EOS set (loading.resolve_special_ids)
         self.speed = SpeedStats(self.settings.mode)
         self._generate_calls = 0
 

@@ -52,6 +52,7 @@ class App:
         self.model_name = loaded.name
         self.tokenizer = loaded.tokenizer
         self.vocab_size = loaded.model.config.vocab_size
+        self.eos_ids = loaded.model.config.eos_token_ids
         self.config = config
         self.created = int(time.time())
         self.worker = EngineWorker(loaded.model, max_batch_size=config.max_batch_size, max_queue=config.max_queue)
@@ -126,16 +127,16 @@ class Handler(BaseHTTPRequestHandler):
             defaults=app.config.defaults,
             limits=app.config.limits,
         )
-        cid, created, eos = f"cmpl-{uuid.uuid4().hex}", int(time.time()), app.tokenizer.eos_id
+        cid, created, eos = f"cmpl-{uuid.uuid4().hex}", int(time.time()), app.eos_ids
         try:
-            ticket = app.worker.submit(to_request(cid, call.prompt_ids, call.options, eos_id=eos))
+            ticket = app.worker.submit(to_request(cid, call.prompt_ids, call.options, eos_ids=eos))
         except QueueFull as err:
             raise ApiError(429, str(err), kind="rate_limit_error", code="queue_full") from None
         except ValueError as err:
             raise ApiError(400, str(err)) from None
         except RuntimeError as err:
             raise ApiError(503, str(err), kind="server_error") from None
-        text = TextStream(app.tokenizer, stop=call.options.stop, eos_id=eos)
+        text = TextStream(app.tokenizer, stop=call.options.stop, eos_ids=eos)
         pieces = self._pieces(ticket, text)
         n_prompt = len(call.prompt_ids)
         if not call.stream:
