@@ -2,25 +2,85 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 from conftest import randomise_special_params, tiny_config
 
-from twotower.layers.moe import MoE, experts_reference
+from twotower.config import NemotronHConfig
+from twotower.layers.moe import MoE, experts_reference, group_by_expert, grouped_linear
+
+# bf16 outputs are rounded in a different order than the reference's (one rounding per product and
+# per add): a few bf16 ulps of the output's scale
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
-def _moe(**kw):
+def _moe(dtype=torch.float32, **kw):
     torch.manual_seed(0)
     moe = MoE(tiny_config("E", **kw)).eval()
     randomise_special_params(moe)
-    return moe
+    return moe.to(dtype)
+
+
+def _assert_experts_match_reference(moe, x, idx, w):
+    got = moe.experts(x, idx, w)
+    assert got.shape == x.shape and got.dtype == x.dtype
+    want = experts_reference(moe.experts, x, idx, w)
+    scale = want.float().abs().max().clamp(min=1e-6)
+    torch.testing.assert_close(got.float() / scale, want.float() / scale, **TOLERANCE[x.dtype])
 
 
 @torch.no_grad()
-def test_grouped_experts_equal_reference():
-    moe = _moe(n_routed_experts=8, num_experts_per_tok=3)
-    x = torch.randn(23, 48)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 3, 4, 23])  # n * k below, at and above the number of experts
+def test_grouped_experts_equal_reference(dtype, n):
+    moe = _moe(dtype, n_routed_experts=8, num_experts_per_tok=2)
+    x = torch.randn(n, 48, dtype=dtype)
     idx, w = moe.gate(x)
-    torch.testing.assert_close(moe.experts(x, idx, w), experts_reference(moe.experts, x, idx, w))
+    _assert_experts_match_reference(moe, x, idx, w)
+
+
+@torch.no_grad()
+def test_no_tokens_gives_an_empty_output():
+    moe = _moe(n_routed_experts=8, num_experts_per_tok=2)
+    x = torch.randn(0, 48)
+    idx, w = moe.gate(x)
+    assert moe.experts(x, idx, w).shape == (0, 48)
+    assert moe(torch.randn(2, 0, 48)).shape == (2, 0, 48)
+
+
+@torch.no_grad()
+def test_empty_experts_and_ties_in_the_sort():
+    """Experts without tokens (first, middle and last), every token on the same experts (long runs
+    of equal keys in the sort), and a token's choices given in either order."""
+    moe = _moe(n_routed_experts=8, num_experts_per_tok=2)
+    x = torch.randn(6, 48)
+    w = torch.rand(6, 2)
+    for idx in (
+        torch.tensor([[3, 5]] * 6),
+        torch.tensor([[5, 3], [3, 5]] * 3),
+        torch.tensor([[1, 2], [2, 1], [6, 1], [2, 6], [1, 6], [6, 2]]),
+    ):
+        groups = group_by_expert(idx, 8)
+        counts = torch.bincount(idx.reshape(-1), minlength=8)
+        assert groups.ends.dtype == torch.int32
+        assert torch.equal(groups.ends.long(), counts.cumsum(0))
+        assert torch.equal(groups.expert, idx.reshape(-1)[groups.order])
+        _assert_experts_match_reference(moe, x, idx, w)
+
+
+@torch.no_grad()
+def test_router_ties_pick_distinct_experts():
+    """Two experts with identical router rows score identically: the top-k still holds k distinct
+    experts, and the grouped path still equals the reference."""
+    moe = _moe(n_routed_experts=8, num_experts_per_tok=3)
+    moe.gate.weight[5] = moe.gate.weight[2]
+    moe.gate.e_score_correction_bias[5] = moe.gate.e_score_correction_bias[2]
+    x = torch.randn(17, 48)
+    idx, w = moe.gate(x)
+    assert all(len(set(row)) == 3 for row in idx.tolist())
+    _assert_experts_match_reference(moe, x, idx, w)
 
 
 @torch.no_grad()
@@ -44,20 +104,81 @@ def test_group_limited_routing_stays_in_best_group():
     assert ((idx // 2)[:, 0] == (idx // 2)[:, 1]).all()
 
 
-def test_grouped_path_has_gradients():
-    moe = _moe()
-    x = torch.randn(9, 48, requires_grad=True)
-    moe(x).sum().backward()
-    assert x.grad is not None and moe.experts.up_proj.grad.abs().sum() > 0
+@pytest.mark.parametrize("hidden,inter", [(48, 24), (50, 22)])  # aligned; needs padding for grouped_mm
+def test_grouped_path_has_gradients_equal_to_the_reference(hidden, inter):
+    moe = _moe(n_routed_experts=8, num_experts_per_tok=2, hidden_size=hidden, moe_intermediate_size=inter)
+    x = torch.randn(9, hidden)
+    with torch.no_grad():
+        idx, w = moe.gate(x)
+    grads = []
+    for fn in (moe.experts, lambda *a: experts_reference(moe.experts, *a)):
+        moe.zero_grad()
+        xg = x.clone().requires_grad_()
+        (fn(xg, idx, w) * torch.linspace(-1, 1, hidden)).sum().backward()
+        grads.append((xg.grad, moe.experts.up_proj.grad.clone(), moe.experts.down_proj.grad.clone()))
+    assert grads[0][1].abs().sum() > 0
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 @torch.no_grad()
-def test_few_token_path_equals_reference():
-    moe = _moe(n_routed_experts=8, num_experts_per_tok=2)
-    for n in (1, 3, 4):  # n * k <= 8 takes the direct path
-        x = torch.randn(n, 48)
-        idx, w = moe.gate(x)
-        torch.testing.assert_close(moe.experts(x, idx, w), experts_reference(moe.experts, x, idx, w))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unaligned_widths_are_padded_for_grouped_mm(dtype):
+    """grouped_mm wants 16-byte strides: hidden 50 and width 22 fit neither bf16 (8) nor fp32 (4)."""
+    moe = _moe(dtype, n_routed_experts=8, num_experts_per_tok=2, hidden_size=50, moe_intermediate_size=22)
+    x = torch.randn(7, 50, dtype=dtype)
+    idx, w = moe.gate(x)
+    _assert_experts_match_reference(moe, x, idx, w)
+
+
+@torch.no_grad()
+def test_grouped_linear_leaves_no_row_uncomputed():
+    """Every row belongs to a group (ends[-1] == P): none keeps grouped_mm's uninitialised memory."""
+    a, weight = torch.randn(5, 8), torch.randn(3, 4, 8)
+    ends = torch.tensor([0, 2, 5], dtype=torch.int32)
+    want = torch.cat([a[:2] @ weight[1].T, a[2:] @ weight[2].T])
+    torch.testing.assert_close(grouped_linear(a, weight, ends), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_whole_moe_compiles_into_one_graph_and_matches_eager(dtype):
+    """fullgraph=True fails on any host read; a second routing of the same shape reuses the graph.
+    float32 runs grouped_mm as an opaque op under compilation (its meta function is bf16-only)."""
+    moe = _moe(dtype, n_routed_experts=8, num_experts_per_tok=2, hidden_size=50, moe_intermediate_size=22)
+    compiled = torch.compile(moe, fullgraph=True, dynamic=False)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        for seed in (0, 1):  # the second call must not recompile
+            x = torch.randn(2, 16, 50, generator=torch.Generator().manual_seed(seed)).to(dtype)
+            with torch.compiler.set_stance("fail_on_recompile") if seed else contextlib.nullcontext():
+                got = compiled(x)
+            torch.testing.assert_close(got, moe(x), **tol)
+
+
+def _real_width_config(**kw) -> NemotronHConfig:
+    base = dict(hidden_size=2688, moe_intermediate_size=1856, moe_shared_expert_intermediate_size=3712)
+    return NemotronHConfig(**{**base, "n_routed_experts": 128, "num_experts_per_tok": 6, **kw})
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_real_widths_on_the_meta_device(dtype):
+    """The release's widths and 128 experts (2.5 GB of bf16 weights): shapes and dtypes only."""
+    with torch.device("meta"):
+        moe = MoE(_real_width_config()).to(dtype)
+        for n in (1, 16, 200):
+            y = moe(torch.empty(n, 2688, dtype=dtype))
+            assert y.shape == (n, 2688) and y.dtype == dtype
+
+
+@torch.no_grad()
+def test_real_widths_with_a_few_experts_equal_reference():
+    """H 2688, I 1856, top-6 of 8 experts (160 MB in bf16), a 16-token block."""
+    torch.manual_seed(0)
+    moe = MoE(_real_width_config(n_routed_experts=8)).eval().to(torch.bfloat16)
+    x = torch.randn(16, 2688, dtype=torch.bfloat16)
+    idx, w = moe.gate(x)
+    _assert_experts_match_reference(moe, x, idx, w)
 
 
 def test_fused_norms_equal_the_plain_formula():
@@ -72,20 +193,3 @@ def test_fused_norms_equal_the_plain_formula():
     h = (x * torch.nn.functional.silu(z)).unflatten(-1, (4, 12))
     want = gated.weight * rms_norm_reference(h, None, 1e-5).flatten(-2)
     torch.testing.assert_close(gated(x, z), want)
-
-
-@torch.no_grad()
-def test_fixed_shape_path_equals_reference_gathered_and_dense():
-    moe = _moe(n_routed_experts=8, num_experts_per_tok=2)
-    for n in (1, 4, 5, 23):  # n * k <= 8 gathers the chosen experts; beyond, every expert runs densely
-        x = torch.randn(n, 48)
-        idx, w = moe.gate(x)
-        torch.testing.assert_close(moe.experts.fixed_shape(x, idx, w), experts_reference(moe.experts, x, idx, w))
-
-
-def test_the_whole_moe_compiles_into_one_graph_and_matches_eager():
-    moe = _moe(n_routed_experts=8, num_experts_per_tok=2)
-    x = torch.randn(2, 16, 48)
-    compiled = torch.compile(moe, fullgraph=True, dynamic=False)  # fails if the host read is traced
-    with torch.no_grad():
-        torch.testing.assert_close(compiled(x), moe(x), rtol=1e-5, atol=1e-5)

@@ -12,11 +12,9 @@ turns them into a handful of fused kernels:
   tensor, and queries attend over the whole buffer under the validity mask (causal among the new
   tokens); the denoiser attends over the same buffers plus its block;
 - Mamba conv and SSM states are updated in place (the denoiser only reads them as its seed);
-- MoE routing is unchanged (float64 sigmoid, correction bias selects, top-k); under compilation the
-  experts take their fixed-shape form (`Experts.fixed_shape`: the chosen experts' weights gathered
-  by index, or, with more token x expert pairs than experts, every expert on every token under a
-  dense combine matrix), so no value ever leaves the device. Uncompiled ("static") the experts
-  run grouped as in eager.
+- MoE routing is unchanged (float64 sigmoid, correction bias selects, top-k); the experts run as
+  grouped GEMMs whose offsets are computed on the device (`layers/moe.py`), the same path eager,
+  static and compiled, so no value ever leaves the device.
 
 The eager paths are the plain twins; `tests/test_static_decode.py` pins them together.
 Prefill stays eager (`StaticDecoder.load` copies a prefilled `HybridCache`).
@@ -145,7 +143,7 @@ def decode_step(body, head, tokens, position, kv, conv, ssm, valid) -> torch.Ten
             kbuf.index_copy_(2, slots, k)
             vbuf.index_copy_(2, slots, v)
             y = layer.mixer.attend(q, kbuf, vbuf, mask)
-        else:  # MoE: under torch.compile the experts take their fixed-shape form (`Experts.forward`)
+        else:  # MoE: grouped experts, no host read (`layers/moe.py`)
             y = layer.mixer(u)
         h = h + y
     return head(body.norm_f(h[:, -1])).float()

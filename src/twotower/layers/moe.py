@@ -6,9 +6,23 @@ Routing: logits in float64, scores = sigmoid; experts are SELECTED by top-k of
 
 Experts are stored fused, `experts.up_proj` (E, I, H) and `experts.down_proj` (E, H, I), the
 `transformers` layout; checkpoint.py maps per-expert files onto it.
+
+The routed experts run as grouped GEMMs, one path for every token count, eager and compiled:
+
+    1. sort the P = N*k (token, expert) pairs by expert; the END offset of each expert's rows is
+       found on the device (`group_by_expert`), so nothing is read to the host;
+    2. gather each pair's token row, then two `grouped_mm` calls with relu^2 between
+       (`grouped_linear`): every expert reads only its own rows, empty experts cost nothing;
+    3. put the pair outputs back in (token, choice) order and sum each token's k outputs
+       weighted by its routing weights (`combine`).
+
+Every shape depends only on the input's shape, so the layer compiles with `fullgraph=True` and
+can be captured in a CUDA graph. `experts_reference` is the plain per-token twin.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +30,9 @@ from torch import nn
 
 from ..config import NemotronHConfig
 from .mlp import MLP, relu2
+
+GROUPED_MM_ALIGN_BYTES = 16  # grouped_mm's layout rule: every non-unit stride a multiple of 16 bytes
+GROUPED_MM_NATIVE = (torch.bfloat16,)  # dtypes grouped_mm's meta function (compile, meta device) accepts
 
 
 class TopkRouter(nn.Module):
@@ -52,8 +69,86 @@ class TopkRouter(nn.Module):
         return grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
 
 
+# ---- the grouped path, in three steps ---------------------------------------------------------------
+class ExpertGroups(NamedTuple):
+    """The P = N*k (token, expert) pairs of a routing, sorted by expert (stable: ties keep token order).
+
+    token (P,) int64: the token of each sorted pair; expert (P,) int64: its expert, non-decreasing;
+    order (P,) int64: where each sorted pair sits in `idx.reshape(-1)`; ends (E,) int32: the END
+    offset of each expert's rows, ends[e] = #pairs with expert <= e (so ends[-1] == P, and an
+    expert without tokens repeats the previous end): `grouped_mm`'s `offs`.
+    """
+
+    token: torch.Tensor
+    expert: torch.Tensor
+    order: torch.Tensor
+    ends: torch.Tensor
+
+
+def group_by_expert(idx: torch.Tensor, n_experts: int) -> ExpertGroups:
+    """Step 1. idx (N, k) expert ids in [0, n_experts) -> the pairs sorted by expert, on idx's device."""
+    k = idx.shape[1]
+    expert, order = torch.sort(idx.reshape(-1), stable=True)
+    all_experts = torch.arange(n_experts, device=idx.device, dtype=expert.dtype)
+    ends = torch.searchsorted(expert, all_experts, right=True, out_int32=True)
+    return ExpertGroups(order // k, expert, order, ends)
+
+
+@torch.library.custom_op("twotower::grouped_mm", mutates_args=())
+def _opaque_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """`F.grouped_mm` run eagerly as one opaque graph node. grouped_mm's meta function (used by
+    `torch.compile` and the meta device) accepts bfloat16 only, while its eager kernels also run
+    float32; wrapping it keeps float32 models exact under compilation (same kernel as eager, same
+    output shape) instead of silently computing in bfloat16. Inference only (no autograd formula)."""
+    return F.grouped_mm(a, b, offs=offs).contiguous()
+
+
+@_opaque_grouped_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[-1])
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def grouped_linear(a: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Step 2, one GEMM per group: a (P, K) rows sorted by group, weight (G, N, K) stored like
+    `nn.Linear` (out, in) per group, ends (G,) int32 end offsets with ends[-1] == P -> (P, N) where
+    the rows of group g are a[rows] @ weight[g].T. Same dtype in and out.
+
+    `grouped_mm` takes the weight as (G, K, N): a transposed view, no copy. Its layout rule (every
+    non-unit stride a multiple of 16 bytes, for the backward pass too) holds at the release's widths;
+    for other widths K and N are zero-padded here (a per-call copy of the weight, so only small or
+    odd configs pay it). Rows past ends[-1] would be left uninitialised by grouped_mm: callers pass
+    ends[-1] == P.
+    """
+    K, N = weight.shape[2], weight.shape[1]
+    align = GROUPED_MM_ALIGN_BYTES // a.element_size()
+    K_pad, N_pad = _round_up(K, align), _round_up(N, align)
+    if (K_pad, N_pad) != (K, N):
+        a = F.pad(a, (0, K_pad - K))
+        weight = F.pad(weight, (0, K_pad - K, 0, N_pad - N))
+    b = weight.transpose(1, 2)  # (G, K, N) view
+    if a.dtype in GROUPED_MM_NATIVE or not (torch.compiler.is_compiling() or a.device.type == "meta"):
+        out = F.grouped_mm(a, b, offs=ends)
+    else:
+        out = _opaque_grouped_mm(a, b, ends)
+    return out[:, :N] if N_pad != N else out
+
+
+def combine(y: torch.Tensor, groups: ExpertGroups, weights: torch.Tensor) -> torch.Tensor:
+    """Step 3. y (P, H) outputs of the sorted pairs, weights (N, k) -> (N, H), token n's output
+    sum_j weights[n, j] * (output of pair (n, j)). The pairs go back to (token, choice) order and
+    each token's k outputs are summed by one small batched matmul: deterministic on every device
+    (no atomics, unlike a scatter-add) and rounded once in half precision."""
+    N, k = weights.shape
+    unsorted = torch.empty_like(y).index_copy_(0, groups.order, y)  # (P, H), row n*k + j = pair (n, j)
+    return (weights[:, None, :] @ unsorted.view(N, k, y.shape[1])).squeeze(1)
+
+
 class Experts(nn.Module):
-    """E non-gated relu^2 experts as two fused weight tensors."""
+    """E non-gated relu^2 experts as two fused weight tensors, run as grouped GEMMs (module docstring)."""
 
     def __init__(self, config: NemotronHConfig) -> None:
         super().__init__()
@@ -64,53 +159,12 @@ class Experts(nn.Module):
         nn.init.normal_(self.down_proj, std=config.initializer_range)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Tokens grouped by expert: one sort, one host read of the group sizes, then one GEMM pair
-        per expert that has tokens. x (N, H), idx/weights (N, k) -> (N, H). Under `torch.compile`
-        the host read would break the graph, so the fixed-shape form runs instead."""
-        if torch.compiler.is_compiling():
-            return self.fixed_shape(x, idx, weights)
-        N, k = idx.shape
-        if N * k <= self.up_proj.shape[0]:
-            return self._few_tokens(x, idx, weights)
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token_of = order // k  # which token each sorted assignment belongs to
-        counts = torch.bincount(flat, minlength=self.up_proj.shape[0]).tolist()  # the single host sync
-        xs = x[token_of]
-        outs = []
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                h = relu2(xs[start : start + n] @ self.up_proj[e].t())
-                outs.append(h @ self.down_proj[e].t())
-            start += n
-        ys = torch.cat(outs) * weights.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add_(0, token_of, ys)
-
-    def fixed_shape(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The same sum with shapes that depend on nothing but the input's (no host read, so it
-        compiles into one graph): gather the chosen experts' weights, or, with more (token, expert)
-        pairs than experts, run every expert on every token under a dense combine matrix."""
-        N, k = idx.shape
-        E = self.up_proj.shape[0]
-        if N * k <= E:
-            hid = relu2(torch.einsum("nkih,nh->nki", self.up_proj[idx], x))
-            return torch.einsum("nkhi,nki,nk->nh", self.down_proj[idx], hid, weights)
-        combine = torch.zeros(N, E, dtype=weights.dtype, device=x.device).scatter_(1, idx, weights)
-        hid = relu2(torch.einsum("eih,nh->nei", self.up_proj, x))
-        return torch.einsum("ehi,nei,ne->nh", self.down_proj, hid, combine)
-
-    def _few_tokens(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Decode-sized inputs (at most one assignment per expert on average): visit each (token,
-        expert) pair directly; sorting and scattering would cost more than the two GEMVs."""
-        rows = []
-        for t, experts in enumerate(idx.tolist()):  # the single host sync
-            xt = x[t]
-            acc = 0
-            for j, e in enumerate(experts):
-                acc = acc + weights[t, j] * F.linear(relu2(F.linear(xt, self.up_proj[e])), self.down_proj[e])
-            rows.append(acc)
-        return torch.stack(rows)
+        """x (N, H), idx (N, k) int64 expert ids, weights (N, k) in x's dtype -> (N, H) in x's dtype.
+        No host read: the same graph for every routing of N tokens."""
+        groups = group_by_expert(idx, self.up_proj.shape[0])
+        xs = x.index_select(0, groups.token)  # (P, H): each pair's token row, grouped by expert
+        hidden = relu2(grouped_linear(xs, self.up_proj, groups.ends))  # (P, I)
+        return combine(grouped_linear(hidden, self.down_proj, groups.ends), groups, weights)
 
 
 def experts_reference(experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
