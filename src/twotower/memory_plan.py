@@ -1,0 +1,640 @@
+"""Memory plan of a TwoTower model from its config alone (issue 13 item 4, SPEC 5.1): parameters per
+part, bytes per tower per dtype, cache bytes per sequence, the workspace of the largest forwards, and
+where the two towers fit (`plan_device_map`, the `device_map="auto"` rule). No model is built.
+
+Every figure is per row (sequence) or fixed, so a device's need is linear in the batch:
+    need = reserve + weights + batch * (cache + denoiser copies + workspace)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+import torch
+
+from .conditioning import FREQ_DIM
+from .config import NemotronHConfig
+from .decode.diffusion import DiffusionSettings
+from .dtypes import DTYPES, dtype_name, resolve_dtype
+
+GiB = 1024**3
+QUANTIZE_SCHEMES = ("none", "int8-experts")
+ROUTER_BIAS_DTYPE = torch.float32  # `e_score_correction_bias` stays fp32 whatever the model dtype (checkpoint.py)
+DEFAULT_BLOCK_SIZE = DiffusionSettings.block_size
+DEVICE_RESERVE_BYTES = 1 * GiB  # per device: the CUDA context and allocator slack (inside the total, not usable)
+RESIDUAL_COPIES = 3  # live (tokens, hidden) tensors around a mixer: the residual h, its normed input, the output
+LOGITS_FP32_COPIES = 3  # a block's logits: float32 logits, the softmax for confidences, one sampling temporary
+
+
+def dtype_of(dtype: str | torch.dtype) -> torch.dtype:
+    """A concrete model dtype from a name or alias as `twotower.dtypes.resolve_dtype` reads it (not "auto")."""
+    resolved = resolve_dtype(dtype)
+    if resolved is None or resolved not in DTYPES.values():
+        raise ValueError(f"a memory plan needs one of {', '.join(DTYPES)}, got {dtype!r}")
+    return resolved
+
+
+def _kinds(config: NemotronHConfig) -> dict[str, int]:
+    kinds = config.layers_block_type
+    return {k: kinds.count(k) for k in ("linear_attention", "full_attention", "moe", "mlp")}
+
+
+def _record(obj, *derived: str) -> dict:
+    """A dataclass's fields and the named properties, for JSON."""
+    return {**{f.name: getattr(obj, f.name) for f in fields(obj)}, **{name: getattr(obj, name) for name in derived}}
+
+
+# ---- parameters -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PartCounts:
+    """Parameter counts of one tower (or a sum of towers) by part. `mamba` includes each mixer's gated
+    norm; `norms` are the per-layer pre-norms and `norm_f`; `heads` the LM head(s); `adaln` the
+    denoiser's t_embedder + t_block + scale_shift_tables. `router_bias` counts the routers'
+    `e_score_correction_bias` BUFFERS (float32), which are tensors of the checkpoint but not parameters."""
+
+    embeddings: int = 0
+    mamba: int = 0
+    attention: int = 0
+    mlp: int = 0
+    routed_experts: int = 0
+    shared_experts: int = 0
+    router: int = 0
+    norms: int = 0
+    heads: int = 0
+    adaln: int = 0
+    router_bias: int = 0
+
+    @classmethod
+    def part_names(cls) -> tuple[str, ...]:
+        """The parameter parts (all fields but the buffer count)."""
+        return tuple(f.name for f in fields(cls) if f.name != "router_bias")
+
+    @property
+    def parameters(self) -> int:
+        return sum(getattr(self, name) for name in self.part_names())
+
+    @property
+    def tensors(self) -> int:
+        """Elements of every tensor in a checkpoint: parameters + router bias buffers."""
+        return self.parameters + self.router_bias
+
+    @property
+    def experts(self) -> int:
+        return self.routed_experts + self.shared_experts
+
+    def __add__(self, other: PartCounts) -> PartCounts:
+        return PartCounts(**{f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class ModelCounts:
+    """The context tower + `context_lm_head`, and the denoiser tower + `lm_head` + adaLN."""
+
+    context: PartCounts
+    denoiser: PartCounts
+
+    @property
+    def total(self) -> PartCounts:
+        return self.context + self.denoiser
+
+
+def _linear(n_in: int, n_out: int, bias: bool) -> int:
+    return n_in * n_out + (n_out if bias else 0)
+
+
+def tower_counts(config: NemotronHConfig, *, denoiser: bool) -> PartCounts:
+    """One NemotronH body and its head; the denoiser also carries the adaLN parts (SPEC 3.1, 3.2)."""
+    H, V, n = config.hidden_size, config.vocab_size, _kinds(config)
+    heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    d_inner, conv_dim, m_heads = config.mamba_d_inner, config.mamba_conv_dim, config.mamba_num_heads
+    mamba = (
+        _linear(H, d_inner + conv_dim + m_heads, config.use_bias)  # in_proj -> z, xBC, dt
+        + _linear(config.conv_kernel, conv_dim, config.use_conv_bias)  # depthwise conv1d (C, 1, K)
+        + 3 * m_heads  # dt_bias, A_log, D
+        + d_inner  # gated norm
+        + _linear(d_inner, H, config.use_bias)  # out_proj
+    )
+    attention = (
+        _linear(H, heads * hd, config.attention_bias)
+        + 2 * _linear(H, kv * hd, config.attention_bias)
+        + _linear(heads * hd, H, config.attention_bias)
+    )
+    mlp = _linear(H, config.intermediate_size, config.mlp_bias) + _linear(config.intermediate_size, H, config.mlp_bias)
+    E, I, I_shared = config.n_routed_experts, config.moe_intermediate_size, config.moe_shared_expert_intermediate_size
+    adaln = (
+        _linear(FREQ_DIM, H, True) + _linear(H, H, True) + _linear(H, 3 * H, True) + config.num_hidden_layers * 3 * H
+    )
+    return PartCounts(
+        embeddings=V * H,
+        mamba=n["linear_attention"] * mamba,
+        attention=n["full_attention"] * attention,
+        mlp=n["mlp"] * mlp,
+        routed_experts=n["moe"] * E * 2 * I * H,
+        shared_experts=n["moe"] * (_linear(H, I_shared, config.mlp_bias) + _linear(I_shared, H, config.mlp_bias)),
+        router=n["moe"] * E * H,
+        norms=(config.num_hidden_layers + 1) * H,
+        heads=V * H,
+        adaln=adaln if denoiser else 0,
+        router_bias=n["moe"] * E,
+    )
+
+
+def count_parameters(config: NemotronHConfig) -> ModelCounts:
+    return ModelCounts(tower_counts(config, denoiser=False), tower_counts(config, denoiser=True))
+
+
+# ---- weight bytes ---------------------------------------------------------------------------------------
+def expert_bytes(config: NemotronHConfig, *, dtype: torch.dtype, quantize: str = "none") -> int:
+    """Bytes of ONE tower's routed + shared expert weights (and shared-expert biases). The only place
+    that knows a quantisation scheme (a `twotower.quantize` module can replace it):
+    - "none": every element in `dtype`;
+    - "int8-experts": one byte per weight plus one scale per output channel in `dtype` (routed up/down:
+      E*I and E*H channels; shared up/down: I_shared and H); biases stay in `dtype`."""
+    if quantize not in QUANTIZE_SCHEMES:
+        raise ValueError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZE_SCHEMES)}")
+    counts = tower_counts(config, denoiser=False)
+    if quantize == "none":
+        return counts.experts * dtype.itemsize
+    n_moe, H = _kinds(config)["moe"], config.hidden_size
+    E, I, I_shared = config.n_routed_experts, config.moe_intermediate_size, config.moe_shared_expert_intermediate_size
+    weights = n_moe * (E * 2 * I * H + 2 * I_shared * H)
+    biases = counts.shared_experts - n_moe * 2 * I_shared * H
+    scales = n_moe * (E * (I + H) + I_shared + H)
+    return weights * torch.int8.itemsize + (scales + biases) * dtype.itemsize
+
+
+def weight_bytes(config: NemotronHConfig, counts: PartCounts, *, dtype: torch.dtype, quantize: str = "none") -> int:
+    """Bytes of one tower's tensors: parameters in `dtype` (experts per `expert_bytes`), router bias in fp32."""
+    rest = (counts.parameters - counts.experts) * dtype.itemsize
+    return rest + expert_bytes(config, dtype=dtype, quantize=quantize) + counts.router_bias * ROUTER_BIAS_DTYPE.itemsize
+
+
+@dataclass(frozen=True)
+class TowerBytes:
+    dtype: str
+    quantize: str
+    context: int
+    denoiser: int
+
+    @property
+    def total(self) -> int:
+        return self.context + self.denoiser
+
+
+def tower_bytes(config: NemotronHConfig, *, dtype: torch.dtype, quantize: str = "none") -> TowerBytes:
+    counts = count_parameters(config)
+    ctx = weight_bytes(config, counts.context, dtype=dtype, quantize=quantize)
+    den = weight_bytes(config, counts.denoiser, dtype=dtype, quantize=quantize)
+    return TowerBytes(dtype_name(dtype), quantize, ctx, den)
+
+
+# ---- cache ----------------------------------------------------------------------------------------------
+def ssm_cache_dtype(config: NemotronHConfig) -> torch.dtype:
+    """The dtype the SSM state is kept in: `config.mamba_ssm_cache_dtype` (float32 in the release), as
+    `Mamba2Mixer.empty_state` allocates it (the conv state is in the model dtype)."""
+    return DTYPES[config.mamba_ssm_cache_dtype]
+
+
+@dataclass(frozen=True)
+class CacheBytes:
+    """The context tower's cache per row (cache.py): K/V and the validity mask per position, and the
+    per-row Mamba states (conv: the last K-1 pre-conv xBC vectors; SSM: heads x head_dim x state)."""
+
+    kv_per_token: int
+    valid_per_token: int
+    conv_state: int
+    ssm_state: int
+
+    @property
+    def per_token(self) -> int:
+        return self.kv_per_token + self.valid_per_token
+
+    @property
+    def mamba_state(self) -> int:
+        return self.conv_state + self.ssm_state
+
+    def per_sequence(self, length: int) -> int:
+        return self.per_token * length + self.mamba_state
+
+
+def cache_bytes(config: NemotronHConfig, *, dtype: torch.dtype) -> CacheBytes:
+    """As `NemotronHModel.empty_cache` allocates: K/V and conv state in the model dtype, SSM per
+    `ssm_cache_dtype`, one bool per position. (The denoiser's copies are counted by the placement.)"""
+    n = _kinds(config)
+    kv = n["full_attention"] * 2 * config.num_key_value_heads * config.head_dim * dtype.itemsize
+    conv = n["linear_attention"] * config.mamba_conv_dim * (config.conv_kernel - 1) * dtype.itemsize
+    ssm_elems = config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size
+    ssm = n["linear_attention"] * ssm_elems * ssm_cache_dtype(config).itemsize
+    return CacheBytes(kv, torch.bool.itemsize, conv, ssm)
+
+
+# ---- workspace ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Workspace:
+    """Per-row transient bytes of the largest forwards (an estimate of the dominant terms, stated below).
+
+    prefill: the context tower over the whole prompt in one forward (the library does not chunk it);
+    block: one denoiser forward over a block of S tokens, with its logits;
+    retained: what a prefill leaves alive until the next context forward (see `workspace_bytes`)."""
+
+    prefill: int
+    block: int
+    retained: int
+
+    @property
+    def one_device(self) -> int:
+        return self.retained + max(self.prefill, self.block)
+
+
+def _mixer_peak(config: NemotronHConfig, *, dtype: torch.dtype, tokens: int, keys: int) -> int:
+    """Bytes of the widest layer's intermediates for `tokens` positions attending to `keys` keys,
+    counted as if all alive at once: Mamba: in_proj output and B/C expanded to heads (model dtype),
+    the SSD scan's float32 tensors (8 of d_inner width, B and C per head, the decay and score
+    matrices per chunk, chunk states); MoE: k routed copies of the token and expert activations, the
+    float64 router scores; attention: q/k/v/output and the boolean mask (a fused SDPA kernel is
+    assumed: the CPU math path also holds heads x tokens x keys scores)."""
+    n, it = _kinds(config), dtype.itemsize
+    peaks = [0]
+    if n["linear_attention"]:
+        h, p, s = config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size
+        q = config.chunk_size
+        padded = math.ceil(tokens / q) * q
+        in_proj = config.mamba_d_inner + config.mamba_conv_dim + h
+        fp32 = 8 * h * p + 2 * h * s + 2 * h * q + 3 * h * p * s // q
+        peaks.append(tokens * (in_proj + 2 * h * s) * it + padded * fp32 * 4)
+    if n["moe"]:
+        k, H, I = config.num_experts_per_tok, config.hidden_size, config.moe_intermediate_size
+        peaks.append(tokens * (k * (2 * H + I) * it + 2 * config.n_routed_experts * 8))
+    if n["full_attention"]:
+        width = 2 * config.num_attention_heads * config.head_dim + 2 * config.num_key_value_heads * config.head_dim
+        peaks.append(tokens * width * it + tokens * keys * torch.bool.itemsize)
+    return max(peaks) + RESIDUAL_COPIES * tokens * config.hidden_size * it
+
+
+def workspace_bytes(config: NemotronHConfig, *, dtype: torch.dtype, max_len: int, block_size: int) -> Workspace:
+    """Per-row workspace for sequences of `max_len` positions decoded in blocks of `block_size`.
+
+    `retained` is a library quirk, counted so that the plan holds today: the Mamba state a forward
+    returns is a VIEW of larger tensors (layers/mamba2.py, layers/ssd.py): the conv state keeps the
+    whole (K-1+L)-column input window alive and, when the SSM state is kept in float32 (the scan's
+    dtype, so `.to` does not copy), all ceil(L/chunk)+1 chunk-boundary states too. After a prefill of
+    L tokens that is ~L x (conv_dim x dtype + state x 4 / chunk) per Mamba layer, freed by the next
+    context forward. Copying the two states (`.clone()`) in `Mamba2Mixer.forward` would remove it."""
+    n, it, V = _kinds(config), dtype.itemsize, config.vocab_size
+    window = max_len * config.mamba_conv_dim * it  # the window's columns beyond the K-1 the cache counts
+    chunk_states = 0  # the chunk-boundary states beyond the final one
+    if ssm_cache_dtype(config) == torch.float32:
+        ssm_elems = config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size
+        chunk_states = math.ceil(max_len / config.chunk_size) * ssm_elems * torch.float32.itemsize
+    retained = n["linear_attention"] * (window + chunk_states)
+    prefill_logits = V * (it + 4)  # the AR prefill keeps the last position's logits only
+    block_logits = block_size * V * (it + LOGITS_FP32_COPIES * 4)
+    prefill = _mixer_peak(config, dtype=dtype, tokens=max_len, keys=max_len) + prefill_logits
+    block = _mixer_peak(config, dtype=dtype, tokens=block_size, keys=max_len + block_size) + block_logits
+    return Workspace(prefill, block, retained)
+
+
+# ---- devices --------------------------------------------------------------------------------------------
+# Total memory as torch.cuda.mem_get_info reports it (public vLLM `total_gpu_memory` logs: H200 139.81
+# GiB, 80 GB H100 / A100 79.11-79.33 GiB), rounded down; nvidia-smi's figure is higher (H200: 143771 MiB).
+KNOWN_GPUS = {"h200": int(139.8 * GiB), "h100-80gb": int(79.1 * GiB), "a100-80gb": int(79.1 * GiB)}
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A torch device name and the bytes the plan may use on it."""
+
+    name: str
+    capacity: int
+
+
+def parse_size(text: str) -> int:
+    """'141GB' (SI: 10^9), '80GiB' (2^30), '512MiB', ... or a known GPU name -> bytes."""
+    if text.strip().lower() in KNOWN_GPUS:
+        return KNOWN_GPUS[text.strip().lower()]
+    m = _SIZE.match(text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(
+            f"size {text!r}: use a number with a unit ({', '.join(k.replace('I', 'i') for k in _UNITS)}), "
+            f"e.g. 80GB or 80GiB, or a GPU name ({', '.join(KNOWN_GPUS)})"
+        )
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def parse_devices(text: str) -> tuple[DeviceSpec, ...]:
+    """'cuda:0=141GB,cuda:1=h100-80gb,cpu=256GB' or bare GPU names ('h200,h200': cuda:0, cuda:1)."""
+    specs: list[DeviceSpec] = []
+    bare: list[int] = []  # positions of bare GPU names, named cuda:N once the explicit names are known
+    for item in (x.strip() for x in text.split(",")):
+        name, sep, size = item.partition("=")
+        name = name.strip()
+        if not sep:
+            if name.lower() not in KNOWN_GPUS:
+                raise ValueError(
+                    f"--devices entry {item!r}: give NAME=SIZE (e.g. cuda:0=80GB, cpu=256GB) or a GPU name "
+                    f"({', '.join(KNOWN_GPUS)})"
+                )
+            bare.append(len(specs))
+            specs.append(DeviceSpec("", KNOWN_GPUS[name.lower()]))
+            continue
+        try:
+            torch.device(name)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"--devices entry {item!r}: {name!r} is not a torch device name") from None
+        specs.append(DeviceSpec(name, parse_size(size)))
+    taken = {s.name for s in specs}
+    index = 0
+    for pos in bare:
+        while f"cuda:{index}" in taken:
+            index += 1
+        specs[pos] = DeviceSpec(f"cuda:{index}", specs[pos].capacity)
+        taken.add(specs[pos].name)
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"--devices names a device twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}"
+        )
+    return tuple(specs)
+
+
+# ---- placement ------------------------------------------------------------------------------------------
+BOTH, CONTEXT, DENOISER = "both towers", "context tower", "denoiser tower"  # what a device holds
+
+
+@dataclass(frozen=True)
+class DeviceUse:
+    """What one device would hold: fixed bytes (reserve, weights) plus per-row bytes (cache, the
+    denoiser's copies of the past, workspace) times `batch`."""
+
+    device: DeviceSpec
+    holds: str
+    batch: int
+    reserve: int
+    weights: int
+    cache: int
+    copies: int
+    workspace: int
+
+    @property
+    def per_row(self) -> int:
+        return self.cache + self.copies + self.workspace
+
+    @property
+    def needed(self) -> int:
+        return self.reserve + self.weights + self.batch * self.per_row
+
+    @property
+    def headroom(self) -> int:
+        """Bytes left after the plan (negative: short by that much)."""
+        return self.device.capacity - self.needed
+
+    @property
+    def left_for_state(self) -> int:
+        """Bytes left after the reserve and the weights: what cache, copies and workspace may use."""
+        return self.device.capacity - self.reserve - self.weights
+
+    @property
+    def fits(self) -> bool:
+        return self.headroom >= 0
+
+    @property
+    def max_batch(self) -> int:
+        """The most rows of this length that fit (0 if not even one)."""
+        return max(self.left_for_state // self.per_row, 0) if self.per_row else 0
+
+    def as_dict(self) -> dict:
+        out = _record(self, "per_row", "needed", "headroom", "left_for_state", "fits", "max_batch")
+        return {**out, "device": self.device.name, "capacity": self.device.capacity}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the towers go. `context_device` holds the context tower, its head and the cache;
+    `denoiser_device` the denoiser tower, its head and adaLN (the same device when not split).
+    Both None when nothing fits; `reason` says why, or how the choice was made."""
+
+    context_device: str | None
+    denoiser_device: str | None
+    fits: bool
+    reason: str
+    uses: tuple[DeviceUse, ...]
+
+    @property
+    def split(self) -> bool:
+        return self.fits and self.context_device != self.denoiser_device
+
+    def as_dict(self) -> dict:
+        return {
+            "context_device": self.context_device,
+            "denoiser_device": self.denoiser_device,
+            "fits": self.fits,
+            "split": self.split,
+            "reason": self.reason,
+            "uses": [u.as_dict() for u in self.uses],
+        }
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+@dataclass(frozen=True)
+class _Needs:
+    """The three ways a device can be used, before a device is chosen."""
+
+    batch: int
+    weights: TowerBytes
+    cache: int
+    workspace: Workspace
+    joined: int  # the denoiser's [past ; block] K/V buffers per row (DenoiserContext.keys_values)
+    moved: int  # per row, what `DenoiserContext.to` copies to another device: past K/V and Mamba states
+
+    def use(self, device: DeviceSpec, holds: str) -> DeviceUse:
+        """weights, cache, copies and workspace of `holds` (BOTH, CONTEXT or DENOISER) on `device`."""
+        parts = {
+            BOTH: (self.weights.total, self.cache, self.joined, self.workspace.one_device),
+            CONTEXT: (self.weights.context, self.cache, 0, self.workspace.retained + self.workspace.prefill),
+            DENOISER: (self.weights.denoiser, 0, self.moved + self.joined, self.workspace.block),
+        }[holds]
+        return DeviceUse(device, holds, self.batch, DEVICE_RESERVE_BYTES, *parts)
+
+
+def _needs(config, *, dtype, batch, max_len, quantize, block_size) -> _Needs:
+    for name, value in (("batch", batch), ("max_len", max_len), ("block_size", block_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    cache = cache_bytes(config, dtype=dtype)
+    return _Needs(
+        batch=batch,
+        weights=tower_bytes(config, dtype=dtype, quantize=quantize),
+        cache=cache.per_sequence(max_len),
+        workspace=workspace_bytes(config, dtype=dtype, max_len=max_len, block_size=block_size),
+        joined=cache.kv_per_token * (max_len + block_size),
+        moved=cache.kv_per_token * max_len + cache.mamba_state,
+    )
+
+
+def device_use(
+    config: NemotronHConfig,
+    device: DeviceSpec,
+    *,
+    holds: str,
+    dtype: str | torch.dtype,
+    batch: int,
+    max_len: int,
+    quantize: str = "none",
+    block_size: int | None = None,
+) -> DeviceUse:
+    """What `device` would hold with `holds` = BOTH, CONTEXT or DENOISER (see `plan_device_map`)."""
+    block_size = block_size or int(config.extra.get("block_size") or DEFAULT_BLOCK_SIZE)
+    common = dict(batch=batch, max_len=max_len, quantize=quantize, block_size=block_size)
+    return _needs(config, dtype=dtype_of(dtype), **common).use(device, holds)
+
+
+def plan_device_map(
+    config: NemotronHConfig,
+    *,
+    dtype: str | torch.dtype,
+    devices: str | Sequence[DeviceSpec],
+    batch: int,
+    max_len: int,
+    quantize: str = "none",
+    block_size: int | None = None,
+) -> Placement:
+    """The `device_map="auto"` rule: both towers on the first device (in the order given) where they,
+    the cache of `batch` rows of `max_len` positions and the workspace fit; else the context tower
+    (with the cache) on one device and the denoiser (with its copies of the past K/V and Mamba states,
+    made per block by `DenoiserContext.to`) on another, first fitting ordered pair; else not fitting,
+    with the reason. `block_size` defaults to the config's trained block size, else 16."""
+    dtype = dtype_of(dtype)
+    specs = parse_devices(devices) if isinstance(devices, str) else tuple(devices)
+    if not specs:
+        raise ValueError("plan_device_map needs at least one device")
+    block_size = block_size or int(config.extra.get("block_size") or DEFAULT_BLOCK_SIZE)
+    needs = _needs(config, dtype=dtype, batch=batch, max_len=max_len, quantize=quantize, block_size=block_size)
+    singles = [needs.use(d, BOTH) for d in specs]
+    for use in singles:
+        if use.fits:
+            reason = f"both towers fit on {use.device.name} ({_gib(use.headroom)} to spare)"
+            return Placement(use.device.name, use.device.name, True, reason, (use,))
+    pairs = [(needs.use(a, CONTEXT), needs.use(b, DENOISER)) for a in specs for b in specs if a is not b]
+    for ctx, den in pairs:
+        if ctx.fits and den.fits:
+            reason = (
+                f"both towers need {_gib(singles[0].needed)}, more than any one device; context tower on "
+                f"{ctx.device.name} ({_gib(ctx.headroom)} to spare), denoiser on {den.device.name} "
+                f"({_gib(den.headroom)} to spare)"
+            )
+            return Placement(ctx.device.name, den.device.name, True, reason, (ctx, den))
+    largest = max(singles, key=lambda u: u.device.capacity)
+    reason = (
+        f"does not fit: both towers need {_gib(largest.needed)} and the largest device "
+        f"({largest.device.name}) has {_gib(largest.device.capacity)}"
+    )
+    if not pairs:
+        reason += "; give a second device to split the towers"
+        return Placement(None, None, False, reason, (largest,))
+    best = max(pairs, key=lambda p: min(p[0].headroom, p[1].headroom))
+    reason += (
+        f"; one tower per device needs {_gib(best[0].needed)} for the context tower and "
+        f"{_gib(best[1].needed)} for the denoiser, and no two devices have that"
+    )
+    return Placement(None, None, False, reason, best)
+
+
+# ---- the whole plan -------------------------------------------------------------------------------------
+TOWERS = ("context", "denoiser", "total")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Everything `twotower info` shows, for one model dtype, quantisation, batch and length:
+    `weights` has one row per dtype (no quantisation) plus the int8-experts row at `dtype`;
+    `devices` is each device holding both towers; `placements` maps a label to an auto placement."""
+
+    dtype: str
+    quantize: str
+    batch: int
+    max_len: int
+    block_size: int
+    layers: dict[str, int]
+    counts: ModelCounts
+    weights: tuple[TowerBytes, ...]
+    cache: CacheBytes
+    ssm_dtype: str
+    workspace: Workspace
+    devices: tuple[DeviceUse, ...]
+    placements: tuple[tuple[str, Placement], ...]
+
+    def as_dict(self) -> dict:
+        counts = {name: _record(getattr(self.counts, name), "parameters", "tensors") for name in TOWERS}
+        cache = _record(self.cache, "per_token", "mamba_state") | {"ssm_dtype": self.ssm_dtype}
+        cache["per_sequence"] = self.cache.per_sequence(self.max_len)
+        cache["batch_total"] = self.batch * cache["per_sequence"]
+        return {
+            "dtype": self.dtype,
+            "quantize": self.quantize,
+            "batch": self.batch,
+            "max_len": self.max_len,
+            "block_size": self.block_size,
+            "layers": dict(self.layers),
+            "parameters": counts,
+            "weights": [_record(w, "total") for w in self.weights],
+            "cache": cache,
+            "workspace": _record(self.workspace, "one_device"),
+            "reserve_per_device": DEVICE_RESERVE_BYTES,
+            "devices": [u.as_dict() for u in self.devices],
+            "placements": {label: p.as_dict() for label, p in self.placements},
+        }
+
+
+def default_devices() -> dict[str, tuple[DeviceSpec, ...]]:
+    """Without devices: each known GPU alone (for the fit table) and a pair of it (for placements)."""
+    return {f"2 x {gpu}": parse_devices(f"{gpu},{gpu}") for gpu in KNOWN_GPUS}
+
+
+def memory_plan(
+    config: NemotronHConfig,
+    *,
+    dtype: str | torch.dtype,
+    quantize: str = "none",
+    devices: str | Sequence[DeviceSpec] | None = None,
+    batch: int = 1,
+    max_len: int,
+    block_size: int | None = None,
+) -> MemoryPlan:
+    """The full plan. With `devices`, one placement over them (label "auto"); without, each known
+    GPU alone in the fit table (named by its kind) and one placement per pair of a known GPU."""
+    dtype = dtype_of(dtype)
+    block_size = block_size or int(config.extra.get("block_size") or DEFAULT_BLOCK_SIZE)
+    common = dict(dtype=dtype, batch=batch, max_len=max_len, quantize=quantize, block_size=block_size)
+    needs = _needs(config, **common)
+    if devices is not None:
+        specs = parse_devices(devices) if isinstance(devices, str) else tuple(devices)
+        groups = {"auto": specs}
+    else:
+        specs = tuple(DeviceSpec(gpu, size) for gpu, size in KNOWN_GPUS.items())
+        groups = default_devices()
+    weights = [tower_bytes(config, dtype=d) for d in DTYPES.values()]
+    weights.append(tower_bytes(config, dtype=dtype, quantize="int8-experts"))
+    return MemoryPlan(
+        dtype=dtype_name(dtype),
+        quantize=quantize,
+        batch=batch,
+        max_len=max_len,
+        block_size=block_size,
+        layers=_kinds(config),
+        counts=count_parameters(config),
+        weights=tuple(weights),
+        cache=cache_bytes(config, dtype=dtype),
+        ssm_dtype=dtype_name(ssm_cache_dtype(config)),
+        workspace=needs.workspace,
+        devices=tuple(needs.use(d, BOTH) for d in specs),
+        placements=tuple((label, plan_device_map(config, devices=g, **common)) for label, g in groups.items()),
+    )
