@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import randomise_special_params, tiny_config
 
 from twotower.layers.mamba2 import Mamba2Mixer, short_depthwise_conv
-from twotower.layers.ssd import ssd_all_states, ssd_chunked, ssd_naive
+from twotower.layers.ssd import CHUNK_MULTIPLE, effective_chunk, ssd_all_states, ssd_chunked, ssd_chunks_of, ssd_naive
 
 
 def _inputs(b=2, L=37, h=4, p=5, n=6, seed=0, scale_state=1.0):
@@ -31,6 +31,40 @@ def test_chunked_equals_naive(L, chunk, with_state):
     y, final = ssd_chunked(x, dt, A, B, C, chunk_size=chunk, state=s0)
     torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(final, final_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("L", [1, 15, 16, 17, 128, 200])
+def test_chunk_clamped_to_the_input_changes_nothing(L):
+    """The release's chunk_size 128: a short scan runs one chunk of about L positions, a long one
+    balanced chunks; outputs equal the naive recurrence and the unclamped (padded-to-128) scan."""
+    x, dt, A, B, C, state = _inputs(L=L, seed=L, scale_state=3.0)
+    chunk = effective_chunk(L, 128)
+    assert chunk <= 128 and chunk % CHUNK_MULTIPLE == 0 and chunk < L + CHUNK_MULTIPLE
+    y, final = ssd_chunked(x, dt, A, B, C, chunk_size=128, state=state)
+    y_padded, final_padded = ssd_chunks_of(x, dt, A, B, C, chunk=128, state=state)
+    y_ref, final_ref = ssd_naive(x, dt, A, B, C, state=state)
+    torch.testing.assert_close(y, y_padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(final, final_padded, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final, final_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "L,chunk_size,want",
+    [
+        (1, 128, 8),
+        (16, 128, 16),
+        (17, 128, 24),
+        (128, 128, 128),
+        (129, 128, 72),
+        (200, 128, 104),
+        (37, 8, 8),
+        (5, 4, 4),
+    ],
+)
+def test_effective_chunk(L, chunk_size, want):
+    """As few chunks as chunk_size allows, balanced, rounded up to CHUNK_MULTIPLE, never above chunk_size."""
+    assert effective_chunk(L, chunk_size) == want
 
 
 def test_large_seeded_state_stays_finite():

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+CHUNK_MULTIPLE = 8  # effective chunks are rounded up to this many positions (padding is exact, see ssd_chunks_of)
+
 
 def _segsum(a: torch.Tensor) -> torch.Tensor:
     """Lower-triangular pairwise sums: out[..., i, j] = sum(a[..., j+1 : i+1]) for j <= i, -inf above."""
@@ -24,6 +26,17 @@ def _segsum(a: torch.Tensor) -> torch.Tensor:
     out = cs[..., :, None] - cs[..., None, :]
     keep = torch.ones(n, n, dtype=torch.bool, device=a.device).tril()
     return out.masked_fill(~keep, float("-inf"))
+
+
+def effective_chunk(L: int, chunk_size: int) -> int:
+    """The chunk a scan of L positions actually uses: as few chunks as `chunk_size` allows, of equal
+    length, rounded up to a multiple of CHUNK_MULTIPLE, never above `chunk_size`. A 16-token block
+    under the release's chunk_size 128 is one 16-long chunk, not one padded to 128: the intra-chunk
+    product is (chunk x chunk) per head, so padding costs (128/16)^2 = 64x there and buys nothing.
+    Chunk boundaries do not change the result (the scan is exact for any chunk)."""
+    n_chunks = max(1, -(-L // chunk_size))
+    per_chunk = -(-L // n_chunks)
+    return min(chunk_size, max(1, -(-per_chunk // CHUNK_MULTIPLE)) * CHUNK_MULTIPLE)
 
 
 def ssd_chunked(
@@ -36,22 +49,37 @@ def ssd_chunked(
     chunk_size: int,
     state: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked SSD scan, exact for any length L (shorter than, equal to, or not a multiple of the chunk)."""
+    """Chunked SSD scan, exact for any length L: chunks of `effective_chunk(L, chunk_size)`."""
+    return ssd_chunks_of(x, dt, A, B, C, chunk=effective_chunk(x.shape[1], chunk_size), state=state)
+
+
+def ssd_chunks_of(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    chunk: int,
+    state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunked scan with chunks of exactly `chunk` positions (the last one zero-padded), whatever
+    L is: `ssd_chunked` picks the chunk; this is also its unclamped twin in tests."""
     b, L, h, p = x.shape
     n = B.shape[-1]
     x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
     if state is None:
         state = x.new_zeros(b, h, p, n)
-    pad = (-L) % chunk_size
+    pad = (-L) % chunk
     if pad:  # zero dt on padding: decay 1 and no input, so the final state is unaffected
         x, dt, B, C = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, B, C))
-    nc = (L + pad) // chunk_size
+    nc = (L + pad) // chunk
 
     # 0. chunk everything: (b, c, l, ...)
-    xc = (x * dt[..., None]).reshape(b, nc, chunk_size, h, p)
-    Bc = B.reshape(b, nc, chunk_size, h, n)
-    Cc = C.reshape(b, nc, chunk_size, h, n)
-    a = (dt * A.float()).reshape(b, nc, chunk_size, h).permute(0, 3, 1, 2)  # (b, h, c, l)
+    xc = (x * dt[..., None]).reshape(b, nc, chunk, h, p)
+    Bc = B.reshape(b, nc, chunk, h, n)
+    Cc = C.reshape(b, nc, chunk, h, n)
+    a = (dt * A.float()).reshape(b, nc, chunk, h).permute(0, 3, 1, 2)  # (b, h, c, l)
     a_cum = torch.cumsum(a, dim=-1)
 
     # 1. within-chunk outputs (the "diagonal blocks"): a masked, decayed attention-like product
@@ -64,15 +92,19 @@ def ssd_chunked(
     chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_to_end, xc)
 
     # 3. carry states across chunks, starting from the initial state
-    states = torch.cat([state[:, None].float(), chunk_states], dim=1)  # (b, c+1, h, p, n)
-    chunk_decay = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
-    carried = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
-    start_states, final_state = carried[:, :-1], carried[:, -1]
+    if nc == 1:  # a block of up to one chunk: the carry is a single decay (no (c+1) x (c+1) product)
+        start_states = state.float()[:, None]  # (b, 1, h, p, n)
+        final_state = torch.exp(a_cum[:, :, 0, -1])[..., None, None] * state.float() + chunk_states[:, 0]
+    else:
+        states = torch.cat([state[:, None].float(), chunk_states], dim=1)  # (b, c+1, h, p, n)
+        chunk_decay = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+        carried = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+        start_states, final_state = carried[:, :-1], carried[:, -1]
 
     # 4. contribution of each chunk's start state to its outputs
     y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, start_states, torch.exp(a_cum))
 
-    y = (y_diag + y_off).reshape(b, nc * chunk_size, h, p)[:, :L]
+    y = (y_diag + y_off).reshape(b, nc * chunk, h, p)[:, :L]
     return y, final_state
 
 
