@@ -161,12 +161,13 @@ def test_30b_cache_facts():
     assert bf16_state.ssm_state == 23 * MiB
 
 
-@pytest.mark.parametrize("length", [5, 19, 40])
-def test_retained_workspace_is_what_a_prefill_leaves_alive(length):
+@pytest.mark.parametrize("ssm_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("length", [5, 8, 19, 40])
+def test_retained_workspace_is_what_a_prefill_leaves_alive(length, ssm_dtype):
     """The quirk `workspace.retained` counts: after a prefill the Mamba states are views that keep
     the whole conv window and the chunk-boundary SSM states alive. If the library starts copying
     the states, this fails and the term can go."""
-    config = tiny_config("M*M")
+    config = tiny_config("M*M", mamba_ssm_cache_dtype=ssm_dtype)
     torch.manual_seed(0)
     body = NemotronHModel(config).eval()
     batch = 2

@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--quantize",
         default="none",
         metavar="|".join(mp.QUANTIZE_SCHEMES),
-        help="int8-experts: routed and shared expert weights in 8 bits, one scale per output channel",
+        help="int8-experts: routed and shared expert weights in 8 bits, one scale per output channel (default: none)",
     )
     p.add_argument("--devices", default=None, help="devices and capacities, e.g. cuda:0=141GB,cuda:1=h100-80gb")
     p.add_argument("--batch", default=str(DEFAULT_BATCH), metavar="B", help=f"rows (default: {DEFAULT_BATCH})")
@@ -66,7 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="L",
         help=f"positions per row, prompt + generated (default: {DEFAULT_MAX_LEN})",
     )
-    p.add_argument("--block-size", default=None, metavar="S", help="diffusion block (default: trained, else 16)")
+    p.add_argument(
+        "--block-size",
+        default=None,
+        metavar="S",
+        help=f"diffusion block size (default: the config's trained block_size, else {mp.DEFAULT_BLOCK_SIZE})",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.set_defaults(func=cmd_info)
 

@@ -27,6 +27,7 @@ DEFAULT_BLOCK_SIZE = DiffusionSettings.block_size
 DEVICE_RESERVE_BYTES = 1 * GiB  # per device: the CUDA context and allocator slack (inside the total, not usable)
 RESIDUAL_COPIES = 3  # live (tokens, hidden) tensors around a mixer: the residual h, its normed input, the output
 LOGITS_FP32_COPIES = 3  # a block's logits: float32 logits, the softmax for confidences, one sampling temporary
+FP32, FP64 = torch.float32.itemsize, torch.float64.itemsize
 
 
 def dtype_of(dtype: str | torch.dtype) -> torch.dtype:
@@ -252,8 +253,8 @@ class Workspace:
 def _mixer_peak(config: NemotronHConfig, *, dtype: torch.dtype, tokens: int, keys: int) -> int:
     """Bytes of the widest layer's intermediates for `tokens` positions attending to `keys` keys,
     counted as if all alive at once: Mamba: in_proj output and B/C expanded to heads (model dtype),
-    the SSD scan's float32 tensors (8 of d_inner width, B and C per head, the decay and score
-    matrices per chunk, chunk states); MoE: k routed copies of the token and expert activations, the
+    the SSD scan's float32 tensors (8 of d_inner width: x, x*dt, the two output parts, y, z and the
+    gated norm's two; B and C per head; the decay and score matrices per chunk; chunk states); MoE: k routed copies of the token and expert activations, the
     float64 router scores; attention: q/k/v/output and the boolean mask (a fused SDPA kernel is
     assumed: the CPU math path also holds heads x tokens x keys scores)."""
     n, it = _kinds(config), dtype.itemsize
@@ -264,10 +265,10 @@ def _mixer_peak(config: NemotronHConfig, *, dtype: torch.dtype, tokens: int, key
         padded = math.ceil(tokens / q) * q
         in_proj = config.mamba_d_inner + config.mamba_conv_dim + h
         fp32 = 8 * h * p + 2 * h * s + 2 * h * q + 3 * h * p * s // q
-        peaks.append(tokens * (in_proj + 2 * h * s) * it + padded * fp32 * 4)
+        peaks.append(tokens * (in_proj + 2 * h * s) * it + padded * fp32 * FP32)
     if n["moe"]:
         k, H, I = config.num_experts_per_tok, config.hidden_size, config.moe_intermediate_size
-        peaks.append(tokens * (k * (2 * H + I) * it + 2 * config.n_routed_experts * 8))
+        peaks.append(tokens * (k * (2 * H + I) * it + 2 * config.n_routed_experts * FP64))
     if n["full_attention"]:
         width = 2 * config.num_attention_heads * config.head_dim + 2 * config.num_key_value_heads * config.head_dim
         peaks.append(tokens * width * it + tokens * keys * torch.bool.itemsize)
@@ -280,18 +281,20 @@ def workspace_bytes(config: NemotronHConfig, *, dtype: torch.dtype, max_len: int
     `retained` is a library quirk, counted so that the plan holds today: the Mamba state a forward
     returns is a VIEW of larger tensors (layers/mamba2.py, layers/ssd.py): the conv state keeps the
     whole (K-1+L)-column input window alive and, when the SSM state is kept in float32 (the scan's
-    dtype, so `.to` does not copy), all ceil(L/chunk)+1 chunk-boundary states too. After a prefill of
-    L tokens that is ~L x (conv_dim x dtype + state x 4 / chunk) per Mamba layer, freed by the next
-    context forward. Copying the two states (`.clone()`) in `Mamba2Mixer.forward` would remove it."""
+    dtype, so `.to` does not copy) and the forward spans c > 1 chunks, all c+1 chunk-boundary states.
+    After a prefill of L tokens that is ~L x (conv_dim x dtype + state x 4 / chunk) per Mamba layer,
+    freed by the next context forward. Copying the two states (`.clone()`) in `Mamba2Mixer.forward`
+    would remove it.
+    """
     n, it, V = _kinds(config), dtype.itemsize, config.vocab_size
     window = max_len * config.mamba_conv_dim * it  # the window's columns beyond the K-1 the cache counts
-    chunk_states = 0  # the chunk-boundary states beyond the final one
-    if ssm_cache_dtype(config) == torch.float32:
-        ssm_elems = config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size
-        chunk_states = math.ceil(max_len / config.chunk_size) * ssm_elems * torch.float32.itemsize
+    chunks = math.ceil(max_len / config.chunk_size)
+    chunk_states = 0  # the chunk-boundary states beyond the final one (a one-chunk scan returns a fresh state)
+    if ssm_cache_dtype(config) == torch.float32 and chunks > 1:
+        chunk_states = chunks * config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * FP32
     retained = n["linear_attention"] * (window + chunk_states)
-    prefill_logits = V * (it + 4)  # the AR prefill keeps the last position's logits only
-    block_logits = block_size * V * (it + LOGITS_FP32_COPIES * 4)
+    prefill_logits = V * (it + FP32)  # the AR prefill keeps the last position's logits only
+    block_logits = block_size * V * (it + LOGITS_FP32_COPIES * FP32)
     prefill = _mixer_peak(config, dtype=dtype, tokens=max_len, keys=max_len) + prefill_logits
     block = _mixer_peak(config, dtype=dtype, tokens=block_size, keys=max_len + block_size) + block_logits
     return Workspace(prefill, block, retained)
