@@ -104,3 +104,26 @@ def test_score_jsonl(model_dir, tmp_path, capsys):
     ids = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode("the lazy dog")]
     assert rows[0]["logprobs"] == pytest.approx(loaded.model.score([ids])[0], abs=1e-6)
     assert "line 2" in capsys.readouterr().err
+
+
+def test_every_command_stops_at_any_id_of_the_configs_eos_list(model_dir, tmp_path, capsys):
+    """config.json's EOS list (NVIDIA's has 2 and 11) is the one set: here it names the model's own
+    first greedy token, so generate and batch both stop after one token."""
+    import shutil
+
+    loaded = load_for_inference(str(model_dir))
+    tok = loaded.tokenizer
+    ids = [tok.bos_id, *tok.encode("the quick")]
+    first = loaded.model.generate_ar([ids], max_new_tokens=1).new_tokens[0][0]
+    assert first != tok.eos_id
+    custom = shutil.copytree(model_dir, tmp_path / "eos")
+    config = json.loads((custom / "config.json").read_text())
+    config["eos_token_id"] = [tok.eos_id, first]
+    (custom / "config.json").write_text(json.dumps(config))
+    out = _json_run(capsys, "generate", "the quick", "--model", str(custom), "--mode", "ar", "--json")
+    assert out["tokens"] == 1 and out["completion"] == ""
+    prompts = tmp_path / "in.jsonl"
+    prompts.write_text(json.dumps({"id": "a", "prompt": "the quick", "mode": "ar"}) + "\n")
+    assert main(["batch", "--model", str(custom), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl")]) == 0
+    record = json.loads((tmp_path / "o.jsonl").read_text())
+    assert record["completion_tokens"] == 0 and record["finish_reason"] == "stop"

@@ -164,9 +164,8 @@ def test_30b_cache_facts():
 @pytest.mark.parametrize("ssm_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("length", [5, 8, 19, 40])
 def test_retained_workspace_is_what_a_prefill_leaves_alive(length, ssm_dtype):
-    """The quirk `workspace.retained` counts: after a prefill the Mamba states are views that keep
-    the whole conv window and the chunk-boundary SSM states alive. If the library starts copying
-    the states, this fails and the term can go."""
+    """`workspace.retained` (zero): after a prefill the Mamba states hold exactly their nominal
+    bytes, not views that keep the whole conv window and the chunk-boundary SSM states alive."""
     config = tiny_config("M*M", mamba_ssm_cache_dtype=ssm_dtype)
     torch.manual_seed(0)
     body = NemotronHModel(config).eval()
@@ -178,7 +177,7 @@ def test_retained_workspace_is_what_a_prefill_leaves_alive(length, ssm_dtype):
     held = sum(st.conv.untyped_storage().nbytes() + st.ssm.untyped_storage().nbytes() for st in mamba)
     nominal = mp.cache_bytes(config, dtype=torch.float32).mamba_state * batch
     workspace = mp.workspace_bytes(config, dtype=torch.float32, max_len=length, block_size=4)
-    assert held - nominal == batch * workspace.retained
+    assert held - nominal == batch * workspace.retained == 0
 
 
 def test_denoiser_copies_equal_what_the_context_view_moves():

@@ -494,7 +494,13 @@ def _register_extras() -> None:
 
     if EXTRA_COMMANDS:  # already done in this process
         return
-    for name in ("twotower.bench.cli", "twotower.serve.cli", "twotower.batch_cli", "twotower.eval_cli"):
+    for name in (
+        "twotower.bench.cli",
+        "twotower.serve.cli",
+        "twotower.batch_cli",
+        "twotower.eval_cli",
+        "twotower.info_cli",
+    ):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:

@@ -283,6 +283,7 @@ def _nano_30b() -> NemotronHConfig:
         layers_block_type=tuple(PATTERN_TO_TYPE[c] for c in "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"),
         intermediate_size=1856,  # unused (no dense `-` layers) but what the released config.json says
         eos_token_id=(2, 11),
+        extra={"torch_dtype": "bfloat16", "rope_theta": 10000},  # as the release's config.json (rope unused)
     )
 
 

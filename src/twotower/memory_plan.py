@@ -278,21 +278,14 @@ def _mixer_peak(config: NemotronHConfig, *, dtype: torch.dtype, tokens: int, key
 def workspace_bytes(config: NemotronHConfig, *, dtype: torch.dtype, max_len: int, block_size: int) -> Workspace:
     """Per-row workspace for sequences of `max_len` positions decoded in blocks of `block_size`.
 
-    `retained` is a library quirk, counted so that the plan holds today: the Mamba state a forward
-    returns is a VIEW of larger tensors (layers/mamba2.py, layers/ssd.py): the conv state keeps the
-    whole (K-1+L)-column input window alive and, when the SSM state is kept in float32 (the scan's
-    dtype, so `.to` does not copy) and the forward spans c > 1 chunks, all c+1 chunk-boundary states.
-    After a prefill of L tokens that is ~L x (conv_dim x dtype + state x 4 / chunk) per Mamba layer,
-    freed by the next context forward. Copying the two states (`.clone()`) in `Mamba2Mixer.forward`
-    would remove it.
+    `retained` is what a forward leaves alive beyond the cache's nominal state until the next
+    context forward: zero since `Mamba2Mixer.forward` copies its returned states out of the conv
+    window and the chunk-boundary states (they were views that kept ~L x conv_dim per Mamba layer
+    alive after an L-token prefill, ~2.5 GiB after 4096 tokens at 30B). Kept as a term, pinned to
+    zero by a test, so a regression shows in the plan.
     """
-    n, it, V = _kinds(config), dtype.itemsize, config.vocab_size
-    window = max_len * config.mamba_conv_dim * it  # the window's columns beyond the K-1 the cache counts
-    chunks = math.ceil(max_len / config.chunk_size)
-    chunk_states = 0  # the chunk-boundary states beyond the final one (a one-chunk scan returns a fresh state)
-    if ssm_cache_dtype(config) == torch.float32 and chunks > 1:
-        chunk_states = chunks * config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * FP32
-    retained = n["linear_attention"] * (window + chunk_states)
+    it, V = dtype.itemsize, config.vocab_size
+    retained = 0
     prefill_logits = V * (it + FP32)  # the AR prefill keeps the last position's logits only
     block_logits = block_size * V * (it + LOGITS_FP32_COPIES * FP32)
     prefill = _mixer_peak(config, dtype=dtype, tokens=max_len, keys=max_len) + prefill_logits

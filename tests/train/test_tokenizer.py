@@ -116,3 +116,30 @@ def test_bad_arguments_raise_value_error(tmp_path):
         train_tokenizer(iter([]), tmp_path, vocab_size=TINY_VOCAB)
     with pytest.raises(ValueError, match=TOKENIZER_FILE):
         Tokenizer.load(Path(tmp_path) / "missing")
+
+
+def test_hugging_face_directory_with_special_tokens_map_and_config(tmp_path):
+    """NVIDIA-style files: special tokens in tokenizer.json's added tokens, named by
+    special_tokens_map.json, with tokenizer_config.json overriding one of them."""
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<unk>", "<s>", "</s>", "<mask>", "<|im_end|>"])
+    backend.save(str(tmp_path / TOKENIZER_FILE))
+    (tmp_path / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": {"content": "</s>", "special": True}, "mask_token": "<mask>"})
+    )
+    (tmp_path / CONFIG_FILE).write_text(
+        json.dumps({"eos_token": "<|im_end|>", "added_tokens_decoder": {"4": {"content": "<|im_end|>"}}})
+    )
+    loaded = Tokenizer.load(tmp_path)
+    assert (loaded.bos_id, loaded.eos_id, loaded.mask_id, loaded.pad_id) == (1, 4, 3, None)
+    assert loaded.decode([2, 4]) == "</s><|im_end|>"  # special tokens decode to their text
+    assert loaded.encode("</s>") != [2]  # but text is data
+
+    from tests.conftest import tiny_config
+    from twotower.loading import resolve_special_ids
+
+    config = tiny_config("M*E").replace(eos_token_id=(2, 11))
+    assert resolve_special_ids(config, {"eos_token_id": [2, 11]}, loaded).eos_token_ids == (2, 11)
+    assert resolve_special_ids(config, {}, loaded).eos_token_ids == (4,)  # no EOS in config.json: the tokenizer's

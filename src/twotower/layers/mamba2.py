@@ -186,4 +186,6 @@ class Mamba2Mixer(nn.Module):
             history.append(MambaHistory(conv_window, torch.cat([start.float()[:, None], states], 1)))
         y = y + x.float() * self.D.float()[:, None]
         y = self.norm(y.reshape(b, L, self.d_inner), z.float())
+        if L > 1:  # both states are views of larger tensors (the whole window, every chunk's state): keep only them
+            conv_state, ssm = conv_state.clone(), ssm.to(self.ssm_dtype, copy=True)
         return self.out_proj(y.to(hidden.dtype)), MambaState(conv_state, ssm.to(self.ssm_dtype))
