@@ -243,3 +243,17 @@ def test_bundled_model_uses_one_eos_set():
     loaded = load_for_inference()
     assert loaded.model.config.eos_token_ids == (loaded.tokenizer.eos_id,)
     assert loaded.model.mask_token_id == loaded.tokenizer.mask_id
+
+
+def test_device_auto_follows_the_memory_plan(twotower, tmp_path, monkeypatch):
+    from twotower import memory_plan
+    from twotower.memory_plan import DeviceSpec
+
+    twotower.save_pretrained(tmp_path)
+    model = TwoTowerForCausalLM.from_pretrained(tmp_path, device="auto")  # this host: the CPU
+    assert model.context_device == model.denoiser_device == torch.device("cpu")
+    monkeypatch.setattr(memory_plan, "detect_devices", lambda: (DeviceSpec("cpu", 1000),))
+    with pytest.raises(CheckpointError, match="device auto: does not fit"):
+        TwoTowerForCausalLM.from_pretrained(tmp_path, device="auto")
+    with pytest.raises(CheckpointError, match="give no denoiser device"):
+        TwoTowerForCausalLM.from_pretrained(tmp_path, device="auto", denoiser_device="cpu")

@@ -353,9 +353,27 @@ AR_HINT = (
 
 def tower_devices(device=None, denoiser_device=None) -> DeviceOf:
     """Context tower + AR head on `device`; denoiser, its head and the adaLN parts on `denoiser_device`."""
+    if device == "auto" or denoiser_device == "auto":
+        raise ValueError("device 'auto' must be resolved first (auto_devices)")
     ctx = _device(device)
     den = _device(denoiser_device) if denoiser_device is not None else ctx
     return lambda key: ctx if key.startswith(_CONTEXT_PARTS) else den
+
+
+def auto_devices(config: NemotronHConfig, dtype: torch.dtype, device, denoiser_device) -> tuple:
+    """`device="auto"`: the memory plan's choice over the visible devices (both towers on one device
+    when they and a 4k-token cache fit, else one tower per device; twotower.memory_plan)."""
+    if device != "auto":
+        return device, denoiser_device
+    if denoiser_device is not None:
+        raise CheckpointError("device 'auto' places both towers itself: give no denoiser device with it")
+    from .memory_plan import auto_device_map
+
+    try:
+        placement = auto_device_map(config, dtype=dtype)
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
+    return placement.context_device, placement.denoiser_device
 
 
 def load_twotower(path: str | Path, *, dtype="auto", device=None, denoiser_device=None):
@@ -377,6 +395,7 @@ def load_twotower(path: str | Path, *, dtype="auto", device=None, denoiser_devic
     model = build_on_meta(lambda: TwoTowerForCausalLM(config))
     check_sources(model, sources, where=str(path))
     dtype = stored_dtype(raw, entries) if resolve_dtype(dtype) is None else resolve_dtype(dtype)
+    device, denoiser_device = auto_devices(config, dtype, device, denoiser_device)
     load_into(model, sources, dtype=dtype, device_of=tower_devices(device, denoiser_device), what=path.name)
     model.freeze_context()
     return model
@@ -406,6 +425,7 @@ def load_twotower_from_backbone(path: str | Path, *, dtype="auto", device=None, 
     adaln = [k for k in model.state_dict() if k.startswith(_ADALN_PARTS)]
     check_sources(model, sources, where=str(path), optional=adaln)
     dtype = stored_dtype(raw, entries) if resolve_dtype(dtype) is None else resolve_dtype(dtype)
+    device, denoiser_device = auto_devices(config, dtype, device, denoiser_device)
     load_into(model, sources, dtype=dtype, device_of=tower_devices(device, denoiser_device), what=path.name)
     model.init_adaln(seed=seed)
     model.freeze_context()

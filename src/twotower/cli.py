@@ -41,7 +41,10 @@ def add_model_option(p: argparse.ArgumentParser) -> None:
         help="parameter dtype; auto = as stored (config.json's torch_dtype, e.g. bfloat16 for NVIDIA's release)",
     )
     g.add_argument(
-        "--device", default="cpu", help="torch device of the context tower, e.g. cpu, cuda, cuda:0 (default: cpu)"
+        "--device",
+        default="cpu",
+        help="torch device of the context tower, e.g. cpu, cuda, cuda:0; auto = both towers on one device when "
+        "they fit with a 4k-token cache, else one tower per GPU (see twotower info) (default: cpu)",
     )
     g.add_argument(
         "--denoiser-device",

@@ -9,6 +9,7 @@ Every figure is per row (sequence) or fixed, so a device's need is linear in the
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -634,3 +635,39 @@ def memory_plan(
         devices=tuple(needs.use(d, BOTH) for d in specs),
         placements=tuple((label, plan_device_map(config, devices=g, **common)) for label, g in groups.items()),
     )
+
+
+# ---- device_map="auto" ------------------------------------------------------------------------------
+AUTO_BATCH, AUTO_MAX_LEN = 1, 4096  # what `device="auto"` plans room for (one 4k-token sequence)
+
+
+def detect_devices() -> tuple[DeviceSpec, ...]:
+    """The devices this process can use now, with their FREE bytes: every CUDA device
+    (`torch.cuda.mem_get_info`), else the CPU with the host's available memory."""
+    if torch.cuda.is_available():
+        return tuple(DeviceSpec(f"cuda:{i}", torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count()))
+    available = 0
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    return (DeviceSpec("cpu", available),)
+
+
+def auto_device_map(
+    config: NemotronHConfig, *, dtype: torch.dtype, quantize: str = "none", devices: Sequence[DeviceSpec] | None = None
+) -> Placement:
+    """`plan_device_map` over the detected devices for `AUTO_BATCH` x `AUTO_MAX_LEN`; raises
+    ValueError with the plan's reason when nothing fits."""
+    placement = plan_device_map(
+        config,
+        dtype=dtype,
+        devices=devices if devices is not None else detect_devices(),
+        batch=AUTO_BATCH,
+        max_len=AUTO_MAX_LEN,
+        quantize=quantize,
+    )
+    if not placement.fits:
+        raise ValueError(f"device auto: {placement.reason}")
+    return placement

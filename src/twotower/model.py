@@ -288,7 +288,8 @@ class TwoTowerForCausalLM(nn.Module):
     ) -> TwoTowerForCausalLM:
         """Stream a TwoTower directory (the released layout) into a new model. `dtype="auto"` keeps
         the stored dtype; the context tower and its head go to `device`, the denoiser, its head and
-        adaLN to `denoiser_device` (default: `device`)."""
+        adaLN to `denoiser_device` (default: `device`). `device="auto"` lets the memory plan choose:
+        one device when both towers and a 4k-token cache fit, else one tower per device."""
         from .checkpoint import load_twotower
 
         return load_twotower(path, dtype=dtype, device=device, denoiser_device=denoiser_device)
