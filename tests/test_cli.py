@@ -127,3 +127,37 @@ def test_every_command_stops_at_any_id_of_the_configs_eos_list(model_dir, tmp_pa
     assert main(["batch", "--model", str(custom), "--input", str(prompts), "--output", str(tmp_path / "o.jsonl")]) == 0
     record = json.loads((tmp_path / "o.jsonl").read_text())
     assert record["completion_tokens"] == 0 and record["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["generate", "x"],
+        ["score", "in.jsonl"],
+        ["batch", "--input", "a", "--output", "b"],
+        ["serve"],
+        ["bench"],
+        ["eval", "--tasks", "t"],
+    ],
+)
+def test_every_loading_command_takes_the_model_options(argv):
+    """--dtype auto by default (never a forced float32), --device, --denoiser-device, --quantize."""
+    from twotower.cli import _register_extras, build_parser
+
+    _register_extras()
+    parser = build_parser()
+    default = parser.parse_args(argv)
+    assert (default.dtype, default.device, default.denoiser_device, default.quantize) == ("auto", "cpu", None, "none")
+    args = parser.parse_args(
+        [*argv, "--dtype", "bfloat16", "--device", "auto", "--denoiser-device", "cpu", "--quantize", "int8-experts"]
+    )
+    assert (args.dtype, args.device, args.denoiser_device, args.quantize) == ("bfloat16", "auto", "cpu", "int8-experts")
+
+
+def test_generate_in_bfloat16(model_dir, capsys):
+    out = _json_run(capsys, "generate", "the quick", "--model", str(model_dir), "--mode", "ar", "--json",
+                    "--dtype", "bfloat16", "--max-new-tokens", "6")  # fmt: skip
+    assert out["tokens"] == 6
+    with pytest.raises(SystemExit):  # argparse refuses a dtype it does not know, with the choices
+        main(["generate", "x", "--model", str(model_dir), "--dtype", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err

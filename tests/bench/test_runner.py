@@ -175,7 +175,7 @@ def test_speculative_rows_use_the_models_method(tokenizer, small_items):
     settings = [s for s in settings if s.mode != "diffusion"]
     result = run_benchmark(model, tokenizer, items, settings=settings, batch_sizes=[1], repeats=1)
     spec = result.row("speculative", draft_steps=2)
-    assert calls[0] == (8, 2, 0.8, {"temperature": 0.0, "eos_token_id": EOS})
+    assert calls[0] == (8, 2, 0.8, {"temperature": 0.0, "eos_token_id": [EOS]})
     assert spec.quality_retained == 100.0 and spec.scores == result.rows[0].scores
     assert spec.nfe == 3 * len(items) and spec.context_forwards == 2 * len(items)
     assert spec.extra["accepted_per_block"] == 3.0
