@@ -1,19 +1,20 @@
 """Training objectives (SPEC.md section 4): AR next-token loss, and the denoiser's block-wise masked
-diffusion loss in the single-pass layout.
+diffusion loss.
 
 Both return a SUM of cross-entropy and the number of target tokens, so that the trainer can divide by
 the global count: gradient accumulation and data parallelism then give exactly the single-process,
 single-batch gradient.
 
-Single-pass layout for a clean sequence x of nb blocks of S tokens (b rows):
-  1. the context tower runs once (no grad) over x, block by block on its cache; before each block
-     the Mamba states are kept as that block's seed, and at the end every attention layer holds
-     K/V for all positions;
-  2. each block gets its own t ~ U(t_min, 1) and each token is masked with probability t;
-  3. the denoiser runs over all b*nb noisy blocks in ONE forward: row (r, j) attends to the context
-     K/V of positions before block j plus its own block, and its Mamba layers start from block j's
-     seed (zeros for block 0).
-  loss = sum over masked positions of CE(denoiser logits, clean token); position j predicts token j.
+For a clean sequence x of nb blocks of S tokens (b rows), each block gets its own t ~ U(t_min, 1)
+and each token is masked with probability t; loss = sum over masked positions of CE(denoiser logits,
+clean token); position j predicts token j. Two computations of the same loss:
+  - `diffusion_loss` (the default, `single_pass`): ONE context-tower forward over x and ONE denoiser
+    forward over all noisy blocks as one sequence per row (block-causal attention, Mamba seeded per
+    block). Memory O(L).
+  - `diffusion_loss_blockwise` (its reference twin): the context tower runs block by block on its
+    cache, keeping each block's Mamba seeds, and the denoiser runs over b*nb rows, each with its own
+    copy of the K/V (memory O(L^2 / S)). Kept exact and pinned to the single pass by tests.
+Padding: `valid` (b, L) bool, right-padded rows (see `single_pass.check_layout`); padding is never a target.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 
 from ..layers.mamba2 import MambaState
 from ..model import DenoiserContext, TwoTowerForCausalLM
+from .block_attention import DEFAULT_QUERY_CHUNK
+from .single_pass import check_layout, context_pass, denoise_blocks
 
 T_MIN = 1e-3  # lower end of the sampled mask ratio (t = 0 would mask nothing)
 
@@ -64,26 +67,41 @@ def draw_noise(
     return t, u
 
 
-def mask_blocks(ids: torch.Tensor, t: torch.Tensor, u: torch.Tensor, *, block_size: int, mask_id: int) -> NoisyBlocks:
-    """ids (b, N), t (b, nb), u (b, N) -> masked blocks; token masked when u < its block's t."""
+def mask_blocks(
+    ids: torch.Tensor,
+    t: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    block_size: int,
+    mask_id: int,
+    valid: torch.Tensor | None = None,
+) -> NoisyBlocks:
+    """ids (b, N), t (b, nb), u (b, N) -> masked blocks; token masked when u < its block's t (and it is
+    real, when `valid` (b, N) is given: padding is never masked, so never a target)."""
     b, N = ids.shape
     nb = N // block_size
     clean = ids[:, : nb * block_size].reshape(b * nb, block_size)
     masked = u[:, : nb * block_size].reshape(b * nb, block_size) < t.reshape(b * nb, 1)
+    if valid is not None:
+        masked &= valid[:, : nb * block_size].reshape(b * nb, block_size)
     return NoisyBlocks(clean.masked_fill(masked, mask_id), clean, masked, t.reshape(-1))
 
 
 @torch.no_grad()
-def block_contexts(model: TwoTowerForCausalLM, ids: torch.Tensor, *, block_size: int) -> DenoiserContext:
-    """The context tower over ids (b, nb*S), returned as a DenoiserContext with b*nb rows (row r*nb+j
-    sees positions < j*S of sequence r)."""
+def block_contexts(
+    model: TwoTowerForCausalLM, ids: torch.Tensor, *, block_size: int, valid: torch.Tensor | None = None
+) -> DenoiserContext:
+    """The context tower over ids (b, nb*S), block by block on its cache, returned as a DenoiserContext
+    with b*nb rows (row r*nb+j sees the real positions < j*S of sequence r). The reference twin of
+    `single_pass.context_pass`: nb sequential forwards and nb copies of every K/V."""
     b, N = ids.shape
     nb = N // block_size
     cache = model.empty_cache(b, capacity=N)
     seeds: list[list[MambaState]] = []  # per block: list over layers
     for j in range(nb):
         seeds.append([st.clone() if isinstance(st, MambaState) else None for st in cache.layers])
-        model.extend_context(ids[:, j * block_size : (j + 1) * block_size], cache)
+        part = slice(j * block_size, (j + 1) * block_size)
+        model.extend_context(ids[:, part], cache, mask=valid[:, part] if valid is not None else None)
     kv, mamba = [], []
     for i, st in enumerate(cache.layers):
         if isinstance(st, MambaState):
@@ -100,8 +118,17 @@ def block_contexts(model: TwoTowerForCausalLM, ids: torch.Tensor, *, block_size:
             mamba.append(None)
     pos = torch.arange(N, device=ids.device)
     starts = torch.arange(nb, device=ids.device) * block_size
-    key_valid = (pos[None, :] < starts[:, None]).repeat(b, 1)  # (b*nb, N)
-    return DenoiserContext(kv, key_valid, mamba)
+    key_valid = (pos[None, :] < starts[:, None])[None] & cache.key_valid()[:, None, :]  # (b, nb, N)
+    return DenoiserContext(kv, key_valid.flatten(0, 1), mamba)
+
+
+def _check_noise(ids: torch.Tensor, noise: tuple[torch.Tensor, torch.Tensor], *, block_size: int) -> None:
+    t, u = noise
+    b, L = ids.shape
+    if t.shape != (b, L // block_size) or u.shape != (b, L):
+        raise ValueError(
+            f"noise t {tuple(t.shape)} and u {tuple(u.shape)} do not fit ids {tuple(ids.shape)} in blocks of {block_size}"
+        )
 
 
 def diffusion_loss(
@@ -111,18 +138,60 @@ def diffusion_loss(
     *,
     block_size: int,
     global_count: int | None = None,
+    valid: torch.Tensor | None = None,
+    attention: str = "chunked",
+    query_chunk: int = DEFAULT_QUERY_CHUNK,
 ) -> LossSum:
-    """Masked-diffusion CE summed over masked positions, for this rank's rows `ids` and their noise."""
-    blocks = mask_blocks(ids, *noise, block_size=block_size, mask_id=model.mask_token_id)
-    context = block_contexts(model, ids, block_size=block_size)
-    logits = model.denoise(blocks.noisy, blocks.t, context)
+    """Masked-diffusion CE summed over masked positions, for this rank's rows `ids` (b, L) and their
+    noise (t (b, nb), u (b, L)), in the single pass: one context forward, one denoiser forward.
+
+    L must be a multiple of block_size (else ValueError: pad and mark the padding in `valid`).
+    `attention`, `query_chunk`: the denoiser's block-causal attention (see `block_attention`).
+    Divided by global_count when given."""
+    valid = check_layout(ids, block_size=block_size, valid=valid)
+    _check_noise(ids, noise, block_size=block_size)
+    b, L = ids.shape
+    blocks = mask_blocks(ids, *noise, block_size=block_size, mask_id=model.mask_token_id, valid=valid)
+    masked = blocks.masked.view(b, L)
+    context = context_pass(model, ids, block_size=block_size, valid=valid)
+    if model.context_device != model.denoiser_device:
+        context = context.to(model.denoiser_device)
+    t = noise[0].to(model.denoiser_device)
+    h = denoise_blocks(model, blocks.noisy.view(b, L), t, context, attention=attention, query_chunk=query_chunk)
+    logits = model.denoiser_logits(h[masked][None])[0]  # the head only where there is a target
+    total = F.cross_entropy(logits, ids[masked], reduction="sum")
+    count = int(masked.sum())
+    return LossSum(total / global_count if global_count else total, count)
+
+
+def diffusion_loss_blockwise(
+    model: TwoTowerForCausalLM,
+    ids: torch.Tensor,
+    noise: tuple[torch.Tensor, torch.Tensor],
+    *,
+    block_size: int,
+    global_count: int | None = None,
+    valid: torch.Tensor | None = None,
+) -> LossSum:
+    """The reference twin of `diffusion_loss` (same arguments, same loss): the context tower block by
+    block and one `model.denoise` over b*nb block rows, each with its own copy of the past."""
+    valid = check_layout(ids, block_size=block_size, valid=valid)
+    _check_noise(ids, noise, block_size=block_size)
+    blocks = mask_blocks(ids, *noise, block_size=block_size, mask_id=model.mask_token_id, valid=valid)
+    context = block_contexts(model, ids, block_size=block_size, valid=valid)
+    block_valid = valid.reshape(blocks.clean.shape)
+    logits = model.denoise(blocks.noisy, blocks.t, context, block_valid=block_valid)
     total = F.cross_entropy(logits[blocks.masked], blocks.clean[blocks.masked], reduction="sum")
     count = int(blocks.masked.sum())
     return LossSum(total / global_count if global_count else total, count)
 
 
-def count_masked(t: torch.Tensor, u: torch.Tensor, *, block_size: int) -> int:
-    """Number of masked tokens the noise (t, u) produces: the global normaliser of the loss."""
+def count_masked(t: torch.Tensor, u: torch.Tensor, *, block_size: int, valid: torch.Tensor | None = None) -> int:
+    """Number of masked tokens the noise (t, u) produces (real tokens only, when `valid` (b, N) is
+    given): the global normaliser of the loss."""
     b, N = u.shape
     nb = N // block_size
-    return int((u[:, : nb * block_size].reshape(b, nb, block_size) < t[..., None]).sum())
+    masked = u[:, : nb * block_size].reshape(b, nb, block_size) < t[..., None]
+    if valid is not None:
+        masked &= valid[:, : nb * block_size].reshape(b, nb, block_size)
+    return int(masked.sum())
