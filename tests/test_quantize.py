@@ -98,6 +98,35 @@ def test_int8_experts_equal_the_reference_on_dequantized_weights(dtype, n):
 
 
 @torch.no_grad()
+def test_float16_takes_dequantized_weights_and_does_not_overflow():
+    """x @ q^T with |q| up to 127 exceeds float16's 65504 for large activations, while the true
+    outputs do not: float16 models scale the weights, not the outputs."""
+    moe = _moe(torch.float16)
+    for p in moe.shared_experts.parameters():
+        p.mul_(0.05)  # small true outputs; q (scale-free) is as large as ever
+    experts, shared = Int8Experts(moe.experts), QuantizedMLP(moe.shared_experts, scheme="int8-experts")
+    x = torch.randn(5, 48, dtype=torch.float16) * 300
+    idx, w = moe.gate(x)
+    for q in (experts.up_proj_q[0], shared.up_proj_q):
+        assert (x.float() @ q.float().T).abs().max() > torch.finfo(torch.float16).max
+    got = experts(x, idx, w).float()
+    want = experts_reference(_dequantized(experts), x.float(), idx, w.float())
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got / want.abs().max(), want / want.abs().max(), rtol=1e-2, atol=1e-2)
+    plain = torch.nn.functional.linear
+    up, down = (
+        experts_q.float() * scale[:, None]
+        for experts_q, scale in [(shared.up_proj_q, shared.up_proj_scale), (shared.down_proj_q, shared.down_proj_scale)]
+    )
+    want_shared = plain(plain(x.float(), up).relu().square(), down)
+    got_shared = shared(x).float()
+    assert torch.isfinite(got_shared).all()
+    torch.testing.assert_close(
+        got_shared / want_shared.abs().max(), want_shared / want_shared.abs().max(), rtol=1e-2, atol=1e-2
+    )
+
+
+@torch.no_grad()
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_moe_compiles_into_one_graph(dtype):
     moe = _moe(dtype)

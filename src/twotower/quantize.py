@@ -12,8 +12,9 @@ Schemes (`QUANTIZE_SCHEMES`):
   exact), and the per-output-channel scale is applied to the GEMM's OUTPUT, y = (x @ q^T) * scale,
   which equals x @ (q * scale)^T because the scale is constant along the contraction. Scaling the
   output keeps the conversion a plain cast (no multiply, no rounding of q * scale) and costs P x N
-  multiplies instead of N x K per touched expert. Without an int8 grouped GEMM the cast is a copy:
-  on a CPU this path saves memory, not time.
+  multiplies instead of N x K per touched expert. (float16 models, whose range cannot hold x @ q^T,
+  get dequantized weights instead.) Without an int8 grouped GEMM the cast is a copy of every touched
+  expert (min(E, P) slots, a fixed count) in the compute dtype: this path saves memory, not time.
 - "fp8-experts": per-output-channel float8 e4m3 weights, activations quantized per row on the fly,
   both scales applied inside the fused `torch._scaled_grouped_mm` (CUDA, compute capability 9.0:
   H100/H200), which reads only the groups that have rows. `quantize_model` refuses it elsewhere.
@@ -44,6 +45,9 @@ FP8_ALIGN = 16  # the fused fp8 kernel wants K and N in multiples of 16 elements
 SCALE_DTYPE = torch.float32
 SCALE_BYTES = 4  # one float32 scale per output channel
 EXPERTS_PER_PASS = 8  # experts quantized at a time: bounds the float32 temporaries at real widths
+# dtypes whose range holds x @ q^T (|q| up to 127, thousands of terms), so the scale can be applied to
+# the output; float16 (max 65504) would overflow there and gets dequantized weights instead
+OUTPUT_SCALED = (torch.bfloat16, torch.float32, torch.float64)
 TINY = 1e-12  # floor of an activation row's fp8 scale (an all-zero row quantizes to zeros)
 
 
@@ -119,13 +123,18 @@ def int8_grouped_linear(
 ) -> torch.Tensor:
     """a (P, K) rows sorted by expert, q (E, N, K) int8, scale (E, N) -> (P, N) in a's dtype:
     row r of expert e is (a[r] @ q[e].T) * scale[e]. Only the touched experts are converted."""
-    weight = q.index_select(0, touched.expert).to(a.dtype)  # (U, N, K), exact
-    out = grouped_linear(a, weight, touched.ends)
+    weight = q.index_select(0, touched.expert)  # (U, N, K)
+    if a.dtype not in OUTPUT_SCALED:
+        weight = (weight.float() * scale.index_select(0, touched.expert)[..., None]).to(a.dtype)
+        return grouped_linear(a, weight, touched.ends)
+    out = grouped_linear(a, weight.to(a.dtype), touched.ends)  # the conversion is exact
     return (out.float() * scale.index_select(0, groups.expert)).to(a.dtype)
 
 
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x (..., K), q (N, K) int8, scale (N,) -> (x @ q.T) * scale in x's dtype (the shared expert)."""
+    if x.dtype not in OUTPUT_SCALED:
+        return F.linear(x, (q.float() * scale[:, None]).to(x.dtype))
     return (F.linear(x, q.to(x.dtype)).float() * scale).to(x.dtype)
 
 
