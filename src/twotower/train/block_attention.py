@@ -109,7 +109,7 @@ class BlockAttention:
     def _flex(self, q, ctx_k, ctx_v, k, v, gqa: bool) -> torch.Tensor:
         from torch.nn.attention.flex_attention import create_block_mask
 
-        if q.device.type == "cpu" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
+        if q.device.type == "cpu" and any(x.requires_grad for x in (q, k, v)):
             raise ValueError("FlexAttention has no backward pass on CPU in torch: train with attention='chunked'")
         b, _, L, _ = q.shape
         if self._prepared is None:
