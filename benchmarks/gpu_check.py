@@ -1,0 +1,595 @@
+"""GPU check (issue 19 item 6): the 30B TwoTower's forwards timed on one GPU, next to the cost model.
+
+1. parity: a tiny random TwoTower's outputs on the device against the CPU reference (fp32, TF32
+   off): full-forward and denoiser logits, greedy AR and mask-diffusion tokens; and one AR step of
+   each fast mode (a captured CUDA graph) against the eager step on the device;
+2. the machine: read bandwidth (a 2 GiB sum) and bf16 matmul peak, measured;
+3. random bf16 weights at the full `nemotron-3-nano-30b-a3b` shape built directly on the device (on
+   the meta device, materialised, filled: no file), both towers when they fit in free memory with
+   room for the largest batch's state, else one tower shared by both roles (same costs);
+4. the AR step, the 16-token denoiser forward and the 16-token block commit at each batch size,
+   in each mode: `eager` (the HybridCache paths), `cuda-graph` (the fixed-shape steps of
+   `twotower.decode.static` captured by hand), `reduce-overhead` and `compile`
+   (`torch.compile(fullgraph=True, dynamic=False)`, with and without CUDA graphs). A mode or batch
+   that fails is recorded with its error and the run goes on; when the time budget runs short the
+   remaining rows are recorded as skipped. The JSON is rewritten after every row;
+5. the cost model's prediction for the same rows (nominal H100/H200 figures and the measured ones,
+   distinct experts from the routing), and the diffusion/AR ratio the timings imply.
+
+    benchmarks/gpu_check.sh                                        # JSON in $OUT/gpu_check.json
+    benchmarks/gpu_check.sh --device cpu --tiny --out /tmp/g.json  # the test suite's form (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # real_shape.py, next to this file
+
+from real_shape import RoutingRecorder, random_twotower  # noqa: E402
+
+from twotower.bench.costmodel import (  # noqa: E402
+    GPUS,
+    Forward,
+    Machine,
+    Precision,
+    forward_cost,
+    measured_distinct_experts,
+    predict,
+)
+from twotower.checkpoint import target_dtype  # noqa: E402
+from twotower.config import preset  # noqa: E402
+from twotower.decode.static import StaticDecoder, decode_step  # noqa: E402
+from twotower.model import DenoiserContext, TwoTowerForCausalLM  # noqa: E402
+
+FULL_PRESET = "nemotron-3-nano-30b-a3b"
+MODES = ("eager", "cuda-graph", "reduce-overhead", "compile")
+CUDA_ONLY = ("cuda-graph", "reduce-overhead")  # CUDA graphs need a CUDA device
+COMPILED = ("reduce-overhead", "compile")
+FORWARDS = ("ar_step", "denoise", "commit")
+TAUS = (2.0, 3.3, 5.0)
+BLOCK = 16
+FIRST_RANDOM_ID = 4  # ids below are special (pad, bos, eos, mask)
+DEFAULT_BUDGET_S = 420  # the whole script; gpu_check.sh kills it at 470 s (the issue allows 8 minutes)
+FIRST_COMPILE_GUESS_S = 150  # time a compiled mode's first batch is assumed to need before one is measured
+EAGER_ROW_GUESS_S = 15
+SLACK_BYTES = 6 << 30  # allocator fragmentation, kernels' workspaces, the probes
+PARITY_TOL = 1e-3  # max |logit difference| / max(1, max |logit|), fp32 with TF32 off
+RECOMPILE_LIMIT = 64  # one graph per (batch, tokens) shape and mode
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+class Clock:
+    """Milliseconds of a call: CUDA events on a GPU (each call synchronised), perf_counter on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def ms(self, fn: Callable[[], object], *, repeats: int, before: Callable[[], None] = lambda: None) -> float:
+        times = []
+        for _ in range(repeats):
+            before()
+            if self.cuda:
+                torch.cuda.synchronize()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+
+def measure_machine(device: torch.device, *, stream_bytes: int, matmul_size: int, clock: Clock) -> dict:
+    """Read bandwidth (a float32 sum) and bf16 matmul peak on `device`, medians of 10 calls."""
+    buf = torch.ones(stream_bytes // 4, dtype=torch.float32, device=device)
+    a = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
+    buf.sum(), a @ b
+    read_ms = clock.ms(buf.sum, repeats=10)
+    mm_ms = clock.ms(lambda: a @ b, repeats=10)
+    return {"read_bandwidth": stream_bytes / (read_ms / 1e3), "matmul_peak_bf16": 2 * matmul_size**3 / (mm_ms / 1e3)}
+
+
+# ---- the fast modes ---------------------------------------------------------------------------------
+def capture_cuda_graph(fn: Callable[[], torch.Tensor], *, warmup: int = 3) -> Callable[[], torch.Tensor]:
+    """`fn` captured in a CUDA graph (warmed up on a side stream first, as capture requires); the
+    returned callable replays it and returns the graph's output tensor."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    replay.graph = graph  # keep the graph (and its memory pool) alive with the callable
+    return replay
+
+
+def denoise_logits(model, canvas, t, context) -> torch.Tensor:
+    """The whole denoiser forward (body, norm_f, head on every position) as one function to compile."""
+    return model.denoiser_logits(model.denoise_hidden(canvas, t, context))
+
+
+def compile_fn(fn, *, mode: str):
+    """`fn` under torch.compile for `mode` ("compile": inductor's default, or "reduce-overhead")."""
+    limit = getattr(torch._dynamo.config, "recompile_limit", None)
+    if limit is not None and limit < RECOMPILE_LIMIT:
+        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
+    kwargs = {"mode": "reduce-overhead"} if mode == "reduce-overhead" else {}
+    return torch.compile(fn, fullgraph=True, dynamic=False, **kwargs)
+
+
+def mark_static(decoder: StaticDecoder) -> None:
+    """Tell Dynamo the decoder's buffers keep their addresses, so CUDA graphs may mutate them."""
+    tensors = [t for kv in decoder.kv.values() for t in kv] + list(decoder.conv.values()) + list(decoder.ssm.values())
+    for t in [*tensors, decoder.valid, decoder.position]:
+        torch._dynamo.mark_static_address(t)
+
+
+def prefilled_cache(model, *, batch: int, context: int, capacity: int, seed: int):
+    """A context cache of `batch` identical rows holding `context` random tokens (one prefill)."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(FIRST_RANDOM_ID, model.config.vocab_size, (1, context), generator=g)
+    one = model.empty_cache(1, capacity=capacity)
+    model.extend_context(prompt.to(model.context_device), one)
+    return one.select_rows(torch.zeros(batch, dtype=torch.long, device=model.context_device))
+
+
+def forward_calls(model, mode: str, *, batch: int, context: int, seed: int) -> tuple[dict, Callable[[], None]]:
+    """For one mode and batch: {forward: callable} and a `before` hook that rewinds the state, so
+    every call starts from the same `context` tokens (outside the timed region)."""
+    device = model.context_device
+    g = torch.Generator().manual_seed(seed + batch)
+    ids = torch.randint(FIRST_RANDOM_ID, model.config.vocab_size, (batch, BLOCK), generator=g).to(device)
+    t = torch.full((batch,), 0.5, device=device)
+    capacity = context + BLOCK + 1
+    cache = prefilled_cache(model, batch=batch, context=context, capacity=capacity, seed=seed)
+    if mode == "eager":
+        ctx = DenoiserContext.from_cache(cache)
+
+        def rewind() -> None:
+            cache.length = context
+            cache.valid[:, context:] = False
+
+        calls = {
+            "ar_step": lambda: model.context_forward(ids[:, :1], cache=cache),
+            "denoise": lambda: model.denoise(ids, t, ctx),
+            "commit": lambda: model.extend_context(ids, cache),
+        }
+        return calls, rewind
+    decoder = StaticDecoder(model.context_tower, model.context_lm_head, batch, capacity)
+    decoder.load(cache)  # the cache itself is dropped on return
+    ctx = decoder.denoiser_context()
+    d = decoder
+    plain = {
+        "ar_step": lambda tokens: decode_step(d.body, d.head, tokens, d.position, d.kv, d.conv, d.ssm, d.valid),
+        "commit": lambda tokens: decode_step(d.body, d.head, tokens, d.position, d.kv, d.conv, d.ssm, d.valid),
+    }
+    if mode == "cuda-graph":
+        calls = {
+            "ar_step": capture_cuda_graph(lambda: plain["ar_step"](ids[:, :1])),
+            "denoise": capture_cuda_graph(lambda: denoise_logits(model, ids, t, ctx)),
+            "commit": capture_cuda_graph(lambda: plain["commit"](ids)),
+        }
+    else:
+        if mode == "reduce-overhead":
+            mark_static(decoder)
+        step = compile_fn(decode_step, mode=mode)
+        den = compile_fn(denoise_logits, mode=mode)
+        calls = {
+            "ar_step": lambda: step(d.body, d.head, ids[:, :1], d.position, d.kv, d.conv, d.ssm, d.valid),
+            "denoise": lambda: den(model, ids, t, ctx),
+            "commit": lambda: step(d.body, d.head, ids, d.position, d.kv, d.conv, d.ssm, d.valid),
+        }
+    # the fixed-shape step writes at `position` and never moves it: every call is the same step
+    return calls, lambda: None
+
+
+# ---- parity ---------------------------------------------------------------------------------------
+def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float().cpu(), b.float().cpu()
+    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
+
+
+@torch.inference_mode()
+def parity_check(device: torch.device, *, seed: int) -> dict:
+    """A tiny fp32 TwoTower on `device` against itself on the CPU, and the device's cuda-graph AR step
+    against its eager step. Returns the differences and `passed`."""
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        config = preset("tiny")
+        ref = random_twotower(config, dtype=torch.float32, device="cpu", tie_towers=False, seed=seed)
+        with torch.no_grad():  # non-trivial time conditioning
+            g = torch.Generator().manual_seed(seed)
+            ref.t_block[1].weight.copy_(0.02 * torch.randn(ref.t_block[1].weight.shape, generator=g))
+            for table in ref.scale_shift_tables:
+                table.add_(0.1 * torch.randn(table.shape, generator=g))
+        dev = copy.deepcopy(ref).to(device)
+        g = torch.Generator().manual_seed(seed + 1)
+        prompt = torch.randint(FIRST_RANDOM_ID, config.vocab_size, (2, 12), generator=g)
+        block = torch.randint(FIRST_RANDOM_ID, config.vocab_size, (2, 8), generator=g)
+        t = torch.tensor([0.25, 0.75])
+        out: dict = {}
+        out["forward_logits"] = max_rel_diff(dev.context_forward(prompt.to(device)), ref.context_forward(prompt))
+        den = []
+        for m, dvc in ((ref, torch.device("cpu")), (dev, device)):
+            cache = m.empty_cache(2, capacity=32)
+            m.extend_context(prompt.to(dvc), cache)
+            den.append(m.denoise(block.to(dvc), t.to(dvc), DenoiserContext.from_cache(cache)))
+        out["denoise_logits"] = max_rel_diff(den[1], den[0])
+        ar = [m.generate_ar(prompt.to(dvc), max_new_tokens=8).sequences for m, dvc in ((ref, "cpu"), (dev, device))]
+        out["ar_tokens_equal"] = bool(torch.equal(ar[0].cpu(), ar[1].cpu()))
+        opts = dict(max_new_tokens=16, block_size=8, steps_per_block=8, confidence_threshold=0.5)
+        diff = [m.generate_mask_diffusion(prompt.to(d), **opts).sequences for m, d in ((ref, "cpu"), (dev, device))]
+        out["diffusion_tokens_equal"] = bool(torch.equal(diff[0].cpu(), diff[1].cpu()))
+        if device.type == "cuda":
+            out["cuda_graph_ar_step"] = cuda_graph_step_diff(dev, prompt.to(device))
+        close = [v <= PARITY_TOL for k, v in out.items() if isinstance(v, float)]
+        out["passed"] = all(close) and out["ar_tokens_equal"] and out["diffusion_tokens_equal"]
+        out["tolerance"] = PARITY_TOL
+        return out
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def cuda_graph_step_diff(model, prompt: torch.Tensor) -> float:
+    """One AR step replayed from a captured graph against the eager step from the same state."""
+    batch, n = prompt.shape
+    cache = model.empty_cache(batch, capacity=n)
+    model.extend_context(prompt[:, :-1], cache)
+    fresh = cache.clone()
+    decoder = StaticDecoder(model.context_tower, model.context_lm_head, batch, n)
+    decoder.load(cache)
+    d, last = decoder, prompt[:, -1:]
+    replay = capture_cuda_graph(lambda: decode_step(d.body, d.head, last, d.position, d.kv, d.conv, d.ssm, d.valid))
+    decoder.load(fresh)  # the warm-up calls advanced the states; the buffers keep their addresses
+    got = replay().clone()
+    return max_rel_diff(got, model.context_forward(last, cache=fresh)[:, -1])
+
+
+# ---- the full-shape model ---------------------------------------------------------------------------
+def model_bytes(config, *, tie_towers: bool, dtype: torch.dtype) -> int:
+    """Bytes the model's tensors will take in `dtype` (counted on the meta device: no memory)."""
+    with torch.device("meta"):
+        model = TwoTowerForCausalLM(config)
+    if tie_towers:
+        model.denoiser_tower, model.lm_head = model.context_tower, model.context_lm_head
+    seen, total = set(), 0
+    for key, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * torch.empty((), dtype=target_dtype(key, t, dtype)).element_size()
+    return total
+
+
+def workspace_bytes(config, *, batch: int, capacity: int) -> int:
+    """Room for one batch: two copies of its state (the cache and a fixed-shape decoder), logits of a
+    block forward in float32 and bf16, and slack."""
+    ssm = config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * 4
+    conv = config.mamba_conv_dim * (config.conv_kernel - 1) * 2
+    kv = 2 * config.num_key_value_heads * config.head_dim * capacity * 2
+    kinds = config.layers_block_type
+    per_row = kinds.count("linear_attention") * (ssm + conv) + kinds.count("full_attention") * kv
+    logits = batch * BLOCK * config.vocab_size * (4 + 2)
+    return 2 * batch * per_row + logits + SLACK_BYTES
+
+
+def nominal_machine(device: torch.device) -> Machine | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((m for m in GPUS if m.name in name), None)
+
+
+# ---- the run --------------------------------------------------------------------------------------
+class Report:
+    """The JSON being built; `save()` rewrites it whole (so a killed run still leaves a valid file)."""
+
+    def __init__(self, path: Path, settings: dict) -> None:
+        self.path = path
+        self.data: dict = {"settings": settings, "errors": [], "timings": [], "predictions": [], "ratios": []}
+
+    def error(self, stage: str, err: BaseException) -> None:
+        tail = traceback.format_exception(type(err), err, err.__traceback__)[-3:]
+        self.data["errors"].append({"stage": stage, "error": f"{type(err).__name__}: {err}", "where": "".join(tail)})
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        tmp.replace(self.path)
+
+
+def environment(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "device": str(device), "cpu_count": os.cpu_count()}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        env.update(
+            name=torch.cuda.get_device_name(device),
+            cuda=torch.version.cuda,
+            capability=".".join(map(str, torch.cuda.get_device_capability(device))),
+            memory_free=free,
+            memory_total=total,
+        )
+    return env
+
+
+def free_memory(device: torch.device) -> int | None:
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_mode_batch(model, mode: str, *, batch: int, context: int, repeats: int, warmup: int, clock: Clock, seed: int):
+    """Yield one timing row per forward of `mode` at `batch` (warm-up calls, which compile or capture,
+    are timed apart as `warmup_s`; eager rows also record the distinct experts per MoE layer)."""
+    device = model.context_device
+    calls, before = forward_calls(model, mode, batch=batch, context=context, seed=seed)
+    for name, fn in calls.items():
+        t0 = time.monotonic()
+        for _ in range(warmup):
+            before()
+            fn()
+        sync(device)
+        row = {"mode": mode, "forward": name, "batch": batch, "warmup_s": time.monotonic() - t0}
+        if mode == "eager":
+            recorder = RoutingRecorder(model)
+            try:
+                before()
+                fn()
+                row["distinct_experts"] = recorder.mean()
+            finally:
+                recorder.remove()
+        row["ms"] = clock.ms(fn, repeats=repeats, before=before)
+        yield row
+
+
+def run_timings(model, report: Report, args, *, deadline: float, clock: Clock) -> None:
+    """Every mode x batch, recorded as it goes; failures and budget skips are rows too."""
+    device = model.context_device
+    first_batch_s: dict[str, float] = {}
+    for mode in args.modes:
+        if mode in CUDA_ONLY and device.type != "cuda":
+            report.data["timings"].append({"mode": mode, "skipped": "needs a CUDA device"})
+            continue
+        if mode in COMPILED:
+            torch._dynamo.reset()
+        for b in args.compiled_batches if mode in COMPILED else args.batches:
+            guess = first_batch_s.get(mode, FIRST_COMPILE_GUESS_S if mode in COMPILED else EAGER_ROW_GUESS_S)
+            left = deadline - time.monotonic()
+            if left < guess:
+                skip = f"time budget: {left:.0f} s left, about {guess:.0f} s needed"
+                report.data["timings"].append({"mode": mode, "batch": b, "skipped": skip})
+                report.save()
+                continue
+            t0 = time.monotonic()
+            try:
+                with torch.inference_mode():
+                    for row in time_mode_batch(
+                        model,
+                        mode,
+                        batch=b,
+                        context=args.context,
+                        repeats=args.repeats,
+                        warmup=args.warmup,
+                        clock=clock,
+                        seed=args.seed,
+                    ):
+                        report.data["timings"].append(row)
+                        report.save()
+                        print(f"  {mode} batch {b} {row['forward']}: {row['ms']:.2f} ms", flush=True)
+            except Exception as err:  # one failing mode or batch must not lose the others
+                report.error(f"{mode} batch {b}", err)
+                report.data["timings"].append({"mode": mode, "batch": b, "error": f"{type(err).__name__}: {err}"})
+                print(f"  {mode} batch {b}: {type(err).__name__}: {str(err)[:200]}", flush=True)
+            finally:
+                release(device)
+                report.save()
+            first_batch_s.setdefault(mode, time.monotonic() - t0)
+
+
+def add_predictions(report: Report, config, args, *, machines: dict[str, Machine]) -> None:
+    """The cost model for every timed (forward, batch), and the diffusion/AR ratio each mode's
+    timings imply against the prediction (tau tokens per denoiser forward)."""
+    precision = Precision.of_model(config, torch.finfo(torch.bfloat16).bits // 8)
+    rows = [r for r in report.data["timings"] if "ms" in r]
+    measured_d = {(r["forward"], r["batch"]): r["distinct_experts"] for r in rows if "distinct_experts" in r}
+    for (name, b), d in sorted(measured_d.items()) or [((f, b), None) for f in FORWARDS for b in args.batches]:
+        fwd = Forward(name, b, 1 if name == "ar_step" else BLOCK, args.context)
+        distinct = (lambda _n, d=d: d) if d is not None else None
+        cost = forward_cost(config, fwd, precision=precision, distinct=distinct)
+        report.data["predictions"].append(
+            {
+                "forward": name,
+                "batch": b,
+                "distinct_experts": d,
+                "gbytes": cost.total.bytes / 1e9,
+                "tflops": cost.total.flops / 1e12,
+                "predicted_ms": {m: 1e3 * cost.seconds(machine) for m, machine in machines.items()},
+            }
+        )
+    by_key = {(r["mode"], r["forward"], r["batch"]): r["ms"] for r in rows}
+    for mode in args.modes:
+        for b in sorted(set(args.batches + args.compiled_batches)):
+            ms = [by_key.get((mode, f, b)) for f in FORWARDS]
+            if None in ms:
+                continue
+            ar, den, commit = ms
+            for tau in TAUS:
+                entry = {"mode": mode, "batch": b, "tau": tau}
+                entry["measured_ratio"] = BLOCK * ar / (BLOCK / tau * den + commit)
+                seen = {n: measured_d.get((f, b)) for n, f in ((b, "ar_step"), (b * BLOCK, "denoise"))}
+                seen = {n: d for n, d in seen.items() if d}
+                distinct = measured_distinct_experts(config, seen) if seen else None
+                entry["predicted_ratio"] = {
+                    m: predict(
+                        config,
+                        machine=machine,
+                        batch=b,
+                        tau=tau,
+                        context=args.context,
+                        precision=precision,
+                        distinct=distinct,
+                    ).diffusion_ratio
+                    for m, machine in machines.items()
+                }
+                report.data["ratios"].append(entry)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (default) or cpu")
+    p.add_argument("--tiny", action="store_true", help="the tiny preset instead of the 30B shape (for tests)")
+    p.add_argument("--out", help="JSON path (default: $OUT/gpu_check.json, else ./gpu_check.json)")
+    p.add_argument("--batches", help="rows per forward (default: 1,8,32,128; --tiny: 1,4)")
+    p.add_argument("--compiled-batches", help="rows for the compiled modes (default: 1,128; --tiny: 1,4)")
+    p.add_argument("--modes", help=f"comma-separated from {','.join(MODES)} (default: all on cuda, eager on cpu)")
+    p.add_argument("--context", type=int, help="prefilled tokens per row (default: 128; --tiny: 16)")
+    p.add_argument("--repeats", type=int, help="timed calls per forward (default: 10; --tiny: 3)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compile / capture) (default: 3)")
+    p.add_argument("--towers", choices=("auto", "both", "one"), default="auto", help="both towers, one, or auto")
+    p.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="stop starting rows after this")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        args.batches = [int(x) for x in (args.batches or ("1,4" if args.tiny else "1,8,32,128")).split(",") if x]
+        compiled = args.compiled_batches or ("1,4" if args.tiny else "1,128")
+        args.compiled_batches = [int(x) for x in compiled.split(",") if x]
+    except ValueError:
+        p.error("--batches and --compiled-batches take comma-separated integers")
+    default_modes = ",".join(MODES) if args.device.startswith("cuda") else "eager"
+    args.modes = [m for m in (args.modes or default_modes).split(",") if m]
+    args.context = args.context if args.context is not None else (16 if args.tiny else 128)
+    args.repeats = args.repeats if args.repeats is not None else (3 if args.tiny else 10)
+    bad = [m for m in args.modes if m not in MODES]
+    if bad:
+        p.error(f"--modes: unknown {bad}; choose from {list(MODES)}")
+    if (
+        not args.batches
+        or not args.compiled_batches
+        or min(args.batches + args.compiled_batches) < 1
+        or args.context < 1
+        or args.repeats < 1
+        or args.warmup < 1
+    ):
+        p.error("--batches, --context, --repeats and --warmup must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device here (use --device cpu --tiny for the CPU form)")
+    out = args.out or os.path.join(os.environ.get("OUT") or ".", "gpu_check.json")
+    args.out = Path(out)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    start = time.monotonic()
+    args = parse_args(argv)
+    deadline = start + args.budget_s
+    device = torch.device(args.device)
+    config = preset("tiny" if args.tiny else FULL_PRESET)
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    report = Report(args.out, settings)
+    report.data["environment"] = environment(device)
+    report.save()
+    clock = Clock(device)
+
+    print("parity: tiny model on the device against the CPU reference ...", flush=True)
+    try:
+        report.data["parity"] = parity_check(device, seed=args.seed)
+    except Exception as err:
+        report.error("parity", err)
+        report.data["parity"] = {"passed": False, "error": f"{type(err).__name__}: {err}"}
+    print(f"  {report.data['parity']}", flush=True)
+    report.save()
+
+    small = args.tiny or device.type != "cuda"
+    machine = measure_machine(
+        device, stream_bytes=(64 if small else 2048) << 20, matmul_size=512 if small else 8192, clock=clock
+    )
+    report.data["machine"] = machine
+    release(device)
+    machines = {"measured": Machine("measured", machine["read_bandwidth"], machine["matmul_peak_bf16"])}
+    nominal = nominal_machine(device)
+    if nominal is not None:
+        machines[nominal.name] = nominal
+
+    dtype = torch.bfloat16
+    both = model_bytes(config, tie_towers=False, dtype=dtype)
+    one = model_bytes(config, tie_towers=True, dtype=dtype)
+    need = workspace_bytes(config, batch=max(args.batches + args.compiled_batches), capacity=args.context + BLOCK + 1)
+    free = free_memory(device)
+    tie = args.towers == "one" or (args.towers == "auto" and free is not None and both + need > free)
+    report.data["model"] = {
+        "preset": "tiny" if args.tiny else FULL_PRESET,
+        "dtype": "bfloat16",
+        "bytes_both_towers": both,
+        "bytes_one_tower": one,
+        "workspace_bytes": need,
+        "free_bytes": free,
+        "towers": 1 if tie else 2,
+    }
+    report.save()
+    model = None
+    if free is not None and (one if tie else both) + need > free:
+        report.error(
+            "build",
+            MemoryError(
+                f"{(one if tie else both) / 2**30:.1f} GiB of weights + {need / 2**30:.1f} GiB "
+                f"of workspace do not fit in {free / 2**30:.1f} GiB free"
+            ),
+        )
+    else:
+        print(f"building random bf16 weights ({'one tower' if tie else 'both towers'}) on {device} ...", flush=True)
+        t0 = time.monotonic()
+        try:
+            model = random_twotower(config, dtype=dtype, device=device, tie_towers=tie, seed=args.seed)
+            sync(device)
+            report.data["model"]["build_s"] = time.monotonic() - t0
+        except Exception as err:
+            report.error("build", err)
+        report.save()
+    if model is not None:
+        run_timings(model, report, args, deadline=deadline, clock=clock)
+    add_predictions(report, config, args, machines=machines)
+    report.data["wall_s"] = time.monotonic() - start
+    report.data["finished"] = True
+    report.save()
+    print(f"wrote {args.out} ({report.data['wall_s']:.0f} s, {len(report.data['errors'])} errors)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

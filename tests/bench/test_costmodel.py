@@ -1,0 +1,227 @@
+"""The cost model's arithmetic, checked independently: bytes and FLOPs written out by hand for a tiny
+config, parameter counts against real modules and the release's tensor list, D(n), SPEC 5.1's table,
+and the CLI's table, JSON and plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from twotower.bench import costmodel as cm
+from twotower.config import PATTERN_TO_TYPE, NemotronHConfig, preset
+from twotower.layers.attention import Attention
+from twotower.layers.mamba2 import Mamba2Mixer
+from twotower.layers.moe import MoE
+from twotower.model import TwoTowerForCausalLM
+
+REPO = Path(__file__).resolve().parents[2]
+RELEASE_KEYS = REPO / "tests" / "data" / "release" / "released_keys.json"
+SPEC_TABLE = {  # SPEC 5.1: predicted diffusion/AR on an H100, bf16, bandwidth-bound
+    1: (0.33, 0.51, 0.70),
+    8: (0.65, 1.00, 1.39),
+    32: (1.44, 2.22, 3.09),
+    128: (1.85, 2.83, 3.93),
+}
+
+
+def hand_config() -> NemotronHConfig:
+    """Small enough to count by hand: H 8, V 10, one M, one *, one E."""
+    return NemotronHConfig(
+        vocab_size=10,
+        hidden_size=8,
+        layers_block_type=tuple(PATTERN_TO_TYPE[c] for c in "M*E"),
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+        mamba_num_heads=2,
+        mamba_head_dim=4,
+        ssm_state_size=2,
+        n_groups=1,
+        conv_kernel=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=3,
+        moe_shared_expert_intermediate_size=5,
+        eos_token_id=2,
+    )
+
+
+# weights 2 bytes, router 4, SSM state 4, conv state 2, K/V 2
+HAND_PRECISION = cm.Precision(weight=2, router=4, ssm_state=4, conv_state=2, kv=2)
+
+
+def test_ar_step_bytes_and_flops_by_hand():
+    cost = cm.forward_cost(hand_config(), cm.Forward("ar_step", batch=2, tokens=1, context=3), precision=HAND_PRECISION)
+    # Mamba: in_proj 8*(8+12+2)=176, conv 12*4+12=60, dt_bias/A_log/D 6, norm 8, out_proj 64 -> 314 params
+    #   = 628 B; state per row: ssm 2*4*2*4 B = 64, conv 12*3*2 B = 72; read + written, 2 rows -> 544; pre-norm 16
+    assert cost.parts["mamba"].bytes == 628 + 544 + 16
+    # attention: q/k/v 8*(8+4+4) + o 8*8 = 192 params = 384 B; K/V 16 B per position: read 2 rows x 3, write 2
+    assert cost.parts["attention"].bytes == 384 + 2 * 3 * 16 + 2 * 16 + 16
+    # MoE: gate 4*8*4 B + bias 4*4 B; D(2) = 4 (1 - 0.5^2) = 3 experts x 48 params x 2 B; shared 80 params x 2 B
+    assert cost.parts["moe"].bytes == pytest.approx(128 + 16 + 3 * 96 + 160 + 16)
+    assert cost.parts["head"].bytes == (10 * 8 + 8) * 2
+    assert cost.parts["other"].bytes == 2 * 8 * 2  # two embedding rows
+    assert cost.total.bytes == pytest.approx(2532)
+    # FLOPs per token: Mamba 2*(176+64) + conv 2*12*4 + scan 5*2*4*2 = 656; attention 2*192 + 4*8*(3+1) = 512;
+    # MoE 2*(4*8 + 2*48 + 80) = 416; head 2*10*8 = 160 per row
+    assert cost.parts["mamba"].flops == 2 * 656
+    assert cost.parts["attention"].flops == 2 * 512
+    assert cost.parts["moe"].flops == 2 * 416
+    assert cost.parts["head"].flops == 2 * 160
+    assert cost.total.flops == 3488
+
+
+def test_denoise_reads_states_only_and_pays_for_adaln():
+    cost = cm.forward_cost(hand_config(), cm.Forward("denoise", batch=1, tokens=4, context=3), precision=HAND_PRECISION)
+    assert cost.parts["mamba"].bytes == 628 + 136 + 16  # the seed read, nothing written back
+    assert cost.parts["attention"].bytes == 384 + 3 * 16 + 16  # past K/V read, the block's own never cached
+    assert cost.parts["moe"].bytes == pytest.approx(144 + 3.75 * 96 + 160 + 16)  # D(4) = 4 (1 - 0.5^4)
+    # embeddings 4 rows; t_embedder 256*8+8 + 8*8+8, t_block 3*64+24 -> 2344 params; tables 3 layers x 3 x 8
+    assert cost.parts["other"].bytes == 4 * 8 * 2 + (2344 + 72) * 2
+    assert cost.total.bytes == pytest.approx(6980)
+
+
+def test_commit_has_no_head_and_verify_has_one_per_position():
+    config = hand_config()
+    commit = cm.forward_cost(config, cm.Forward("commit", 2, 4), precision=HAND_PRECISION)
+    verify = cm.forward_cost(config, cm.Forward("verify", 2, 4), precision=HAND_PRECISION)
+    assert commit.parts["head"] == cm.Cost()
+    assert verify.parts["head"].flops == 2 * 4 * 2 * 10 * 8
+    assert verify.parts["mamba"] == commit.parts["mamba"]
+
+
+def test_parameter_counts_match_the_modules():
+    config = tiny_config("M*E-")
+    assert cm.mamba_weights(config) == sum(p.numel() for p in Mamba2Mixer(config).parameters())
+    assert cm.attention_weights(config) == sum(p.numel() for p in Attention(config).parameters())
+    moe = MoE(config)
+    assert cm.router_parameters(config) + config.n_routed_experts * cm.expert_weights(
+        config
+    ) + cm.shared_expert_weights(config) == sum(t.numel() for t in [*moe.parameters(), *moe.buffers()])
+    with torch.device("meta"):
+        model = TwoTowerForCausalLM(config)
+    assert cm.twotower_parameters(config) == sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+
+
+def test_parameters_and_bytes_match_the_release():
+    release = json.loads(RELEASE_KEYS.read_text())
+    config = preset("nemotron-3-nano-30b-a3b")
+    assert cm.twotower_parameters(config) == release["num_parameters"] == 63_185_902_848
+    size = {"bfloat16": 2, "float32": 4}
+    stored = sum(math.prod(t["shape"]) * size[t["dtype"]] for t in release["tensors"].values())
+    assert cm.twotower_weight_bytes(config) == stored  # routers in float32 as stored, the rest bf16
+    assert cm.gib(stored) == pytest.approx(117.7, abs=0.05)  # SPEC 5.1
+
+
+def test_distinct_experts_formula():
+    d = cm.independent(preset("nemotron-3-nano-30b-a3b"))
+    assert d(0) == 0.0
+    assert d(1) == pytest.approx(6.0)
+    assert d(16) == pytest.approx(68.6, abs=0.1)  # SPEC 5.1: ~69 for a 16-token block
+    assert 126.5 < d(100) < 128  # "all 128 from about n = 100"
+    assert all(d(n) < d(n + 1) for n in range(1, 200))
+
+
+def test_measured_distinct_experts_interpolate_the_correction():
+    config = preset("nemotron-3-nano-30b-a3b")
+    base = cm.independent(config)
+    d = cm.measured_distinct_experts(config, {16: 60.0, 128: 120.0})
+    assert d(16) == pytest.approx(60.0)
+    assert d(128) == pytest.approx(120.0)
+    assert d(1) == pytest.approx(base(1) * 60.0 / base(16))  # nearest ratio kept below the measurements
+    mid = d(72)
+    r16, r128 = 60.0 / base(16), 120.0 / base(128)
+    assert mid == pytest.approx(base(72) * (r16 + (r128 - r16) * (72 - 16) / (128 - 16)))
+    assert cm.measured_distinct_experts(config, {1: 12.0})(1000) == 128.0  # never above E
+    with pytest.raises(ValueError, match="at least one"):
+        cm.measured_distinct_experts(config, {})
+
+
+def test_measured_routing_changes_the_bytes():
+    config = preset("nemotron-3-nano-30b-a3b")
+    fwd = cm.Forward("denoise", 1, 16)
+    formula = cm.forward_cost(config, fwd).parts["moe"].bytes
+    fewer = cm.forward_cost(config, fwd, distinct=lambda n: 50.0).parts["moe"].bytes
+    moe_layers = config.layers_block_type.count("moe")
+    assert moe_layers == 23
+    per_expert = cm.expert_weights(config) * cm.BF16_BYTES
+    assert formula - fewer == pytest.approx((cm.independent(config)(16) - 50.0) * per_expert * moe_layers)
+
+
+@pytest.mark.parametrize("batch", sorted(SPEC_TABLE))
+def test_spec_5_1_table_reproduced(batch):
+    config = preset("nemotron-3-nano-30b-a3b")
+    for tau, expected in zip(cm.DEFAULT_TAUS, SPEC_TABLE[batch]):
+        got = cm.predict(config, machine=cm.H100, batch=batch, tau=tau, bound="bandwidth").diffusion_ratio
+        assert got == pytest.approx(expected, abs=0.02), (batch, tau)
+
+
+def test_ratio_identities_and_roofline():
+    config = preset("nemotron-3-nano-30b-a3b")
+    p = cm.predict(config, machine=cm.H200, batch=32, tau=3.3)
+    S = p.block_size
+    assert p.diffusion_ratio == pytest.approx(S * p.ar_step_s / (S / p.tau * p.denoise_s + p.commit_s))
+    assert p.speculative_ratio == pytest.approx(
+        min(S, p.tau * p.draft_steps) * p.ar_step_s / (p.draft_steps * p.denoise_s + p.verify_s)
+    )
+    capped = cm.predict(config, machine=cm.H200, batch=32, tau=5, draft_steps=4)  # 20 drafted, 16 at most
+    assert capped.speculative_tokens_per_s == pytest.approx(32 * 16 / (4 * capped.denoise_s + capped.verify_s))
+    # compute only ever adds time; at batch 1 nothing is compute-bound, at 128 the head is
+    for b in (1, 128):
+        fwd = cm.Forward("denoise", b, 16)
+        cost = cm.forward_cost(config, fwd)
+        assert cost.seconds(cm.H100) >= cost.seconds(cm.H100, bound="bandwidth")
+    assert cm.forward_cost(config, cm.Forward("denoise", 1, 16)).seconds(cm.H100) == pytest.approx(
+        cm.forward_cost(config, cm.Forward("denoise", 1, 16)).seconds(cm.H100, bound="bandwidth")
+    )
+    head = cm.forward_cost(config, cm.Forward("denoise", 128, 16)).parts["head"]
+    assert cm.H100.seconds(head) == pytest.approx(head.flops / cm.H100.matmul_peak)
+    # H200's extra bandwidth makes every forward faster
+    p100 = cm.predict(config, machine=cm.H100, batch=32, tau=3.3)
+    assert p100.ar_step_s > p.ar_step_s and p100.denoise_s > p.denoise_s
+
+
+def test_bad_inputs_raise_clear_errors():
+    config = preset("nemotron-3-nano-30b-a3b")
+    with pytest.raises(ValueError, match="forward kind"):
+        cm.Forward("prefill", 1, 1)
+    with pytest.raises(ValueError, match="batch >= 1"):
+        cm.Forward("ar_step", 0, 1)
+    with pytest.raises(ValueError, match="tokens per denoiser forward"):
+        cm.predict(config, machine=cm.H100, batch=1, tau=17)
+    with pytest.raises(ValueError, match="must be > 0"):
+        cm.Machine("broken", 0.0, 1.0)
+    with pytest.raises(ValueError, match="bound"):
+        cm.H100.seconds(cm.Cost(1, 1), bound="latency")
+
+
+def test_precision_of_model_follows_the_state_dtype():
+    config = preset("nemotron-3-nano-30b-a3b")
+    assert cm.Precision.of_model(config, 2) == cm.Precision(weight=2, router=2, ssm_state=4, conv_state=2, kv=2)
+    bf16_state = config.replace(mamba_ssm_cache_dtype="bfloat16")
+    assert cm.Precision.of_model(bf16_state, 4).ssm_state == 2
+
+
+def test_cli_table_json_plot(tmp_path, capsys):
+    script = runpy.run_path(str(REPO / "benchmarks" / "cost_model.py"), run_name="imported")
+    out_json, out_png = tmp_path / "cm.json", tmp_path / "cm.png"
+    assert script["main"](["--json", str(out_json), "--plot", str(out_png)]) == 0
+    text = capsys.readouterr().out
+    assert "diffusion / AR generated tokens/s, H100" in text and "speculative / AR" in text
+    record = json.loads(out_json.read_text())
+    assert len(record["predictions"]) == 2 * 4 * 3  # GPUs x batches x taus
+    assert record["assumptions"] == list(cm.ASSUMPTIONS)
+    assert out_png.stat().st_size > 10_000
+    routing = tmp_path / "routing.json"
+    routing.write_text(json.dumps({"distinct_experts": {"16": 50.0}}))
+    assert script["main"](["--routing", str(routing), "--bound", "bandwidth", "--batches", "1"]) == 0
+    assert "distinct experts measured" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        script["main"](["--taus", "2,abc"])
+    assert "comma-separated" in capsys.readouterr().err

@@ -1,0 +1,104 @@
+"""benchmarks/gpu_check.sh in its CPU form (`--device cpu --tiny`): it runs end to end through the
+shell script, writes one JSON with the expected structure, positive figures, and a passed parity
+check; and the pieces a GPU run relies on behave (memory sizing, the report surviving errors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from twotower.config import preset
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("gpu_check") / "gpu_check.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--device", "cpu", "--tiny", "--out", str(out), "--repeats", "2", "--warmup", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_structure_and_parity(cpu_run):
+    assert cpu_run["finished"] is True
+    assert cpu_run["errors"] == []
+    assert {"settings", "environment", "parity", "machine", "model", "timings", "predictions", "ratios"} <= set(cpu_run)
+    parity = cpu_run["parity"]
+    assert parity["passed"] is True
+    assert parity["ar_tokens_equal"] and parity["diffusion_tokens_equal"]
+    assert parity["forward_logits"] <= parity["tolerance"] and parity["denoise_logits"] <= parity["tolerance"]
+    assert cpu_run["model"]["towers"] == 2  # no device memory limit on the CPU
+
+
+def test_timings_cover_every_forward_and_batch(cpu_run):
+    timed = [r for r in cpu_run["timings"] if "ms" in r]
+    assert {(r["forward"], r["batch"]) for r in timed} == {
+        (f, b) for f in ("ar_step", "denoise", "commit") for b in (1, 4)
+    }
+    assert all(r["mode"] == "eager" and r["ms"] > 0 and r["warmup_s"] > 0 for r in timed)
+    config = preset("tiny")
+    k, E = config.num_experts_per_tok, config.n_routed_experts
+    assert all(k <= r["distinct_experts"] <= E for r in timed)
+
+
+def test_machine_predictions_and_ratios_are_positive(cpu_run):
+    assert cpu_run["machine"]["read_bandwidth"] > 0 and cpu_run["machine"]["matmul_peak_bf16"] > 0
+    assert len(cpu_run["predictions"]) == 6
+    for p in cpu_run["predictions"]:
+        assert p["gbytes"] > 0 and p["tflops"] > 0 and p["predicted_ms"]["measured"] > 0
+    assert {(r["batch"], r["tau"]) for r in cpu_run["ratios"]} == {(b, t) for b in (1, 4) for t in (2.0, 3.3, 5.0)}
+    assert all(r["measured_ratio"] > 0 and r["predicted_ratio"]["measured"] > 0 for r in cpu_run["ratios"])
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    return runpy.run_path(str(REPO / "benchmarks" / "gpu_check.py"), run_name="imported")
+
+
+def test_workspace_grows_with_batch_and_one_tower_is_half(gpu_check):
+    config = preset("nemotron-3-nano-30b-a3b")
+    small = gpu_check["workspace_bytes"](config, batch=1, capacity=145)
+    large = gpu_check["workspace_bytes"](config, batch=128, capacity=145)
+    assert large > small > gpu_check["SLACK_BYTES"]
+    both = gpu_check["model_bytes"](config, tie_towers=False, dtype=torch.bfloat16)
+    one = gpu_check["model_bytes"](config, tie_towers=True, dtype=torch.bfloat16)
+    assert 117 < both / 2**30 < 118.5  # SPEC 5.1: 117.7 GiB in bf16
+    assert 0.49 < one / both < 0.51
+
+
+def test_report_keeps_errors_and_stays_valid_json(gpu_check, tmp_path):
+    report = gpu_check["Report"](tmp_path / "sub" / "r.json", {"device": "cpu"})
+    try:
+        raise RuntimeError("capture failed")
+    except RuntimeError as err:
+        report.error("cuda-graph batch 1", err)
+    report.save()
+    data = json.loads((tmp_path / "sub" / "r.json").read_text())
+    assert data["errors"][0]["stage"] == "cuda-graph batch 1"
+    assert "RuntimeError: capture failed" in data["errors"][0]["error"]
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(gpu_check, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit):
+        gpu_check["main"](["--device", "cuda"])
+    assert "no CUDA device here" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu_check["main"](["--device", "cpu", "--modes", "eager,warp"])
+    assert "--modes: unknown ['warp']" in capsys.readouterr().err

@@ -1,0 +1,137 @@
+"""benchmarks/real_shape.py on a tiny config: the random model is built as documented, every forward
+is timed part by part with the routing recorded, and each row's figures follow from its bytes,
+FLOPs and times; the CLI writes the JSON and rejects bad options."""
+
+from __future__ import annotations
+
+import json
+import runpy
+from pathlib import Path
+
+import pytest
+import torch
+
+from twotower.bench import costmodel as cm
+from twotower.config import preset
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def rs():
+    return runpy.run_path(str(REPO / "benchmarks" / "real_shape.py"), run_name="imported")
+
+
+def test_random_twotower_ties_and_sane_values(rs):
+    config = rs["real_shape_config"]("M*E", preset_name="tiny")
+    assert config.hybrid_override_pattern == "M*E"
+    model = rs["random_twotower"](config, dtype=torch.bfloat16, device="cpu", tie_towers=True)
+    assert model.denoiser_tower is model.context_tower and model.lm_head is model.context_lm_head
+    assert model.context_tower.embeddings.weight is model.context_lm_head.weight
+    mixer = model.context_tower.layers[0].mixer
+    assert torch.equal(mixer.A_log.float(), torch.log(torch.arange(1, config.mamba_num_heads + 1.0)).bfloat16().float())
+    dt = torch.nn.functional.softplus(mixer.dt_bias.float())
+    assert 0.9e-3 < dt.min() and dt.max() < 0.11
+    gate = model.context_tower.layers[2].mixer.gate
+    assert gate.weight.dtype == torch.bfloat16 and gate.e_score_correction_bias.dtype == torch.float32
+    assert 0.5 * config.initializer_range < float(gate.weight.float().std()) < 2 * config.initializer_range
+    assert float(model.scale_shift_tables[0][2].detach().float().min()) == 1.0  # gate row of a fresh TwoTower
+    untied = rs["random_twotower"](config, dtype=torch.float32, device="cpu", tie_towers=False)
+    assert untied.denoiser_tower is not untied.context_tower
+
+
+def test_real_shape_config_rejects_unknown_layers(rs):
+    with pytest.raises(ValueError, match="layer pattern"):
+        rs["real_shape_config"]("MXE")
+
+
+def test_time_forward_measures_every_part(rs):
+    config = rs["real_shape_config"]("M*E", preset_name="tiny")
+    model = rs["random_twotower"](config, dtype=torch.float32, device="cpu", tie_towers=True)
+    probe = rs["Probe"](1 << 20, torch.float32, matmul_size=64)
+    for kind in rs["FORWARDS"]:
+        m = rs["time_forward"](model, kind, batch=2, block=4, context=5, repeats=2, probe=probe)
+        assert m.total_s > 0 and m.read_bandwidth > 0 and m.matmul_peak > 0
+        assert m.seconds["mamba"] > 0 and m.seconds["moe"] > 0
+        assert (m.seconds["head"] > 0) == (kind != "commit")
+        assert m.seconds["attention+other"] == pytest.approx(
+            m.total_s - m.seconds["mamba"] - m.seconds["moe"] - m.seconds["head"]
+        )
+        assert config.num_experts_per_tok <= m.distinct_experts <= config.n_routed_experts
+    assert not model.context_tower.layers[0].mixer._forward_hooks  # hooks removed
+
+
+def test_rows_follow_from_bytes_flops_and_times(rs):
+    config = rs["real_shape_config"]("M*E")
+    fwd = cm.Forward("denoise", 2, 16, 8)
+    seconds = {"mamba": 0.01, "attention+other": 0.02, "moe": 0.05, "head": 0.03}
+    measured = rs["Measured"](seconds, sum(seconds.values()), 60.0, read_bandwidth=20e9, matmul_peak=1e12)
+    rows = rs["rows_for"](config, "bf16", fwd, measured)
+    by_part = {r.part: r for r in rows}
+    assert set(by_part) == {"mamba", "attention+other", "moe", "head", "total"}
+    costs = cm.forward_cost(config, fwd, precision=cm.Precision.of_model(config, 2), distinct=lambda n: 60.0)
+    assert by_part["total"].gbytes == pytest.approx(costs.total.bytes / 1e9)
+    moe = by_part["moe"]
+    assert moe.gbytes == pytest.approx(costs.parts["moe"].bytes / 1e9)
+    assert moe.gb_per_s == pytest.approx(moe.gbytes / 0.05)
+    assert moe.bandwidth_fraction == pytest.approx(moe.gb_per_s / 20.0)
+    machine = cm.Machine("m", 20e9, 1e12)
+    assert moe.predicted_ms == pytest.approx(1e3 * machine.seconds(costs.parts["moe"]))
+    parts_ms = sum(by_part[p].predicted_ms for p in ("mamba", "attention+other", "moe", "head"))
+    assert by_part["total"].predicted_ms == pytest.approx(parts_ms)
+    goal = rs["moe_goal"](rows, 16)
+    assert goal == [
+        {
+            "dtype": "bf16",
+            "forward": "denoise",
+            "batch": 2,
+            "bandwidth_fraction": moe.bandwidth_fraction,
+            "meets_goal": moe.bandwidth_fraction >= 0.5,
+        }
+    ]
+
+
+def test_cli_json(rs, tmp_path, capsys):
+    out = tmp_path / "rs.json"
+    argv = [
+        "--preset",
+        "tiny",
+        "--quick",
+        "--batches",
+        "1,2",
+        "--context",
+        "4",
+        "--stream-mib",
+        "8",
+        "--json",
+        str(out),
+    ]
+    assert rs["main"](argv) == 0
+    text = capsys.readouterr().out
+    assert "| dtype | forward |" in text and "MoE layers at >= 50%" in text
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    per_forward = {(r["dtype"], r["forward"], r["batch"]) for r in rows}
+    assert per_forward == {
+        (d, f, b) for d in ("bf16", "fp32") for f in ("ar_step", "denoise", "commit") for b in (1, 2)
+    }
+    for r in rows:
+        assert r["ms"] > 0 and r["predicted_ms"] > 0 and r["read_gb_per_s"] > 0 and r["peak_gflop_per_s"] > 0
+        assert r["gb_per_s"] == pytest.approx(r["gbytes"] / (r["ms"] / 1e3))
+    assert len(record["moe_goal"]) == 12  # 2 dtypes x 3 forwards x 2 batches, all at 1 or S tokens per row
+    assert preset("tiny").num_experts_per_tok <= min(r["distinct_experts"] for r in rows if r["part"] == "moe")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dtypes", "fp16"], "unknown ['fp16']"),
+        (["--batches", "1,x"], "comma-separated"),
+        (["--layers", "MQ"], "layer pattern"),
+        (["--repeats", "0"], "must be >= 1"),
+    ],
+)
+def test_cli_rejects_bad_options(rs, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        rs["main"](argv)
+    assert message in capsys.readouterr().err
