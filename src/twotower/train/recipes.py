@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,11 @@ from ..backbone import NemotronHForCausalLM
 from ..config import NemotronHConfig
 from ..model import TwoTowerForCausalLM
 from .data import PackedTokens
+from .flops import ar_train_flops, denoiser_train_flops, peak_flops
 from .objective import ar_loss, count_masked, diffusion_loss, draw_noise
 from .trainer import Dist, StepBatch, Trainer, TrainSettings
 
-EXPORT_DIR = "model"
+logger = logging.getLogger("twotower.train")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,20 @@ class DataPaths:
         return cls(train, heldout if heldout.is_file() else None)
 
 
+def heldout_tokens(paths: DataPaths, *, seq_len: int) -> PackedTokens | None:
+    """The held-out split if it holds at least one `seq_len` window; else None, with a warning that
+    training runs without evaluation (decided before the first step, never after the last)."""
+    if paths.heldout is None:
+        logger.warning("%s: no heldout.bin: training without evaluation", paths.train.parent)
+        return None
+    data = PackedTokens(paths.heldout)
+    if len(data) < seq_len:
+        logger.warning("%s holds %d tokens, fewer than one %d-token window: training without evaluation",
+                       paths.heldout, len(data), seq_len)  # fmt: skip
+        return None
+    return data
+
+
 def _micro_slices(rows: int, micro: int) -> list[slice]:
     micro = min(micro, rows)
     return [slice(i, i + micro) for i in range(0, rows, micro)]
@@ -45,23 +61,21 @@ def _heldout_eval(loss_of, data: PackedTokens | None, s: TrainSettings):
         return None
 
     @torch.no_grad()
-    def evaluate(model) -> float:
+    def evaluate(engine) -> float:
+        """Every rank evaluates the same batches (the engines need every rank in every forward)."""
+        model = engine.model
         was_training = model.training
         model.eval()
         total = count = 0.0
         for i in range(s.eval_batches):
             ids = data.batch(i, global_batch_size=s.micro_batch, seq_len=s.seq_len, seed=s.seed + 12345)
-            out = loss_of(model, ids, i)
+            out = engine.run(loss_of, ids, i)
             total += float(out.total)
             count += out.count
         model.train(was_training)
         return total / max(count, 1)
 
     return evaluate
-
-
-def _export(model, out_dir: Path) -> None:
-    model.save_pretrained(out_dir / EXPORT_DIR)
 
 
 def pretrain_backbone(
@@ -73,11 +87,13 @@ def pretrain_backbone(
     device: str = "cpu",
     progress: bool | None = None,
 ) -> list[dict]:
-    """AR pretraining of a fresh NemotronH model; exports `out_dir/model` on every save."""
-    dist_info = Dist.from_env()
+    """AR pretraining of a fresh NemotronH model, initialised from `settings.seed` (the same weights on
+    every rank); exports `out_dir/model` at the end."""
+    dist_info = Dist.from_env(device=device)
+    device = dist_info.device(device)
     paths = DataPaths.from_dir(data_dir)
     train = PackedTokens(paths.train)
-    heldout = PackedTokens(paths.heldout) if paths.heldout else None
+    heldout = heldout_tokens(paths, seq_len=settings.seq_len)
     torch.manual_seed(settings.seed)
     model = NemotronHForCausalLM(config).to(device).train()
     local = settings.global_batch // dist_info.world_size
@@ -108,7 +124,8 @@ def pretrain_backbone(
         out_dir=out_dir,
         evaluate=evaluate,
         dist_info=dist_info,
-        on_save=_export,
+        flops_per_token=ar_train_flops(config, seq_len=settings.seq_len).per_token,
+        peak=peak_flops(device, bf16=settings.bf16, tflops=settings.peak_tflops),
         progress=progress,
     )
     return trainer.run()
@@ -162,10 +179,11 @@ def train_denoiser(
     for size in {block_size, *(b for b, _ in curriculum)}:
         if settings.seq_len % size:
             raise ValueError(f"seq_len {settings.seq_len} must be a multiple of block size {size}")
-    dist_info = Dist.from_env()
+    dist_info = Dist.from_env(device=device)
+    device = dist_info.device(device)
     paths = DataPaths.from_dir(data_dir)
     train = PackedTokens(paths.train)
-    heldout = PackedTokens(paths.heldout) if paths.heldout else None
+    heldout = heldout_tokens(paths, seq_len=settings.seq_len)
     model.config.extra["block_size"] = block_size
     model.config.extra.setdefault("mask_token_id", model.mask_token_id)
     model = model.to(device).train()
@@ -206,7 +224,8 @@ def train_denoiser(
         out_dir=out_dir,
         evaluate=_heldout_eval(heldout_loss, heldout, settings),
         dist_info=dist_info,
-        on_save=_export,
+        flops_per_token=denoiser_train_flops(model.config, seq_len=settings.seq_len, block_size=block_size).per_token,
+        peak=peak_flops(device, bf16=settings.bf16, tflops=settings.peak_tflops),
         progress=progress,
     )
     return trainer.run()

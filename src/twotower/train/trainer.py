@@ -1,32 +1,39 @@
 """One trainer for AR pretraining and denoiser training: AdamW with warmup-stable-decay, gradient
-accumulation, data parallelism across processes, held-out loss, checkpoints and exact resume.
+accumulation, data parallelism on DDP or FSDP2 (`parallel.py`), held-out loss, safe sharded
+checkpoints with exact resume (`checkpointing.py`), and throughput (tokens/s, step time, MFU).
 
-Data parallelism (`torchrun --nproc_per_node=N`): every rank takes a disjoint slice of the same
-global batch, its loss is a SUM divided by the GLOBAL target count, and gradients are summed with one
-all-reduce per step. The update is therefore the single-process update on the whole global batch
-(DDP semantics, written out so frozen towers need no special casing). gloo on CPU, nccl on GPU.
+The update is the single-process update on the whole global batch whatever the engine and the
+number of processes: every rank takes a disjoint slice of the same global batch, its loss is a SUM
+divided by the GLOBAL target count, and the engines SUM gradients over ranks.
 
-Exact resume: batches and noise are pure functions of (seed, step); a checkpoint holds the model,
-the optimizer, the step and the loss log, written atomically (temp file + rename).
+Exact resume: batches and noise are pure functions of (seed, step); a checkpoint holds the trained
+weights, the optimizer state, the step and the loss log. gloo on CPU, nccl on GPU.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-CHECKPOINT_NAME = "checkpoint.pt"
+from . import checkpointing
+from .flops import Peak, mfu
+from .parallel import Dist, Engine, ParallelSettings, parallelize
+
 LOG_NAME = "log.jsonl"
+EXPORT_DIR = "model"
+RESUME_MUST_MATCH = ("seed", "global_batch", "seq_len")  # what defines the data stream
+logger = logging.getLogger("twotower.train")
+
+__all__ = ["Dist", "StepBatch", "TrainSettings", "Trainer", "wsd_lr"]
 
 
 @dataclass(frozen=True)
@@ -45,11 +52,16 @@ class TrainSettings:
     eval_every: int = 100
     eval_batches: int = 8
     save_every: int = 100
+    keep_checkpoints: int = 2
     seed: int = 0
-    bf16: bool = False  # autocast to bfloat16 (GPU); fp32 on CPU by default
+    bf16: bool = False  # bfloat16 compute, float32 master weights (see parallel.py)
+    parallel: str = "auto"  # auto | none | ddp | fsdp
+    activation_checkpointing: bool = False
+    peak_tflops: float | None = None  # per device, for MFU (None: a known GPU's data sheet, else no MFU)
 
     def validate(self, world_size: int) -> None:
-        for name in ("steps", "global_batch", "micro_batch", "seq_len", "eval_every", "save_every"):
+        for name in ("steps", "global_batch", "micro_batch", "seq_len", "eval_every", "save_every",
+                     "keep_checkpoints"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.global_batch % world_size:
@@ -63,6 +75,15 @@ class TrainSettings:
             raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        ParallelSettings(mode=self.parallel).resolve(world_size)
+
+    @property
+    def parallel_settings(self) -> ParallelSettings:
+        return ParallelSettings(self.parallel, self.bf16, self.activation_checkpointing)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
 
 
 def wsd_lr(step: int, s: TrainSettings) -> float:
@@ -77,31 +98,6 @@ def wsd_lr(step: int, s: TrainSettings) -> float:
 
 
 @dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        """Join the process group torchrun set up (WORLD_SIZE > 1), else a single process."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
-            return cls()
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
-
-    def sum_(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            dist.all_reduce(t)
-        return t
-
-
-@dataclass
 class StepBatch:
     """What one optimizer step consumes on this rank: micro-batches and the global target count."""
 
@@ -109,17 +105,23 @@ class StepBatch:
     global_count: int = 0
 
 
-# An objective turns (step, dist) into a StepBatch, and (model, micro-item, global_count) into a loss.
+# An objective turns (step, dist) into a StepBatch, and (model, micro-item, global_count) into a loss;
+# an evaluation runs its forwards through the engine (`engine.run(fn, *args)`) and returns a loss.
 Prepare = Callable[[int, Dist], StepBatch]
 LossFn = Callable[[nn.Module, object, int], torch.Tensor]
-EvalFn = Callable[[nn.Module], float]
+EvalFn = Callable[[Engine], float]
 
 
 class Trainer:
+    """Trains `trainable` (parameters of `model`, on its device, identical on every rank).
+
+    flops_per_token: model FLOPs per trained token (`flops.py`), for MFU; peak: the device peak.
+    """
+
     def __init__(
         self,
         model: nn.Module,
-        params: list[nn.Parameter],
+        trainable: list[nn.Parameter],
         *,
         prepare: Prepare,
         loss_fn: LossFn,
@@ -127,70 +129,73 @@ class Trainer:
         out_dir: str | Path,
         evaluate: EvalFn | None = None,
         dist_info: Dist | None = None,
-        on_save: Callable[[nn.Module, Path], None] | None = None,
+        flops_per_token: float | None = None,
+        peak: Peak | None = None,
         progress: bool | None = None,
+        _before_commit: Callable[[Path], None] | None = None,
     ) -> None:
-        self.model = model
-        self.params = params
+        self.settings = settings
+        self.dist = dist_info or Dist()
+        settings.validate(self.dist.world_size)
         self.prepare = prepare
         self.loss_fn = loss_fn
-        self.settings = settings
         self.out_dir = Path(out_dir)
         self.evaluate = evaluate
-        self.dist = dist_info or Dist()
-        self.on_save = on_save
+        self.flops_per_token = flops_per_token
+        self.peak = peak
         self.progress = progress
-        settings.validate(self.dist.world_size)
+        self._before_commit = _before_commit
+        self.engine = parallelize(model, trainable, dist_info=self.dist, settings=settings.parallel_settings)
         self.optimizer = torch.optim.AdamW(
             self._param_groups(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
         )
         self.step = 0
         self.log: list[dict] = []
 
+    @property
+    def model(self) -> nn.Module:
+        return self.engine.model
+
     def _param_groups(self) -> list[dict]:
         """No weight decay on 1-D tensors (norms, biases, dt/A/D) or the adaLN tables."""
-        decay = [p for p in self.params if p.dim() >= 2 and p.shape[0] != 3]
-        keep = [p for p in self.params if not (p.dim() >= 2 and p.shape[0] != 3)]
+        decay, keep = [], []
+        for name, p in zip(self.engine.names, self.engine.params, strict=True):
+            (keep if p.dim() < 2 or "scale_shift_tables" in name else decay).append(p)
         return [{"params": decay}, {"params": keep, "weight_decay": 0.0}]
 
     # ---- checkpoints --------------------------------------------------------------------------------
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.out_dir / CHECKPOINT_NAME
-
     def save(self) -> None:
-        if not self.dist.is_main:
-            return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "log": self.log,
-            "settings": asdict(self.settings),
-        }
-        tmp = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_path)
-        if self.on_save is not None:
-            self.on_save(self.model, self.out_dir)
+        state = checkpointing.TrainerState(
+            self.step, self.log, asdict(self.settings), self.dist.world_size, self.engine.mode
+        )
+        checkpointing.save_checkpoint(
+            self.out_dir,
+            engine=self.engine,
+            optimizer=self.optimizer,
+            state=state,
+            keep=self.settings.keep_checkpoints,
+            _before_commit=self._before_commit,
+        )
 
     def try_resume(self) -> bool:
-        if not self.checkpoint_path.is_file():
+        """Continue from the newest complete checkpoint in `out_dir`, if there is one."""
+        path = checkpointing.latest_checkpoint(self.out_dir)
+        if path is None:
             return False
-        try:
-            state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        except Exception as err:  # a truncated or foreign file: say so, never guess
-            raise ValueError(f"cannot resume from {self.checkpoint_path}: {err}") from None
-        if state.get("settings", {}).get("seed") != self.settings.seed:
-            raise ValueError(f"{self.checkpoint_path} was written with another seed; use a fresh --out")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.log = list(state["log"])
+        saved = checkpointing.read_state(path).settings
+        for name in RESUME_MUST_MATCH:
+            if saved.get(name) != getattr(self.settings, name):
+                raise ValueError(
+                    f"{path} was written with {name}={saved.get(name)}, this run has {getattr(self.settings, name)}; "
+                    "use a fresh --out"
+                )
+        state = checkpointing.load_checkpoint(path, engine=self.engine, optimizer=self.optimizer)
+        self.step = state.step
+        self.log = list(state.log)
         if self.dist.is_main:  # drop log lines of steps after the checkpoint: they will be redone
             lines = "".join(json.dumps(r) + "\n" for r in self.log)
             (self.out_dir / LOG_NAME).write_text(lines)
+        logger.info("resumed from %s (step %d, written by %d processes)", path, state.step, state.world_size)
         return True
 
     # ---- the loop -----------------------------------------------------------------------------------
@@ -202,31 +207,40 @@ class Trainer:
         batch = self.prepare(self.step, self.dist)
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for item in batch.micro:
-            with torch.autocast(self._device_type(), dtype=torch.bfloat16, enabled=s.bf16):
-                loss = self.loss_fn(self.model, item, batch.global_count)
-            loss.backward()
+        for i, item in enumerate(batch.micro):
+            with self.engine.accumulate(sync=i == len(batch.micro) - 1):
+                loss = self.engine.run(self.loss_fn, item, batch.global_count)
+                loss.backward()
             total += float(loss.detach())
-        self._sync_grads()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip))
+        grad_norm = self.engine.clip_grad_norm_(s.grad_clip)
         self.optimizer.step()
-        loss_sum = self.dist.sum_(torch.tensor([total], dtype=torch.float64))
+        device = self.engine.params[0].device
+        loss_sum = self.dist.sum_(torch.tensor([total], dtype=torch.float64, device=device))
         return {"step": self.step, "loss": float(loss_sum), "lr": lr, "grad_norm": grad_norm}
 
-    def _sync_grads(self) -> None:
-        if self.dist.world_size == 1:
-            return
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+    def _throughput(self, seconds: float) -> dict:
+        tokens_per_s = self.settings.tokens_per_step / max(seconds, 1e-9)
+        record = {"tokens_per_s": tokens_per_s, "step_time_s": seconds}
+        if self.flops_per_token is not None and self.peak is not None and self.peak.flops is not None:
+            record["mfu"] = mfu(flops_per_token=self.flops_per_token, tokens_per_s=tokens_per_s,
+                                peak=self.peak.flops, devices=self.dist.world_size)  # fmt: skip
+        return record
 
-    def _device_type(self) -> str:
-        return self.params[0].device.type
+    def _announce(self) -> None:
+        s, d = self.settings, self.dist
+        precision = "bf16 compute, fp32 master weights" if s.bf16 else "fp32"
+        logger.info("engine %s on %d process(es), %s%s", self.engine.mode, d.world_size, precision,
+                    ", activation checkpointing" if s.activation_checkpointing else "")  # fmt: skip
+        if self.flops_per_token is not None:
+            logger.info("model FLOPs per trained token %.4g; %s", self.flops_per_token,
+                        self.peak.note if self.peak else "no peak FLOP/s: MFU omitted")  # fmt: skip
+        if self.evaluate is None:
+            logger.warning("no held-out set: training without evaluation")
 
     def run(self) -> list[dict]:
         s = self.settings
         resumed = self.try_resume()
+        self._announce()
         bar = tqdm(
             total=s.steps,
             initial=self.step,
@@ -234,28 +248,45 @@ class Trainer:
             desc="resumed" if resumed else "train",
             dynamic_ncols=True,
         )
-        tokens_per_step = s.global_batch * s.seq_len
-        t_last = time.perf_counter()
         while self.step < s.steps:
+            started = time.perf_counter()
             record = self.train_step()
-            now = time.perf_counter()
-            record["tokens_per_s"] = tokens_per_step / max(now - t_last, 1e-9)
-            t_last = now
+            _synchronize(self.engine.params[0].device)
+            record.update(self._throughput(time.perf_counter() - started))
             self.step += 1
             if self.evaluate is not None and (self.step % s.eval_every == 0 or self.step == s.steps):
-                record["heldout_loss"] = self.evaluate(self.model)
+                record["heldout_loss"] = self.evaluate(self.engine)
             self.log.append(record)
             if self.dist.is_main:
                 self._append_log(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            shown = {"loss": f"{record['loss']:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+            if "mfu" in record:
+                shown["mfu"] = f"{record['mfu']:.1%}"
+            bar.set_postfix(shown)
             bar.update(1)
             if self.step % s.save_every == 0 or self.step == s.steps:
                 self.save()
         bar.close()
+        checkpointing.export_pretrained(self.engine, self.out_dir / EXPORT_DIR)
+        self._summary()
         return self.log
+
+    def _summary(self) -> None:
+        timed = [r for r in self.log if "step_time_s" in r][1:]  # the first step includes warm-up
+        if not timed:
+            return
+        seconds = sum(r["step_time_s"] for r in timed)
+        summary = self._throughput(seconds / len(timed))
+        line = f"throughput {summary['tokens_per_s']:.1f} tokens/s, {summary['step_time_s']:.3f} s/step"
+        logger.info(line + (f", MFU {summary['mfu']:.2%}" if "mfu" in summary else ""))
 
     def _append_log(self, record: dict) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / LOG_NAME, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
