@@ -5,6 +5,7 @@ copies, bad files refused before anything is allocated, and one EOS set / mask i
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -84,12 +85,29 @@ PEAK = textwrap.dedent(
     from twotower.model import TwoTowerForCausalLM
     def status(field):
         return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
+    path, warmup, option, value = sys.argv[1:5]
+    # a first, tiny load touches the code and libraries the loader uses (tens of MB of pages that
+    # any process pays once), so that `before` leaves only what the load itself allocates
+    TwoTowerForCausalLM.from_pretrained(warmup, **{option: value})
     before = status("VmRSS")
-    model = TwoTowerForCausalLM.from_pretrained(sys.argv[1], dtype=sys.argv[2])
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    model = TwoTowerForCausalLM.from_pretrained(path, **{option: value})
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     print(status("VmHWM") - before, size)
     """
 )
+
+
+def measure_load(path, tmp_path, option: str, value: str, *, env=None) -> tuple[int, int]:
+    """(bytes the load added to the peak resident set, bytes of the loaded model), in a fresh process."""
+    warmup = tmp_path / "warmup"
+    if not warmup.exists():
+        torch.manual_seed(0)
+        TwoTowerForCausalLM(tiny_config("ME")).to(torch.bfloat16).save_pretrained(warmup)
+    cmd = [sys.executable, "-c", PEAK, str(path), str(warmup), option, value]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    added, size = (int(x) for x in out.stdout.split())
+    return added, size
 
 
 @pytest.mark.parametrize("dtype", ["auto", "float32"])
@@ -105,11 +123,9 @@ def test_peak_memory_of_a_load_is_the_models_bytes(tmp_path, dtype):
     model = meta.to_empty(device="cpu").to(torch.bfloat16)
     for t in model.state_dict().values():
         t.normal_() if t.is_floating_point() else None
-    model.save_pretrained(tmp_path, max_shard_bytes=40_000_000)
+    model.save_pretrained(tmp_path / "model", max_shard_bytes=40_000_000)
     del model
-    out = subprocess.run([sys.executable, "-c", PEAK, str(tmp_path), dtype], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    added, size = (int(x) for x in out.stdout.split())
+    added, size = measure_load(tmp_path / "model", tmp_path, "dtype", dtype)
     assert size > 90e6
     assert added <= 1.10 * size + 64 * 1024**2, f"the load added {added / 1e6:.0f} MB for a {size / 1e6:.0f} MB model"
 
@@ -257,3 +273,44 @@ def test_device_auto_follows_the_memory_plan(twotower, tmp_path, monkeypatch):
         TwoTowerForCausalLM.from_pretrained(tmp_path, device="auto")
     with pytest.raises(CheckpointError, match="give no denoiser device"):
         TwoTowerForCausalLM.from_pretrained(tmp_path, device="auto", denoiser_device="cpu")
+
+
+def test_quantizing_while_loading_equals_quantizing_after(twotower, tmp_path):
+    from twotower.quantize import quantize_model
+
+    twotower.save_pretrained(tmp_path)
+    during = TwoTowerForCausalLM.from_pretrained(tmp_path, quantize="int8-experts")
+    after = quantize_model(TwoTowerForCausalLM.from_pretrained(tmp_path), "int8-experts")
+    a = dict(during.named_parameters()) | dict(during.named_buffers())
+    b = dict(after.named_parameters()) | dict(after.named_buffers())
+    assert sorted(a) == sorted(b) and any(k.endswith("up_proj_q") for k in a)
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    ids = [[1, 5, 6, 7]]
+    assert during.generate_ar(ids, max_new_tokens=6).new_tokens == after.generate_ar(ids, max_new_tokens=6).new_tokens
+    with pytest.raises(ValueError, match="int4"):
+        TwoTowerForCausalLM.from_pretrained(tmp_path, quantize="int4")
+
+
+def test_int8_load_never_holds_the_model_dtype_experts(tmp_path):
+    """Experts quantized layer by layer as they load: the load adds about the int8 model's bytes
+    plus one layer's bf16 experts, well under the bf16 model (which would not fit an 80 GB GPU at 30B).
+    The child runs with glibc's mmap threshold fixed at 1 MiB: at real widths every expert tensor
+    (1.3 GB) is far above glibc's 32 MiB dynamic ceiling, so freed layers go back to the OS; at this
+    test's widths glibc would otherwise keep them in its heap and the figure would measure malloc."""
+    config = tiny_config("EEEE").replace(
+        vocab_size=1024, hidden_size=512, n_routed_experts=32, moe_intermediate_size=768, extra={}
+    )
+    with torch.device("meta"):
+        meta = TwoTowerForCausalLM(config)
+    model = meta.to_empty(device="cpu").to(torch.bfloat16)
+    for t in model.state_dict().values():
+        t.normal_() if t.is_floating_point() else None
+    model.save_pretrained(tmp_path / "model", max_shard_bytes=40_000_000)
+    full = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    layer = 2 * model.context_tower.layers[0].mixer.experts.up_proj.nbytes
+    del model
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1024**2)}
+    added, size = measure_load(tmp_path / "model", tmp_path, "quantize", "int8-experts", env=env)
+    assert size < 0.6 * full  # int8 experts + float32 scales
+    assert added <= 1.10 * size + layer + 64 * 1024**2, f"added {added / 1e6:.0f} MB, int8 model {size / 1e6:.0f} MB"

@@ -164,13 +164,19 @@ class NemotronHForCausalLM(nn.Module):
     # ---- checkpoints (all name mapping lives in checkpoint.py) -----------------------------------
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: str | torch.dtype | None = "auto", device: str | torch.device | None = None
+        cls,
+        path: str | Path,
+        *,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | torch.device | None = None,
+        quantize: str = "none",
     ) -> NemotronHForCausalLM:
         """Stream a checkpoint directory into a new model. `dtype="auto"` (or None) keeps the stored
-        dtype (config.json's `torch_dtype`); `device` is where the parameters are allocated."""
+        dtype (config.json's `torch_dtype`); `device` is where the parameters are allocated;
+        `quantize` (twotower.quantize) quantizes the experts layer by layer as they load."""
         from .checkpoint import load_backbone
 
-        return load_backbone(path, dtype=dtype, device=device)
+        return load_backbone(path, dtype=dtype, device=device, quantize=quantize)
 
     def save_pretrained(self, path: str | Path, *, max_shard_bytes: int | None = None) -> None:
         from .checkpoint import save_backbone

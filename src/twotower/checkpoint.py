@@ -223,10 +223,14 @@ def target_dtype(key: str, meta: torch.Tensor, dtype: torch.dtype) -> torch.dtyp
 
 
 @torch.no_grad()
-def materialize(module: nn.Module, *, dtype: torch.dtype, device_of: DeviceOf) -> None:
+def materialize(module: nn.Module, *, dtype: torch.dtype, device_of: DeviceOf, skip: Iterable[str] = ()) -> None:
     """Replace every meta parameter/buffer by an uninitialised tensor of its target dtype on its
-    target device (one allocation each; the values come next)."""
+    target device (one allocation each; the values come next). Keys in `skip` stay on meta (the
+    caller materialises them later)."""
+    skip = set(skip)
     for key, meta in module.state_dict(keep_vars=True).items():
+        if key in skip:
+            continue
         owner_name, _, attr = key.rpartition(".")
         owner = module.get_submodule(owner_name)
         fresh = torch.empty(meta.shape, dtype=target_dtype(key, meta, dtype), device=device_of(key))
@@ -234,7 +238,7 @@ def materialize(module: nn.Module, *, dtype: torch.dtype, device_of: DeviceOf) -
             owner._parameters[attr] = nn.Parameter(fresh, requires_grad=meta.requires_grad)
         else:
             owner._buffers[attr] = fresh
-    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta and n not in skip]
     if leftover:  # a non-persistent buffer the file cannot hold: the model must not rely on one
         raise CheckpointError(f"tensors not in any checkpoint would stay uninitialised: {_names(leftover)}")
 
@@ -265,13 +269,43 @@ def _progress_bar(total: int, what: str):
     return bar
 
 
-def load_into(module: nn.Module, sources: dict[str, Source], *, dtype: torch.dtype, device_of: DeviceOf, what: str):
-    """Allocate `module`'s tensors and stream their values; returns the module."""
-    materialize(module, dtype=dtype, device_of=device_of)
+def load_into(
+    module: nn.Module,
+    sources: dict[str, Source],
+    *,
+    dtype: torch.dtype,
+    device_of: DeviceOf,
+    what: str,
+    quantize: str = "none",
+):
+    """Allocate `module`'s tensors and stream their values; returns the module.
+
+    With a `quantize` scheme (twotower.quantize) the experts are loaded one MoE layer at a time and
+    quantized at once, so the model-dtype experts of only one layer ever exist: the 30B release
+    loads into one 80 GB GPU with int8 experts although its bf16 form would not fit."""
+    if quantize != "none":
+        from .quantize import check_scheme, quantize_model
+
+        check_scheme(quantize)
     total = sum(p.nbytes for s in sources.values() for p in s.parts)
+    layers = _moe_layers(module) if quantize != "none" else {}
+    deferred = {k for k in module.state_dict() if any(k.startswith(p) for p in layers)}
+    materialize(module, dtype=dtype, device_of=device_of, skip=deferred)
     with _progress_bar(total, what) as bar:
-        stream_into(module, sources, progress=bar.update)
+        stream_into(module, {k: s for k, s in sources.items() if k not in deferred}, progress=bar.update)
+        for prefix, moe in layers.items():
+            own = {k[len(prefix) :]: s for k, s in sources.items() if k.startswith(prefix)}
+            materialize(moe, dtype=dtype, device_of=lambda key, p=prefix: device_of(p + key))
+            stream_into(moe, own, progress=bar.update)
+            quantize_model(moe, quantize)
     return module
+
+
+def _moe_layers(module: nn.Module) -> dict[str, nn.Module]:
+    """`prefix.` -> MoE module, for every MoE layer (its router, experts and shared expert)."""
+    from .layers.moe import MoE
+
+    return {f"{name}.": m for name, m in module.named_modules() if isinstance(m, MoE)}
 
 
 def stored_dtype(raw_config: dict, entries: dict[str, TensorEntry]) -> torch.dtype:
@@ -310,7 +344,7 @@ def _device(device) -> torch.device:
 _BACKBONE_PREFIXES = {"model.": "backbone.", "backbone.": "backbone."}
 
 
-def load_backbone(path: str | Path, *, dtype="auto", device=None):
+def load_backbone(path: str | Path, *, dtype="auto", device=None, quantize: str = "none"):
     """Load a NemotronH AR checkpoint directory in any known layout (streamed; see the module doc)."""
     from .backbone import NemotronHForCausalLM
 
@@ -323,7 +357,7 @@ def load_backbone(path: str | Path, *, dtype="auto", device=None):
     check_sources(model, sources, where=str(path))
     dtype = stored_dtype(raw, entries) if resolve_dtype(dtype) is None else resolve_dtype(dtype)
     dev = _device(device)
-    return load_into(model, sources, dtype=dtype, device_of=lambda key: dev, what=path.name)
+    return load_into(model, sources, dtype=dtype, device_of=lambda key: dev, what=path.name, quantize=quantize)
 
 
 def save_backbone(model, path: str | Path, *, max_shard_bytes: int | None = None) -> None:
@@ -360,7 +394,7 @@ def tower_devices(device=None, denoiser_device=None) -> DeviceOf:
     return lambda key: ctx if key.startswith(_CONTEXT_PARTS) else den
 
 
-def auto_devices(config: NemotronHConfig, dtype: torch.dtype, device, denoiser_device) -> tuple:
+def auto_devices(config: NemotronHConfig, dtype: torch.dtype, device, denoiser_device, quantize: str) -> tuple:
     """`device="auto"`: the memory plan's choice over the visible devices (both towers on one device
     when they and a 4k-token cache fit, else one tower per device; twotower.memory_plan)."""
     if device != "auto":
@@ -370,13 +404,13 @@ def auto_devices(config: NemotronHConfig, dtype: torch.dtype, device, denoiser_d
     from .memory_plan import auto_device_map
 
     try:
-        placement = auto_device_map(config, dtype=dtype)
+        placement = auto_device_map(config, dtype=dtype, quantize=quantize)
     except ValueError as err:
         raise CheckpointError(str(err)) from None
     return placement.context_device, placement.denoiser_device
 
 
-def load_twotower(path: str | Path, *, dtype="auto", device=None, denoiser_device=None):
+def load_twotower(path: str | Path, *, dtype="auto", device=None, denoiser_device=None, quantize: str = "none"):
     """Load a TwoTower directory in the released layout (per-expert keys, `embedding.` alias, shards)."""
     from .model import TWOTOWER_ARCH, TwoTowerForCausalLM
 
@@ -395,13 +429,16 @@ def load_twotower(path: str | Path, *, dtype="auto", device=None, denoiser_devic
     model = build_on_meta(lambda: TwoTowerForCausalLM(config))
     check_sources(model, sources, where=str(path))
     dtype = stored_dtype(raw, entries) if resolve_dtype(dtype) is None else resolve_dtype(dtype)
-    device, denoiser_device = auto_devices(config, dtype, device, denoiser_device)
-    load_into(model, sources, dtype=dtype, device_of=tower_devices(device, denoiser_device), what=path.name)
+    device, denoiser_device = auto_devices(config, dtype, device, denoiser_device, quantize)
+    where = tower_devices(device, denoiser_device)
+    load_into(model, sources, dtype=dtype, device_of=where, what=path.name, quantize=quantize)
     model.freeze_context()
     return model
 
 
-def load_twotower_from_backbone(path: str | Path, *, dtype="auto", device=None, denoiser_device=None, seed: int = 0):
+def load_twotower_from_backbone(
+    path: str | Path, *, dtype="auto", device=None, denoiser_device=None, seed: int = 0, quantize: str = "none"
+):
     """A TwoTower whose two towers are both read from one AR checkpoint (the denoiser's copy comes
     straight from the file, so only the two towers are ever in memory), adaLN initialised so the
     denoiser equals the backbone (SPEC 3.2), `t_embedder` drawn from `seed`."""
@@ -425,8 +462,9 @@ def load_twotower_from_backbone(path: str | Path, *, dtype="auto", device=None, 
     adaln = [k for k in model.state_dict() if k.startswith(_ADALN_PARTS)]
     check_sources(model, sources, where=str(path), optional=adaln)
     dtype = stored_dtype(raw, entries) if resolve_dtype(dtype) is None else resolve_dtype(dtype)
-    device, denoiser_device = auto_devices(config, dtype, device, denoiser_device)
-    load_into(model, sources, dtype=dtype, device_of=tower_devices(device, denoiser_device), what=path.name)
+    device, denoiser_device = auto_devices(config, dtype, device, denoiser_device, quantize)
+    where = tower_devices(device, denoiser_device)
+    load_into(model, sources, dtype=dtype, device_of=where, what=path.name, quantize=quantize)
     model.init_adaln(seed=seed)
     model.freeze_context()
     return model

@@ -55,14 +55,14 @@ def load_for_inference(
 ) -> Loaded:
     """A TwoTower checkpoint as is, or an AR NemotronH checkpoint with both towers read from it (its
     denoiser then equals the backbone: diffusion works but is untrained). `dtype="auto"` keeps the
-    stored dtype; `quantize` is a scheme of `twotower.quantize` applied after loading. The tokenizer
+    stored dtype; `quantize` is a scheme of `twotower.quantize`, applied layer by layer while loading. The tokenizer
     must sit in the same directory (tokenizer.json, with tokenizer_config.json /
     special_tokens_map.json when present)."""
     path = resolve_model_path(model)
     if not (path / "tokenizer.json").is_file():
         raise CheckpointError(f"{path}: no tokenizer.json next to the weights")
     tokenizer = Tokenizer.load(path)
-    where = dict(dtype=dtype, device=device, denoiser_device=denoiser_device)
+    where = dict(dtype=dtype, device=device, denoiser_device=denoiser_device, quantize=quantize)
     if is_twotower_dir(path):
         tt = TwoTowerForCausalLM.from_pretrained(path, **where)
     else:
@@ -72,10 +72,6 @@ def load_for_inference(
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {tt.config.vocab_size}"
         )
     tt.config = resolve_special_ids(tt.config, read_config_dict(path), tokenizer)
-    if quantize != "none":
-        from .quantize import quantize_model
-
-        quantize_model(tt, quantize)
     return Loaded(tt.eval(), tokenizer, path, BUNDLED_NAME if path == bundled_model_path() else path.name)
 
 

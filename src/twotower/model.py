@@ -285,14 +285,16 @@ class TwoTowerForCausalLM(nn.Module):
         dtype: str | torch.dtype | None = "auto",
         device: str | torch.device | None = None,
         denoiser_device: str | torch.device | None = None,
+        quantize: str = "none",
     ) -> TwoTowerForCausalLM:
         """Stream a TwoTower directory (the released layout) into a new model. `dtype="auto"` keeps
         the stored dtype; the context tower and its head go to `device`, the denoiser, its head and
         adaLN to `denoiser_device` (default: `device`). `device="auto"` lets the memory plan choose:
-        one device when both towers and a 4k-token cache fit, else one tower per device."""
+        one device when both towers and a 4k-token cache fit, else one tower per device. `quantize`
+        (twotower.quantize, e.g. "int8-experts") quantizes the experts layer by layer as they load."""
         from .checkpoint import load_twotower
 
-        return load_twotower(path, dtype=dtype, device=device, denoiser_device=denoiser_device)
+        return load_twotower(path, dtype=dtype, device=device, denoiser_device=denoiser_device, quantize=quantize)
 
     @classmethod
     def from_backbone_pretrained(
@@ -303,12 +305,15 @@ class TwoTowerForCausalLM(nn.Module):
         device: str | torch.device | None = None,
         denoiser_device: str | torch.device | None = None,
         seed: int = 0,
+        quantize: str = "none",
     ) -> TwoTowerForCausalLM:
         """A TwoTower from an AR NemotronH checkpoint: both towers read from the file (no copies in
         memory), adaLN initialised as in `from_backbone`."""
         from .checkpoint import load_twotower_from_backbone
 
-        return load_twotower_from_backbone(path, dtype=dtype, device=device, denoiser_device=denoiser_device, seed=seed)
+        return load_twotower_from_backbone(
+            path, dtype=dtype, device=device, denoiser_device=denoiser_device, seed=seed, quantize=quantize
+        )
 
     def save_pretrained(self, path: str | Path, *, max_shard_bytes: int | None = None) -> None:
         from .checkpoint import save_twotower
