@@ -241,9 +241,43 @@ def add_train_settings(p: argparse.ArgumentParser, *, lr: float) -> None:
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--eval-every", type=int, default=100)
     g.add_argument("--save-every", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast (useful on GPU)")
-    g.add_argument("--device", default="cpu")
+    g.add_argument("--seed", type=int, default=0, help="seeds the data order, the noise and every new parameter")
+    g.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master weights and reductions")
+    g.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun, each rank takes cuda:LOCAL_RANK)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="complete checkpoints kept (default: 2)")
+    g = p.add_argument_group("parallelism and throughput (run under torchrun --nproc_per_node=N)")
+    g.add_argument(
+        "--parallel",
+        choices=("auto", "none", "ddp", "fsdp"),
+        default="auto",
+        help="engine: DDP, or FSDP2 (sharded weights, gradients and optimizer state); auto: ddp when "
+        "several processes run",
+    )
+    g.add_argument("--fsdp", dest="parallel", action="store_const", const="fsdp", help="same as --parallel fsdp")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute the trained mixers in backward")
+    g.add_argument(
+        "--peak-tflops",
+        default=None,
+        metavar="TFLOPS|measure",
+        help="peak TFLOP/s of one device, for MFU; 'measure' times a matmul (default: the data sheet of a "
+        "known GPU, else MFU is omitted)",
+    )
+
+
+def _peak_tflops(args: argparse.Namespace) -> float | None:
+    if args.peak_tflops is None:
+        return None
+    if args.peak_tflops == "measure":
+        import torch
+
+        from .train.flops import measure_matmul_flops
+
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        return measure_matmul_flops(args.device, dtype=dtype) / 1e12
+    try:
+        return float(args.peak_tflops)
+    except ValueError:
+        raise CLIError(f"--peak-tflops takes a number or 'measure', got {args.peak_tflops!r}") from None
 
 
 def train_settings(args: argparse.Namespace):
@@ -263,7 +297,23 @@ def train_settings(args: argparse.Namespace):
         save_every=args.save_every,
         seed=args.seed,
         bf16=args.bf16,
+        keep_checkpoints=args.keep_checkpoints,
+        parallel=args.parallel,
+        activation_checkpointing=args.activation_checkpointing,
+        peak_tflops=_peak_tflops(args),
     )
+
+
+def _log_training() -> None:
+    """The trainer's notes (engine, FLOPs per token, throughput, no held-out set) on stderr."""
+    import logging
+
+    logger = logging.getLogger("twotower.train")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def cmd_train_backbone(args: argparse.Namespace) -> int:
@@ -271,27 +321,35 @@ def cmd_train_backbone(args: argparse.Namespace) -> int:
     from .train.recipes import pretrain_backbone
 
     config = NemotronHConfig.from_json_file(args.config) if args.config else preset(args.preset)
+    _log_training()
     pretrain_backbone(config, args.data, args.out, train_settings(args), device=args.device)
     _copy_tokenizer(args.data, args.tokenizer, args.out)
     return 0
 
 
 def cmd_train_denoiser(args: argparse.Namespace) -> int:
-    from .backbone import NemotronHForCausalLM
+    import torch
+
     from .model import TwoTowerForCausalLM
     from .train.recipes import train_denoiser
 
     if bool(args.backbone) == bool(args.twotower):
         raise CLIError("give exactly one of --backbone PATH (AR model) or --twotower PATH (continue a TwoTower)")
+    settings = train_settings(args)
+    _log_training()
+    # float32 master weights whatever the stored dtype; both towers read straight from the file, the
+    # new adaLN from the run's seed (the same weights on every rank)
     if args.backbone:
-        model = TwoTowerForCausalLM.from_backbone(NemotronHForCausalLM.from_pretrained(args.backbone))
+        model = TwoTowerForCausalLM.from_backbone_pretrained(
+            args.backbone, dtype=torch.float32, device="cpu", seed=args.seed
+        )
     else:
-        model = TwoTowerForCausalLM.from_pretrained(args.twotower)
+        model = TwoTowerForCausalLM.from_pretrained(args.twotower, dtype=torch.float32, device="cpu")
     train_denoiser(
         model,
         args.data,
         args.out,
-        train_settings(args),
+        settings,
         block_size=args.block_size,
         curriculum=[_curriculum_phase(x) for x in args.curriculum],
         device=args.device,

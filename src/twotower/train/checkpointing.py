@@ -27,9 +27,12 @@ reads only safetensors headers (JSON) and tensor bytes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,12 +118,8 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: TrainerState,
     keep: int = 2,
-    _before_commit: Any = None,
 ) -> Path:
-    """Write one checkpoint (every rank calls this) and point `latest` at it; keep the newest `keep`.
-
-    `_before_commit` is a test hook called on rank 0 after the tensors are written and before the
-    rename (a crash there must leave the previous checkpoint in charge)."""
+    """Write one checkpoint (every rank calls this) and point `latest` at it; keep the newest `keep`."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
@@ -136,12 +135,13 @@ def save_checkpoint(
     d.barrier()
     sd = _state_dicts(engine, optimizer)
     sd[OPTIM_KEY] = {"state": sd[OPTIM_KEY]["state"]}  # hyperparameters come from the settings
-    dcp.save(sd, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True), no_dist=not d.is_distributed)
+    with _single_process_quiet():
+        dcp.save(
+            sd, storage_writer=HuggingFaceStorageWriter(str(tmp), save_distributed=True), no_dist=not d.is_distributed
+        )
     d.barrier()
     if d.is_main:
         _write_atomically(tmp / STATE_NAME, state.to_json())
-        if _before_commit is not None:
-            _before_commit(tmp)
         _commit(tmp, final)
         _write_atomically(root / LATEST_NAME, final.name + "\n")
         _prune(root, current=final, keep=keep)
@@ -162,7 +162,8 @@ def load_checkpoint(path: str | Path, *, engine: Engine, optimizer: torch.optim.
     groups = sd[OPTIM_KEY]["param_groups"]
     target = {MODEL_KEY: sd[MODEL_KEY], OPTIM_KEY: {"state": sd[OPTIM_KEY]["state"]}}
     try:
-        dcp.load(target, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not engine.dist.is_distributed)
+        with _single_process_quiet():
+            dcp.load(target, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not engine.dist.is_distributed)
     except Exception as err:  # a foreign or damaged checkpoint: say which, never guess
         raise ValueError(f"cannot resume from {path}: {type(err).__name__}: {err}") from None
     optim_sd = {"state": target[OPTIM_KEY]["state"], "param_groups": groups}
@@ -201,6 +202,14 @@ def _gathered_copy(engine: Engine) -> nn.Module | None:
         copy = type(inner)(inner.config)
     copy.load_state_dict({k.removeprefix(prefix): v for k, v in full.items()}, assign=True)
     return copy
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every single-process save or load that it is single-process: we know."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 # ---- file system -----------------------------------------------------------------------------------------

@@ -101,8 +101,8 @@ class ParallelSettings:
             raise ValueError(f"parallel mode must be one of {PARALLEL_MODES}, got {self.mode!r}")
         if self.mode == "auto":
             return "ddp" if world_size > 1 else "none"
-        if self.mode == "ddp" and world_size == 1:
-            return "none"  # DDP over one process is the plain update
+        if world_size == 1:
+            return "none"  # DDP or FSDP over one process is the plain update
         return self.mode
 
 

@@ -132,7 +132,6 @@ class Trainer:
         flops_per_token: float | None = None,
         peak: Peak | None = None,
         progress: bool | None = None,
-        _before_commit: Callable[[Path], None] | None = None,
     ) -> None:
         self.settings = settings
         self.dist = dist_info or Dist()
@@ -144,7 +143,6 @@ class Trainer:
         self.flops_per_token = flops_per_token
         self.peak = peak
         self.progress = progress
-        self._before_commit = _before_commit
         self.engine = parallelize(model, trainable, dist_info=self.dist, settings=settings.parallel_settings)
         self.optimizer = torch.optim.AdamW(
             self._param_groups(), lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay
@@ -174,7 +172,6 @@ class Trainer:
             optimizer=self.optimizer,
             state=state,
             keep=self.settings.keep_checkpoints,
-            _before_commit=self._before_commit,
         )
 
     def try_resume(self) -> bool:
