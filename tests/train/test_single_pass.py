@@ -241,10 +241,21 @@ def test_doubling_carry_equals_the_sequential_carry(c):
     log_decay = -3 * torch.rand(2, 3, c, generator=g)
     initial = torch.randn(2, 3, 4, 5, generator=g)
     for init in (None, initial):
-        starts, final = carry_states(chunk_states, log_decay, init)
         want_starts, want_final = carry_states_reference(chunk_states, log_decay, init)
+        with torch.no_grad():  # the in-place path (the context tower's)
+            starts, final = carry_states(chunk_states, log_decay, init)
         torch.testing.assert_close(starts, want_starts, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(final, want_final, rtol=1e-5, atol=1e-6)
+        # the differentiable path: same values, and gradients equal the sequential twin's
+        cs, ld = chunk_states.clone().requires_grad_(), log_decay.clone().requires_grad_()
+        starts, final = carry_states(cs, ld, init)
+        torch.testing.assert_close(starts, want_starts, rtol=1e-5, atol=1e-6)
+        got = torch.autograd.grad(starts.sum() + final.square().sum(), (cs, ld))
+        cs2, ld2 = chunk_states.clone().requires_grad_(), log_decay.clone().requires_grad_()
+        ref_starts, ref_final = carry_states_reference(cs2, ld2, init)
+        want = torch.autograd.grad(ref_starts.sum() + ref_final.square().sum(), (cs2, ld2))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("S,K", [(4, 4), (2, 4), (8, 2), (4, 1)])
@@ -309,3 +320,5 @@ def test_flex_attention_forward_equals_explicit_and_refuses_cpu_backward():
         BlockAttention(valid, block_size=4, impl="flex")(q, ctx_k, ctx_v, k, v)
     with pytest.raises(ValueError, match="not one of"):
         BlockAttention(valid, block_size=4, impl="dense")
+    with pytest.raises(ValueError, match="query_chunk"):
+        BlockAttention(valid, block_size=4, query_chunk=0)

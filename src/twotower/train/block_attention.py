@@ -65,7 +65,9 @@ class BlockAttention:
         self.query_chunk = max(block_size, query_chunk // block_size * block_size)
         self._prepared = None  # the explicit mask or the BlockMask, built on first use
 
-    def __call__(self, q, ctx_k, ctx_v, k, v) -> torch.Tensor:
+    def __call__(
+        self, q: torch.Tensor, ctx_k: torch.Tensor, ctx_v: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         gqa = q.shape[1] != k.shape[1]
         if self.impl == "explicit":
             return self._explicit(q, ctx_k, ctx_v, k, v, gqa)

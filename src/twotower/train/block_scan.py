@@ -56,10 +56,15 @@ def carry_states(
         initial = chunk_states.new_zeros(b, h, p, n)
     states = torch.cat([initial.float()[:, None], chunk_states.float()], dim=1)  # (b, c+1, h, p, n)
     logd = torch.cat([log_decay.new_zeros(b, h, 1), log_decay.float()], dim=2).transpose(1, 2)  # (b, c+1, h)
+    # without autograd (the frozen context tower) update in place: peak 2x the states, not 3x
+    in_place = not (torch.is_grad_enabled() and (states.requires_grad or logd.requires_grad))
     k = 1
     while k < c + 1:
-        later = states[:, k:] + torch.exp(logd[:, k:])[..., None, None] * states[:, :-k]
-        states = torch.cat([states[:, :k], later], dim=1)
+        carried = torch.exp(logd[:, k:])[..., None, None] * states[:, :-k]  # a new tensor: read before the write
+        if in_place:
+            states[:, k:] += carried
+        else:
+            states = torch.cat([states[:, :k], states[:, k:] + carried], dim=1)
         logd = torch.cat([logd[:, :k], logd[:, k:] + logd[:, :-k]], dim=1)
         k *= 2
     return states[:, :-1], states[:, -1]

@@ -33,6 +33,7 @@ from .block_attention import DEFAULT_QUERY_CHUNK, BlockAttention
 from .block_scan import block_conv_states, chunk_scan_with_states
 
 STATEFUL_KINDS = ("linear_attention", "full_attention")  # layers whose context state the denoiser reads
+MODULATE_FIRST = ("linear_attention", "full_attention")  # SPEC 3.3: modulate then norm; the others norm then modulate
 
 
 @dataclass
@@ -188,9 +189,9 @@ def denoise_blocks(
     for i, layer in enumerate(model.denoiser_tower.layers):
         shift, scale, gate = (m.view(b, nb, 1, H) for m in modulation(cond, model.scale_shift_tables[i]))
         hb = h.view(b, nb, S, H)
-        if layer.kind in STATEFUL_KINDS:  # modulate, then norm
+        if layer.kind in MODULATE_FIRST:
             u = layer.norm(hb * (1 + scale) + shift)
-        else:  # norm, then modulate
+        else:
             u = layer.norm(hb) * (1 + scale) + shift
         if layer.kind == "linear_attention":  # each block from its own seed; final states discarded
             y, _ = layer.mixer(u.reshape(b * nb, S, H), context.seeds[i])
