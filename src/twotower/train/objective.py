@@ -152,14 +152,15 @@ def diffusion_loss(
     _check_noise(ids, noise, block_size=block_size)
     b, L = ids.shape
     blocks = mask_blocks(ids, *noise, block_size=block_size, mask_id=model.mask_token_id, valid=valid)
-    masked = blocks.masked.view(b, L)
     context = context_pass(model, ids, block_size=block_size, valid=valid)
-    if model.context_device != model.denoiser_device:
-        context = context.to(model.denoiser_device)
-    t = noise[0].to(model.denoiser_device)
-    h = denoise_blocks(model, blocks.noisy.view(b, L), t, context, attention=attention, query_chunk=query_chunk)
+    device = model.denoiser_device  # towers may sit on two devices: only the context crosses
+    if model.context_device != device:
+        context = context.to(device)
+    masked = blocks.masked.view(b, L).to(device)
+    noisy, t = blocks.noisy.view(b, L).to(device), noise[0].to(device)
+    h = denoise_blocks(model, noisy, t, context, attention=attention, query_chunk=query_chunk)
     logits = model.denoiser_logits(h[masked][None])[0]  # the head only where there is a target
-    total = F.cross_entropy(logits, ids[masked], reduction="sum")
+    total = F.cross_entropy(logits, ids.to(device)[masked], reduction="sum")
     count = int(masked.sum())
     return LossSum(total / global_count if global_count else total, count)
 
