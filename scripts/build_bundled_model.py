@@ -29,9 +29,19 @@ def read_log(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines() if x.strip()]
 
 
+def run_settings(run: Path) -> dict:
+    """The TrainSettings a run used, from its newest checkpoint's JSON state (never a pickle)."""
+    from twotower.train.checkpointing import latest_checkpoint, read_state
+
+    path = latest_checkpoint(run)
+    if path is None:
+        raise SystemExit(f"{run}: no checkpoint (runs written before the safetensors checkpoints are not read)")
+    return read_state(path).settings
+
+
 def summarise(run: Path) -> dict:
     log = read_log(run)
-    state = json.loads(json.dumps(__import__("torch").load(run / "checkpoint.pt", weights_only=False)["settings"]))
+    state = run_settings(run)
     tokens = state["global_batch"] * state["seq_len"]
     seconds = sum(tokens / r["tokens_per_s"] for r in log if r.get("tokens_per_s"))
     held = [r["heldout_loss"] for r in log if "heldout_loss" in r]
@@ -59,7 +69,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ar-run", type=Path, required=True)
     p.add_argument("--denoiser-run", type=Path, required=True)
-    p.add_argument("--distill-run", type=Path, nargs="*", default=[], help="denoiser runs on distillation rows, in order")
+    p.add_argument(
+        "--distill-run", type=Path, nargs="*", default=[], help="denoiser runs on distillation rows, in order"
+    )
     p.add_argument("--distill-data", type=Path, nargs="*", default=[], help="the distillation rows each trained on")
     p.add_argument("--tokenizer", type=Path, required=True)
     p.add_argument("--corpus", type=Path, required=True)

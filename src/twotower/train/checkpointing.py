@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from .parallel import Engine
 
@@ -164,8 +165,8 @@ def load_checkpoint(path: str | Path, *, engine: Engine, optimizer: torch.optim.
     try:
         with _single_process_quiet():
             dcp.load(target, storage_reader=HuggingFaceStorageReader(str(path)), no_dist=not engine.dist.is_distributed)
-    except Exception as err:  # a foreign or damaged checkpoint: say which, never guess
-        raise ValueError(f"cannot resume from {path}: {type(err).__name__}: {err}") from None
+    except (Exception, CheckpointException) as err:  # a foreign or damaged checkpoint: say which, never guess
+        raise ValueError(f"cannot resume from {path}: {_last_line(err)}") from None
     optim_sd = {"state": target[OPTIM_KEY]["state"], "param_groups": groups}
     set_state_dict(engine.module, optimizer, model_state_dict=target[MODEL_KEY], optim_state_dict=optim_sd,
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))  # fmt: skip
@@ -202,6 +203,12 @@ def _gathered_copy(engine: Engine) -> nn.Module | None:
         copy = type(inner)(inner.config)
     copy.load_state_dict({k.removeprefix(prefix): v for k, v in full.items()}, assign=True)
     return copy
+
+
+def _last_line(err: BaseException) -> str:
+    """The cause of a (possibly DCP-wrapped, multi-line) error in one line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
 
 
 @contextlib.contextmanager

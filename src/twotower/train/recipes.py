@@ -37,15 +37,17 @@ class DataPaths:
         return cls(train, heldout if heldout.is_file() else None)
 
 
-def heldout_tokens(paths: DataPaths, *, seq_len: int) -> PackedTokens | None:
-    """The held-out split if it holds at least one `seq_len` window; else None, with a warning that
-    training runs without evaluation (decided before the first step, never after the last)."""
+def heldout_tokens(paths: DataPaths, *, seq_len: int, announce: bool = True) -> PackedTokens | None:
+    """The held-out split if it holds at least one `seq_len` window; else None, with a warning (when
+    `announce`) that training runs without evaluation (decided before the first step, not after the last)."""
     if paths.heldout is None:
-        logger.warning("%s: no heldout.bin: training without evaluation", paths.train.parent)
+        if announce:
+            logger.warning("%s: no heldout.bin: training without evaluation", paths.train.parent)
         return None
     data = PackedTokens(paths.heldout)
     if len(data) < seq_len:
-        logger.warning("%s holds %d tokens, fewer than one %d-token window: training without evaluation",
+        if announce:
+            logger.warning("%s holds %d tokens, fewer than one %d-token window: training without evaluation",
                        paths.heldout, len(data), seq_len)  # fmt: skip
         return None
     return data
@@ -93,7 +95,7 @@ def pretrain_backbone(
     device = dist_info.device(device)
     paths = DataPaths.from_dir(data_dir)
     train = PackedTokens(paths.train)
-    heldout = heldout_tokens(paths, seq_len=settings.seq_len)
+    heldout = heldout_tokens(paths, seq_len=settings.seq_len, announce=dist_info.is_main)
     torch.manual_seed(settings.seed)
     model = NemotronHForCausalLM(config).to(device).train()
     local = settings.global_batch // dist_info.world_size
@@ -183,7 +185,7 @@ def train_denoiser(
     device = dist_info.device(device)
     paths = DataPaths.from_dir(data_dir)
     train = PackedTokens(paths.train)
-    heldout = heldout_tokens(paths, seq_len=settings.seq_len)
+    heldout = heldout_tokens(paths, seq_len=settings.seq_len, announce=dist_info.is_main)
     model.config.extra["block_size"] = block_size
     model.config.extra.setdefault("mask_token_id", model.mask_token_id)
     model = model.to(device).train()

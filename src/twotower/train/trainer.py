@@ -192,7 +192,8 @@ class Trainer:
         if self.dist.is_main:  # drop log lines of steps after the checkpoint: they will be redone
             lines = "".join(json.dumps(r) + "\n" for r in self.log)
             (self.out_dir / LOG_NAME).write_text(lines)
-        logger.info("resumed from %s (step %d, written by %d processes)", path, state.step, state.world_size)
+        if self.dist.is_main:
+            logger.info("resumed from %s (step %d, written by %d processes)", path, state.step, state.world_size)
         return True
 
     # ---- the loop -----------------------------------------------------------------------------------
@@ -237,7 +238,8 @@ class Trainer:
     def run(self) -> list[dict]:
         s = self.settings
         resumed = self.try_resume()
-        self._announce()
+        if self.dist.is_main:
+            self._announce()
         bar = tqdm(
             total=s.steps,
             initial=self.step,
@@ -265,7 +267,8 @@ class Trainer:
                 self.save()
         bar.close()
         checkpointing.export_pretrained(self.engine, self.out_dir / EXPORT_DIR)
-        self._summary()
+        if self.dist.is_main:
+            self._summary()
         return self.log
 
     def _summary(self) -> None:
