@@ -56,7 +56,9 @@ def _dequantized(experts: Int8Experts | Fp8Experts, fp8: bool = False) -> Expert
 def test_int8_is_symmetric_per_output_channel():
     w = torch.randn(3, 10, 16) * torch.linspace(0.01, 5, 10)[:, None]  # channels of very different scales
     w[1, 4] = 0.0  # an all-zero channel
+    original = w.clone()
     q, scale = quantize_int8(w)
+    assert torch.equal(w, original)  # the source weights are read, never written
     assert q.dtype == torch.int8 and scale.shape == (3, 10) and scale.dtype == torch.float32
     assert q.abs().max() == INT8_MAX and q.min() >= -INT8_MAX
     assert scale[1, 4] == 0 and (q[1, 4] == 0).all()

@@ -65,19 +65,19 @@ def check_scheme(scheme: str) -> None:
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (..., out, in) -> q (..., out, in) int8 and scale (..., out) float32, w ~= q * scale[..., None].
     Computed in float32; an all-zero channel gets scale 0 (and q 0)."""
-    w = w.float()
+    w = w.float().clone() if w.dtype == torch.float32 else w.float()  # a private copy: the rest is in place
     scale = w.abs().amax(-1) / INT8_MAX
-    q = torch.round(w / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-INT8_MAX, INT8_MAX)
-    return q.to(torch.int8), scale
+    w.div_(torch.where(scale > 0, scale, 1.0)[..., None]).round_().clamp_(-INT8_MAX, INT8_MAX)
+    return w.to(torch.int8), scale
 
 
 @torch.no_grad()
 def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (..., out, in) -> q (..., out, in) float8 e4m3 and scale (..., out) float32, w ~= q * scale[..., None]."""
-    w = w.float()
+    w = w.float().clone() if w.dtype == torch.float32 else w.float()  # a private copy: the rest is in place
     scale = w.abs().amax(-1) / FP8_MAX
-    q = (w / torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-FP8_MAX, FP8_MAX)
-    return q.to(FP8_DTYPE), scale
+    w.div_(torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-FP8_MAX, FP8_MAX)
+    return w.to(FP8_DTYPE), scale
 
 
 def _quantize_experts(w: torch.Tensor, quantize) -> tuple[torch.Tensor, torch.Tensor]:
