@@ -1,12 +1,11 @@
 """The training recipe: loss falls, the context tower stays frozen bit for bit, the single-pass
-layout equals the inference path, exact resume, and 2-process data parallelism == 1 process."""
+layout equals the inference path, exact resume, seeded and reproducible runs, a missing or empty
+held-out set. (2-process engines: test_parallel.py; checkpoints: test_checkpointing.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +38,7 @@ def twotower_model(seed: int = 0) -> TwoTowerForCausalLM:
     torch.manual_seed(seed)
     backbone = NemotronHForCausalLM(tiny_config("M*E", chunk_size=4))
     randomise_special_params(backbone, seed=seed)
-    return TwoTowerForCausalLM.from_backbone(backbone)
+    return TwoTowerForCausalLM.from_backbone(backbone, seed=seed)
 
 
 SMALL = dict(global_batch=4, micro_batch=2, seq_len=32, lr=3e-3, warmup_steps=2, eval_every=3, save_every=2)
@@ -115,40 +114,6 @@ def test_backbone_pretraining_lowers_heldout_loss(tmp_path):
     assert reloaded.config.num_hidden_layers == 3
 
 
-WORKER = r"""
-import json, sys, torch
-sys.path.insert(0, {repo!r})
-from tests.train.test_trainer import twotower_model
-from twotower.train.recipes import train_denoiser
-from twotower.train.trainer import TrainSettings
-torch.set_num_threads(1)
-settings = TrainSettings(steps=3, global_batch=4, micro_batch=1, seq_len=32, lr=3e-3, warmup_steps=1,
-                         eval_every=100, save_every=100)
-log = train_denoiser(twotower_model(), {data!r}, {out!r}, settings, block_size=16, progress=False)
-print("LOSSES", json.dumps([r["loss"] for r in log]))
-"""
-
-
-def _losses(output: str) -> list[float]:
-    line = next(x for x in output.splitlines() if x.startswith("LOSSES"))
-    return json.loads(line.split(" ", 1)[1])
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="torchrun/gloo on POSIX")
-def test_two_processes_match_one(tmp_path):
-    data = write_packed(tmp_path / "data")
-    script = tmp_path / "worker.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    script.write_text(WORKER.format(repo=str(REPO), data=str(data), out=str(tmp_path / "one")))
-    one = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
-    assert one.returncode == 0, one.stderr
-    script.write_text(WORKER.format(repo=str(REPO), data=str(data), out=str(tmp_path / "two")))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script)]
-    two = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    np.testing.assert_allclose(_losses(two.stdout), _losses(one.stdout), rtol=1e-5)
-
-
 def test_train_commands_end_to_end(tmp_path):
     """`twotower train backbone` then `twotower train denoiser --backbone` on packed data; each exports a
     loadable model directory; bad option combinations are one-line errors."""
@@ -199,3 +164,63 @@ def test_block_size_curriculum_runs_its_phases_then_the_final_size(tmp_path):
         block_size_schedule(16, [(32, 0)])
     with pytest.raises(ValueError, match="leave none"):
         train_denoiser(twotower_model(), data, tmp_path / "y", settings, block_size=16, curriculum=[(32, 4)])
+
+
+@pytest.mark.parametrize("heldout", ["empty", "missing"])
+def test_no_heldout_set_trains_without_evaluation_and_says_so(tmp_path, caplog, heldout):
+    data = write_packed(tmp_path / "data")
+    if heldout == "empty":  # what `data pack --holdout-percent 0` writes
+        (data / "heldout.bin").write_bytes(b"")
+        meta = json.loads((data / "heldout.json").read_text())
+        (data / "heldout.json").write_text(json.dumps({**meta, "tokens": 0}))
+    else:
+        (data / "heldout.bin").unlink()
+    settings = TrainSettings(steps=3, **{**SMALL, "eval_every": 1})
+    with caplog.at_level(logging.WARNING, logger="twotower.train"):
+        log = train_denoiser(twotower_model(), data, tmp_path / "out", settings, block_size=16, progress=False)
+    assert len(log) == 3 and not any("heldout_loss" in r for r in log)
+    assert "training without evaluation" in caplog.text
+    assert caplog.records[0].message.endswith("training without evaluation")  # said before the first step
+
+
+def test_same_seed_same_run_and_every_new_parameter_comes_from_the_seed(tmp_path):
+    """`from_backbone_pretrained(path, seed=...)`, as `train denoiser --backbone` builds its model:
+    the same seed gives the same t_embedder and the same losses; another seed other ones."""
+    data = write_packed(tmp_path / "data")
+    torch.manual_seed(0)
+    backbone = NemotronHForCausalLM(tiny_config("M*E", chunk_size=4))
+    randomise_special_params(backbone, seed=0)
+    backbone.save_pretrained(tmp_path / "ar")
+    settings = TrainSettings(steps=3, **{**SMALL, "save_every": 100, "eval_every": 100})
+
+    def run(seed: int, out: str) -> tuple[list[float], torch.Tensor]:
+        torch.manual_seed(1000 + seed)  # the global RNG must not matter
+        model = TwoTowerForCausalLM.from_backbone_pretrained(tmp_path / "ar", dtype=torch.float32, seed=seed)
+        first = model.t_embedder.mlp[0].weight.detach().clone()
+        s = TrainSettings(**{**settings.__dict__, "seed": seed})
+        log = train_denoiser(model, data, tmp_path / out, s, block_size=16, progress=False)
+        return [r["loss"] for r in log], first
+
+    (a, wa), (b, wb), (c, wc) = run(3, "a"), run(3, "b"), run(4, "c")
+    assert a == b and torch.equal(wa, wb)
+    assert not torch.equal(wa, wc) and a != c
+
+
+def test_train_command_options(tmp_path):
+    from twotower.cli import main
+
+    data = write_packed(tmp_path / "data")
+    tiny_config("M*E", chunk_size=4).save(tmp_path / "config.json")
+    common = ["--data", str(data), "--steps", "2", "--batch-size", "2", "--micro-batch", "1", "--seq-len", "32",
+              "--eval-every", "2", "--save-every", "1", "--warmup-steps", "1", "--keep-checkpoints", "1"]  # fmt: skip
+    assert main(["train", "backbone", "--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "ar"),
+                 "--fsdp", "--peak-tflops", "measure", *common]) == 0  # fmt: skip
+    assert [p.name for p in (tmp_path / "ar" / "checkpoints").iterdir()] in (
+        ["latest", "step-00000002"],
+        ["step-00000002", "latest"],
+    )
+    assert "mfu" in json.loads((tmp_path / "ar" / "log.jsonl").read_text().splitlines()[-1])
+    assert main(["train", "denoiser", "--backbone", str(tmp_path / "ar" / "model"), "--out", str(tmp_path / "dn"),
+                 "--parallel", "ddp", "--activation-checkpointing", "--peak-tflops", "2", *common]) == 0  # fmt: skip
+    assert main(["train", "denoiser", "--backbone", str(tmp_path / "ar" / "model"), "--out", str(tmp_path / "x"),
+                 "--peak-tflops", "fast", *common]) == 2  # fmt: skip

@@ -18,11 +18,13 @@ routed experts of width I, k of them per token, a shared expert of width Is.
    Only keys the mask allows are counted.
 3. Mamba-2 chunked scan (beyond its projections), per token per Mamba layer:
    (Q + 1) (g n + h p)  (the causal intra-chunk C B^T and its product with x)  + 4 h p n  (chunk
-   states B^T x and their read-out C h), with Q = min(chunk_size, the length one scan covers: L for
-   a tower over the sequence, S for the denoiser, which restarts every block from its seed state).
+   states B^T x and their read-out C h), with Q the scan's chunk: in denoiser training the context
+   tower scans in chunks of S (block-boundary states fall out of the scan, SPEC 4) and the denoiser
+   scans each S-block from its seed, so Q = min(chunk_size, S) there; AR: Q = min(chunk_size, L).
 4. Training: backward costs twice the forward, so a trained tower costs 3 x its forward;
      denoiser training  = 3 x denoiser forward (items 1-3, with its head and adaLN)
-                        + 1 x context-tower forward (items 1-3, no head: only its K/V and states are used)
+                        + 1 x context-tower forward (items 1-3, no head, and only the layers up to the
+                          last attention or Mamba one: only their K/V and states are read)
                         ~ 6 x active parameters + 2 x active parameters + attention + scan;
      AR pretraining     = 3 x forward of the one tower (with its head).
 5. MFU = FLOPs per token x tokens per second / (peak FLOP/s per device x devices). The peak is
@@ -68,13 +70,23 @@ class ActiveParameters:
         return self.mamba + self.attention + self.mlp + self.moe + self.head + adaln
 
 
-def _count(config: NemotronHConfig, kind: str) -> int:
-    return sum(1 for t in config.layers_block_type if t == kind)
+def _count(config: NemotronHConfig, kind: str, layers: int | None = None) -> int:
+    return sum(1 for t in config.layers_block_type[:layers] if t == kind)
 
 
-def active_parameters(config: NemotronHConfig, *, head: bool = True, adaln: bool = False) -> ActiveParameters:
-    """Active matmul parameters of one tower: `head` counts its LM head, `adaln` the denoiser's adaLN."""
-    H, c = config.hidden_size, config
+def context_layers(config: NemotronHConfig) -> int:
+    """How many layers the training context pass runs: up to the last attention or Mamba layer (the
+    layers after it feed nothing the denoiser reads, `single_pass.context_pass`)."""
+    kinds = config.layers_block_type
+    return max((i + 1 for i, kind in enumerate(kinds) if kind in (MAMBA, ATTENTION)), default=0)
+
+
+def active_parameters(
+    config: NemotronHConfig, *, head: bool = True, adaln: bool = False, layers: int | None = None
+) -> ActiveParameters:
+    """Active matmul parameters of one tower: `head` counts its LM head, `adaln` the denoiser's adaLN,
+    `layers` counts only the first that many layers (default: all)."""
+    H, c, n = config.hidden_size, config, layers
     mamba = H * (c.mamba_d_inner + c.mamba_conv_dim + c.mamba_num_heads) + c.mamba_conv_dim * c.conv_kernel
     mamba += c.mamba_d_inner * H
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
@@ -82,10 +94,10 @@ def active_parameters(config: NemotronHConfig, *, head: bool = True, adaln: bool
     moe = H * c.n_routed_experts + c.num_experts_per_tok * 2 * H * c.moe_intermediate_size
     moe += 2 * H * c.moe_shared_expert_intermediate_size
     return ActiveParameters(
-        mamba=_count(c, MAMBA) * mamba,
-        attention=_count(c, ATTENTION) * attention,
-        mlp=_count(c, "mlp") * 2 * H * c.intermediate_size,
-        moe=_count(c, "moe") * moe,
+        mamba=_count(c, MAMBA, n) * mamba,
+        attention=_count(c, ATTENTION, n) * attention,
+        mlp=_count(c, "mlp", n) * 2 * H * c.intermediate_size,
+        moe=_count(c, "moe", n) * moe,
         head=H * c.vocab_size if head else 0,
         adaln_per_block=(FREQ_DIM * H + H * H + 3 * H * H) if adaln else 0,
     )
@@ -104,17 +116,17 @@ class ForwardFlops:
         return self.matmul + self.attention + self.scan
 
 
-def attention_flops(config: NemotronHConfig, *, keys_per_query: float) -> float:
-    """Item 2: per token, all attention layers, forward."""
-    return _count(config, ATTENTION) * 4 * config.num_attention_heads * config.head_dim * keys_per_query
+def attention_flops(config: NemotronHConfig, *, keys_per_query: float, layers: int | None = None) -> float:
+    """Item 2: per token, the attention layers (of the first `layers`), forward."""
+    heads = _count(config, ATTENTION, layers) * config.num_attention_heads
+    return 4 * heads * config.head_dim * keys_per_query
 
 
-def scan_flops(config: NemotronHConfig, *, span: int) -> float:
-    """Item 3: per token, all Mamba layers, forward; `span` is the length one scan covers."""
-    c = config
-    Q = min(c.chunk_size, span)
+def scan_flops(config: NemotronHConfig, *, chunk: int, layers: int | None = None) -> float:
+    """Item 3: per token, the Mamba layers (of the first `layers`), forward, scanning in `chunk`s."""
+    c, Q = config, chunk
     hp, gn = c.mamba_num_heads * c.mamba_head_dim, c.n_groups * c.ssm_state_size
-    return _count(c, MAMBA) * ((Q + 1) * (gn + hp) + 4 * hp * c.ssm_state_size)
+    return _count(c, MAMBA, layers) * ((Q + 1) * (gn + hp) + 4 * hp * c.ssm_state_size)
 
 
 @dataclass(frozen=True)
@@ -132,14 +144,17 @@ class TrainFlops:
 def denoiser_train_flops(config: NemotronHConfig, *, seq_len: int, block_size: int) -> TrainFlops:
     """Item 4, denoiser training: the denoiser over L tokens in blocks of S, the context tower over L."""
     den = active_parameters(config, head=True, adaln=True)
-    ctx = active_parameters(config, head=False)
+    n = context_layers(config)
+    ctx = active_parameters(config, head=False, layers=n)
     trained = ForwardFlops(
         2 * den.per_token(block_size=block_size),
         attention_flops(config, keys_per_query=(seq_len + block_size) / 2),
-        scan_flops(config, span=block_size),
+        scan_flops(config, chunk=min(config.chunk_size, block_size)),
     )
     frozen = ForwardFlops(
-        2 * ctx.per_token(), attention_flops(config, keys_per_query=(seq_len + 1) / 2), scan_flops(config, span=seq_len)
+        2 * ctx.per_token(),
+        attention_flops(config, keys_per_query=(seq_len + 1) / 2, layers=n),
+        scan_flops(config, chunk=block_size, layers=n),
     )
     return TrainFlops(trained, frozen)
 
@@ -150,7 +165,7 @@ def ar_train_flops(config: NemotronHConfig, *, seq_len: int) -> TrainFlops:
     fwd = ForwardFlops(
         2 * params.per_token(),
         attention_flops(config, keys_per_query=(seq_len + 1) / 2),
-        scan_flops(config, span=seq_len),
+        scan_flops(config, chunk=min(config.chunk_size, seq_len)),
     )
     return TrainFlops(fwd)
 
