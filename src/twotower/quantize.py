@@ -296,7 +296,8 @@ def quantize_model(model: nn.Module, scheme: str) -> nn.Module:
     if any(not isinstance(m.experts, Experts) for m in moes):
         raise ValueError("this model's experts are already quantized")
     if scheme == "fp8-experts":
-        check_fp8_supported(moes[0].experts.up_proj.device)
+        for device in {m.experts.up_proj.device for m in moes}:  # the towers may sit on two devices
+            check_fp8_supported(device)
         for moe in moes:
             _check_fp8_widths(moe)
     for moe in moes:
