@@ -104,7 +104,7 @@ def plot(preds: list[Prediction], taus, path: str) -> None:
     import matplotlib.pyplot as plt
 
     machines = sorted({p.machine for p in preds})
-    fig, axes = plt.subplots(1, len(machines), figsize=(5.5 * len(machines), 4.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(machines), figsize=(5.5 * len(machines), 4.8), sharey=True, squeeze=False)
     for ax, machine in zip(axes[0], machines):
         for i, tau in enumerate(taus):
             rows = sorted((p for p in preds if p.machine == machine and p.tau == tau), key=lambda p: p.batch)
@@ -128,8 +128,9 @@ def plot(preds: list[Prediction], taus, path: str) -> None:
         ax.set_title(f"{machine}, bf16, predicted")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("generated tokens/s vs AR")
-    axes[0][-1].legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(taus), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=130)
 
 

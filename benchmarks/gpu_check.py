@@ -184,25 +184,25 @@ def forward_calls(model, mode: str, *, batch: int, context: int, seed: int) -> t
     decoder.load(cache)  # the cache itself is dropped on return
     ctx = decoder.denoiser_context()
     d = decoder
-    plain = {
-        "ar_step": lambda tokens: decode_step(d.body, d.head, tokens, d.position, d.kv, d.conv, d.ssm, d.valid),
-        "commit": lambda tokens: decode_step(d.body, d.head, tokens, d.position, d.kv, d.conv, d.ssm, d.valid),
-    }
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        return decode_step(d.body, d.head, tokens, d.position, d.kv, d.conv, d.ssm, d.valid)
+
     if mode == "cuda-graph":
         calls = {
-            "ar_step": capture_cuda_graph(lambda: plain["ar_step"](ids[:, :1])),
+            "ar_step": capture_cuda_graph(lambda: step(ids[:, :1])),
             "denoise": capture_cuda_graph(lambda: denoise_logits(model, ids, t, ctx)),
-            "commit": capture_cuda_graph(lambda: plain["commit"](ids)),
+            "commit": capture_cuda_graph(lambda: step(ids)),
         }
     else:
         if mode == "reduce-overhead":
             mark_static(decoder)
-        step = compile_fn(decode_step, mode=mode)
+        compiled_step = compile_fn(decode_step, mode=mode)
         den = compile_fn(denoise_logits, mode=mode)
         calls = {
-            "ar_step": lambda: step(d.body, d.head, ids[:, :1], d.position, d.kv, d.conv, d.ssm, d.valid),
+            "ar_step": lambda: compiled_step(d.body, d.head, ids[:, :1], d.position, d.kv, d.conv, d.ssm, d.valid),
             "denoise": lambda: den(model, ids, t, ctx),
-            "commit": lambda: step(d.body, d.head, ids, d.position, d.kv, d.conv, d.ssm, d.valid),
+            "commit": lambda: compiled_step(d.body, d.head, ids, d.position, d.kv, d.conv, d.ssm, d.valid),
         }
     # the fixed-shape step writes at `position` and never moves it: every call is the same step
     return calls, lambda: None
@@ -352,12 +352,18 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def time_mode_batch(model, mode: str, *, batch: int, context: int, repeats: int, warmup: int, clock: Clock, seed: int):
+def time_mode_batch(
+    model, mode: str, *, batch: int, context: int, repeats: int, warmup: int, clock: Clock, seed: int, deadline: float
+):
     """Yield one timing row per forward of `mode` at `batch` (warm-up calls, which compile or capture,
-    are timed apart as `warmup_s`; eager rows also record the distinct experts per MoE layer)."""
+    are timed apart as `warmup_s`; eager rows also record the distinct experts per MoE layer). Past
+    `deadline` the remaining forwards are yielded as skipped."""
     device = model.context_device
     calls, before = forward_calls(model, mode, batch=batch, context=context, seed=seed)
     for name, fn in calls.items():
+        if time.monotonic() > deadline:
+            yield {"mode": mode, "forward": name, "batch": batch, "skipped": "time budget"}
+            continue
         t0 = time.monotonic()
         for _ in range(warmup):
             before()
@@ -376,8 +382,9 @@ def time_mode_batch(model, mode: str, *, batch: int, context: int, repeats: int,
         yield row
 
 
-def run_timings(model, report: Report, args, *, deadline: float, clock: Clock) -> None:
-    """Every mode x batch, recorded as it goes; failures and budget skips are rows too."""
+def run_timings(model, report: Report, args, *, deadline: float, clock: Clock, machines: dict[str, Machine]) -> None:
+    """Every mode x batch, recorded as it goes (predictions refreshed after each); failures and
+    budget skips are rows too."""
     device = model.context_device
     first_batch_s: dict[str, float] = {}
     for mode in args.modes:
@@ -406,27 +413,33 @@ def run_timings(model, report: Report, args, *, deadline: float, clock: Clock) -
                         warmup=args.warmup,
                         clock=clock,
                         seed=args.seed,
+                        deadline=deadline,
                     ):
                         report.data["timings"].append(row)
                         report.save()
-                        print(f"  {mode} batch {b} {row['forward']}: {row['ms']:.2f} ms", flush=True)
+                        print(f"  {mode} batch {b} {row['forward']}: {row.get('ms', row.get('skipped'))}", flush=True)
             except Exception as err:  # one failing mode or batch must not lose the others
                 report.error(f"{mode} batch {b}", err)
                 report.data["timings"].append({"mode": mode, "batch": b, "error": f"{type(err).__name__}: {err}"})
                 print(f"  {mode} batch {b}: {type(err).__name__}: {str(err)[:200]}", flush=True)
             finally:
                 release(device)
+                refresh_predictions(report, model.config, args, machines=machines)
                 report.save()
             first_batch_s.setdefault(mode, time.monotonic() - t0)
 
 
-def add_predictions(report: Report, config, args, *, machines: dict[str, Machine]) -> None:
-    """The cost model for every timed (forward, batch), and the diffusion/AR ratio each mode's
-    timings imply against the prediction (tau tokens per denoiser forward)."""
+def refresh_predictions(report: Report, config, args, *, machines: dict[str, Machine]) -> None:
+    """(Re)compute from the timings so far: the cost model for every (forward, batch), with the
+    distinct experts measured in eager mode where there are some, and the diffusion/AR ratio each
+    mode's timings imply next to the predicted one (tau tokens per denoiser forward)."""
+    report.data["predictions"], report.data["ratios"] = [], []
     precision = Precision.of_model(config, torch.finfo(torch.bfloat16).bits // 8)
     rows = [r for r in report.data["timings"] if "ms" in r]
     measured_d = {(r["forward"], r["batch"]): r["distinct_experts"] for r in rows if "distinct_experts" in r}
-    for (name, b), d in sorted(measured_d.items()) or [((f, b), None) for f in FORWARDS for b in args.batches]:
+    batches = sorted(set(args.batches + args.compiled_batches))
+    for b, name in ((b, name) for b in batches for name in FORWARDS):
+        d = measured_d.get((name, b))
         fwd = Forward(name, b, 1 if name == "ar_step" else BLOCK, args.context)
         distinct = (lambda _n, d=d: d) if d is not None else None
         cost = forward_cost(config, fwd, precision=precision, distinct=distinct)
@@ -442,7 +455,7 @@ def add_predictions(report: Report, config, args, *, machines: dict[str, Machine
         )
     by_key = {(r["mode"], r["forward"], r["batch"]): r["ms"] for r in rows}
     for mode in args.modes:
-        for b in sorted(set(args.batches + args.compiled_batches)):
+        for b in batches:
             ms = [by_key.get((mode, f, b)) for f in FORWARDS]
             if None in ms:
                 continue
@@ -582,8 +595,8 @@ def main(argv: list[str] | None = None) -> int:
             report.error("build", err)
         report.save()
     if model is not None:
-        run_timings(model, report, args, deadline=deadline, clock=clock)
-    add_predictions(report, config, args, machines=machines)
+        run_timings(model, report, args, deadline=deadline, clock=clock, machines=machines)
+    refresh_predictions(report, config, args, machines=machines)
     report.data["wall_s"] = time.monotonic() - start
     report.data["finished"] = True
     report.save()

@@ -11,8 +11,9 @@ head's matrix (same shapes, so the same costs, in half the memory). For each dty
     denoise   the denoiser over a 16-token block (random ids; head on all 16), batch 1, 8, 32
     commit    the context tower over the 16-token block (no head), batch 1, 8, 32
 
-Each call starts from cold caches (a buffer larger than the last-level cache is read first) and
-from the same prefilled context. Parts (`mamba`, `moe`, `head`) are timed by forward hooks on those
+Each call starts from cold caches (a buffer larger than the last-level cache is read first, which
+also samples the read bandwidth; a square matmul samples the peak) and from the same prefilled
+context. Parts (`mamba`, `moe`, `head`) are timed by forward hooks on those
 modules; `attention+other` is the rest of the forward (attention, embeddings, norms, adaLN). Distinct
 experts come from the actual routing (a hook on the router). For each part: bytes and FLOPs (cost
 model, with the measured distinct experts), achieved GB/s and GFLOP/s, their fraction of the
@@ -56,35 +57,30 @@ FIRST_RANDOM_ID = 4  # token ids below are special (pad, bos, eos, mask)
 
 
 # ---- this machine ---------------------------------------------------------------------------------
-def measure_read_bandwidth(nbytes: int, *, repeats: int) -> float:
-    """Stream read bandwidth (bytes/s): the median of `repeats` sums over a float32 buffer of
-    `nbytes` (make it several times the last-level cache)."""
-    probe = Probe(nbytes, torch.float32)
-    return statistics.median(probe.bandwidth() for _ in range(repeats))
-
-
-def measure_matmul_peak(dtype: torch.dtype, *, size: int = MATMUL_SIZE, repeats: int) -> float:
-    """Dense matmul FLOP/s in `dtype`: the median of `repeats` (size x size) @ (size x size) products."""
-    probe = Probe(4, dtype, matmul_size=size)
-    return statistics.median(probe.matmul_peak() for _ in range(repeats))
+STREAM_ROW = 4096  # the stream buffer is read as a (rows, 4096) float32 matrix times a vector
 
 
 class Probe:
     """This machine's stream read bandwidth and matmul peak, sampled right before each timed forward
-    (so that both see the same contention from other jobs as the forward does). Reading the stream
-    buffer, larger than the last-level cache, also evicts what the previous call left there, so every
+    (so that both see the same contention from other jobs as the forward does).
+
+    The read is a float32 matrix-vector product over a buffer larger than the last-level cache: on
+    this CPU it reads faster than `sum` (which is partly compute-bound), so it is the plainest
+    full-speed read we have; it also evicts what the previous call left in the caches, so every
     forward reads its weights from memory, as each layer of the 52-layer model would."""
 
     def __init__(self, stream_bytes: int, dtype: torch.dtype, *, matmul_size: int = MATMUL_SIZE) -> None:
-        self.buf = torch.ones(max(stream_bytes // 4, 1), dtype=torch.float32)
+        rows = max(stream_bytes // (4 * STREAM_ROW), 1)
+        self.buf = torch.ones(rows, STREAM_ROW, dtype=torch.float32)
+        self.vec = torch.ones(STREAM_ROW, dtype=torch.float32)
         self.a = torch.randn(matmul_size, matmul_size).to(dtype)
         self.b = torch.randn(matmul_size, matmul_size).to(dtype)
-        self.buf.sum(), self.a @ self.b  # first-touch and kernel selection, untimed
+        self.buf @ self.vec, self.a @ self.b  # first touch and kernel selection, untimed
 
     def bandwidth(self) -> float:
         """One timed read of the stream buffer: bytes/s."""
         t0 = time.perf_counter()
-        self.buf.sum()
+        self.buf @ self.vec
         return self.buf.numel() * 4 / (time.perf_counter() - t0)
 
     def matmul_peak(self) -> float:
