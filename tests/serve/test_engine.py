@@ -288,3 +288,34 @@ def test_row_generators_draw_like_a_lone_generator_and_skipped_rows_draw_nothing
     assert not torch.equal(fresh[1].get_state(), torch.Generator().manual_seed(2).get_state())
     with pytest.raises(ValueError, match="row generators"):
         RowGenerators(gens).uniform(torch.Size([2, 3]), torch.device("cpu"))
+
+
+def test_step_traces_show_each_denoiser_step_of_a_listening_row_only(model):
+    """A request with `on_step` sees its block after every denoiser step: as many traces as the
+    block took steps, masked positions only ever fill, and the last canvas is the block committed.
+    Listening changes nothing: the row still decodes as it does alone, beside a silent row."""
+    traces = []
+    p_listen, p_quiet = prompts(4, 6, seed=21)
+    listening = Request("listen", p_listen, max_new_tokens=10, settings=BLOCK4, on_step=traces.append)
+    quiet = Request("quiet", p_quiet, max_new_tokens=10, settings=BLOCK4)
+    scheduler = Scheduler(model)
+    scheduler.submit(listening)
+    scheduler.submit(quiet)
+    tokens, steps_taken = {}, []
+    while not scheduler.idle:
+        for e in scheduler.step():
+            tokens.setdefault(e.request_id, []).extend(e.tokens)
+            if e.request_id == "listen":
+                steps_taken.append((len(tokens["listen"]) - len(e.tokens), e.denoiser_steps, e.tokens))
+    assert tokens["listen"] == alone(model, listening) and tokens["quiet"] == alone(model, quiet)
+    assert {t.request_id for t in traces} == {"listen"}
+    for position, n_steps, committed in steps_taken:
+        block = [t for t in traces if t.position == position]
+        assert [t.step for t in block] == list(range(n_steps))
+        masked = [sum(t.masked) for t in block]
+        assert masked == sorted(masked, reverse=True) and masked[-1] == 0
+        assert all(
+            sum(t.committed) == before - after
+            for t, before, after in zip(block, [len(block[0].tokens), *masked], masked)
+        )
+        assert block[-1].tokens[: len(committed)] == committed

@@ -6,26 +6,21 @@ while the server keeps serving."""
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
+import socket
 import threading
-import time
 
 import openai
 import pytest
 
-from twotower.loading import load_for_inference
 from twotower.serve import cli as serve_cli
-from twotower.serve.http import ServerConfig, make_server
+from twotower.serve.app import ServerConfig
+from twotower.serve.server import make_server
 from twotower.workload import Limits, OptionError, Options, parse_options
 
+from .helpers import FAST, client, connect, metric, open_stream, raw_post, reference, sse_events
+
 KEY = "test-key"
-FAST = {"block_size": 4, "steps_per_block": 4, "confidence_threshold": 0.5}
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    return load_for_inference(str(model_dir))
 
 
 @pytest.fixture(scope="module")
@@ -33,30 +28,6 @@ def server(loaded):
     config = ServerConfig(port=0, limits=Limits(max_prompt_tokens=64, max_tokens=256), defaults=Options(**FAST))
     with make_server(loaded, config).start() as running:
         yield running
-
-
-def client(server, key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def reference(loaded, prompt: str, *, max_tokens: int, mode: str = "diffusion", **opts) -> str:
-    """What the library produces for this prompt alone (greedy), as text."""
-    tok, model = loaded.tokenizer, loaded.model
-    ids = [tok.bos_id, *tok.encode(prompt)]
-    if mode in ("ar", "speculative"):  # greedy speculative decoding is the AR model's
-        out = model.generate_ar([ids], max_new_tokens=max_tokens, eos_token_id=tok.eos_id)
-    else:
-        out = model.generate_mask_diffusion([ids], max_new_tokens=max_tokens, eos_token_id=tok.eos_id, **opts)
-    return tok.decode([t for t in out.new_tokens[0] if t != tok.eos_id])
-
-
-def raw_post(server, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
-    conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
-    resp = conn.getresponse()
-    status, data = resp.status, json.loads(resp.read())
-    conn.close()
-    return status, data
 
 
 def test_binds_loopback_by_default():
@@ -124,7 +95,7 @@ def test_concurrent_clients_are_batched_and_each_gets_its_lone_result(server, lo
         for i, mode in enumerate(["diffusion", "ar", "diffusion", "speculative", "ar", "diffusion"])
     ]
     alone = [c.completions.create(model=loaded.name, **j).choices[0].text for j in jobs]  # one at a time
-    server.app.worker.peak_active = 0
+    server.state.worker.peak_rows = 0
     results: list[str | None] = [None] * len(jobs)
     start = threading.Barrier(len(jobs))
 
@@ -138,7 +109,7 @@ def test_concurrent_clients_are_batched_and_each_gets_its_lone_result(server, lo
     for t in threads:
         t.join(120)
     assert results == alone
-    assert server.app.worker.peak_active >= 3  # decoded together, not one after another
+    assert server.state.worker.peak_rows >= 3  # decoded together, not one after another
     assert alone[0] == reference(loaded, "Line 0: the quick", max_tokens=24, **FAST)
 
 
@@ -200,52 +171,51 @@ def test_errors_through_the_client_and_the_server_keeps_serving(server, loaded):
         c.completions.create(model=loaded.name, prompt="a", extra_body={"confidence_threshold": "high"})
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="nope", prompt="a")
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+    conn = connect(server)
     conn.request("GET", "/v1/nowhere")
-    assert conn.getresponse().status == 404
+    resp = conn.getresponse()
+    assert resp.status == 404 and "no route /v1/nowhere" in json.loads(resp.read())["error"]["message"]
+    conn.request("DELETE", "/v1/completions")
+    resp = conn.getresponse()
+    assert resp.status == 405 and json.loads(resp.read())["error"]["type"] == "invalid_request_error"
     conn.close()
     out = c.completions.create(model=loaded.name, prompt="still there", max_tokens=4)
     assert out.usage.completion_tokens >= 1
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_row(server, loaded):
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
-    body = json.dumps({"prompt": "the quick", "max_tokens": 256, "stream": True, **FAST})
-    conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200 and resp.readline().startswith(b"data: ")
-    conn.close()  # gone after the first block
-    deadline = time.monotonic() + 30
-    while server.app.worker.inflight and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.app.worker.inflight == 0
-
-
-def test_api_key_and_health(loaded):
+def test_api_key_guards_the_api_and_metrics_but_not_health(loaded):
     config = ServerConfig(port=0, api_key=KEY, defaults=Options(**FAST))
     with make_server(loaded, config).start() as server:
         with pytest.raises(openai.AuthenticationError, match="invalid API key"):
             client(server, "wrong").completions.create(model=loaded.name, prompt="a", max_tokens=2)
-        status, body = raw_post(server, "/v1/completions", b'{"prompt": "a"}')
+        status, body = raw_post(server, "/v1/completions", b"{not even json")  # the key is checked first
         assert status == 401 and "missing API key" in body["error"]["message"]
         with pytest.raises(openai.AuthenticationError):
             client(server, "wrong").models.list()
+        with pytest.raises(openai.AuthenticationError):
+            client(server, "wrong").chat.completions.create(
+                model=loaded.name, messages=[{"role": "user", "content": "a"}]
+            )
         out = client(server, KEY).completions.create(model=loaded.name, prompt="a", max_tokens=2)
         assert out.choices[0].finish_reason in ("stop", "length")
-        conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+        conn = connect(server)
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        assert resp.status == 401 and resp.read()
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and b"twotower_requests_total" in resp.read()
         conn.request("GET", "/health")  # no key needed
         resp = conn.getresponse()
-        assert resp.status == 200 and json.loads(resp.read())["status"] == "ok"
+        health = json.loads(resp.read())
+        assert resp.status == 200 and health["status"] == "ok" and health["model"] == loaded.name
         conn.close()
 
 
 def test_queue_full_gets_429_then_serves_again(loaded):
     config = ServerConfig(port=0, max_batch_size=1, max_queue=0, defaults=Options(**FAST))
     with make_server(loaded, config).start() as server:
-        conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
-        body = json.dumps({"prompt": "the quick", "max_tokens": 64, "stream": True, **FAST})
-        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
+        conn, resp = open_stream(server, {"prompt": "the quick", "max_tokens": 64, **FAST})
         assert resp.readline().startswith(b"data: ")  # the one slot is taken
         with pytest.raises(openai.RateLimitError, match="at capacity"):
             client(server).completions.create(model=loaded.name, prompt="a", max_tokens=2)
@@ -253,3 +223,69 @@ def test_queue_full_gets_429_then_serves_again(loaded):
         assert rest.rstrip().endswith("data: [DONE]")
         conn.close()
         assert client(server).completions.create(model=loaded.name, prompt="a", max_tokens=2).choices
+        assert metric(server, "twotower_requests_total", status="429", mode="diffusion") == 1
+
+
+def test_body_limit_413_and_chunked_bodies_are_read(loaded):
+    config = ServerConfig(port=0, max_body_bytes=256, defaults=Options(**FAST))
+    with make_server(loaded, config).start() as server:
+        status, body = raw_post(server, "/v1/completions", json.dumps({"prompt": "x" * 400}).encode())
+        assert status == 413 and "more than the limit of 256" in body["error"]["message"]
+        payload = json.dumps({"prompt": "the quick", "max_tokens": 4, **FAST}).encode()
+        for chunks in ([payload], [payload[:10], payload[10:]], [b"{" + b" " * 300 + b"}"]):
+            with socket.create_connection((server.host, server.port), timeout=30) as sock:
+                head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                sock.sendall(head.encode() + b"Content-Type: application/json\r\nConnection: close\r\n\r\n")
+                for c in chunks:
+                    sock.sendall(f"{len(c):X}\r\n".encode() + c + b"\r\n")
+                sock.sendall(b"0\r\n\r\n")
+                reply = b"".join(iter(lambda: sock.recv(65536), b""))
+            status_line, _, rest = reply.partition(b"\r\n")
+            if len(chunks) == 1 and len(chunks[0]) > 256:  # a chunked body past the limit: 413 too
+                assert b" 413 " in status_line
+            else:
+                assert b" 200 " in status_line and b'"text_completion"' in rest
+
+
+def test_models_and_health(server, loaded):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == [loaded.name]
+    assert c.models.retrieve(loaded.name).id == loaded.name
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        c.models.retrieve("gpt-4")
+    conn = connect(server)
+    conn.request("GET", "/health")
+    health = json.loads(conn.getresponse().read())
+    assert health["status"] == "ok" and set(health) >= {"running_rows", "queue_depth", "in_flight"}
+    conn.close()
+
+
+def test_step_events_show_the_blocks_filling_and_end_as_the_text(server, loaded):
+    """stream_steps: per denoiser step, the block's cells (masked ones empty); blocks fill step by
+    step, never un-commit, and the data events still carry exactly the library's text."""
+    _, resp = open_stream(server, {"prompt": "the quick", "max_tokens": 12, "stream_steps": True, **FAST})
+    events = sse_events(resp.read().decode())
+    steps = [json.loads(d) for name, d in events if name == "step"]
+    summary = next(json.loads(d) for name, d in events if name == "summary")
+    text = "".join(json.loads(d)["choices"][0]["text"] for name, d in events if name is None and d != "[DONE]")
+    assert text == reference(loaded, "the quick", max_tokens=12, **FAST)
+    assert events[-1] == (None, "[DONE]")
+    by_block: dict[int, list[dict]] = {}
+    for s in steps:
+        by_block.setdefault(s["block"], []).append(s)
+    assert sorted(by_block) == [0, 1, 2]
+    for block, seq in by_block.items():
+        masked = [sum(c["masked"] for c in s["cells"]) for s in seq]
+        assert masked == sorted(masked, reverse=True) and masked[-1] == 0, (block, masked)
+        assert masked[0] < FAST["block_size"]  # the first step committed something
+        for before, after in zip(seq, seq[1:]):
+            for a, b in zip(before["cells"], after["cells"]):
+                assert a["masked"] or (b["text"] == a["text"] and not b["new"])  # committed tokens stay
+    assert summary["forwards"] == len(steps) and summary["completion_tokens"] == 12
+    assert summary["tokens_per_forward"] == pytest.approx(12 / len(steps), abs=1e-3)
+    _, resp = open_stream(server, {"prompt": "the quick", "max_tokens": 5, "stream_steps": True, "mode": "ar"})
+    events = sse_events(resp.read().decode())
+    ar_steps = [json.loads(d) for name, d in events if name == "step"]
+    assert [len(s["cells"]) for s in ar_steps] == [1] * 5 and [s["position"] for s in ar_steps] == list(range(5))
+    status, body = raw_post(server, "/v1/completions", b'{"prompt": "a", "stream_steps": true}')
+    assert status == 400 and "stream_steps needs stream=true" in body["error"]["message"]

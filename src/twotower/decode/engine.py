@@ -18,12 +18,13 @@ with per-row counts) and the AR token at its first disagreement becomes its next
 cache (`HybridCache.merge`, right-aligned); AR, speculative and anchored diffusion rows take their
 first token's logits from that prefill. A row decoded here, greedy or seeded, produces exactly what
 `generate_mask_diffusion` / `generate_ar` / `generate_speculative` produce for its prompt alone.
+A diffusion request with `on_step` is told its block's canvas after every denoiser step (`StepTrace`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -58,6 +59,8 @@ class Request:
     seed: int | None = None
     draft_steps: int = DEFAULT_DRAFT_STEPS
     anchor: bool = False  # diffusion: each block's first token from the context tower (anchored blocks)
+    # diffusion: called on the engine's thread after each denoiser step of this row (a live view)
+    on_step: Callable[[StepTrace], None] | None = field(default=None, compare=False, repr=False)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad option."""
@@ -117,6 +120,20 @@ class Event:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    """One denoiser step of one row's block: its canvas after the step. `position` is the number of
+    tokens the row had generated before this block; `masked` marks positions still to fill and
+    `committed` those filled by this step (an anchored block's first token is neither)."""
+
+    request_id: Hashable
+    position: int
+    step: int
+    tokens: list[int]
+    masked: list[bool]
+    committed: list[bool]
 
 
 @dataclass
@@ -257,6 +274,7 @@ class DecodeEngine:
                 canvas=canvas,
                 masked=masked,
                 eos_ids=torch.tensor(shared_eos, dtype=torch.long) if shared_eos else None,
+                on_step=self._step_reporter(idx),
             )
             self.stats.denoiser_forwards += forwards
             canvas, steps = canvas.cpu(), steps.tolist()  # one transfer per group
@@ -272,6 +290,21 @@ class DecodeEngine:
                 self.pending = self._anchors(ar_logits(model, kept, self.cache, None), self.rows)
             self.stats.context_forwards += 1
         return events
+
+    def _step_reporter(self, idx: list[int]) -> Callable[[dict], None] | None:
+        """denoise_block's `on_step` for the group of rows `idx`: a `StepTrace` to each row that asks."""
+        listening = [(j, self.rows[i]) for j, i in enumerate(idx) if self.rows[i].request.on_step is not None]
+        if not listening:
+            return None
+
+        def report(event: dict) -> None:
+            canvas, masked, committed = (event[k].tolist() for k in ("canvas", "masked", "committed"))
+            for j, row in listening:
+                if any(committed[j]):  # a row that committed nothing sat this step out (done, or past EOS)
+                    trace = StepTrace(row.request.id, row.generated, event["step"], canvas[j], masked[j], committed[j])
+                    row.request.on_step(trace)
+
+        return report
 
     def _anchors(self, logits: torch.Tensor | None, rows: list[_Row]) -> torch.Tensor:
         """Each anchored row's next token from AR logits (rows, V), drawn by its own settings and

@@ -1,1 +1,2 @@
-"""An OpenAI-compatible completions server over the continuous-batching engine (standard library HTTP)."""
+"""An OpenAI-compatible ASGI server (FastAPI + uvicorn) over the continuous-batching engine, with
+Prometheus metrics and a live playground page."""

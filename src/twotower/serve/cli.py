@@ -1,4 +1,4 @@
-"""`twotower serve`: the OpenAI-compatible completions server (see serve/http.py for the routes)."""
+"""`twotower serve`: the OpenAI-compatible server and its playground (see serve/app.py for the routes)."""
 
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ API_KEY_ENV = "TWOTOWER_API_KEY"
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
-        help="serve an OpenAI-compatible completions API (batched, streaming)",
+        help="serve an OpenAI-compatible API and a live playground (batched, streaming)",
         description=(
-            "POST /v1/completions (stream or not), GET /v1/models, GET /health. Concurrent requests are "
-            "decoded together; decoding settings go in the body as mode (diffusion, ar, speculative), "
-            "block_size, steps_per_block, draft_steps (speculative), confidence_threshold, anchor (and top_k). "
+            "POST /v1/completions and /v1/chat/completions (stream or not), GET /v1/models, /health, "
+            "/metrics (Prometheus), and the playground at GET /. Concurrent requests are decoded together; "
+            "decoding settings go in the body as mode (diffusion, ar, speculative), block_size, steps_per_block, "
+            "draft_steps (speculative), confidence_threshold, anchor (and top_k). "
             "The options below set the defaults of a request."
         ),
     )
@@ -57,12 +58,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="diffusion requests default to anchored blocks (each block's first token from the context tower)",
     )
-    p.add_argument("--log-requests", action="store_true", help="log one line per HTTP request to stderr")
+    p.add_argument("--log-requests", action="store_true", help="log one line per HTTP request (uvicorn's access log)")
     p.set_defaults(func=cmd_serve)
 
 
 def server_config(args: argparse.Namespace):
-    from .http import ServerConfig
+    from .app import ServerConfig
 
     for name in ("max_batch_size", "max_prompt_tokens", "max_tokens_limit"):
         if getattr(args, name) < 1:
@@ -98,22 +99,24 @@ def server_config(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .http import make_server
+    from .server import make_server
 
     config = server_config(args)
     if config.api_key is None and not _is_loopback(config.host):
         print(
-            f"warning: serving on {config.host} without an API key: anyone who can reach it can use it", file=sys.stderr
+            f"warning: serving on {config.host} without an API key: anyone who can reach it can use it "
+            f"(set --api-key or ${API_KEY_ENV})",
+            file=sys.stderr,
         )
     loaded = load_model(args)
     try:
         server = make_server(loaded, config)
     except OSError as err:
         raise CLIError(f"cannot listen on {config.host}:{config.port}: {err.strerror or err}") from None
-    server.start()
     print(f"serving {loaded.name} on {server.url}", flush=True)  # the load test waits for this line
+    print(f"playground: {server.url}/", flush=True)
     try:
-        server.wait()
+        server.serve_forever()
     except KeyboardInterrupt:
         print("shutting down", file=sys.stderr)
     finally:
