@@ -8,7 +8,7 @@ Layout of `out/checkpoints/`:
         trainer_state.json              step, log, settings, world size (written last)
     latest                              the name of the newest complete checkpoint
 
-What is saved: the TRAINED parameters and the AdamW state (`exp_avg`, `exp_avg_sq`, `step`) as
+What is saved: the TRAINED parameters (and the buffers) and the AdamW state (`exp_avg`, `exp_avg_sq`, `step`) as
 DCP sharded state dicts (the frozen context tower is rebuilt from its source on resume and is
 checked to be bit-for-bit frozen by the tests; it is not copied into every checkpoint). The
 optimizer's hyperparameters come from the run's settings. Because the shards carry their global
@@ -18,7 +18,7 @@ Crash safety: every rank writes into `.step-XXXXXXXX.tmp/`; once all ranks are d
 `trainer_state.json`, renames the directory to `step-XXXXXXXX/` (atomic) and only then replaces the
 `latest` pointer (atomic). A crash at any point leaves `latest` naming a complete checkpoint (or
 nothing), so resume never reads a half-written one; stale `.tmp` directories are removed on the
-next save.
+next save. All ranks read and write `out/checkpoints` (a file system every rank sees).
 
 Why not DCP's default format: its `.metadata` file is read back with `pickle.load` (unrestricted),
 and its tensors with `torch.load(weights_only=True)`. The HuggingFace storage reader used here
@@ -130,7 +130,7 @@ def save_checkpoint(
     tmp = root / f".{final.name}.tmp"
     if d.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".*.tmp"):
+        for stale in [*root.glob(".*.tmp"), *root.glob(".*.old")]:  # left by a crash: never complete
             shutil.rmtree(stale)
         tmp.mkdir()
     d.barrier()

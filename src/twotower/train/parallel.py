@@ -146,7 +146,7 @@ class Engine:
                 yield
         elif self.mode == "fsdp":
             # only units with trained parameters: a frozen unit has nothing to reduce, and torch 2.13
-            # fails on a never-used unit (the context tower's head) told not to sync under bf16
+            # fails on a never-used unit (the context head, its layers past the last M/*) told not to sync under bf16
             for unit in self.synced_units:
                 unit.set_requires_gradient_sync(sync, recurse=False)
             yield
