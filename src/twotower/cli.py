@@ -268,12 +268,16 @@ def _peak_tflops(args: argparse.Namespace) -> float | None:
     if args.peak_tflops is None:
         return None
     if args.peak_tflops == "measure":
+        import logging
+
         import torch
 
         from .train.flops import measure_matmul_flops
 
         dtype = torch.bfloat16 if args.bf16 else torch.float32
-        return measure_matmul_flops(args.device, dtype=dtype) / 1e12
+        tflops = measure_matmul_flops(args.device, dtype=dtype) / 1e12
+        logging.getLogger("twotower.train").info("measured %s matmul peak: %.4g TFLOP/s", dtype, tflops)
+        return tflops
     try:
         return float(args.peak_tflops)
     except ValueError:
@@ -335,8 +339,8 @@ def cmd_train_denoiser(args: argparse.Namespace) -> int:
 
     if bool(args.backbone) == bool(args.twotower):
         raise CLIError("give exactly one of --backbone PATH (AR model) or --twotower PATH (continue a TwoTower)")
-    settings = train_settings(args)
     _log_training()
+    settings = train_settings(args)
     # float32 master weights whatever the stored dtype; both towers read straight from the file, the
     # new adaLN from the run's seed (the same weights on every rank)
     if args.backbone:
