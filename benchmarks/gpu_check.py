@@ -150,12 +150,13 @@ def mark_static(decoder: StaticDecoder) -> None:
 
 
 def prefilled_cache(model, *, batch: int, context: int, capacity: int, seed: int):
-    """A context cache of `batch` identical rows holding `context` random tokens (one prefill)."""
+    """A context cache of `batch` rows, each holding its own `context` random tokens (rows that
+    shared one past would route alike and touch fewer experts than real batches do)."""
     g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(FIRST_RANDOM_ID, model.config.vocab_size, (1, context), generator=g)
-    one = model.empty_cache(1, capacity=capacity)
-    model.extend_context(prompt.to(model.context_device), one)
-    return one.select_rows(torch.zeros(batch, dtype=torch.long, device=model.context_device))
+    prompt = torch.randint(FIRST_RANDOM_ID, model.config.vocab_size, (batch, context), generator=g)
+    cache = model.empty_cache(batch, capacity=capacity)
+    model.extend_context(prompt.to(model.context_device), cache)
+    return cache
 
 
 def forward_calls(model, mode: str, *, batch: int, context: int, seed: int) -> tuple[dict, Callable[[], None]]:

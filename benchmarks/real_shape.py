@@ -90,6 +90,28 @@ class Probe:
         return 2 * self.a.shape[0] ** 3 / (time.perf_counter() - t0)
 
 
+def read_probes(nbytes: int, *, repeats: int) -> dict[str, float]:
+    """Read bandwidth (bytes/s, medians, interleaved) of plain reads of `nbytes`: float32 `sum`, and a
+    matrix-vector product over a (rows, 4096) matrix in float32 and in bfloat16 (the kernel an E
+    layer's one-token experts and the head use): how fast this CPU streams each dtype."""
+    n = max(nbytes // (4 * STREAM_ROW), 1)
+    f32 = torch.ones(n, STREAM_ROW)
+    bf16 = torch.ones(2 * n, STREAM_ROW, dtype=torch.bfloat16)
+    vf, vb = torch.ones(1, STREAM_ROW), torch.ones(1, STREAM_ROW, dtype=torch.bfloat16)
+    probes = {
+        "fp32 sum": (f32.sum, f32),
+        "fp32 GEMV": (lambda: torch.nn.functional.linear(vf, f32), f32),
+        "bf16 GEMV": (lambda: torch.nn.functional.linear(vb, bf16), bf16),
+    }
+    samples: dict[str, list[float]] = {k: [] for k in probes}
+    for _ in range(repeats + 1):
+        for name, (fn, buf) in probes.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(buf.numel() * buf.element_size() / (time.perf_counter() - t0))
+    return {k: statistics.median(v[1:]) for k, v in samples.items()}
+
+
 # ---- the model ------------------------------------------------------------------------------------
 @torch.no_grad()
 def fill_random_(model: torch.nn.Module, *, seed: int, std: float) -> None:
@@ -232,13 +254,14 @@ def time_forward(
     model: TwoTowerForCausalLM, kind: str, *, batch: int, block: int, context: int, repeats: int, probe: Probe
 ) -> Measured:
     """Time forward `kind` (`FORWARDS`) at `batch` rows, each call from the same prefilled context
-    of `context` random tokens and from cold caches; the first call warms up and is not counted."""
+    (`context` random tokens per row) and from cold caches; the first call warms up and is not
+    counted."""
     config = model.config
     g = torch.Generator().manual_seed(batch)
-    prompt = torch.randint(FIRST_RANDOM_ID, config.vocab_size, (1, context), generator=g)
-    one = model.empty_cache(1, capacity=context + block)
-    model.extend_context(prompt, one)
-    cache = one.select_rows(torch.zeros(batch, dtype=torch.long))  # every row the same past
+    # every row its own past: rows that shared one would route alike and touch fewer experts
+    prompt = torch.randint(FIRST_RANDOM_ID, config.vocab_size, (batch, context), generator=g)
+    cache = model.empty_cache(batch, capacity=context + block)
+    model.extend_context(prompt, cache)
     snap = cache.snapshot()
     ids = torch.randint(FIRST_RANDOM_ID, config.vocab_size, (batch, block), generator=g)
     t = torch.full((batch,), 0.5)  # a block half denoised
@@ -399,6 +422,27 @@ def format_row(r: Row) -> str:
     )
 
 
+def summary_table(rows: list[Row]) -> list[str]:
+    """One line per forward: the whole forward and its MoE layer, measured against predicted."""
+    lines = [
+        "| dtype | forward | batch | experts | total ms | predicted | pred/meas | MoE ms | MoE % BW | MoE pred/meas |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    by_key = {(r.dtype, r.forward, r.batch, r.part): r for r in rows}
+    for (d, f, b, part), total in by_key.items():
+        if part != "total":
+            continue
+        moe = by_key.get((d, f, b, "moe"))
+        moe_cells = (
+            f"{moe.ms:.1f} | {100 * moe.bandwidth_fraction:.0f} | {moe.predicted_over_measured:.2f}" if moe else "| |"
+        )
+        lines.append(
+            f"| {d} | {f} | {b} | {total.distinct_experts or 0:.1f} | {total.ms:.1f} | {total.predicted_ms:.1f} | "
+            f"{total.predicted_over_measured:.2f} | {moe_cells} |"
+        )
+    return lines
+
+
 def summary_lines(rows: list[Row], goal: list[dict]) -> list[str]:
     met = sum(g["meets_goal"] for g in goal)
     within = [r for r in rows if abs(r.predicted_over_measured - 1) <= PREDICTION_TOLERANCE]
@@ -461,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
 
+    progress("probing read bandwidth ...")
+    probes = read_probes(args.stream_mib << 20, repeats=3 if args.quick else 7)
     rows: list[Row] = []
     for d in dtypes:
         progress(f"building random {d} weights at {args.preset} widths, layers {args.layers} ...")
@@ -490,11 +536,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} cores, {args.threads} threads)"
     )
-    print("% BW and % peak: of the stream bandwidth / matmul peak sampled before each call (medians)")
+    print("read probes (side by side): " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in probes.items()))
+    print("% BW and % peak: of the stream bandwidth (fp32 GEMV) / matmul peak sampled before each call (medians)")
     print(HEADER)
     print("|" + "---|" * (HEADER.count("|") - 1))
     for r in rows:
         print(format_row(r))
+    print()
+    print("\n".join(summary_table(rows)))
     goal = moe_goal(rows, args.block_size)
     for line in summary_lines(rows, goal):
         print(line)
@@ -503,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {**vars(args), "repeats_used": repeats},
             "torch": torch.__version__,
             "load_average": {"before": load_before, "after": load_after},
+            "read_probes": probes,
             "rows": [r.to_dict() for r in rows],
             "moe_goal": goal,
         }

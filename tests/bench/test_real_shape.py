@@ -110,6 +110,8 @@ def test_cli_json(rs, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| dtype | forward |" in text and "MoE layers at >= 50%" in text
     record = json.loads(out.read_text())
+    assert set(record["read_probes"]) == {"fp32 sum", "fp32 GEMV", "bf16 GEMV"}
+    assert min(record["read_probes"].values()) > 0
     rows = record["rows"]
     per_forward = {(r["dtype"], r["forward"], r["batch"]) for r in rows}
     assert per_forward == {
