@@ -225,3 +225,14 @@ def test_cli_table_json_plot(tmp_path, capsys):
     with pytest.raises(SystemExit):
         script["main"](["--taus", "2,abc"])
     assert "comma-separated" in capsys.readouterr().err
+
+
+def test_costs_add_and_scale():
+    a, b = cm.Cost(10, 3), cm.Cost(5, 1)
+    assert a + b == cm.Cost(15, 4)
+    assert 2 * a == a * 2 == cm.Cost(20, 6)
+    layers = cm.forward_cost(hand_config().replace(layers_block_type=("moe",) * 3), cm.Forward("ar_step", 1, 1))
+    one = cm.layer_cost(
+        hand_config(), "moe", cm.Forward("ar_step", 1, 1), cm.Precision(), cm.independent(hand_config())
+    )
+    assert layers.parts["moe"] == 3 * one

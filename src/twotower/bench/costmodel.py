@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from ..conditioning import FREQ_DIM
 from ..config import NemotronHConfig
 
-GB = 1e9
 BF16_BYTES = 2
 FP32_BYTES = 4
 PAPER_RATIO = 2.42  # the paper's diffusion/AR wall-clock throughput (gamma 0.8, S=16, BF16, H100)
