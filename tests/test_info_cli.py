@@ -63,7 +63,7 @@ def test_int8_experts_fit_one_h100(capsys):
 def test_text_report_shows_the_figures(capsys):
     assert cli.main(["info", "--preset", NANO, "--dtype", "bf16", "--devices", "cuda:0=h200,cuda:1=80GB"]) == 0
     text = capsys.readouterr().out
-    assert "63.19B" in text and "117.69 GiB" in text and "62.17 GiB" in text
+    assert "63.19B" in text and "117.69 GiB" in text and "62.22 GiB" in text
     assert "K/V per 1024 tokens" in text and "6.00 MiB" in text and "46.00 MiB" in text
     assert "both towers fit on cuda:0" in text
     for section in ("parameters", "weights", "cache per sequence", "workspace", 'placement (device_map="auto")'):

@@ -20,9 +20,9 @@ from .conditioning import FREQ_DIM
 from .config import NemotronHConfig
 from .decode.diffusion import DiffusionSettings
 from .dtypes import DTYPES, dtype_name, resolve_dtype
+from .quantize import QUANTIZE_SCHEMES, quantized_bytes  # noqa: F401  (QUANTIZE_SCHEMES re-exported for info)
 
 GiB = 1024**3
-QUANTIZE_SCHEMES = ("none", "int8-experts")
 ROUTER_BIAS_DTYPE = torch.float32  # `e_score_correction_bias` stays fp32 whatever the model dtype (checkpoint.py)
 DEFAULT_BLOCK_SIZE = DiffusionSettings.block_size
 DEVICE_RESERVE_BYTES = 1 * GiB  # per device: the CUDA context and allocator slack (inside the total, not usable)
@@ -150,22 +150,11 @@ def count_parameters(config: NemotronHConfig) -> ModelCounts:
 
 # ---- weight bytes ---------------------------------------------------------------------------------------
 def expert_bytes(config: NemotronHConfig, *, dtype: torch.dtype, quantize: str = "none") -> int:
-    """Bytes of ONE tower's routed + shared expert weights (and shared-expert biases). The only place
-    that knows a quantisation scheme (a `twotower.quantize` module can replace it):
-    - "none": every element in `dtype`;
-    - "int8-experts": one byte per weight plus one scale per output channel in `dtype` (routed up/down:
-      E*I and E*H channels; shared up/down: I_shared and H); biases stay in `dtype`."""
-    if quantize not in QUANTIZE_SCHEMES:
-        raise ValueError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZE_SCHEMES)}")
-    counts = tower_counts(config, denoiser=False)
-    if quantize == "none":
-        return counts.experts * dtype.itemsize
-    n_moe, H = _kinds(config)["moe"], config.hidden_size
-    E, I, I_shared = config.n_routed_experts, config.moe_intermediate_size, config.moe_shared_expert_intermediate_size
-    weights = n_moe * (E * 2 * I * H + 2 * I_shared * H)
-    biases = counts.shared_experts - n_moe * 2 * I_shared * H
-    scales = n_moe * (E * (I + H) + I_shared + H)
-    return weights * torch.int8.itemsize + (scales + biases) * dtype.itemsize
+    """Bytes of ONE tower's routed + shared expert weights (and shared-expert biases) under a scheme of
+    `twotower.quantize` (whose `quantized_bytes` is the one place that knows what a scheme stores:
+    one byte per weight plus a float32 scale per output channel; biases stay in `dtype`)."""
+    saved = quantized_bytes(config, dtype, quantize).saved_bytes
+    return tower_counts(config, denoiser=False).experts * dtype.itemsize - saved
 
 
 def weight_bytes(config: NemotronHConfig, counts: PartCounts, *, dtype: torch.dtype, quantize: str = "none") -> int:
