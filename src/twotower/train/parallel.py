@@ -7,8 +7,8 @@ update: an objective returns its loss as a SUM over this rank's targets divided 
 count, and the engines SUM gradients over ranks (DDP through a sum comm hook, FSDP2 with a gradient
 divide factor of 1), so one step is exactly the single-process step on the whole global batch.
 
-FSDP2 layout (`shard_units`): one unit per Linear, Embedding and MoE expert bank of both towers (the
-modules that hold the weights and are always called through their forward); the root unit (the
+FSDP2 layout (`shard_units`): one unit per MoE layer and per other Linear and Embedding of both towers
+(the modules that hold the weights and are always called through their forward); the root unit (the
 `LossModule`) holds the rest (norms, conv kernels, SSM scalars, adaLN tables). The frozen context tower is
 sharded like the denoiser but has no gradients and is never given to the optimizer. With
 `bf16=True` the sharded (master) parameters and the optimizer stay float32, compute runs in
@@ -227,14 +227,18 @@ def _ddp(root: LossModule, dist_info: Dist) -> nn.Module:
 
 # ---- FSDP2 --------------------------------------------------------------------------------------------
 def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The FSDP2 units below the root: every Linear and Embedding and every MoE expert bank. These
-    are always used through their own forward, whichever model methods an objective calls (the
-    towers' paths call `mixer.qkv`, `mixer.o_proj`, or a Mamba mixer's pieces directly, so a mixer is
-    not a safe unit); they hold nearly all the weights. The rest (norms, conv kernels, SSM scalars,
-    routers, adaLN tables) stays in the root unit, gathered for the whole forward."""
-    from ..layers.moe import Experts
+    """The FSDP2 units below the root: every MoE layer (router, expert bank and shared expert: one
+    gather for the largest part of the model) and every other Linear and Embedding. These are always
+    used through their own forward, whichever model methods an objective calls (the towers' paths call
+    `mixer.qkv`, `mixer.o_proj` or a Mamba mixer's pieces directly, so a layer or an attention or Mamba
+    mixer is not a safe unit), and they hold nearly all the weights. The rest (norms, conv kernels,
+    SSM scalars, adaLN tables) stays in the root unit, gathered for the whole forward."""
+    from ..layers.moe import MoE
 
-    return [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding, Experts))]
+    units = [m for m in model.modules() if isinstance(m, MoE)]
+    inside = {id(sub) for unit in units for sub in unit.modules()}
+    units += [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding)) and id(m) not in inside]
+    return units
 
 
 def _fsdp(root: LossModule, *, bf16: bool) -> nn.Module:
