@@ -110,6 +110,17 @@ def measure_load(path, tmp_path, option: str, value: str, *, env=None) -> tuple[
     return added, size
 
 
+def random_bf16_model(config) -> TwoTowerForCausalLM:
+    """A bf16 TwoTower of random normal values, allocated once (no float32 model first)."""
+    with torch.device("meta"):
+        meta = TwoTowerForCausalLM(config)
+    model = meta.to_empty(device="cpu").to(torch.bfloat16)
+    for t in model.state_dict().values():
+        if t.is_floating_point():
+            t.normal_()
+    return model
+
+
 @pytest.mark.parametrize("dtype", ["auto", "float32"])
 def test_peak_memory_of_a_load_is_the_models_bytes(tmp_path, dtype):
     """A ~100 MB bf16 checkpoint in shards loaded in a fresh process: what the load adds to the
@@ -118,11 +129,7 @@ def test_peak_memory_of_a_load_is_the_models_bytes(tmp_path, dtype):
     config = tiny_config("ME*E").replace(
         vocab_size=8192, hidden_size=512, n_routed_experts=32, moe_intermediate_size=512, extra={}
     )
-    with torch.device("meta"):
-        meta = TwoTowerForCausalLM(config)
-    model = meta.to_empty(device="cpu").to(torch.bfloat16)
-    for t in model.state_dict().values():
-        t.normal_() if t.is_floating_point() else None
+    model = random_bf16_model(config)
     model.save_pretrained(tmp_path / "model", max_shard_bytes=40_000_000)
     del model
     added, size = measure_load(tmp_path / "model", tmp_path, "dtype", dtype)
@@ -301,11 +308,7 @@ def test_int8_load_never_holds_the_model_dtype_experts(tmp_path):
     config = tiny_config("EEEE").replace(
         vocab_size=1024, hidden_size=512, n_routed_experts=32, moe_intermediate_size=768, extra={}
     )
-    with torch.device("meta"):
-        meta = TwoTowerForCausalLM(config)
-    model = meta.to_empty(device="cpu").to(torch.bfloat16)
-    for t in model.state_dict().values():
-        t.normal_() if t.is_floating_point() else None
+    model = random_bf16_model(config)
     model.save_pretrained(tmp_path / "model", max_shard_bytes=40_000_000)
     full = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     layer = 2 * model.context_tower.layers[0].mixer.experts.up_proj.nbytes
