@@ -38,6 +38,8 @@ __all__ = ["Dist", "StepBatch", "TrainSettings", "Trainer", "wsd_lr"]
 
 @dataclass(frozen=True)
 class TrainSettings:
+    """Everything that defines a run (saved in each checkpoint's JSON state); `validate` says what is wrong."""
+
     steps: int = 1000
     global_batch: int = 16
     micro_batch: int = 16
@@ -113,7 +115,8 @@ EvalFn = Callable[[Engine], float]
 
 
 class Trainer:
-    """Trains `trainable` (parameters of `model`, on its device, identical on every rank).
+    """Trains `trainable` (parameters of `model`, on its device, identical on every rank), exporting
+    `out_dir/model` at the end. Under fsdp `model` is sharded in place (its parameters become DTensors).
 
     flops_per_token: model FLOPs per trained token (`flops.py`), for MFU; peak: the device peak.
     """
