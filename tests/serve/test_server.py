@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 
 import openai
@@ -43,6 +47,34 @@ def test_binds_loopback_by_default():
     assert parse_options({"mode": "ar"}, defaults).anchor is False  # a default anchor yields to an ar request
     with pytest.raises(OptionError, match="anchor applies to mode diffusion only"):
         parse_options({"mode": "ar", "anchor": True}, defaults)
+
+
+def test_a_warning_when_reachable_from_elsewhere_without_a_key():
+    assert serve_cli.exposure_warning("127.0.0.1", None) is None
+    assert serve_cli.exposure_warning("localhost", None) is None
+    assert serve_cli.exposure_warning("::1", None) is None
+    assert "without an API key" in serve_cli.exposure_warning("0.0.0.0", None)
+    assert serve_cli.exposure_warning("0.0.0.0", "k") is None
+
+
+def test_the_command_serves_with_the_key_from_the_environment_and_stops_on_ctrl_c(model_dir):
+    env = {**os.environ, serve_cli.API_KEY_ENV: KEY}
+    cmd = [sys.executable, "-m", "twotower.cli", "serve", "--model", str(model_dir), "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith(f"serving {model_dir.name} on http://127.0.0.1:"), line
+        url = line.rsplit(" on ", 1)[1].strip()
+        c = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        assert c.completions.create(model=model_dir.name, prompt="the", max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in proc.stderr.read()
 
 
 def test_completion_equals_the_library_alone(server, loaded):

@@ -62,8 +62,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _server_modules():
+    """The ASGI stack, or one clear error when the `serve` extra is not installed."""
+    try:
+        from . import app, server
+    except ImportError as err:
+        raise CLIError(
+            f"twotower serve needs the serve extra ({err.name} is missing): pip install 'twotower[serve]'"
+        ) from None
+    return app, server
+
+
 def server_config(args: argparse.Namespace):
-    from .app import ServerConfig
+    ServerConfig = _server_modules()[0].ServerConfig
 
     for name in ("max_batch_size", "max_prompt_tokens", "max_tokens_limit"):
         if getattr(args, name) < 1:
@@ -99,15 +110,11 @@ def server_config(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import make_server
-
+    make_server = _server_modules()[1].make_server
     config = server_config(args)
-    if config.api_key is None and not _is_loopback(config.host):
-        print(
-            f"warning: serving on {config.host} without an API key: anyone who can reach it can use it "
-            f"(set --api-key or ${API_KEY_ENV})",
-            file=sys.stderr,
-        )
+    warning = exposure_warning(config.host, config.api_key)
+    if warning is not None:
+        print(warning, file=sys.stderr)
     loaded = load_model(args)
     try:
         server = make_server(loaded, config)
@@ -122,6 +129,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         server.close()
     return 0
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """What to say when the server is reachable from other machines with no key."""
+    if api_key is not None or _is_loopback(host):
+        return None
+    return (
+        f"warning: serving on {host} without an API key: anyone who can reach it can use it "
+        f"(set --api-key or ${API_KEY_ENV})"
+    )
 
 
 def _is_loopback(host: str) -> bool:

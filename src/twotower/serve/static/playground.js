@@ -70,7 +70,7 @@ function shown(text) {
 function paint(step, before) {
   const size = stats.size;
   // what the previous step committed is no longer new
-  document.querySelectorAll(".cell.new").forEach((el) => (el.className = "cell done"));
+  $("blocks").querySelectorAll(".cell.new").forEach((el) => (el.className = "cell done"));
   step.cells.forEach((cell, i) => {
     const pos = step.position + i;
     const el = row(Math.floor(pos / size)).querySelector(".cells").children[pos % size];
@@ -113,7 +113,9 @@ async function drain() {
       record(step);
       if (stats.mode !== "speculative") stats.forwards += 1; // a speculative round drafts in several forwards
       $("stat-forwards").textContent = String(stats.forwards);
-      $("stat-tokens").textContent = String(document.querySelectorAll(".cell.new, .cell.done").length);
+      const tokens = $("blocks").querySelectorAll(".cell.new, .cell.done").length;
+      $("stat-tokens").textContent = String(tokens);
+      if (stats.mode === "diffusion") $("stat-tpf").textContent = (tokens / stats.forwards).toFixed(2);
       if (pace > 0) await sleep(pace);
     } else if (item.kind === "chunk") {
       const choice = item.data.choices && item.data.choices[0];
@@ -143,8 +145,8 @@ function showSummary(s) {
   $("stat-blocks").textContent = String(s.blocks);
   $("stat-time").textContent = `${s.seconds.toFixed(2)} s`;
   $("stat-finish").textContent = s.finish_reason;
-  document.querySelectorAll(".cell.new").forEach((el) => (el.className = "cell done"));
-  document.querySelectorAll(".cell.masked, .cell.slot").forEach((el) => (el.className = "cell unused"));
+  $("blocks").querySelectorAll(".cell.new").forEach((el) => (el.className = "cell done"));
+  $("blocks").querySelectorAll(".cell.masked, .cell.slot").forEach((el) => (el.className = "cell unused"));
 }
 
 function showError(message) {
@@ -174,6 +176,7 @@ function reset() {
   for (const id of ["stat-tpf", "stat-time", "stat-finish"]) $(id).textContent = "–";
   $("stat-forwards-label").firstChild.textContent =
     stats.mode === "ar" ? "forwards " : "denoiser forwards (NFE) ";
+  $("stat-blocks-label").firstChild.textContent = stats.mode === "diffusion" ? "blocks " : "commits ";
 }
 
 async function run(event) {
