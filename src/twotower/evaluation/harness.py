@@ -55,6 +55,7 @@ class EvalSettings:
     temperature: float | None = None
     top_k: int | None = None
     max_gen_toks: int = DEFAULT_MAX_GEN_TOKS
+    max_gen_toks_cap: int | None = None  # every task's budget at most this (quick runs; changes scores)
     max_length: int | None = None  # None: the config's max_position_embeddings, else DEFAULT_MAX_LENGTH
     batch_size: int = 1
     seed: int = 0
@@ -70,6 +71,8 @@ class EvalSettings:
         for name in ("max_gen_toks", "batch_size"):
             if not _is_int(getattr(self, name), at_least=1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.max_gen_toks_cap is not None and not _is_int(self.max_gen_toks_cap, at_least=1):
+            raise ValueError(f"max_gen_toks_cap must be a positive integer, got {self.max_gen_toks_cap!r}")
         if self.max_length is not None and not _is_int(self.max_length, at_least=2):
             raise ValueError(f"max_length must be an integer >= 2, got {self.max_length!r}")
         temperature = 0.0 if self.temperature is None else self.temperature
@@ -125,6 +128,17 @@ class SpeedStats:
         self.row_forwards += sum(per_row) if per_row is not None else sum(len(r) for r in rows)
         self.seconds += seconds
 
+    def since(self, earlier: SpeedStats) -> SpeedStats:
+        """The cost accumulated after `earlier` (a copy taken with `dataclasses.replace`)."""
+        return SpeedStats(
+            self.mode,
+            requests=self.requests - earlier.requests,
+            generated_tokens=self.generated_tokens - earlier.generated_tokens,
+            nfe=self.nfe - earlier.nfe,
+            row_forwards=self.row_forwards - earlier.row_forwards,
+            seconds=self.seconds - earlier.seconds,
+        )
+
     def as_dict(self) -> dict:
         return {
             **asdict(self),
@@ -158,7 +172,8 @@ class TwoTowerLM(LM):
     """A TwoTower checkpoint behind the harness's three request types (see the module docstring).
 
     model_args: pretrained (checkpoint dir; default the bundled twotower-tiny), mode, block_size,
-    steps_per_block, confidence_threshold, temperature, top_k, max_gen_toks, max_length,
+    steps_per_block, confidence_threshold, temperature, top_k, max_gen_toks (when a task sets none),
+    max_gen_toks_cap (every task's budget at most this), max_length,
     batch_size, device, denoiser_device (towers on two devices), dtype (auto|float32|bfloat16|float16; auto = as stored), quantize (none|int8-experts),
     seed, anchor (diffusion: each block's first token from the context tower).
     """
@@ -174,6 +189,7 @@ class TwoTowerLM(LM):
         temperature: float | None = None,
         top_k: int | None = None,
         max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        max_gen_toks_cap: int | None = None,
         max_length: int | None = None,
         batch_size: int | str = 1,
         device: str | None = None,
@@ -194,6 +210,7 @@ class TwoTowerLM(LM):
             temperature=temperature,
             top_k=top_k,
             max_gen_toks=max_gen_toks,
+            max_gen_toks_cap=max_gen_toks_cap,
             max_length=max_length,
             batch_size=parse_batch_size(batch_size),
             seed=seed,
@@ -288,6 +305,8 @@ class TwoTowerLM(LM):
         until = kwargs.get("until") or ()
         until = (until,) if isinstance(until, str) else tuple(until)
         max_gen_toks = int(kwargs.get("max_gen_toks", self.settings.max_gen_toks))
+        if self.settings.max_gen_toks_cap is not None:
+            max_gen_toks = min(max_gen_toks, self.settings.max_gen_toks_cap)
         if self.settings.temperature is not None:
             temperature = float(self.settings.temperature)
         else:
@@ -330,6 +349,16 @@ class TwoTowerLM(LM):
         if s.mode == "ar":
             return self.model.generate_ar(prompts, **common)
         return self.model.generate_mock_ar(prompts, **common)
+
+    def warm_up(self, text: str = "Warm-up") -> None:
+        """One batch of `batch_size` short generations in the configured mode, neither timed nor
+        counted in `speed`, and without moving the sampling seeds of later calls: so that one-off
+        start-up costs (kernel selection, allocator growth, lazy initialisation) stay out of the
+        measured throughput."""
+        calls = self._generate_calls
+        prompt = self._context_ids(text)
+        self.generate_ids([prompt] * self.settings.batch_size, max_new_tokens=self.settings.block_size, temperature=0.0)
+        self._generate_calls = calls
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Batches requests that share stop strings, token budget and temperature, longest prompt
