@@ -40,7 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # real_shape.py, next 
 from real_shape import RoutingRecorder, random_twotower  # noqa: E402
 
 from twotower.bench.costmodel import (  # noqa: E402
+    BF16_BYTES,
+    FP32_BYTES,
     GPUS,
+    STATE_DTYPE_BYTES,
     Forward,
     Machine,
     Precision,
@@ -288,14 +291,15 @@ def model_bytes(config, *, tie_towers: bool, dtype: torch.dtype) -> int:
 
 
 def workspace_bytes(config, *, batch: int, capacity: int) -> int:
-    """Room for one batch: two copies of its state (the cache and a fixed-shape decoder), logits of a
-    block forward in float32 and bf16, and slack."""
-    ssm = config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size * 4
-    conv = config.mamba_conv_dim * (config.conv_kernel - 1) * 2
-    kv = 2 * config.num_key_value_heads * config.head_dim * capacity * 2
+    """Room for one batch of the bf16 model: two copies of its state (the cache and a fixed-shape
+    decoder), logits of a block forward in float32 and bf16, and slack."""
+    ssm = config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size
+    ssm *= STATE_DTYPE_BYTES[config.mamba_ssm_cache_dtype]
+    conv = config.mamba_conv_dim * (config.conv_kernel - 1) * BF16_BYTES
+    kv = 2 * config.num_key_value_heads * config.head_dim * capacity * BF16_BYTES
     kinds = config.layers_block_type
     per_row = kinds.count("linear_attention") * (ssm + conv) + kinds.count("full_attention") * kv
-    logits = batch * BLOCK * config.vocab_size * (4 + 2)
+    logits = batch * BLOCK * config.vocab_size * (FP32_BYTES + BF16_BYTES)
     return 2 * batch * per_row + logits + SLACK_BYTES
 
 
