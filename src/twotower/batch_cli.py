@@ -16,6 +16,7 @@ from pathlib import Path
 
 from .cli import CLIError, add_generation_options, add_model_option, load_model
 from .decode.engine import MODES
+from .integrations.ray_cli import add_ray_options, cmd_batch_ray
 from .workload import Limits, Options, parse_options
 
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -34,8 +35,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "command resumes: finished ids are skipped. Rejected lines go to OUTPUT.errors.jsonl."
         ),
     )
-    p.add_argument("--input", required=True, type=Path, help="JSONL file of requests")
-    p.add_argument("--output", required=True, type=Path, help="JSONL file of outputs (appended to; resumable)")
+    p.add_argument(
+        "--input",
+        required=True,
+        type=Path,
+        help="JSONL file of requests (--engine ray: a directory, file or glob of JSONL / Parquet files)",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="JSONL file of outputs, appended to; resumable (--engine ray: a directory, one file per input block)",
+    )
     add_model_option(p)
     add_generation_options(p)
     g = p.add_argument_group("batching")
@@ -47,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--max-prompt-tokens", type=int, default=8192, help="longer prompts are rejected (default: 8192)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_ray_options(p)
     p.set_defaults(func=cmd_batch)
 
 
@@ -84,6 +96,8 @@ def dist_rank_world() -> tuple[int, int]:
 def cmd_batch(args: argparse.Namespace) -> int:
     from . import batch_job as bj
 
+    if getattr(args, "engine", "local") == "ray":
+        return cmd_batch_ray(args)
     if not args.input.is_file():
         raise CLIError(f"input file {args.input} does not exist")
     if args.input.resolve() == args.output.resolve():

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .decode.engine import FINISH_CANCELLED
+from .decode.engine import FINISH_CANCELLED, Event
 from .decode.scheduler import Scheduler
 from .workload import (
     DEFAULT_LIMITS,
@@ -309,9 +309,11 @@ def generate_outputs(
     max_batch_size: int,
     eos_ids: tuple[int, ...],
     on_step: Callable[[list[dict], int], None],
+    on_event: Callable[[Event], None] | None = None,
 ) -> None:
     """Decode `jobs` with continuous batching; after every step, `on_step(finished output records,
-    tokens generated in the step)` (the caller appends the records to its log)."""
+    tokens generated in the step)` (the caller appends the records to its log). `on_event`, if given,
+    sees every engine event first (the Ray predictor counts each row's denoiser forwards from them)."""
     scheduler = Scheduler(model, max_batch_size=max_batch_size)
     todo = deque(jobs)
     running: dict[str, tuple[Job, TextStream]] = {}
@@ -322,6 +324,8 @@ def generate_outputs(
             running[job.key] = (job, TextStream(tokenizer, stop=job.options.stop, eos_ids=eos_ids))
         finished, new_tokens = [], 0
         for event in scheduler.step():
+            if on_event is not None:
+                on_event(event)
             job, stream = running[event.request_id]
             new_tokens += len(event.tokens)
             stream.feed(event.tokens)

@@ -1,0 +1,192 @@
+"""`twotower batch --engine ray`: the same requests and outputs as `twotower batch`, decoded by a pool
+of model actors on a Ray cluster (a local one on 127.0.0.1 unless --ray-address names another), read
+from a directory or glob of JSONL / Parquet files and written as one output file per input block
+(see ray_files). Imports Ray only when the command runs, so the core package never does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+from ..cli import CLIError
+from ..decode.engine import MODES
+from .ray_files import DEFAULT_ROWS_PER_FILE, input_files, output_lock, plan_job, read_done, write_errors
+
+ENGINES = ("local", "ray")
+ROWS_PER_CALL_FACTOR = 4  # a predictor call gets this many engine batches of rows (fewer half-empty tails)
+
+
+def add_ray_options(p: argparse.ArgumentParser) -> None:
+    """`--engine` and the options of the Ray engine, for `twotower batch`."""
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: this process (or torchrun's); ray: a pool of model actors on a Ray cluster, needs "
+        "pip install 'twotower[ray]' (default: local)",
+    )
+    g = p.add_argument_group("ray engine (--engine ray)")
+    g.add_argument(
+        "--actors", type=int, default=None, help="model actors (default: GPUs / --gpus-per-actor, or 1 without GPUs)"
+    )
+    g.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=None,
+        help="GPUs per actor: 1, or 2 with the towers split over them (--device auto, or cuda:0 + "
+        "--denoiser-device cuda:1); inside an actor its GPUs count from 0 (default: 1 when --device is not "
+        "cpu and the cluster has GPUs, else 0)",
+    )
+    g.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs reserved per actor (default: 1)")
+    g.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=DEFAULT_ROWS_PER_FILE,
+        help=f"input rows per block, the unit of one output file (default: {DEFAULT_ROWS_PER_FILE})",
+    )
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster, e.g. auto (the one started with `ray start` on this machine) or HEAD_IP:6379 "
+        "(default: $RAY_ADDRESS, else a new local cluster that listens on 127.0.0.1 only)",
+    )
+
+
+def cmd_batch_ray(args: argparse.Namespace, *, predictor_cls: type | None = None) -> int:
+    """Run the job; `predictor_cls` replaces `TwoTowerPredictor` (tests use it to kill an actor)."""
+    check_installed()
+    from ..batch_cli import batch_limits, default_options
+    from ..loading import resolve_model_path
+    from ..tokenizer import Tokenizer
+
+    if args.mode not in MODES:
+        raise CLIError(f"batch decodes modes {', '.join(MODES)} (continuous batching); {args.mode} is not one")
+    if args.max_batch_size < 1:
+        raise CLIError("--max-batch-size must be at least 1")
+    files = input_files(args.input)
+    output = check_output(args.output, files)
+    defaults = default_options(args)
+    model_path = resolve_model_path(args.model)
+    tokenizer = Tokenizer.load(model_path)
+    with output_lock(output):
+        plan = plan_job(
+            files,
+            tokenizer=tokenizer,
+            defaults=defaults,
+            limits=batch_limits(args),
+            done=read_done(output),
+            rows_per_file=args.rows_per_file,
+        )
+        errors = write_errors(output, plan.errors)
+        if plan.errors:
+            print(f"{len(plan.errors)} input row(s) rejected: see {errors}", file=sys.stderr)
+        model = None if args.model is None else str(model_path.resolve())  # actors may start elsewhere
+        summary = run_on_cluster(args, plan, output, defaults, model, predictor_cls)
+    print(summary.line(), file=sys.stderr)
+    return 0
+
+
+def run_on_cluster(args, plan, output: Path, defaults, model: str | None, predictor_cls: type | None):
+    """Connect (or start a loopback-only local cluster), run the plan, and shut down what was started."""
+    from .ray import TwoTowerPredictor
+    from .ray_cluster import ClusterError, cluster_gpus, connect
+    from .ray_job import JobSummary, run_job
+
+    if not plan.pending:
+        return JobSummary(skipped=plan.done, rejected=len(plan.errors))
+    try:
+        started = connect(args.ray_address or os.environ.get("RAY_ADDRESS"))  # before `import ray`: see ray_cluster
+    except ClusterError as err:
+        raise CLIError(str(err)) from None
+    import ray
+
+    try:
+        pool = actor_pool(args, cluster_gpus())
+        kwargs = dict(
+            model=model,
+            dtype=args.dtype,
+            device=args.device,
+            denoiser_device=args.denoiser_device,
+            quantize=args.quantize,
+            defaults=defaults,
+            max_batch_size=args.max_batch_size,
+            max_prompt_tokens=args.max_prompt_tokens,
+            seed=args.seed,
+            stop_at_eos=not args.no_eos,
+        )
+        return run_job(
+            plan,
+            output,
+            predictor_kwargs=kwargs,
+            pool=pool,
+            predictor_cls=predictor_cls or TwoTowerPredictor,
+            progress=not args.no_progress,
+        )
+    except ray.exceptions.RayError as err:
+        raise CLIError(
+            f"the Ray job failed: {last_line(err)}; the output files written so far are kept, so re-running "
+            "the same command decodes only the rest"
+        ) from None
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def check_installed() -> None:
+    missing = [name for name in ("ray", "pyarrow") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CLIError(f"--engine ray needs {' and '.join(missing)}: pip install 'twotower[ray]'")
+
+
+def check_output(output: Path, files: list[Path]) -> Path:
+    """The output directory (created); CLIError if it is a file or holds an input file."""
+    if output.exists() and not output.is_dir():
+        raise CLIError(f"--output {output} must be a directory with --engine ray")
+    output.mkdir(parents=True, exist_ok=True)
+    root = output.resolve()
+    inside = [f for f in files if f.resolve().is_relative_to(root)]
+    if inside:
+        raise CLIError(f"--output {output} holds input file {inside[0]}: give another directory")
+    return output
+
+
+def actor_pool(args: argparse.Namespace, gpus_in_cluster: float):
+    """The actor pool the options ask for, checked against the cluster's GPUs."""
+    from .ray_job import ActorPool
+
+    wants_gpu = args.device not in ("cpu", "auto") or args.denoiser_device not in (None, "cpu")
+    gpus = args.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if args.device != "cpu" and gpus_in_cluster > 0 else 0.0
+    if gpus > 0 and args.device == "cpu" and args.denoiser_device in (None, "cpu"):
+        raise CLIError(
+            "--gpus-per-actor gives each actor GPUs, but --device cpu keeps the model off them: pass --device cuda (or auto)"
+        )
+    if wants_gpu and gpus == 0:
+        raise CLIError(
+            f"--device {args.device} needs GPUs in each actor: pass --gpus-per-actor 1 (2 to split the towers)"
+        )
+    if gpus > gpus_in_cluster:
+        raise CLIError(f"each actor asks for {gpus:g} GPU(s) but the cluster has {gpus_in_cluster:g}")
+    actors = args.actors if args.actors is not None else (max(1, int(gpus_in_cluster // gpus)) if gpus else 1)
+    if actors < 1:
+        raise CLIError("--actors must be at least 1")
+    try:
+        return ActorPool(
+            actors=actors,
+            gpus_per_actor=gpus,
+            cpus_per_actor=args.cpus_per_actor,
+            rows_per_call=ROWS_PER_CALL_FACTOR * args.max_batch_size,
+        )
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+
+
+def last_line(err: BaseException) -> str:
+    """The last non-blank line of an error's text (Ray's carry the remote traceback before it)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
