@@ -211,6 +211,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     given = [f"--{name.replace('_', '-')}" for name in PAPER_ONLY if getattr(args, name)]
     if given:
         raise CLIError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} with --paper only")
+    single_value(args.block_size, DEFAULT_BLOCK_SIZE, "--block-size")  # before the task index is built
+    single_value(args.threshold, DEFAULT_THRESHOLD, "--threshold")
     results = evaluate(args)
     from lm_eval.utils import handle_non_serializable, make_table
 
