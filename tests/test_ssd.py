@@ -8,7 +8,15 @@ import torch.nn.functional as F
 from conftest import randomise_special_params, tiny_config
 
 from twotower.layers.mamba2 import Mamba2Mixer, short_depthwise_conv
-from twotower.layers.ssd import CHUNK_MULTIPLE, effective_chunk, ssd_all_states, ssd_chunked, ssd_chunks_of, ssd_naive
+from twotower.layers.ssd import (
+    CHUNK_MULTIPLE,
+    effective_chunk,
+    ssd_all_states,
+    ssd_chunked,
+    ssd_chunks_of,
+    ssd_naive,
+    ssd_step,
+)
 
 
 def _inputs(b=2, L=37, h=4, p=5, n=6, seed=0, scale_state=1.0):
@@ -140,3 +148,23 @@ def test_short_conv_in_bfloat16_rounds_once():
     got = short_depthwise_conv(window, weight, bias)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got, exact.bfloat16())  # fp32 accumulation of 4 products, then one rounding
+
+
+def test_one_token_step_matches_the_recurrence_and_leaves_its_input_alone():
+    """state' = exp(dt A) state + dt x outer B, y = state' . C, per head; groups shared by heads."""
+    g = torch.Generator().manual_seed(7)
+    b, h, p, n, groups = 3, 8, 4, 5, 2
+    x, dt = torch.randn(b, h, p, generator=g), torch.rand(b, h, generator=g)
+    A, B, C = (
+        -torch.rand(h, generator=g),
+        torch.randn(b, groups, n, generator=g),
+        torch.randn(b, groups, n, generator=g),
+    )
+    state = torch.randn(b, h, p, n, generator=g)
+    before = state.clone()
+    y, new = ssd_step(x, dt, A, B, C, state)
+    Bh, Ch = B.repeat_interleave(h // groups, 1), C.repeat_interleave(h // groups, 1)
+    want = torch.exp(dt * A)[..., None, None] * state + (dt[..., None] * x)[..., None] * Bh[:, :, None, :]
+    torch.testing.assert_close(new, want)
+    torch.testing.assert_close(y, torch.einsum("bhpn,bhn->bhp", want, Ch))
+    assert torch.equal(state, before)
