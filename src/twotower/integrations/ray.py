@@ -7,6 +7,7 @@ request schema and the output records of `twotower batch` (needs the `ray` extra
         TwoTowerPredictor,
         fn_constructor_kwargs={"model": "/models/twotower", "device": "cuda", "defaults": {"max_tokens": 256}},
         batch_size=128,
+        batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=8),
         num_gpus=1,
     )
@@ -14,7 +15,8 @@ request schema and the output records of `twotower batch` (needs the `ray` extra
 Input: either one `request` column holding each request as JSON text (a `twotower batch` input line)
 or one column per request field (`id`, `prompt`, and any of the options of `twotower batch`; a null
 means "not given"). Rows are validated exactly as `twotower batch` validates a line; a bad row is
-reported in the `error` column instead of failing the batch.
+reported in the `error` column instead of failing the batch. Prefer `batch_format="pyarrow"`: numpy
+and pandas batches turn an integer column with nulls into floats, which are rejected as non-integers.
 
 Output: every input column except `request`, then
   record             the `twotower batch` output record as JSON text (null for a rejected row)
@@ -167,10 +169,15 @@ def batch_columns(batch) -> dict[str, list]:
     if isinstance(batch, pa.Table):
         return batch.to_pydict()
     if hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # pandas, without importing it
-        return {str(c): [plain(v) for v in batch[c].tolist()] for c in batch.columns}
+        return {str(c): [missing_to_none(plain(v)) for v in batch[c].tolist()] for c in batch.columns}
     if isinstance(batch, Mapping):
         return {str(k): [plain(v) for v in (v.tolist() if hasattr(v, "tolist") else list(v))] for k, v in batch.items()}
     raise TypeError(f"a batch must be a dict of columns, a pandas DataFrame or a pyarrow Table, got {type(batch)}")
+
+
+def missing_to_none(value):
+    """pandas marks a missing value with NaN (also in string columns): None, as elsewhere."""
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def plain(value):

@@ -1,0 +1,74 @@
+"""The driver's side of the Ray engine without a cluster: the block writer (a block's file appears when
+its last row is in; a retried batch's second copy is ignored; a row an actor rejects is an error with
+its source and line), the run summary, and how the actor pool follows the device and GPU options."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from twotower.batch_job import id_key
+from twotower.cli import CLIError
+from twotower.integrations.ray_cli import ROWS_PER_CALL_FACTOR, actor_pool
+from twotower.integrations.ray_files import Pending, Plan
+from twotower.integrations.ray_job import ActorPool, BlockWriter, JobSummary
+
+from .helpers import records
+
+pytest.importorskip("pyarrow")
+
+
+def small_plan() -> Plan:
+    keys = [id_key(i) for i in range(3)]
+    plan = Plan(blocks={"b0.jsonl": keys[:2], "b1.jsonl": keys[2:]})
+    plan.pending = [
+        Pending(k, "{}", "b0.jsonl" if i < 2 else "b1.jsonl", "in.jsonl", i + 1) for i, k in enumerate(keys)
+    ]
+    return plan
+
+
+def test_a_block_file_is_written_when_its_last_row_arrives_and_only_once(tmp_path):
+    writer = BlockWriter(tmp_path, small_plan())
+    assert writer.add(id_key(1), {"id": 1, "text": "b"})
+    assert not (tmp_path / "b0.jsonl").exists()  # row 0 is still out
+    assert not writer.add(id_key(1), {"id": 1, "text": "retried copy"})
+    assert not writer.add(id_key(99), {"id": 99, "text": "never sent"})
+    assert writer.add(id_key(0), {"id": 0, "text": "a"})
+    assert [(r["id"], r["text"]) for r in records(tmp_path / "b0.jsonl")] == [(0, "a"), (1, "b")]  # input order
+    assert not writer.complete and writer.written == ["b0.jsonl"]
+    assert writer.add(id_key(2), None, "prompt too long")
+    assert writer.complete and not (tmp_path / "b1.jsonl").exists()  # nothing to write for it
+    (error,) = writer.errors
+    assert (error.source, error.line, error.id, error.error) == ("in.jsonl", 3, 2, "prompt too long")
+
+
+def test_summary_figures():
+    s = JobSummary(rows=4, skipped=2, rejected=1, tokens=100, nfe=40, seconds=4.0, files=["x"])
+    assert s.tokens_per_second == 25.0 and s.nfe_per_token == 0.4
+    assert s.line() == (
+        "4 rows decoded (2 already done, 1 rejected), 100 tokens in 4.0 s: 25.0 tokens/s, "
+        "0.400 NFE per token, 1 output files written"
+    )
+    assert JobSummary().tokens_per_second == 0.0 and JobSummary().nfe_per_token == 0.0
+
+
+def options(**kw) -> argparse.Namespace:
+    base = dict(device="cpu", denoiser_device=None, gpus_per_actor=None, actors=None, cpus_per_actor=1.0)
+    return argparse.Namespace(**{**base, **kw}, max_batch_size=8)
+
+
+def test_actor_pool_follows_the_devices_and_the_cluster():
+    assert actor_pool(options(), 0) == ActorPool(1, 0.0, 1.0, ROWS_PER_CALL_FACTOR * 8)  # CPU: one actor
+    assert actor_pool(options(), 8).gpus_per_actor == 0.0  # --device cpu never takes a GPU
+    assert actor_pool(options(device="cuda"), 8) == ActorPool(8, 1.0, 1.0, ROWS_PER_CALL_FACTOR * 8)
+    split = actor_pool(options(device="auto", gpus_per_actor=2.0), 8)
+    assert (split.actors, split.gpus_per_actor) == (4, 2.0)  # one actor per pair of GPUs
+    assert actor_pool(options(device="auto"), 0).gpus_per_actor == 0.0  # auto on a CPU cluster
+    assert actor_pool(options(device="cuda", actors=3), 8).actors == 3
+    with pytest.raises(CLIError, match="cluster has 1"):
+        actor_pool(options(device="cuda", gpus_per_actor=2.0), 1)
+    with pytest.raises(CLIError, match="--actors must be at least 1"):
+        actor_pool(options(actors=0), 0)
+    with pytest.raises(CLIError, match="cpus_per_actor"):
+        actor_pool(options(cpus_per_actor=0.0), 0)
