@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from .cli import CLIError, add_model_option, load_model
+from .evaluation.paper import ROW_KEYS  # plain data: no harness import
 
 INSTALL_HINT = "the eval command needs lm-evaluation-harness: pip install 'twotower[eval]'"
 EVAL_MODES = ("diffusion", "ar", "mock-ar")  # the modes of the harness adapter (evaluation.harness.MODES)
@@ -101,7 +102,7 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
         help="columns of the table: ar and diffusion by default; diffusion is one column per --threshold and "
         "--block-size value; the first ar column is the baseline",
     )
-    g.add_argument("--rows", default=None, help="comma-separated rows to run (default: all; see docs/evaluation.md)")
+    g.add_argument("--rows", default=None, help=f"comma-separated rows to run (default: all: {', '.join(ROW_KEYS)})")
     g.add_argument(
         "--generative",
         action="store_true",
@@ -287,7 +288,10 @@ def cmd_paper(args: argparse.Namespace) -> int:
     except ModuleNotFoundError as err:
         raise CLIError(INSTALL_HINT) from err
     columns = paper_columns(args)
-    rows = select_rows(task_names(args.rows) if args.rows else None)
+    keys = None if args.rows is None else [k.strip() for k in args.rows.split(",") if k.strip()]
+    if keys == []:
+        raise CLIError("--rows names no row")
+    rows = select_rows(keys)
     options = paper_options(args)
     check_task_folders(args)
     if args.plot:

@@ -43,12 +43,14 @@ def _plot_scores(ax, run: PaperRun) -> None:
         ax.bar(xs, values, width, label=label, hatch="//" if label.startswith("paper") else None, alpha=0.85)
     ax.set_xticks(range(len(run.rows)), [r.row.label for r in run.rows], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("score (%)")
+    ax.set_ylim(0, 125)  # room for the legend above the bars
     ax.set_title("per task: the paper's scores and this run's")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, ncol=2, loc="upper center")
 
 
 def _plot_tradeoff(ax, summary: Summary) -> None:
-    ax.scatter([1.0], [100.0], marker="s", color="gray", label="paper AR")
+    # hollow and larger, so that this run's AR point (also at 1x, 100%) shows inside it
+    ax.scatter([1.0], [100.0], marker="s", s=150, facecolors="none", edgecolors="gray", label="paper AR")
     ax.scatter(
         [summary.paper_reported_throughput],
         [summary.paper_reported_quality_retained],
