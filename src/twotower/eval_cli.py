@@ -241,8 +241,13 @@ def paper_columns(args: argparse.Namespace):
     for option, value, hint in conflicts:
         if value is not None:
             raise CLIError(f"{option} does not apply with --paper ({hint})")
+    modes = args.modes or ["ar", "diffusion"]
+    if "diffusion" not in modes:
+        given = [o for o, v in (("--threshold", args.threshold), ("--block-size", args.block_size)) if v is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)} set diffusion columns, and --modes has none")
     return make_columns(
-        args.modes or ["ar", "diffusion"],
+        modes,
         thresholds=args.threshold or [PAPER_THRESHOLD],
         block_sizes=args.block_size or [DEFAULT_BLOCK_SIZE],
         steps_per_block=args.steps_per_block,

@@ -159,3 +159,37 @@ def test_long_prompts_keep_bos_and_their_end(tiny_loaded):
     assert request.prompt == [full[0], *full[-7:]]
     with pytest.raises(ValueError, match="leaves no room for a prompt"):
         lm._gen_request(0, "Q:", {"max_gen_toks": 12})
+
+
+def test_max_gen_toks_cap_bounds_every_budget(tiny_loaded):
+    lm = TwoTowerLM.from_loaded(tiny_loaded, mode="ar", max_gen_toks=40, max_gen_toks_cap=5)
+    assert lm._gen_request(0, "Q:", {"max_gen_toks": 50}).max_gen_toks == 5
+    assert lm._gen_request(0, "Q:", {}).max_gen_toks == 5  # the fallback budget too
+    assert lm._gen_request(0, "Q:", {"max_gen_toks": 3}).max_gen_toks == 3  # a smaller budget stays
+    with pytest.raises(ValueError, match="max_gen_toks_cap must be a positive integer"):
+        TwoTowerLM.from_loaded(tiny_loaded, mode="ar", max_gen_toks_cap=0)
+
+
+def test_warm_up_is_neither_counted_nor_moves_the_sampling_seeds(tiny_loaded):
+    """A sampled generation after warm_up equals the same generation without it."""
+    options = dict(DIFFUSION, temperature=1.0, seed=3)
+    request = [instance("generate_until", ("Q: 2 + 3 = ?\nA:", {"until": [], "max_gen_toks": 8}), 0)]
+    cold = TwoTowerLM.from_loaded(tiny_loaded, **options)
+    want = cold.generate_until(request)
+    warm = TwoTowerLM.from_loaded(tiny_loaded, **options)
+    warm.warm_up()
+    assert warm.speed.as_dict() == TwoTowerLM.from_loaded(tiny_loaded, **options).speed.as_dict()
+    assert warm.generate_until(request) == want
+    assert warm.speed.requests == cold.speed.requests == 1
+
+
+def test_speed_since_is_the_difference():
+    from dataclasses import replace
+
+    from twotower.evaluation.harness import SpeedStats
+
+    total = SpeedStats("diffusion", requests=5, generated_tokens=50, nfe=20, row_forwards=25, seconds=2.5)
+    earlier = replace(total, requests=2, generated_tokens=10, nfe=8, row_forwards=10, seconds=1.0)
+    delta = total.since(earlier)
+    assert (delta.requests, delta.generated_tokens, delta.nfe, delta.row_forwards) == (3, 40, 12, 15)
+    assert delta.seconds == pytest.approx(1.5) and delta.tokens_per_forward == pytest.approx(40 / 15)

@@ -210,6 +210,7 @@ def test_runner_reports_each_row_as_it_finishes():
         (["--paper", "--num-fewshot", "3"], "each row has its own"),
         (["--paper", "--rows", "mmlu,hellaswag"], "unknown row(s) hellaswag"),
         (["--paper", "--rows", ","], "--rows names no row"),
+        (["--paper", "--modes", "ar", "--threshold", "0.5"], "--threshold set diffusion columns"),
         (["--paper", "--modes", "ar", "--anchor"], "--anchor applies to diffusion columns"),
         (["--tasks", "race", "--plot", "x.png"], "--plot applies with --paper only"),
         (["--tasks", "race", "--modes", "ar", "--generative"], "--modes, --generative apply with --paper only"),
