@@ -134,3 +134,18 @@ def test_chat_refusals_and_unsupported_fields(server, templated):
         assert status == 400 and message in got["error"]["message"], (body, got)
     ok = c.chat.completions.create(model=templated.name, messages=MESSAGES, max_tokens=2, tools=[], logprobs=False)
     assert ok.choices[0].message.content is not None
+
+
+def test_where_the_template_is_read_from(tmp_path, loaded):
+    from twotower.serve.chat import read_template
+
+    assert read_template(tmp_path) is None
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": [{"name": "default", "template": "A"}]})
+    )
+    assert read_template(tmp_path) == "A"  # Hugging Face's list of named templates
+    (tmp_path / "chat_template.jinja").write_text("B")
+    assert read_template(tmp_path) == "B"  # the separate file wins, as in transformers
+    (tmp_path / "chat_template.jinja").write_text("{% for %}")
+    with pytest.raises(ValueError, match="does not compile"):
+        ChatPrompt.from_model_dir(loaded.tokenizer, tmp_path)

@@ -108,7 +108,10 @@ def create_app(loaded, config: ServerConfig) -> FastAPI:
         finally:
             state.worker.close()
 
-    app = FastAPI(title="twotower", summary="OpenAI-compatible TwoTower server", lifespan=lifespan)
+    # no /docs or /redoc: their pages load scripts from a CDN; the schema stays at /openapi.json
+    app = FastAPI(
+        title="twotower", summary="OpenAI-compatible TwoTower server", lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app.state.server = state
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -195,7 +198,13 @@ async def _generate(state: ServerState, request: Request, schema, to_call, fmt: 
         finish(err.status)
         raise
     if call.stream:
-        body = stream(gen, fmt, tokenizer=state.tokenizer, on_finish=lambda status: finish(status, gen))
+        body = stream(
+            gen,
+            fmt,
+            tokenizer=state.tokenizer,
+            on_finish=lambda status: finish(status, gen),
+            disconnected=lambda: _disconnected(request),
+        )
         return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     return await _whole(gen, fmt, request, finish)
 

@@ -120,6 +120,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = make_server(loaded, config)
     except OSError as err:
         raise CLIError(f"cannot listen on {config.host}:{config.port}: {err.strerror or err}") from None
+    except ValueError as err:  # e.g. a chat template that does not compile
+        raise CLIError(f"{loaded.path}: {err}") from None
     print(f"serving {loaded.name} on {server.url}", flush=True)  # the load test waits for this line
     print(f"playground: {server.url}/", flush=True)
     try:

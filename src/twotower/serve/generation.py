@@ -63,6 +63,7 @@ class Generation:
         self.forwards = 0  # denoiser forwards (AR: steps) this request took
         self.blocks = 0
         self.finished = False
+        self.abandoned = False  # the client left
         self.ticket = AsyncTicket(asyncio.get_running_loop())
         request = to_request(self.id, call.prompt_ids, call.options, eos_ids=eos_ids)
         try:
@@ -107,6 +108,12 @@ class Generation:
         finally:
             if not self.finished:
                 self.worker.cancel(self.id)
+
+    def abandon(self) -> None:
+        """The client left: cancel the request in the engine (its stream then ends at once)."""
+        self.abandoned = True
+        if not self.finished:
+            self.worker.cancel(self.id)
 
     async def collect(self) -> str:
         """Run to the end; the finish_reason."""

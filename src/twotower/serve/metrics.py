@@ -11,6 +11,7 @@ that several servers in one process (tests) never share counts. Served at GET /m
   twotower_denoiser_forwards_total                batched denoiser forwards (NFE, all rows of one count once)
   twotower_context_forwards_total                 batched context-tower forwards (prefills, block commits, AR steps)
   twotower_engine_failures_total                  engine steps that raised (each recovered as in worker.py)
+  twotower_batch_rows                             per engine step: rows it decoded together
   twotower_tokens_per_forward{mode}               per request: tokens / denoiser forwards it took (tau)
   twotower_time_to_first_block_seconds{mode}      request accepted -> its first committed tokens
   twotower_request_latency_seconds{endpoint,mode} request accepted -> last byte
@@ -25,6 +26,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TAU_BUCKETS = (1, 1.5, 2, 3, 4, 6, 8, 12, 16, 32)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -44,6 +46,9 @@ class ServerMetrics:
         self.denoiser_forwards = Counter("twotower_denoiser_forwards", "Batched denoiser forwards", registry=r)
         self.context_forwards = Counter("twotower_context_forwards", "Batched context-tower forwards", registry=r)
         self.engine_failures = Counter("twotower_engine_failures", "Engine steps that raised", registry=r)
+        self.batch_rows = Histogram(
+            "twotower_batch_rows", "Rows decoded together per engine step", buckets=ROW_BUCKETS, registry=r
+        )
         self.tokens_per_forward = Histogram(
             "twotower_tokens_per_forward",
             "Per request: generated tokens per denoiser forward",

@@ -6,9 +6,10 @@ With `stream_steps`, named events `step` (each diffusion step's block, for the p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from pydantic import BaseModel
 
@@ -89,10 +90,16 @@ def sse(body: BaseModel | dict, *, event: str | None = None) -> bytes:
     return f"{head}data: {data}\n\n".encode()
 
 
-async def stream(gen: Generation, fmt: Format, *, tokenizer, on_finish: Finish) -> AsyncIterator[bytes]:
+async def stream(
+    gen: Generation, fmt: Format, *, tokenizer, on_finish: Finish, disconnected: Callable[[], Awaitable[None]]
+) -> AsyncIterator[bytes]:
     """The SSE body; `on_finish(status)` runs exactly once: 200, 500 (decoding failed after the 200
-    went out: an error event, then [DONE]) or 499 (the client left: the request is cancelled)."""
+    went out: an error event, then [DONE]) or 499 (the client left: the request is cancelled).
+    `disconnected()` returns when the client has gone: the request is cancelled then even if the
+    server never cancels this generator (Starlette does, under servers of ASGI spec < 2.4)."""
     status = CLIENT_CLOSED
+    watcher = asyncio.ensure_future(disconnected())
+    watcher.add_done_callback(lambda task: task.cancelled() or gen.abandon())
     options = gen.call.options
     steps = Steps(tokenizer, mode=options.mode, block_size=options.block_size) if gen.call.stream_steps else None
     try:
@@ -118,8 +125,9 @@ async def stream(gen: Generation, fmt: Format, *, tokenizer, on_finish: Finish) 
         if steps is not None:
             yield sse(summary(gen, reason), event="summary")
         yield DONE
-        status = 200
+        status = CLIENT_CLOSED if gen.abandoned else 200
     finally:
+        watcher.cancel()
         on_finish(status)
 
 

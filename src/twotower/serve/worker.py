@@ -157,10 +157,13 @@ class EngineWorker:
                     if self.scheduler.idle:
                         continue
                     events = self.scheduler.step()
-                    self.peak_rows = max(self.peak_rows, self.scheduler.active + sum(e.finished for e in events))
                 except Exception as err:  # a bug, bad data, out of memory: isolate it, keep serving
                     self._recover(err)
                     continue
+                rows = self.scheduler.active + sum(e.finished for e in events)  # the rows this step decoded
+                self.peak_rows = max(self.peak_rows, rows)
+                if self.metrics is not None:
+                    self.metrics.batch_rows.observe(rows)
                 self._count_forwards()
                 self._dispatch(events)
                 self.running_rows = self.scheduler.active
