@@ -40,22 +40,6 @@ class Ticket(Protocol):
     def put(self, item: Event | StepTrace | BaseException) -> None: ...
 
 
-class QueueTicket:
-    """A ticket read by a thread: `next()` blocks for the next item and re-raises a failure."""
-
-    def __init__(self) -> None:
-        self.items: queue.Queue = queue.Queue()
-
-    def put(self, item) -> None:
-        self.items.put(item)
-
-    def next(self, timeout: float | None = None) -> Event | StepTrace:
-        item = self.items.get(timeout=timeout)
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-
 @dataclass
 class _Job:
     """A request as its client sees it: the tokens already sent survive a restart of the batch."""
