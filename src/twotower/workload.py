@@ -8,9 +8,17 @@ import math
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 
-from .decode.diffusion import DiffusionSettings
-from .decode.engine import FINISH_EOS, FINISH_LENGTH, MODES, Request, check_options
-from .decode.speculative import DEFAULT_DRAFT_STEPS
+from .decode.engine import FINISH_EOS, FINISH_LENGTH, MODES, Request
+from .decode.spec import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CONFIDENCE_THRESHOLD,
+    DEFAULT_DRAFT_STEPS,
+    DEFAULT_STEPS_PER_BLOCK,
+    DecodeSpec,
+    DiffusionSettings,
+)
+
+DEFAULT_MAX_TOKENS = 16  # as in the OpenAI completions API (the library's default is 128)
 
 MAX_STOP_STRINGS = 4  # as in the OpenAI API
 
@@ -31,11 +39,11 @@ class Options:
     `block_size` is the draft's length and `confidence_threshold` its commit rule)."""
 
     mode: str = "diffusion"
-    max_tokens: int = 16
-    block_size: int = 16
-    steps_per_block: int = 16
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    block_size: int = DEFAULT_BLOCK_SIZE
+    steps_per_block: int = DEFAULT_STEPS_PER_BLOCK
     draft_steps: int = DEFAULT_DRAFT_STEPS
-    confidence_threshold: float = 0.9
+    confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
     temperature: float = 0.0
     top_k: int | None = None
     seed: int | None = None
@@ -48,9 +56,16 @@ class Options:
 
     @property
     def diffusion(self) -> DiffusionSettings:
-        return DiffusionSettings(
-            self.block_size, self.steps_per_block, self.confidence_threshold, self.temperature, self.top_k
-        )
+        return self.to_spec().diffusion
+
+    def to_spec(self, *, eos_ids: tuple[int, ...] = ()) -> DecodeSpec:
+        """These options as the library's `DecodeSpec` (stop strings are text: they stay here)."""
+        return DecodeSpec(
+            mode=self.mode, max_new_tokens=self.max_tokens, block_size=self.block_size,
+            steps_per_block=self.steps_per_block, confidence_threshold=self.confidence_threshold,
+            temperature=self.temperature, top_k=self.top_k, seed=self.seed, anchor=self.anchor,
+            draft_steps=self.draft_steps, eos_ids=tuple(eos_ids),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -93,27 +108,13 @@ def validate_options(options: Options, *, limits: Limits = DEFAULT_LIMITS) -> No
             f"max_tokens must be between 1 and {limits.max_tokens}, got {options.max_tokens}", "max_tokens"
         )
     try:
-        check_options(
-            options.mode, options.diffusion, draft_steps=options.draft_steps, seed=options.seed, anchor=options.anchor
-        )
+        options.to_spec().validate()
     except ValueError as err:
         raise OptionError(str(err), str(err).split(" ", 1)[0]) from None
 
 
-def to_request(
-    request_id: Hashable, prompt_ids: list[int], options: Options, *, eos_ids: tuple[int, ...]
-) -> Request:
-    return Request(
-        request_id,
-        tuple(prompt_ids),
-        mode=options.mode,
-        max_new_tokens=options.max_tokens,
-        settings=options.diffusion,
-        eos_ids=tuple(eos_ids),
-        seed=options.seed,
-        draft_steps=options.draft_steps,
-        anchor=options.anchor,
-    )
+def to_request(request_id: Hashable, prompt_ids: list[int], options: Options, *, eos_ids: tuple[int, ...]) -> Request:
+    return Request.from_spec(request_id, prompt_ids, options.to_spec(eos_ids=tuple(eos_ids)))
 
 
 def encode_prompt(tokenizer, text: str, *, limits: Limits = DEFAULT_LIMITS) -> list[int]:

@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
 import torch
 
 from ..cache import HybridCache
 from .batch import GenerationOutput, cut_at_eos, left_pad, normalise_eos
-from .sampling import check_sampling_options, choose_tokens, make_generator
+from .sampling import choose_tokens, make_generator
+from .spec import DEFAULT_MAX_NEW_TOKENS, DecodeStats, check_decode_step, check_max_new_tokens, check_sampling_options
+
+__all__ = ["StepFn", "check_max_new_tokens", "decode_ar", "generate", "with_decode_step"]
 
 # A step function: (ids (b, L), cache, mask (b, L) or None) -> logits of the LAST position (b, V).
 StepFn = Callable[[torch.Tensor, HybridCache, torch.Tensor | None], torch.Tensor]
-
-
-def check_max_new_tokens(max_new_tokens: int) -> None:
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
 
 
 @torch.no_grad()
@@ -28,22 +25,23 @@ def decode_ar(
     *,
     device: torch.device,
     pad_id: int,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = 0.0,
     top_k: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     seed: int | None = None,
     attention_mask: torch.Tensor | None = None,
     step_callback: Callable[[dict], None] | None = None,
+    mode: str = "ar",
 ) -> GenerationOutput:
-    """Prefill the prompts in one forward, then one token per forward until every row ended."""
+    """Prefill the prompts in one forward, then one token per forward until every row ended.
+    `mode` names the mode in the statistics (AR and mock-AR share this loop)."""
     check_max_new_tokens(max_new_tokens)
     check_sampling_options(temperature=temperature, top_k=top_k)
     eos = normalise_eos(eos_token_id)
     batch = left_pad(prompts, pad_id=pad_id, device=device, attention_mask=attention_mask)
     b = batch.ids.shape[0]
     gen = make_generator(seed, device)
-    t0 = time.perf_counter()
     out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
@@ -64,24 +62,21 @@ def decode_ar(
         if i + 1 < max_new_tokens:
             logits = step(token[:, None], cache, None)
             nfe += 1
-    elapsed = time.perf_counter() - t0
     rows = [cut_at_eos(r, eos) for r in out.tolist()]
     sequences = torch.cat([batch.ids, out], dim=1)
     generated = sum(len(r) for r in rows)
-    stats = {
-        "nfe": nfe,
-        "generated_tokens": generated,
-        "tokens_per_forward": generated / max(nfe, 1) / b,
-        "seconds": elapsed,
-        "tokens_per_second": generated / elapsed if elapsed > 0 else 0.0,
-    }
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
+    stats = DecodeStats(
+        mode=mode, nfe=nfe, context_forwards=nfe, generated_tokens=generated,
+        tokens_per_forward=generated / max(nfe, 1) / b, settings={**settings, "eos_ids": list(eos)},
+    )  # fmt: skip
     return GenerationOutput(sequences, batch.lengths, rows, stats)
 
 
 def with_decode_step(step: StepFn, decode_step: str, body, head, *, max_new_tokens: int) -> StepFn:
     """`step` itself for "eager"; else eager prefill, then fixed-shape one-token steps ("static"),
     compiled with `torch.compile` ("compiled"; see `twotower.decode.static`)."""
-    from .static import check_decode_step, fixed_shape_steps
+    from .static import fixed_shape_steps
 
     check_decode_step(decode_step)
     if decode_step == "eager":
@@ -89,7 +84,9 @@ def with_decode_step(step: StepFn, decode_step: str, body, head, *, max_new_toke
     return fixed_shape_steps(step, body, head, max_new_tokens=max_new_tokens, compile=decode_step == "compiled")
 
 
-def generate(model, input_ids, *, max_new_tokens: int = 128, decode_step: str = "eager", **options) -> GenerationOutput:
+def generate(
+    model, input_ids, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, decode_step: str = "eager", **options
+) -> GenerationOutput:
     """Cached AR generation with a `NemotronHForCausalLM`. Options: temperature, top_k,
     eos_token_id, seed, attention_mask, step_callback. `decode_step`: "eager" (default), "static"
     or "compiled" (fixed-shape steps under `torch.compile`: fastest once compiled; the first call

@@ -3,17 +3,18 @@ blocks, each row with its own settings, budget, EOS and random stream, all shari
 
 One `DecodeEngine` serves one mode and block size (rows of a batch must advance the context by the
 same number of tokens per step). Per `step()`:
-  1. diffusion: rows are grouped by their block settings and anchoring and each group fills one
-     block with `denoise_block` (a row in its short last block forms its own group; an anchored
-     row's block starts with its `pending` token); AR: every row picks one token from the logits
-     of its last step.
+  1. diffusion: rows are grouped by their block settings and anchoring and `block.fill_blocks` fills
+     one block per group (a row in its short last block forms its own group; an anchored row's
+     block starts with its `pending` token); AR: `steps.sample_groups` picks every row's token from
+     the logits of its last step.
   2. each row's new tokens become an `Event` (cut after EOS); finished rows leave with `select_rows`.
   3. the context tower appends the committed tokens of the remaining rows in ONE forward (with
      anchored rows in the batch, its head at the last position gives their next `pending` token).
-Speculative: one step is one round of `speculative.py` for every row: each row drafts a block after
+Speculative: one step is `steps.speculative_round` for every row: each row drafts a block after
 its own `pending` token (one `denoise_block` per group of draft settings), ONE context forward
 verifies all drafts, each row keeps its pending token + its accepted drafts (`HybridCache.rollback`
 with per-row counts) and the AR token at its first disagreement becomes its next `pending`.
+The steps are the ones `generate_*` call (`steps.py`, `block.py`); here each row has its own stream.
 `add()` prefills new prompts together (left-padded) and merges their cache rows into the running
 cache (`HybridCache.merge`, right-aligned); AR, speculative and anchored diffusion rows take their
 first token's logits from that prefill. A row decoded here, greedy or seeded, produces exactly what
@@ -30,18 +31,27 @@ import torch
 
 from ..cache import HybridCache
 from ..layers.attention import AttentionState
-from ..layers.mamba2 import MambaState
 from ..model import DenoiserContext
-from .ar import check_max_new_tokens
 from .batch import cut_at_eos, left_pad
-from .diffusion import DiffusionSettings, anchored_canvas, denoise_block
-from .sampling import RowGenerators, choose_tokens, make_generator
-from .speculative import DEFAULT_DRAFT_STEPS, verify
-from .twotower import ar_logits
+from .block import RowGroup, anchored_canvas, eos_table, fill_blocks, subset_context
+from .sampling import RowGenerators, make_generator
+from .spec import (
+    DEFAULT_DRAFT_STEPS,
+    DEFAULT_MAX_NEW_TOKENS,
+    SERVED_MODES,
+    DecodeSpec,
+    DiffusionSettings,
+    check_seed,
+)
+from .spec import (
+    MODES as MODE_REGISTRY,
+)
+from .steps import ar_logits, commit_block, sample_groups, speculative_round
 
-MODES = ("diffusion", "ar", "speculative")
-BLOCK_MODES = ("diffusion", "speculative")  # modes whose engines are keyed by block size
+MODES = SERVED_MODES  # the modes an engine serves (a tuple of names, as before the registry)
+BLOCK_MODES = tuple(m for m in MODES if MODE_REGISTRY[m].block_keyed)  # engines keyed by block size
 FINISH_EOS, FINISH_LENGTH, FINISH_CANCELLED = "eos", "length", "cancelled"
+__all__ = ["MODES", "DecodeEngine", "Event", "Request", "StepTrace", "check_options", "check_seed", "subset_context"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,7 @@ class Request:
     id: Hashable
     prompt: tuple[int, ...]
     mode: str = "diffusion"
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     settings: DiffusionSettings = DiffusionSettings()
     eos_ids: tuple[int, ...] = ()
     seed: int | None = None
@@ -61,13 +71,31 @@ class Request:
     anchor: bool = False  # diffusion: each block's first token from the context tower (anchored blocks)
     # diffusion: called on the engine's thread after each denoiser step of this row (a live view)
     on_step: Callable[[StepTrace], None] | None = field(default=None, compare=False, repr=False)
+    eos_aware_commit: bool = False  # diffusion: positions after a committed EOS leave the commit ranking
+
+    @classmethod
+    def from_spec(cls, request_id: Hashable, prompt: Sequence[int], spec: DecodeSpec, *, on_step=None) -> Request:
+        """The request decoding `prompt` as `spec` says (its decode_step is the engine's affair)."""
+        return cls(
+            request_id, tuple(prompt), mode=spec.mode, max_new_tokens=spec.max_new_tokens, settings=spec.diffusion,
+            eos_ids=tuple(spec.eos_ids), seed=spec.seed, draft_steps=spec.draft_steps, anchor=spec.anchor,
+            on_step=on_step, eos_aware_commit=spec.eos_aware_commit,
+        )  # fmt: skip
+
+    @property
+    def spec(self) -> DecodeSpec:
+        return DecodeSpec.from_settings(
+            self.settings, mode=self.mode, max_new_tokens=self.max_new_tokens, seed=self.seed, anchor=self.anchor,
+            draft_steps=self.draft_steps, eos_ids=tuple(self.eos_ids), eos_aware_commit=self.eos_aware_commit,
+        )  # fmt: skip
 
     def validate(self) -> None:
         """Raise ValueError naming the bad option."""
-        check_options(self.mode, self.settings, draft_steps=self.draft_steps, seed=self.seed, anchor=self.anchor)
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        self.spec.validate()
         if len(self.prompt) == 0:
             raise ValueError("the prompt needs at least one token (e.g. the BOS token)")
-        check_max_new_tokens(self.max_new_tokens)
 
     @property
     def engine_key(self) -> tuple[str, int]:
@@ -84,27 +112,11 @@ def check_options(
     mode: str, settings: DiffusionSettings, *, draft_steps: int, seed: int | None, anchor: bool = False
 ) -> None:
     """A request's decoding options, apart from its prompt and budget: ValueError naming the first
-    bad one (its message starts with the option's name)."""
+    bad one (its message starts with the option's name). A thin adapter over `DecodeSpec.validate`,
+    limited to the served modes."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if not isinstance(anchor, bool):
-        raise ValueError(f"anchor must be true or false, got {anchor!r}")
-    if anchor and mode != "diffusion":
-        raise ValueError(f"anchor applies to mode diffusion only, not {mode}")
-    settings.validate()
-    if not isinstance(draft_steps, int) or isinstance(draft_steps, bool) or draft_steps < 1:
-        raise ValueError(f"draft_steps must be a positive integer, got {draft_steps!r}")
-    if mode == "speculative" and settings.block_size < 2:  # the pending token + at least one draft
-        raise ValueError(f"block_size must be at least 2 for speculative decoding, got {settings.block_size}")
-    check_seed(seed)
-
-
-def check_seed(seed: int | None) -> None:
-    """A seed torch.Generator takes: None or an integer in [0, 2**64)."""
-    if seed is None:
-        return
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    DecodeSpec.from_settings(settings, mode=mode, draft_steps=draft_steps, seed=seed, anchor=anchor).validate()
 
 
 @dataclass(frozen=True)
@@ -249,47 +261,50 @@ class DecodeEngine:
         return self._step_diffusion()
 
     def _step_diffusion(self) -> list[Event]:
-        model = self.model
+        model, n = self.model, len(self.rows)
         context = DenoiserContext.from_cache(self.cache).to(model.denoiser_device)
-        canvases: list[torch.Tensor | None] = [None] * len(self.rows)
-        row_steps = [0] * len(self.rows)
-        for (size, settings, anchor), idx in self._block_groups().items():
-            sub = context if len(idx) == len(self.rows) else subset_context(context, idx)
-            eos_sets = {self.rows[i].request.eos_ids for i in idx}
-            shared_eos = next(iter(eos_sets)) if len(eos_sets) == 1 else ()
-            canvas = masked = None
+        canvases: list[torch.Tensor | None] = [None] * n
+        row_steps = [0] * n
+        eos = eos_table([r.request.eos_ids for r in self.rows], device=model.denoiser_device)
+        for (size, settings, anchor, eos_aware), idx in self._block_groups().items():
             if anchor:
                 first = self.pending[torch.tensor(idx, device=self.pending.device)]
-                canvas, masked = anchored_canvas(
-                    first, size=size, mask_id=model.mask_token_id, device=model.denoiser_device
-                )
-            canvas, steps, forwards = denoise_block(
-                model,
-                sub,
-                rows=len(idx),
-                size=size,
-                settings=settings,
-                mask_id=model.mask_token_id,
-                generator=RowGenerators([self.rows[i].generator for i in idx]),
-                canvas=canvas,
-                masked=masked,
-                eos_ids=torch.tensor(shared_eos, dtype=torch.long) if shared_eos else None,
-                on_step=self._step_reporter(idx),
-            )
+                canvas, masked = anchored_canvas(first, size=size, mask_id=model.mask_token_id)
+            else:
+                canvas = torch.full((len(idx), size), model.mask_token_id, dtype=torch.long)
+                masked = torch.ones(len(idx), size, dtype=torch.bool)
+            whole = len(idx) == n
+            canvas, steps, forwards = fill_blocks(
+                model, context if whole else subset_context(context, idx),
+                canvas.to(model.denoiser_device), masked.to(model.denoiser_device),
+                [RowGroup(list(range(len(idx))), settings, self._streams(idx))], mask_id=model.mask_token_id,
+                eos_ids=None if eos is None else eos[torch.tensor(idx, device=eos.device)], eos_aware=eos_aware,
+                on_step=lambda group, idx=idx: self._step_reporter(idx),
+            )  # fmt: skip
             self.stats.denoiser_forwards += forwards
-            canvas, steps = canvas.cpu(), steps.tolist()  # one transfer per group
+            canvas, steps = canvas.cpu(), steps.tolist()  # the host reads the block once per group
             for j, i in enumerate(idx):
                 canvases[i], row_steps[i] = canvas[j], steps[j]
         events, keep = self._commit([c.tolist() for c in canvases], row_steps)
         self._keep(keep)
         if self.rows:  # every remaining row filled a full block (a short block is always a row's last)
-            kept = torch.stack([c for c, k in zip(canvases, keep) if k]).to(model.context_device)
-            if self.pending is None:
-                model.extend_context(kept, self.cache)
-            else:
-                self.pending = self._anchors(ar_logits(model, kept, self.cache, None), self.rows)
+            kept = torch.stack([c for c, k in zip(canvases, keep) if k])
+            logits = commit_block(model, self.cache, kept, logits=self.pending is not None)
+            if logits is not None:
+                self.pending = self._anchors(logits, self.rows)
             self.stats.context_forwards += 1
         return events
+
+    def _streams(self, idx: list[int]) -> RowGenerators:
+        """The random streams of rows `idx`, one per row."""
+        return RowGenerators([self.rows[i].generator for i in idx])
+
+    def _groups(self, key: Callable[[_Row], Hashable], settings: Callable[[_Row], DiffusionSettings]) -> list[RowGroup]:
+        """The rows as `RowGroup`s by `key`, each with its rows' settings and streams."""
+        return [
+            RowGroup(idx, settings(self.rows[idx[0]]), self._streams(idx))
+            for idx in row_groups(self.rows, key).values()
+        ]
 
     def _step_reporter(self, idx: list[int]) -> Callable[[dict], None] | None:
         """denoise_block's `on_step` for the group of rows `idx`: a `StepTrace` to each row that asks."""
@@ -314,15 +329,19 @@ class DecodeEngine:
         idx = [i for i, r in enumerate(rows) if r.request.anchor]
         if idx and logits is not None:
             out[torch.tensor(idx, device=device)] = sample_rows(
-                logits[torch.tensor(idx)].to(device), [rows[i] for i in idx]
+                logits[torch.tensor(idx, device=logits.device)].to(device), [rows[i] for i in idx]
             )
         return out
 
-    def _block_groups(self) -> dict[tuple[int, DiffusionSettings, bool], list[int]]:
-        """Row indices by (this block's size, settings, anchored): one `denoise_block` call per group."""
+    def _block_groups(self) -> dict[tuple[int, DiffusionSettings, bool, bool], list[int]]:
+        """Row indices by (this block's size, settings, anchored, EOS-aware): one `fill_blocks` call per group."""
         return row_groups(
-            self.rows, lambda row: (min(self.block_size, row.remaining), row.request.settings, row.request.anchor)
-        )
+            self.rows,
+            lambda row: (
+                min(self.block_size, row.remaining), row.request.settings, row.request.anchor,
+                row.request.eos_aware_commit,
+            ),
+        )  # fmt: skip
 
     def _step_ar(self) -> list[Event]:
         model = self.model
@@ -336,51 +355,21 @@ class DecodeEngine:
         return events
 
     def _step_speculative(self) -> list[Event]:
-        """One round of `generate_speculative` for every row (numbered as in speculative.py)."""
-        model, size, n = self.model, self.block_size, len(self.rows)
-        # 1. draft after each row's pending token: one denoise_block per group of draft settings
-        context = DenoiserContext.from_cache(self.cache).to(model.denoiser_device)
-        canvas, masked = anchored_canvas(
-            self.pending, size=size, mask_id=model.mask_token_id, device=model.denoiser_device
-        )
-        row_steps = torch.zeros(n, dtype=torch.long)
-        for settings, idx in row_groups(self.rows, lambda row: row.request.draft_settings).items():
-            whole = len(idx) == n
-            index = torch.tensor(idx, device=canvas.device)
-            drafted, steps, forwards = denoise_block(
-                model,
-                context if whole else subset_context(context, idx),
-                rows=len(idx),
-                size=size,
-                settings=settings,
-                mask_id=model.mask_token_id,
-                generator=RowGenerators([self.rows[i].generator for i in idx]),
-                canvas=canvas if whole else canvas[index],
-                masked=masked if whole else masked[index],
-            )
-            self.stats.denoiser_forwards += forwards
-            canvas[index], row_steps[index.cpu()] = drafted, steps.cpu()
-        # 2. verify every row's draft in ONE causal forward (position j predicts j + 1)
-        drafted = canvas.to(model.context_device)
-        logits = model.context_lm_head(model.context_tower(drafted, cache=self.cache, rollback_point=True)).float()
+        """`steps.speculative_round` for every row: draft groups by draft settings, verify groups by
+        sampling settings, each row with its own stream."""
+        r = speculative_round(
+            self.model, self.cache, self.pending, size=self.block_size, mask_id=self.model.mask_token_id,
+            draft_groups=self._groups(lambda row: row.request.draft_settings, lambda row: row.request.draft_settings),
+            verify_groups=self._groups(sampling_key, lambda row: row.request.settings),
+        )  # fmt: skip
+        self.stats.denoiser_forwards += r.forwards
         self.stats.context_forwards += 1
-        # 3. accept per row, by its own sampling settings and random stream
-        accepted = torch.empty(n, dtype=torch.long, device=drafted.device)
-        pending = torch.empty(n, dtype=torch.long, device=drafted.device)
-        for (temperature, top_k), idx in row_groups(self.rows, sampling_key).items():
-            index = torch.tensor(idx, device=drafted.device)
-            gens = RowGenerators([self.rows[i].generator for i in idx])
-            accepted[index], pending[index] = verify(
-                drafted[index], logits[index], temperature=temperature, top_k=top_k, generator=gens
-            )
-        # 4. each row keeps its pending token + its accepted drafts
-        self.cache.rollback(accepted + 1)
-        self.pending = pending
-        self.stats.draft_rounds += n
-        self.stats.accepted_drafts += int(accepted.sum())
-        kept = (accepted + 1).tolist()
-        new = [d[:k][: row.remaining] for d, k, row in zip(drafted.tolist(), kept, self.rows, strict=True)]
-        events, keep = self._commit(new, row_steps.tolist())
+        self.pending = r.pending
+        self.stats.draft_rounds += len(self.rows)
+        self.stats.accepted_drafts += int(r.accepted.sum())
+        kept = (r.accepted + 1).tolist()
+        new = [d[:k][: row.remaining] for d, k, row in zip(r.drafted.tolist(), kept, self.rows, strict=True)]
+        events, keep = self._commit(new, r.row_steps.tolist())
         self._keep(keep)
         return events
 
@@ -433,20 +422,11 @@ def sampling_key(row: _Row) -> tuple[float, int | None]:
 
 def sample_rows(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
     """One token per row from logits (rows, V), by each row's temperature / top_k and own stream."""
-    tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    for (temperature, top_k), idx in row_groups(rows, sampling_key).items():
-        gens = RowGenerators([rows[i].generator for i in idx])
-        index = torch.tensor(idx, device=logits.device)
-        tokens[index] = choose_tokens(logits[index], temperature=temperature, top_k=top_k, generator=gens)
-    return tokens
-
-
-def subset_context(context: DenoiserContext, rows: list[int]) -> DenoiserContext:
-    """The rows `rows` of a denoiser context (copies)."""
-    index = torch.tensor(rows, device=context.key_valid.device)
-    kv = [(p[0][index], p[1][index]) if p is not None else None for p in context.kv]
-    mamba = [MambaState(s.conv[index], s.ssm[index]) if s is not None else None for s in context.mamba]
-    return DenoiserContext(kv, context.key_valid[index], mamba)
+    groups = [
+        RowGroup(idx, rows[idx[0]].request.settings, RowGenerators([rows[i].generator for i in idx]))
+        for idx in row_groups(rows, sampling_key).values()
+    ]
+    return sample_groups(logits, groups)
 
 
 def compact(cache: HybridCache) -> HybridCache:

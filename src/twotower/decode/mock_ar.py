@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 
 from ..model import DenoiserContext
+from .spec import DEFAULT_MAX_NEW_TOKENS
 from .twotower import decode_one_token_per_step
 
 
-def generate_mock_ar(model, input_ids, *, max_new_tokens: int = 128, **options):
+def generate_mock_ar(model, input_ids, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **options):
     pending: dict[str, torch.Tensor] = {}
 
     def step(ids: torch.Tensor, cache, mask):
@@ -27,4 +28,4 @@ def generate_mock_ar(model, input_ids, *, max_new_tokens: int = 128, **options):
         context = DenoiserContext.from_cache(cache).to(model.denoiser_device)
         return model.denoise(last.to(model.denoiser_device), None, context)[:, -1].to(ids.device)
 
-    return decode_one_token_per_step(model, step, input_ids, max_new_tokens=max_new_tokens, **options)
+    return decode_one_token_per_step(model, step, input_ids, max_new_tokens=max_new_tokens, mode="mock-ar", **options)

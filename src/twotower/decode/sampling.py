@@ -6,12 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .spec import check_sampling_options
 
-def check_sampling_options(*, temperature: float, top_k: int | None) -> None:
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+__all__ = ["RowGenerators", "apply_top_k", "check_sampling_options", "choose_tokens", "gumbel_noise", "make_generator"]
 
 
 def apply_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
@@ -59,7 +56,12 @@ def gumbel_noise(
         u = generator.uniform(shape, device)
     else:
         u = torch.rand(shape, generator=generator, device=generator.device if generator is not None else device)
-    return -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20)).to(device)
+    return gumbel_from_uniform(u).to(device)
+
+
+def gumbel_from_uniform(u: torch.Tensor) -> torch.Tensor:
+    """Standard Gumbel noise from U(0, 1) draws (clamped away from 0 and 1's logs)."""
+    return -torch.log((-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20))
 
 
 def choose_tokens(
@@ -79,8 +81,10 @@ def choose_tokens(
     return (scores + gumbel_noise(scores.shape, generator=generator, device=scores.device)).argmax(-1)
 
 
-def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
-    """A generator on the CPU (so seeded runs give the same draws on any device), or None."""
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A seeded generator on `device` (the model's), so that noise is drawn where it is used and no
+    (rows, S, V) tensor crosses from the host; None for the global RNG. The same seed gives the same
+    draws on the same kind of device (CPU and CUDA streams differ)."""
     if seed is None:
         return None
-    return torch.Generator(device="cpu").manual_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed)

@@ -29,6 +29,18 @@ import torch
 from ..cache import HybridCache
 from ..layers.mamba2 import MambaState
 from ..model import DenoiserContext
+from .block import block_commit
+from .spec import DECODE_STEPS, check_decode_step
+
+__all__ = [
+    "DECODE_STEPS",
+    "Compiled",
+    "FixedShapeDenoiser",
+    "StaticDecoder",
+    "check_decode_step",
+    "denoiser_block_step",
+    "round_capacity",
+]
 
 CAPACITY_ROUNDING = 128  # capacities are rounded up so that nearby lengths share one compiled graph
 RECOMPILE_LIMIT = 64  # compiled shapes (batch x new tokens x capacity) kept before Dynamo gives up recompiling
@@ -214,14 +226,6 @@ class FixedShapeDenoiser:
         return self.model.denoiser_logits(self._body(self.model, canvas, t, context), logits_for)
 
 
-DECODE_STEPS = ("eager", "static", "compiled")
-
-
-def check_decode_step(decode_step: str) -> None:
-    if decode_step not in DECODE_STEPS:
-        raise ValueError(f"decode_step must be one of {DECODE_STEPS}, got {decode_step!r}")
-
-
 def fixed_shape_steps(eager_step, body, head, *, max_new_tokens: int, compile: bool):
     """A step function for `decode_ar`: the prompt (several tokens) goes through `eager_step`, which
     fills the cache; then a `StaticDecoder` takes the cache over and runs every one-token step."""
@@ -238,3 +242,33 @@ def fixed_shape_steps(eager_step, body, head, *, max_new_tokens: int, compile: b
         return decoder.step(ids[:, -1])
 
     return step
+
+
+def denoiser_block_step(
+    model,
+    canvas: torch.Tensor,
+    masked: torch.Tensor,
+    context: DenoiserContext,
+    noise: torch.Tensor | None,
+    eos_ids: torch.Tensor | None,
+    *,
+    step: int,
+    steps: int,
+    threshold: float,
+    temperature: float,
+    top_k: int | None,
+    mask_id: int,
+    eos_aware: bool = False,
+):
+    """One whole diffusion step with no host read: t = masked fraction, the denoiser body and head over
+    every position (no value-dependent selection), then `block.block_commit` (prediction, confidence,
+    commit rule, EOS bookkeeping). canvas/masked (b, S); `context` fixed-shape
+    (`StaticDecoder.denoiser_context`); noise (b, S, V) Gumbel noise drawn on the device by each row's
+    generator (temperature > 0). Compiles with `fullgraph=True` (tests/decode/test_compiled_step.py).
+    Returns block_commit's (canvas, masked, committed, live)."""
+    t = masked.sum(-1).float() / canvas.shape[1]
+    logits = model.denoiser_logits(model.denoise_hidden(canvas, t, context))
+    return block_commit(
+        logits, canvas, masked, step=step, steps=steps, threshold=threshold, temperature=temperature, top_k=top_k,
+        mask_id=mask_id, eos_ids=eos_ids, eos_aware=eos_aware, noise=noise,
+    )  # fmt: skip

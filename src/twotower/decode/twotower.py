@@ -7,6 +7,8 @@ import torch
 from ..cache import HybridCache
 from .ar import decode_ar, with_decode_step
 from .batch import GenerationOutput, left_pad
+from .spec import DEFAULT_MAX_NEW_TOKENS
+from .steps import ar_logits
 
 
 def prompt_shape(input_ids) -> tuple[int, int]:
@@ -14,13 +16,6 @@ def prompt_shape(input_ids) -> tuple[int, int]:
     if isinstance(input_ids, torch.Tensor):
         return (1, input_ids.shape[0]) if input_ids.dim() == 1 else tuple(input_ids.shape)
     return len(input_ids), max((len(p) for p in input_ids), default=0)
-
-
-def ar_logits(model, ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor | None) -> torch.Tensor:
-    """Append ids (b, L) to the cache; the AR head on the last position only: (b, V) float32.
-    The one next-token step of AR decoding (here, the engine and speculative prefill)."""
-    hidden = model.context_tower(ids, cache=cache, mask=mask)[:, -1:]
-    return model.context_lm_head(hidden).float()[:, -1]
 
 
 def decode_one_token_per_step(
@@ -42,7 +37,7 @@ def decode_one_token_per_step(
 
 
 def generate_ar(
-    model, input_ids, *, max_new_tokens: int = 128, decode_step: str = "eager", **options
+    model, input_ids, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, decode_step: str = "eager", **options
 ) -> GenerationOutput:
     """Ordinary cached decoding with the context tower: exactly the frozen backbone.
     `decode_step` as in `twotower.decode.ar.generate` ("eager", "static" or "compiled")."""

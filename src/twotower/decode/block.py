@@ -1,0 +1,285 @@
+"""One diffusion block over a batch of rows (SPEC 3.4 steps 2-3): the commit rule, the denoiser step
+loop, anchored canvases, and groups of rows with their own settings. The one implementation that
+`generate_mask_diffusion`, `generate_speculative` (drafts) and the continuous-batching engine call.
+
+Per step k of T, every live row (a masked position left before its first committed EOS):
+  1. logits = denoiser(canvas, t = masked fraction, seed context); the mask token is excluded;
+  2. prediction = argmax (temperature 0) or Gumbel-max; confidence = UNtempered probability;
+  3. c = commit count (`commit_counts`); the c most confident ranked positions are committed.
+`block_commit` is steps 2-3 as one function of tensors with no host read (it compiles with
+`fullgraph=True`); `denoise_block` runs the loop eagerly and reads one flag per step (any row live).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..layers.mamba2 import MambaState
+from ..model import DenoiserContext
+from .sampling import RowGenerators, apply_top_k, choose_tokens, gumbel_from_uniform
+from .spec import DiffusionSettings
+
+
+def commit_counts(n_masked: torch.Tensor, n_confident: torch.Tensor, step: int, steps: int) -> torch.Tensor:
+    """How many positions each row commits at 0-based `step` of `steps` (SPEC 3.4 step 3).
+
+    last step: c = n; otherwise c = min(n, max(a, 1, ceil(n / (T - k)))) with a = #confident masked.
+    Rows with nothing masked commit 0.
+    """
+    if step >= steps - 1:
+        return n_masked.clone()
+    floor = torch.div(n_masked + (steps - step) - 1, steps - step, rounding_mode="floor")  # ceil(n / (T-k))
+    c = torch.maximum(torch.maximum(n_confident, torch.ones_like(n_confident)), floor)
+    return torch.minimum(c, n_masked)
+
+
+def select_commits(confidence: torch.Tensor, masked: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The `counts[r]` most confident masked positions of each row r. (b, S) -> bool (b, S)."""
+    score = confidence.masked_fill(~masked, float("-inf"))
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(
+        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    )
+    return masked & (rank < counts[:, None])
+
+
+def eos_table(eos_sets: Sequence[Sequence[int]], *, device: torch.device | str | None = None) -> torch.Tensor | None:
+    """Each row's EOS ids as one (rows, E) long tensor padded with -1 (never a token); None if no row has any."""
+    width = max((len(s) for s in eos_sets), default=0)
+    if width == 0:
+        return None
+    rows = [list(s) + [-1] * (width - len(s)) for s in eos_sets]
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def before_first_eos(canvas: torch.Tensor, masked: torch.Tensor, eos_ids: torch.Tensor | None) -> torch.Tensor:
+    """(b, S) bool: the position lies before the row's first committed EOS (everywhere, without one).
+    eos_ids: (E,) shared by every row, or (b, E) per row padded with -1."""
+    if eos_ids is None or eos_ids.numel() == 0:
+        return torch.ones_like(masked)
+    eos = eos_ids.to(canvas.device)
+    eos = eos[None].expand(canvas.shape[0], -1) if eos.dim() == 1 else eos
+    size = canvas.shape[1]
+    pos = torch.arange(size, device=canvas.device)
+    is_eos = (canvas[..., None] == eos[:, None, :]).any(-1) & ~masked
+    first_eos = torch.where(is_eos, pos, size).min(-1).values
+    return pos[None] < first_eos[:, None]
+
+
+def rows_needing_tokens(canvas: torch.Tensor, masked: torch.Tensor, eos_ids: torch.Tensor | None) -> torch.Tensor:
+    """(b,) bool: the row still has a masked position before its first committed EOS (if any)."""
+    return (masked & before_first_eos(canvas, masked, eos_ids)).any(-1)
+
+
+def block_commit(
+    logits: torch.Tensor,
+    canvas: torch.Tensor,
+    masked: torch.Tensor,
+    *,
+    step: int,
+    steps: int,
+    threshold: float,
+    temperature: float,
+    top_k: int | None = None,
+    mask_id: int,
+    eos_ids: torch.Tensor | None = None,
+    eos_aware: bool = False,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Steps 2-3 of one denoiser step, on the device with no host read. logits (b, S, V) float32,
+    canvas (b, S) long, masked (b, S) bool; `noise` (b, S, V) Gumbel noise (needed when temperature
+    > 0). top-k restricts the prediction; the confidence is the untruncated probability. Rows with
+    nothing left before their first EOS commit nothing.
+
+    `eos_aware`: only positions before the row's first committed EOS are ranked and counted.
+    Returns (canvas, masked, committed (b, S) bool, live (b,) bool: the row took part in this step).
+    """
+    logits = logits.float().clone()
+    logits[..., mask_id] = float("-inf")
+    kept = apply_top_k(logits, top_k)
+    if temperature == 0:
+        pred = kept.argmax(-1)
+    else:
+        pred = (torch.log_softmax(kept / temperature, dim=-1) + noise).argmax(-1)
+    confidence = torch.softmax(logits, dim=-1).gather(-1, pred[..., None])[..., 0]
+    ahead = masked & before_first_eos(canvas, masked, eos_ids)
+    live = ahead.any(-1)
+    ranked = ahead if eos_aware else masked
+    n_confident = (ranked & (confidence > threshold)).sum(-1)
+    commit = select_commits(confidence, ranked, commit_counts(ranked.sum(-1), n_confident, step, steps))
+    commit &= live[:, None]
+    return torch.where(commit, pred, canvas), masked & ~commit, commit, live
+
+
+def choose_rows(
+    logits: torch.Tensor,
+    rows: torch.Tensor | None,
+    *,
+    temperature: float,
+    top_k: int | None,
+    generator: torch.Generator | RowGenerators | None,
+) -> torch.Tensor:
+    """`choose_tokens` over the rows (leading dimension) marked True only; the others get 0 and draw
+    nothing, so the random stream advances exactly as for a batch holding just those rows."""
+    if rows is None or bool(rows.all()):
+        return choose_tokens(logits, temperature=temperature, top_k=top_k, generator=generator)
+    if isinstance(generator, RowGenerators):
+        raise ValueError("choose_rows selects rows of one shared generator; RowGenerators skip rows themselves")
+    out = torch.zeros(logits.shape[:-1], dtype=torch.long, device=logits.device)
+    rows = rows.to(logits.device)
+    out[rows] = choose_tokens(logits[rows], temperature=temperature, top_k=top_k, generator=generator)
+    return out
+
+
+@torch.no_grad()
+def denoise_block(
+    model,
+    context: DenoiserContext,
+    *,
+    rows: int,
+    size: int,
+    settings: DiffusionSettings,
+    mask_id: int,
+    generator: torch.Generator | RowGenerators | None,
+    on_step: Callable[[dict], None] | None = None,
+    canvas: torch.Tensor | None = None,
+    masked: torch.Tensor | None = None,
+    eos_ids: torch.Tensor | None = None,
+    eos_aware: bool = False,
+    denoise: Callable[..., torch.Tensor] | None = None,
+    draw: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Fill one block of `size` positions for `rows` rows. Returns (canvas (rows, size), per-row
+    denoiser steps (rows,), number of batched forwards). A partly known block can be given as
+    `canvas` with `masked` (bool, True where still to fill); t stays the masked fraction.
+
+    With `eos_ids` ((E,) or per row (rows, E), see `eos_table`), a row stops as soon as it has
+    committed an EOS and every position before it: what follows its EOS is never output, so those
+    positions stay masked (its output is exactly what running all steps would give, since committed
+    tokens never change). `eos_aware`: see `block_commit` (changes which positions commit).
+
+    `denoise` replaces `model.denoise` (same arguments; e.g. a `FixedShapeDenoiser`). `draw` (rows,)
+    bool: only these rows draw random numbers when sampling (rows kept idle in a fixed-shape batch
+    must not consume the stream the rows of an eager batch would get); needs a plain generator."""
+    device = model.denoiser_device
+    denoise = model.denoise if denoise is None else denoise
+    if canvas is None:
+        canvas = torch.full((rows, size), mask_id, dtype=torch.long, device=device)
+        masked = torch.ones(rows, size, dtype=torch.bool, device=device)
+    row_steps = torch.zeros(rows, dtype=torch.long, device=device)
+    forwards = 0
+    for k in range(settings.steps_per_block):
+        n_masked = masked.sum(-1)
+        live = rows_needing_tokens(canvas, masked, eos_ids)
+        if not bool(live.any()):  # the one host read of a step: stop the block early
+            break
+        logits = denoise(canvas, n_masked.float() / size, context, logits_for=masked & live[:, None])
+        forwards += 1
+        noise = None
+        if settings.temperature > 0:
+            # per-row streams: a row with nothing left to fill draws nothing, exactly as when decoded alone
+            step_gen = generator.only(live) if isinstance(generator, RowGenerators) else generator
+            noise = _noise(logits, draw, step_gen)
+        canvas, masked, commit, live = block_commit(
+            logits, canvas, masked, step=k, steps=settings.steps_per_block,
+            threshold=settings.confidence_threshold, temperature=settings.temperature, top_k=settings.top_k,
+            mask_id=mask_id,
+            eos_ids=eos_ids, eos_aware=eos_aware, noise=noise,
+        )  # fmt: skip
+        row_steps += live.long()
+        if on_step is not None:
+            on_step({"step": k, "canvas": canvas, "committed": commit, "masked": masked, "t": n_masked / size})
+    return canvas, row_steps, forwards
+
+
+def _noise(logits: torch.Tensor, draw: torch.Tensor | None, generator) -> torch.Tensor:
+    """Gumbel noise (b, S, V) for `block_commit`, drawn as `choose_rows` draws: only the `draw` rows
+    consume a shared generator (the others get zeros); a `RowGenerators` skips rows itself."""
+    if draw is None or bool(draw.all()):
+        return gumbel_from_uniform(_uniform(logits.shape, generator, logits.device))
+    noise = torch.zeros_like(logits)
+    rows = draw.to(logits.device)
+    noise[rows] = gumbel_from_uniform(_uniform(noise[rows].shape, generator, logits.device))
+    return noise
+
+
+def _uniform(shape: torch.Size, generator, device: torch.device) -> torch.Tensor:
+    if isinstance(generator, RowGenerators):
+        return generator.uniform(shape, device)
+    gen_device = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def anchored_canvas(
+    first: torch.Tensor, *, size: int, mask_id: int, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block whose position 0 holds `first` (b,) (already decided by the AR model) and whose other
+    size-1 positions are masked. Returns the canvas (b, size) long and `masked` (b, size) bool, True
+    where the denoiser fills; on `device` (default: `first`'s)."""
+    device = first.device if device is None else device
+    canvas = torch.full((len(first), size), mask_id, dtype=torch.long, device=device)
+    canvas[:, 0] = first.to(device)
+    masked = torch.ones_like(canvas, dtype=torch.bool)
+    masked[:, 0] = False
+    return canvas, masked
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """Rows of a batch filled by one `denoise_block` call: their indices, settings and random
+    stream(s) (one shared generator, or a `RowGenerators` with one stream per row of the group)."""
+
+    rows: list[int]
+    settings: DiffusionSettings
+    generator: torch.Generator | RowGenerators | None
+
+
+def subset_context(context: DenoiserContext, rows: list[int]) -> DenoiserContext:
+    """The rows `rows` of a denoiser context (copies)."""
+    index = torch.tensor(rows, device=context.key_valid.device)
+    kv = [(p[0][index], p[1][index]) if p is not None else None for p in context.kv]
+    mamba = [MambaState(s.conv[index], s.ssm[index]) if s is not None else None for s in context.mamba]
+    return DenoiserContext(kv, context.key_valid[index], mamba)
+
+
+def fill_blocks(
+    model,
+    context: DenoiserContext,
+    canvas: torch.Tensor,
+    masked: torch.Tensor,
+    groups: Sequence[RowGroup],
+    *,
+    mask_id: int,
+    eos_ids: torch.Tensor | None = None,
+    eos_aware: bool = False,
+    on_step: Callable[[RowGroup], Callable[[dict], None] | None] | None = None,
+    denoise: Callable[..., torch.Tensor] | None = None,
+    draw: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`denoise_block` for every group of rows of one batch (canvas, masked (b, S); eos_ids per row
+    (b, E) or shared (E,)); a group that is not the whole batch reads its rows of the context.
+    `on_step(group)` gives the group's step callback. Returns (canvas, per-row steps (b,), forwards)."""
+    n = canvas.shape[0]
+    canvas, row_steps, forwards = canvas.clone(), torch.zeros(n, dtype=torch.long, device=canvas.device), 0
+    for group in groups:
+        whole = len(group.rows) == n
+        index = torch.tensor(group.rows, device=canvas.device)
+        per_row_eos = eos_ids is not None and eos_ids.dim() == 2 and not whole
+        filled, steps, f = denoise_block(
+            model,
+            context if whole else subset_context(context, group.rows),
+            rows=len(group.rows), size=canvas.shape[1], settings=group.settings, mask_id=mask_id,
+            generator=group.generator, on_step=on_step(group) if on_step is not None else None,
+            canvas=canvas if whole else canvas[index], masked=masked if whole else masked[index],
+            eos_ids=eos_ids[index.to(eos_ids.device)] if per_row_eos else eos_ids, eos_aware=eos_aware,
+            denoise=denoise, draw=draw if whole or draw is None else draw[index.to(draw.device)],
+        )  # fmt: skip
+        forwards += f
+        if whole:
+            canvas, row_steps = filled, steps
+        else:
+            canvas[index], row_steps[index] = filled, steps
+    return canvas, row_steps, forwards

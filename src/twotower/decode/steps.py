@@ -1,0 +1,111 @@
+"""One step of each mode over a batch of rows, the one implementation that both the `generate_*`
+loops (a fixed batch) and the continuous-batching engine (rows joining and leaving) call:
+
+- AR: `sample_groups` picks each row's token from the context tower's logits (`ar_logits`);
+- diffusion: `block.fill_blocks` fills the block, `commit_block` appends it to the context cache in
+  ONE forward (anchored: the AR logits of the next block's first token come with it);
+- speculative: `speculative_round` drafts, verifies in one forward, accepts and rolls back.
+
+Rows are given as `RowGroup`s: rows sharing settings, with one shared generator (a `generate_*`
+batch) or one stream per row (`RowGenerators`: the engine, where each row draws what it would draw
+decoded alone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..cache import HybridCache
+from ..model import DenoiserContext
+from .block import RowGroup, anchored_canvas, fill_blocks
+from .sampling import choose_tokens
+from .verify import verify
+
+
+def ar_logits(model, ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor | None) -> torch.Tensor:
+    """Append ids (b, L) to the cache; the AR head on the last position only: (b, V) float32.
+    The one next-token step of AR decoding (here, the engine and speculative prefill)."""
+    hidden = model.context_tower(ids, cache=cache, mask=mask)[:, -1:]
+    return model.context_lm_head(hidden).float()[:, -1]
+
+
+def sample_groups(logits: torch.Tensor, groups: Sequence[RowGroup]) -> torch.Tensor:
+    """One token per row from logits (b, V): each group by its temperature / top_k and stream(s).
+    A group covering the whole batch is one `choose_tokens` call on the logits as they are."""
+    if len(groups) == 1 and len(groups[0].rows) == logits.shape[0]:
+        s = groups[0].settings
+        return choose_tokens(logits, temperature=s.temperature, top_k=s.top_k, generator=groups[0].generator)
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for group in groups:
+        s, index = group.settings, torch.tensor(group.rows, device=logits.device)
+        tokens[index] = choose_tokens(
+            logits[index], temperature=s.temperature, top_k=s.top_k, generator=group.generator
+        )
+    return tokens
+
+
+def commit_block(model, cache: HybridCache, block: torch.Tensor, *, logits: bool) -> torch.Tensor | None:
+    """Diffusion step 4: the context tower appends the committed block (b, S) in ONE forward; with
+    `logits` (anchored rows in the batch) the AR logits after it (b, V) on the denoiser's device."""
+    ids = block.to(model.context_device)
+    if not logits:
+        model.extend_context(ids, cache)
+        return None
+    return ar_logits(model, ids, cache, None).to(model.denoiser_device)
+
+
+@dataclass(frozen=True)
+class Round:
+    """One speculative round of a batch: drafted (b, S) on the context device (position 0 the pending
+    token), accepted drafts (b,) in 0..S-1, the next pending token (b,), denoiser steps per row (b,),
+    and the batched denoiser forwards it took. Row r commits drafted[r, : accepted[r] + 1]."""
+
+    drafted: torch.Tensor
+    accepted: torch.Tensor
+    pending: torch.Tensor
+    row_steps: torch.Tensor
+    forwards: int
+
+
+@torch.no_grad()
+def speculative_round(
+    model,
+    cache: HybridCache,
+    pending: torch.Tensor,
+    *,
+    size: int,
+    mask_id: int,
+    draft_groups: Sequence[RowGroup],
+    verify_groups: Sequence[RowGroup],
+) -> Round:
+    """Steps 1-4 of `speculative.py` for every row of the batch (`cache` has one row per row of
+    `pending` (b,)). `draft_groups` carry the draft settings (`draft_steps` steps per block),
+    `verify_groups` the sampling settings of verification; `cache` ends rolled back to each row's
+    pending token + its accepted drafts."""
+    # 1. draft: pending token fixed at position 0, the rest masked
+    canvas, masked = anchored_canvas(pending, size=size, mask_id=mask_id, device=model.denoiser_device)
+    context = DenoiserContext.from_cache(cache).to(model.denoiser_device)
+    drafted, row_steps, forwards = fill_blocks(model, context, canvas, masked, draft_groups, mask_id=mask_id)
+    # 2. verify every row's draft in ONE causal forward (position j predicts j + 1)
+    drafted = drafted.to(model.context_device)
+    logits = model.context_lm_head(model.context_tower(drafted, cache=cache, rollback_point=True)).float()
+    # 3. accept per group, by its sampling settings and stream(s)
+    if len(verify_groups) == 1 and len(verify_groups[0].rows) == len(pending):
+        s = verify_groups[0].settings
+        accepted, nxt = verify(
+            drafted, logits, temperature=s.temperature, top_k=s.top_k, generator=verify_groups[0].generator
+        )
+    else:
+        accepted = torch.empty(len(pending), dtype=torch.long, device=drafted.device)
+        nxt = torch.empty(len(pending), dtype=torch.long, device=drafted.device)
+        for group in verify_groups:
+            s, index = group.settings, torch.tensor(group.rows, device=drafted.device)
+            accepted[index], nxt[index] = verify(
+                drafted[index], logits[index], temperature=s.temperature, top_k=s.top_k, generator=group.generator
+            )
+    # 4. roll back to pending + accepted drafts
+    cache.rollback(accepted + 1)
+    return Round(drafted, accepted, nxt, row_steps, forwards)

@@ -1,0 +1,65 @@
+"""A whole diffusion step (denoiser forward, sampling from given device noise, commit rule, EOS
+bookkeeping) compiles with fullgraph=True, i.e. reads nothing back to the host, and equals the eager
+step that `denoise_block` takes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.serve.models import make_two_tower
+from twotower.decode.block import block_commit, eos_table
+from twotower.decode.sampling import RowGenerators, gumbel_from_uniform, make_generator
+from twotower.decode.static import StaticDecoder, denoiser_block_step
+
+S, V = 6, 96
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = make_two_tower(seed=2)
+    cache = model.empty_cache(3, capacity=8)
+    model.extend_context(torch.randint(4, V, (3, 8), generator=torch.Generator().manual_seed(0)), cache)
+    decoder = StaticDecoder(model.context_tower, model.context_lm_head, 3, 128)
+    decoder.load(cache)
+    return model, decoder.denoiser_context()
+
+
+def _inputs(model):
+    mask_id = model.mask_token_id
+    canvas = torch.full((3, S), mask_id, dtype=torch.long)
+    canvas[0, :2] = torch.tensor([7, 2])  # row 0 has committed an EOS (2) at position 1
+    masked = canvas == mask_id
+    gens = RowGenerators([make_generator(s, "cpu") for s in (1, 2, 3)])
+    noise = gumbel_from_uniform(gens.uniform(torch.Size((3, S, V)), torch.device("cpu")))
+    return canvas, masked, noise, eos_table([(2,), (2, 9), ()])
+
+
+@pytest.mark.parametrize("eos_aware", [False, True])
+def test_one_diffusion_step_compiles_fullgraph_and_equals_eager(setup, eos_aware):
+    model, context = setup
+    canvas, masked, noise, eos = _inputs(model)
+    opts = dict(step=1, steps=4, threshold=0.5, temperature=0.8, top_k=20, mask_id=model.mask_token_id)
+    eager = denoiser_block_step(model, canvas, masked, context, noise, eos, eos_aware=eos_aware, **opts)
+    torch._dynamo.reset()
+    step = torch.compile(denoiser_block_step, fullgraph=True, dynamic=False, backend="aot_eager")
+    got = step(model, canvas, masked, context, noise, eos, eos_aware=eos_aware, **opts)  # a graph break raises
+    for a, b in zip(got, eager, strict=True):
+        assert torch.equal(a, b)
+    new_canvas, new_masked, committed, live = eager
+    assert live.tolist() == [False, True, True]  # row 0: EOS committed, nothing masked before it
+    assert committed.any(-1).tolist() == live.tolist()
+    assert torch.equal(new_masked, masked & ~committed)
+
+
+def test_the_step_is_what_denoise_block_commits(setup):
+    """The eager step of the loop (sparse head) and the whole-head step agree on the commits."""
+    model, context = setup
+    canvas, masked, noise, eos = _inputs(model)
+    opts = dict(step=0, steps=4, threshold=0.5, temperature=0.8, top_k=None, mask_id=model.mask_token_id)
+    t = masked.sum(-1).float() / S
+    sparse = model.denoise(canvas, t, context, logits_for=masked)
+    want = block_commit(sparse, canvas, masked, eos_ids=eos, noise=noise, **opts)
+    got = denoiser_block_step(model, canvas, masked, context, noise, eos, **opts)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
