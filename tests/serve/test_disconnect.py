@@ -32,9 +32,11 @@ def idle(server) -> bool:
 def test_a_client_that_leaves_mid_stream_is_cancelled(server):
     tokens_before = metric(server, "twotower_generated_tokens_total")
     conn, resp = open_stream(server, {"prompt": "the quick", "max_tokens": BUDGET, **FAST})
-    assert resp.status == 200 and resp.readline().startswith(b"data: ")
-    assert metric(server, "twotower_running_rows") == 1
-    conn.close()  # gone after the first block
+    try:
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
+        assert metric(server, "twotower_running_rows") == 1
+    finally:
+        conn.close()  # gone after the first block
     assert wait_for(lambda: idle(server)), "the abandoned stream is still decoding"
     assert metric(server, "twotower_requests_total", status="499", endpoint="completions") == 1
     assert metric(server, "twotower_generated_tokens_total") - tokens_before < BUDGET // 4

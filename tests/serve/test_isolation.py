@@ -114,3 +114,22 @@ def test_a_step_that_fails_once_costs_nobody_their_request(server, loaded, monke
     assert metric(server, "twotower_engine_failures_total") == 1
     assert metric(server, "twotower_requests_total", status="200") == len(PROMPTS)
     assert metric(server, "twotower_requests_total", status="500") == 0
+
+
+def test_the_engine_thread_survives_a_failing_recovery(server, loaded, monkeypatch):
+    """Last resort: when isolating a fault fails too, the requests in flight fail and the engine
+    thread lives on to serve the next ones."""
+    worker = server.state.worker
+
+    def broken(error):
+        raise RuntimeError("recovery failed")
+
+    monkeypatch.setattr(worker, "_recover", broken)
+    real = loaded.model.denoise
+    monkeypatch.setattr(loaded.model, "denoise", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("fault")))
+    with pytest.raises(openai.InternalServerError, match="recovery failed"):
+        client(server).completions.create(model=loaded.name, prompt="the", max_tokens=8, extra_body=FAST)
+    monkeypatch.setattr(loaded.model, "denoise", real)
+    assert worker.alive
+    out = client(server).completions.create(model=loaded.name, prompt="the", max_tokens=8, extra_body=FAST)
+    assert out.choices[0].text == reference(loaded, "the", max_tokens=8, **FAST)

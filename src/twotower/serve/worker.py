@@ -142,15 +142,15 @@ class EngineWorker:
                         continue
                     events = self.scheduler.step()
                 except Exception as err:  # a bug, bad data, out of memory: isolate it, keep serving
-                    self._recover(err)
+                    self._recover_or_reset(err)
                     continue
                 rows = self.scheduler.active + sum(e.finished for e in events)  # the rows this step decoded
                 self.peak_rows = max(self.peak_rows, rows)
                 if self.metrics is not None:
                     self.metrics.batch_rows.observe(rows)
                 self._count_forwards()
+                self.running_rows = self.scheduler.active  # before the events: a client never sees it stale
                 self._dispatch(events)
-                self.running_rows = self.scheduler.active
         self._shut_down()
 
     def _take_inbox(self, *, block: bool) -> None:
@@ -226,6 +226,19 @@ class EngineWorker:
         for job in [j for j in jobs if j.request.id in not_started]:
             self.scheduler.submit(job.engine_request())
         self.running_rows = 0
+
+    def _recover_or_reset(self, error: Exception) -> None:
+        """`_recover`; should that fail too, every request in flight fails and the engine starts
+        afresh, so the thread itself never dies."""
+        try:
+            self._recover(error)
+        except Exception as again:
+            traceback.print_exc(file=sys.stderr)
+            for request_id in list(self._jobs):
+                self._finish(request_id, RuntimeError(f"decoding failed: {type(again).__name__}: {again}"))
+            self.scheduler = Scheduler(self.model, max_batch_size=self.max_batch_size)
+            self._seen = (0, 0)
+            self.running_rows = 0
 
     def _probe(self, job: _Job) -> bool:
         """One step of this request alone; its events go out. True if it should go on decoding."""
