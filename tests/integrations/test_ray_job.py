@@ -58,17 +58,24 @@ def options(**kw) -> argparse.Namespace:
     return argparse.Namespace(**{**base, **kw}, max_batch_size=8)
 
 
-def test_actor_pool_follows_the_devices_and_the_cluster():
-    assert actor_pool(options(), 0) == ActorPool(1, 0.0, 1.0, ROWS_PER_CALL_FACTOR * 8)  # CPU: one actor
-    assert actor_pool(options(), 8).gpus_per_actor == 0.0  # --device cpu never takes a GPU
-    assert actor_pool(options(device="cuda"), 8) == ActorPool(8, 1.0, 1.0, ROWS_PER_CALL_FACTOR * 8)
-    split = actor_pool(options(device="auto", gpus_per_actor=2.0), 8)
+def test_actor_pool_follows_the_devices_and_the_cluster(capsys):
+    cpu_only, gpus = {"CPU": 2.0}, {"CPU": 64.0, "GPU": 8.0}
+    assert actor_pool(options(), cpu_only) == ActorPool(1, 0.0, 1.0, ROWS_PER_CALL_FACTOR * 8)  # CPU: one actor
+    assert actor_pool(options(), gpus).gpus_per_actor == 0.0  # --device cpu never takes a GPU
+    assert actor_pool(options(device="cuda"), gpus) == ActorPool(8, 1.0, 1.0, ROWS_PER_CALL_FACTOR * 8)
+    assert actor_pool(options(device="cpu", denoiser_device="cuda"), gpus).gpus_per_actor == 1.0
+    split = actor_pool(options(device="auto", gpus_per_actor=2.0), gpus)
     assert (split.actors, split.gpus_per_actor) == (4, 2.0)  # one actor per pair of GPUs
-    assert actor_pool(options(device="auto"), 0).gpus_per_actor == 0.0  # auto on a CPU cluster
-    assert actor_pool(options(device="cuda", actors=3), 8).actors == 3
+    assert actor_pool(options(device="auto"), cpu_only).gpus_per_actor == 0.0  # auto on a CPU cluster
+    assert actor_pool(options(device="cuda", actors=3), gpus).actors == 3
     with pytest.raises(CLIError, match="cluster has 1"):
-        actor_pool(options(device="cuda", gpus_per_actor=2.0), 1)
+        actor_pool(options(device="cuda", gpus_per_actor=2.0), {"CPU": 8.0, "GPU": 1.0})
+    with pytest.raises(CLIError, match="3 actors x 1 CPU"):
+        actor_pool(options(actors=3), cpu_only)
     with pytest.raises(CLIError, match="--actors must be at least 1"):
-        actor_pool(options(actors=0), 0)
+        actor_pool(options(actors=0), cpu_only)
     with pytest.raises(CLIError, match="cpus_per_actor"):
-        actor_pool(options(cpus_per_actor=0.0), 0)
+        actor_pool(options(cpus_per_actor=0.0), cpu_only)
+    # a cluster that may grow (one given by --ray-address): a warning, the job waits for room
+    assert actor_pool(options(device="cuda", actors=16), gpus, fixed=False).actors == 16
+    assert "16 actors x 1 GPU(s) need 16, the cluster has 8" in capsys.readouterr().err

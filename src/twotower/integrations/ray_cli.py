@@ -93,19 +93,20 @@ def cmd_batch_ray(args: argparse.Namespace, *, predictor_cls: type | None = None
 def run_on_cluster(args, plan, output: Path, defaults, model: str | None, predictor_cls: type | None):
     """Connect (or start a loopback-only local cluster), run the plan, and shut down what was started."""
     from .ray import TwoTowerPredictor
-    from .ray_cluster import ClusterError, cluster_gpus, connect
+    from .ray_cluster import ClusterError, cluster_resources, connect
     from .ray_job import JobSummary, run_job
 
     if not plan.pending:
         return JobSummary(skipped=plan.done, rejected=len(plan.errors))
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
     try:
-        started = connect(args.ray_address or os.environ.get("RAY_ADDRESS"))  # before `import ray`: see ray_cluster
+        started = connect(address)  # before `import ray`: see ray_cluster
     except ClusterError as err:
         raise CLIError(str(err)) from None
     import ray
 
     try:
-        pool = actor_pool(args, cluster_gpus())
+        pool = actor_pool(args, cluster_resources(), fixed=address is None)
         kwargs = dict(
             model=model,
             dtype=args.dtype,
@@ -154,29 +155,29 @@ def check_output(output: Path, files: list[Path]) -> Path:
     return output
 
 
-def actor_pool(args: argparse.Namespace, gpus_in_cluster: float):
-    """The actor pool the options ask for, checked against the cluster's GPUs."""
+def actor_pool(args: argparse.Namespace, cluster: dict[str, float], *, fixed: bool = True):
+    """The actor pool the options ask for, checked against the cluster's CPUs and GPUs: a pool that
+    does not fit is an error on a `fixed` cluster (the local one), a warning on one that may grow."""
     from .ray_job import ActorPool
 
-    wants_gpu = args.device not in ("cpu", "auto") or args.denoiser_device not in (None, "cpu")
+    gpus_in_cluster = float(cluster.get("GPU", 0))
+    on_gpu = args.device not in ("cpu", "auto") or args.denoiser_device not in (None, "cpu")
     gpus = args.gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if args.device != "cpu" and gpus_in_cluster > 0 else 0.0
+        gpus = 1.0 if (on_gpu or args.device == "auto") and gpus_in_cluster > 0 else 0.0
     if gpus > 0 and args.device == "cpu" and args.denoiser_device in (None, "cpu"):
         raise CLIError(
             "--gpus-per-actor gives each actor GPUs, but --device cpu keeps the model off them: pass --device cuda (or auto)"
         )
-    if wants_gpu and gpus == 0:
+    if on_gpu and gpus == 0:
         raise CLIError(
             f"--device {args.device} needs GPUs in each actor: pass --gpus-per-actor 1 (2 to split the towers)"
         )
-    if gpus > gpus_in_cluster:
-        raise CLIError(f"each actor asks for {gpus:g} GPU(s) but the cluster has {gpus_in_cluster:g}")
     actors = args.actors if args.actors is not None else (max(1, int(gpus_in_cluster // gpus)) if gpus else 1)
     if actors < 1:
         raise CLIError("--actors must be at least 1")
     try:
-        return ActorPool(
+        pool = ActorPool(
             actors=actors,
             gpus_per_actor=gpus,
             cpus_per_actor=args.cpus_per_actor,
@@ -184,6 +185,23 @@ def actor_pool(args: argparse.Namespace, gpus_in_cluster: float):
         )
     except ValueError as err:
         raise CLIError(str(err)) from None
+    short = shortfall(pool, cluster)
+    if short and fixed:
+        raise CLIError(short)
+    if short:
+        print(f"warning: {short}; the job waits until the cluster has room", file=sys.stderr)
+    return pool
+
+
+def shortfall(pool, cluster: dict[str, float]) -> str | None:
+    """Why the cluster cannot hold the pool now (None when it can)."""
+    for name, per_actor in (("GPU", pool.gpus_per_actor), ("CPU", pool.cpus_per_actor)):
+        have = float(cluster.get(name, 0))
+        if per_actor > have:
+            return f"each actor asks for {per_actor:g} {name}(s) but the cluster has {have:g}"
+        if pool.actors * per_actor > have:
+            return f"{pool.actors} actors x {per_actor:g} {name}(s) need {pool.actors * per_actor:g}, the cluster has {have:g}"
+    return None
 
 
 def last_line(err: BaseException) -> str:

@@ -80,8 +80,8 @@ def connect(address: str | None) -> bool:
     return True
 
 
-def cluster_gpus() -> float:
-    """GPUs of the connected cluster (0 when it has none)."""
+def cluster_resources() -> dict[str, float]:
+    """The connected cluster's resources, e.g. {"CPU": 16.0, "GPU": 8.0}."""
     import ray
 
-    return float(ray.cluster_resources().get("GPU", 0))
+    return {name: float(n) for name, n in ray.cluster_resources().items()}
