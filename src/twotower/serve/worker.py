@@ -138,20 +138,22 @@ class EngineWorker:
             while not self._stop.is_set():
                 try:
                     self._take_inbox(block=self.scheduler.idle)
-                    if self.scheduler.idle:
-                        continue
-                    events = self.scheduler.step()
+                    if not self.scheduler.idle:
+                        self._step()
                 except Exception as err:  # a bug, bad data, out of memory: isolate it, keep serving
                     self._recover_or_reset(err)
-                    continue
-                rows = self.scheduler.active + sum(e.finished for e in events)  # the rows this step decoded
-                self.peak_rows = max(self.peak_rows, rows)
-                if self.metrics is not None:
-                    self.metrics.batch_rows.observe(rows)
-                self._count_forwards()
-                self.running_rows = self.scheduler.active  # before the events: a client never sees it stale
-                self._dispatch(events)
         self._shut_down()
+
+    def _step(self) -> None:
+        """One scheduler step; its events go to their tickets."""
+        events = self.scheduler.step()
+        rows = self.scheduler.active + sum(e.finished for e in events)  # the rows this step decoded
+        self.peak_rows = max(self.peak_rows, rows)
+        if self.metrics is not None:
+            self.metrics.batch_rows.observe(rows)
+        self._count_forwards()
+        self.running_rows = self.scheduler.active  # before the events: a client never sees it stale
+        self._dispatch(events)
 
     def _take_inbox(self, *, block: bool) -> None:
         try:
