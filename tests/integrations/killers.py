@@ -1,4 +1,5 @@
-"""A predictor that kills its own actor process once, mid-run (imported by Ray's workers)."""
+"""Predictors that fail on purpose (imported by Ray's workers): one kills its own actor process once,
+mid-run; one raises."""
 
 from __future__ import annotations
 
@@ -31,3 +32,10 @@ class KillOnce(TwoTowerPredictor):
 def kill_once(marker: Path) -> type:
     """A KillOnce whose marker is `marker` (a new class: Ray ships it to the actors by value)."""
     return type("KillOnceAt", (KillOnce,), {"marker": str(marker)})
+
+
+class Broken(TwoTowerPredictor):
+    """Raises in every call, as a model error would."""
+
+    def __call__(self, batch):
+        raise RuntimeError("the model broke")

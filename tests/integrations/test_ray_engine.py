@@ -22,7 +22,7 @@ from twotower.integrations.ray_cli import cmd_batch_ray
 from twotower.integrations.ray_files import ERRORS_NAME, output_files
 
 from .helpers import FAST, by_id, records, write_lines, write_parquet
-from .killers import kill_once
+from .killers import Broken, kill_once
 
 if importlib.util.find_spec("ray") is None or importlib.util.find_spec("psutil") is None:
     pytest.skip("needs the ray extra and psutil", allow_module_level=True)
@@ -147,6 +147,13 @@ def test_a_killed_actor_is_retried_and_each_id_is_written_once(cluster, local, t
     assert marker.exists() and int(marker.read_text()) != os.getpid()  # an actor process did die
     got = all_outputs(out)
     assert len(got) == len(ALL_ROWS) and by_id(got) == local
+
+
+def test_an_error_in_the_actors_is_one_clear_message(cluster, tmp_path):
+    src = write_lines(tmp_path / "in" / "a.jsonl", ALL_ROWS[:2])
+    with pytest.raises(CLIError, match="the Ray job failed: .*the model broke.*re-running the same command"):
+        cmd_batch_ray(ray_args(src, tmp_path / "out"), predictor_cls=Broken)
+    assert output_files(tmp_path / "out") == []
 
 
 def is_loopback(ip: str) -> bool:

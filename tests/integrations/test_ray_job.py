@@ -10,7 +10,7 @@ import pytest
 
 from twotower.batch_job import id_key
 from twotower.cli import CLIError
-from twotower.integrations.ray_cli import ROWS_PER_CALL_FACTOR, actor_pool
+from twotower.integrations.ray_cli import ROWS_PER_CALL_FACTOR, actor_pool, root_cause
 from twotower.integrations.ray_files import Pending, Plan
 from twotower.integrations.ray_job import ActorPool, BlockWriter, JobSummary
 
@@ -79,3 +79,14 @@ def test_actor_pool_follows_the_devices_and_the_cluster(capsys):
     # a cluster that may grow (one given by --ray-address): a warning, the job waits for room
     assert actor_pool(options(device="cuda", actors=16), gpus, fixed=False).actors == 16
     assert "16 actors x 1 GPU(s) need 16, the cluster has 8" in capsys.readouterr().err
+
+
+def test_root_cause_finds_the_original_exception_in_a_ray_error():
+    text = (
+        "\x1b[36mray::MapWorker(MapBatches(P)).submit()\x1b[39m (pid=1, ip=127.0.0.1)\n"
+        '  File "x.py", line 8, in __call__\n    raise RuntimeError("the model broke")\n'
+        "RuntimeError: the model broke\n\nThe above exception was the direct cause of the following exception:\n"
+        "ray.exceptions.UserCodeException: UDF failed to process a data block.\nTo change retry attempts, ..."
+    )
+    assert root_cause(Exception(text)) == "RuntimeError: the model broke"
+    assert root_cause(Exception("\n  only text\n")) == "only text"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def run_on_cluster(args, plan, output: Path, defaults, model: str | None, predic
         )
     except ray.exceptions.RayError as err:
         raise CLIError(
-            f"the Ray job failed: {last_line(err)}; the output files written so far are kept, so re-running "
+            f"the Ray job failed: {root_cause(err)}; the output files written so far are kept, so re-running "
             "the same command decodes only the rest"
         ) from None
     finally:
@@ -204,7 +205,15 @@ def shortfall(pool, cluster: dict[str, float]) -> str | None:
     return None
 
 
-def last_line(err: BaseException) -> str:
-    """The last non-blank line of an error's text (Ray's carry the remote traceback before it)."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)): (.+)$")
+
+
+def root_cause(err: BaseException) -> str:
+    """The original exception line in a Ray error's text ("RuntimeError: ..."; Ray's text carries the
+    remote traceback and its own wrappers), else its first line."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
+    for line in lines:
+        match = EXCEPTION_LINE.match(line)
+        if match and not match.group(1).startswith("ray."):
+            return line
+    return next((line for line in lines if line), type(err).__name__)

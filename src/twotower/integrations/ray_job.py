@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..batch_job import JobError
 from .ray import TwoTowerPredictor
 from .ray_files import Pending, Plan, SourceError, write_block, write_errors
 
@@ -163,5 +164,5 @@ def run_job(
             write_errors(output, [*plan.errors, *writer.errors])
     if not writer.complete:  # Ray returned fewer rows than it was given: keep what is written, say so
         missing = sum(len(keys) for keys in writer.waiting.values())
-        raise RuntimeError(f"{missing} rows came back from no actor; re-run the same command to decode them")
+        raise JobError(f"{missing} rows came back from no actor; re-run the same command to decode them")
     return summary
