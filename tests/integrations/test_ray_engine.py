@@ -27,6 +27,7 @@ from .killers import Broken, kill_once
 if importlib.util.find_spec("ray") is None or importlib.util.find_spec("psutil") is None:
     pytest.skip("needs the ray extra and psutil", allow_module_level=True)
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own, from its DataContext
 REPO = Path(__file__).resolve().parents[2]
 JSONL_ROWS = [
     {"id": "greedy", "prompt": "the quick brown"},
