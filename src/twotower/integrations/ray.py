@@ -37,7 +37,7 @@ from dataclasses import replace
 import pyarrow as pa
 
 from ..batch_job import LINE_FIELDS, Job, LineError, derive_seed, generate_outputs, id_key, parse_line
-from ..decode.engine import MODES, Event
+from ..decode.engine import Event
 from ..workload import Limits, Options, parse_options
 
 REQUEST_COLUMN = "request"
@@ -147,12 +147,8 @@ class TwoTowerPredictor:
 def default_options(defaults: Options | Mapping | None, limits: Limits) -> Options:
     """The predictor's defaults, validated; ValueError names a bad field."""
     if isinstance(defaults, Options):
-        options = parse_options({}, defaults, limits=limits)
-    else:
-        options = parse_options(dict(defaults or {}), Options(), limits=limits)
-    if options.mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {options.mode!r}")
-    return options
+        return parse_options({}, defaults, limits=limits)
+    return parse_options(dict(defaults or {}), Options(), limits=limits)
 
 
 def with_seed(job: Job, base: int) -> Job:
