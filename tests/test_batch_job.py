@@ -85,12 +85,14 @@ def test_outputs_equal_each_prompt_alone_and_a_rerun_changes_nothing(tmp_path, m
         )
         if s["mode"] in ("ar", "speculative"):  # greedy speculative decoding is the AR model's
             new = model.generate_ar([ids], **common).new_tokens[0]
+            assert record["nfe"] >= 1
         else:
             diffusion = dict(block_size=s["block_size"], steps_per_block=s["steps_per_block"])
-            new = model.generate_mask_diffusion(
+            res = model.generate_mask_diffusion(
                 [ids], confidence_threshold=s["confidence_threshold"], **diffusion, **common
             )
-            new = new.new_tokens[0]
+            new = res.new_tokens[0]
+            assert record["nfe"] == res.stats["nfe"], line["id"]  # the row's own denoiser forwards
         assert record["text"] == tok.decode([t for t in new if t != tok.eos_id]), line["id"]
         assert record["prompt_tokens"] == len(ids)
         assert record["completion_tokens"] == len([t for t in new if t != tok.eos_id])

@@ -288,13 +288,16 @@ def derive_seed(base: int, key: str) -> int:
     return (base * 1_000_003 + zlib.crc32(key.encode())) % (1 << 62)
 
 
-def output_record(job: Job, stream: TextStream, reason: str, model_name: str) -> dict:
+def output_record(job: Job, stream: TextStream, reason: str, model_name: str, *, nfe: int) -> dict:
+    """One output line. `nfe`: the forwards this row's decoding took (denoiser forwards in diffusion,
+    drafting forwards in speculative mode, decode steps in AR), as the engine reports them."""
     return {
         "id": job.id,
         "text": stream.text,
         "finish_reason": reason,
         "prompt_tokens": len(job.prompt_ids),
         "completion_tokens": stream.completion_tokens,
+        "nfe": nfe,
         "model": model_name,
         "settings": job.options.as_dict(),
     }
@@ -317,16 +320,19 @@ def generate_outputs(
     scheduler = Scheduler(model, max_batch_size=max_batch_size)
     todo = deque(jobs)
     running: dict[str, tuple[Job, TextStream]] = {}
+    forwards: dict[str, int] = {}  # per running job: the forwards its decoding took so far
     while todo or not scheduler.idle:
         while todo and len(scheduler.waiting) < max_batch_size:
             job = todo.popleft()
             scheduler.submit(to_request(job.key, job.prompt_ids, job.options, eos_ids=eos_ids))
             running[job.key] = (job, TextStream(tokenizer, stop=job.options.stop, eos_ids=eos_ids))
+            forwards[job.key] = 0
         finished, new_tokens = [], 0
         for event in scheduler.step():
             if on_event is not None:
                 on_event(event)
             job, stream = running[event.request_id]
+            forwards[event.request_id] += event.denoiser_steps
             new_tokens += len(event.tokens)
             stream.feed(event.tokens)
             engine_reason = event.finish_reason
@@ -335,6 +341,7 @@ def generate_outputs(
                 engine_reason = FINISH_CANCELLED
             if engine_reason is not None:
                 stream.finish()
-                finished.append(output_record(job, stream, finish_reason(engine_reason, stream), model_name))
+                reason = finish_reason(engine_reason, stream)
+                finished.append(output_record(job, stream, reason, model_name, nfe=forwards.pop(event.request_id)))
                 del running[event.request_id]
         on_step(finished, new_tokens)
