@@ -15,179 +15,108 @@ its own `pending` token (one `denoise_block` per group of draft settings), ONE c
 verifies all drafts, each row keeps its pending token + its accepted drafts (`HybridCache.rollback`
 with per-row counts) and the AR token at its first disagreement becomes its next `pending`.
 The steps are the ones `generate_*` call (`steps.py`, `block.py`); here each row has its own stream.
-`add()` prefills new prompts together (left-padded) and merges their cache rows into the running
-cache (`HybridCache.merge`, right-aligned); AR, speculative and anchored diffusion rows take their
-first token's logits from that prefill. A row decoded here, greedy or seeded, produces exactly what
-`generate_mask_diffusion` / `generate_ar` / `generate_speculative` produce for its prompt alone.
+`add()` prefills new prompts together (left-padded); AR, speculative and anchored diffusion rows
+take their first token's logits from that prefill. AR and diffusion rows then live in a `SlotCache`
+(`slots.py`): each claims a free slot of buffers allocated once per engine, so joining and leaving
+copy nothing of the other rows; free slots take part in every forward (fixed shapes), idle. With
+the towers on two devices a `DenoiserMirror` (`mirror.py`) moves only the new entries per block.
+`decode_step` "static" / "compiled" runs the context steps as `static.decode_step` over the slot
+buffers and the denoiser body as `static.FixedShapeDenoiser` (compiled once per shape). Speculative
+rows (their rollback needs the eager forward) and `slots=False` (the plain reference twin) keep the
+packed cache: rows merged in on joining (`HybridCache.merge`, right-aligned), selected on leaving.
+A row decoded here, greedy or seeded, produces exactly what `generate_mask_diffusion` /
+`generate_ar` / `generate_speculative` produce for its prompt alone.
 A diffusion request with `on_step` is told its block's canvas after every denoiser step (`StepTrace`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..cache import HybridCache
-from ..layers.attention import AttentionState
 from ..model import DenoiserContext
 from .batch import cut_at_eos, left_pad
 from .block import RowGroup, anchored_canvas, eos_table, fill_blocks, subset_context
+from .mirror import DenoiserMirror
+from .request import (
+    BLOCK_MODES,
+    FINISH_CANCELLED,
+    FINISH_EOS,
+    FINISH_LENGTH,
+    MODES,
+    EngineStats,
+    Event,
+    Request,
+    Row,
+    StepTrace,
+    check_options,
+)
+from .rows import compact, row_groups, sample_rows, sampling_key
 from .sampling import RowGenerators, make_generator
-from .spec import (
-    DEFAULT_DRAFT_STEPS,
-    DEFAULT_MAX_NEW_TOKENS,
-    SERVED_MODES,
-    DecodeSpec,
-    DiffusionSettings,
-    check_seed,
-)
-from .spec import (
-    MODES as MODE_REGISTRY,
-)
-from .steps import ar_logits, commit_block, sample_groups, speculative_round
+from .slots import SlotCache
+from .spec import MODES as MODE_REGISTRY
+from .spec import check_decode_step, check_seed
+from .static import Compiled, FixedShapeDenoiser
+from .static import decode_step as fixed_shape_step
+from .steps import ar_logits, speculative_round
 
-MODES = SERVED_MODES  # the modes an engine serves (a tuple of names, as before the registry)
-BLOCK_MODES = tuple(m for m in MODES if MODE_REGISTRY[m].block_keyed)  # engines keyed by block size
-FINISH_EOS, FINISH_LENGTH, FINISH_CANCELLED = "eos", "length", "cancelled"
-__all__ = ["MODES", "DecodeEngine", "Event", "Request", "StepTrace", "check_options", "check_seed", "subset_context"]
-
-
-@dataclass(frozen=True)
-class Request:
-    """One generation request over token ids. `settings.temperature` / `top_k` apply to every mode;
-    block size and threshold to diffusion and speculative, steps to diffusion, `draft_steps` (the
-    denoiser steps of a draft) to speculative."""
-
-    id: Hashable
-    prompt: tuple[int, ...]
-    mode: str = "diffusion"
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-    settings: DiffusionSettings = DiffusionSettings()
-    eos_ids: tuple[int, ...] = ()
-    seed: int | None = None
-    draft_steps: int = DEFAULT_DRAFT_STEPS
-    anchor: bool = False  # diffusion: each block's first token from the context tower (anchored blocks)
-    # diffusion: called on the engine's thread after each denoiser step of this row (a live view)
-    on_step: Callable[[StepTrace], None] | None = field(default=None, compare=False, repr=False)
-    eos_aware_commit: bool = False  # diffusion: positions after a committed EOS leave the commit ranking
-
-    @classmethod
-    def from_spec(cls, request_id: Hashable, prompt: Sequence[int], spec: DecodeSpec, *, on_step=None) -> Request:
-        """The request decoding `prompt` as `spec` says (its decode_step is the engine's affair)."""
-        return cls(
-            request_id, tuple(prompt), mode=spec.mode, max_new_tokens=spec.max_new_tokens, settings=spec.diffusion,
-            eos_ids=tuple(spec.eos_ids), seed=spec.seed, draft_steps=spec.draft_steps, anchor=spec.anchor,
-            on_step=on_step, eos_aware_commit=spec.eos_aware_commit,
-        )  # fmt: skip
-
-    @property
-    def spec(self) -> DecodeSpec:
-        return DecodeSpec.from_settings(
-            self.settings, mode=self.mode, max_new_tokens=self.max_new_tokens, seed=self.seed, anchor=self.anchor,
-            draft_steps=self.draft_steps, eos_ids=tuple(self.eos_ids), eos_aware_commit=self.eos_aware_commit,
-        )  # fmt: skip
-
-    def validate(self) -> None:
-        """Raise ValueError naming the bad option."""
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        self.spec.validate()
-        if len(self.prompt) == 0:
-            raise ValueError("the prompt needs at least one token (e.g. the BOS token)")
-
-    @property
-    def engine_key(self) -> tuple[str, int]:
-        """Rows that can share one engine: same mode and (diffusion, speculative) block size."""
-        return (self.mode, self.settings.block_size if self.mode in BLOCK_MODES else 1)
-
-    @property
-    def draft_settings(self) -> DiffusionSettings:
-        """Speculative: the denoiser's settings for one draft (`draft_steps` steps per block)."""
-        return replace(self.settings, steps_per_block=self.draft_steps)
-
-
-def check_options(
-    mode: str, settings: DiffusionSettings, *, draft_steps: int, seed: int | None, anchor: bool = False
-) -> None:
-    """A request's decoding options, apart from its prompt and budget: ValueError naming the first
-    bad one (its message starts with the option's name). A thin adapter over `DecodeSpec.validate`,
-    limited to the served modes."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    DecodeSpec.from_settings(settings, mode=mode, draft_steps=draft_steps, seed=seed, anchor=anchor).validate()
-
-
-@dataclass(frozen=True)
-class Event:
-    """New tokens of one request after a step (EOS included when hit, nothing after it).
-    `finish_reason` is None while the request runs, else "eos", "length" or "cancelled"."""
-
-    request_id: Hashable
-    tokens: list[int]
-    finish_reason: str | None = None
-    denoiser_steps: int = 0  # forwards this row took for its block (diffusion) or draft (speculative); AR: 1
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-
-@dataclass(frozen=True)
-class StepTrace:
-    """One denoiser step of one row's block: its canvas after the step. `position` is the number of
-    tokens the row had generated before this block; `masked` marks positions still to fill and
-    `committed` those filled by this step (an anchored block's first token is neither)."""
-
-    request_id: Hashable
-    position: int
-    step: int
-    tokens: list[int]
-    masked: list[bool]
-    committed: list[bool]
-
-
-@dataclass
-class _Row:
-    request: Request
-    generator: torch.Generator | None
-    generated: int = 0
-
-    @property
-    def remaining(self) -> int:
-        return self.request.max_new_tokens - self.generated
-
-
-@dataclass
-class EngineStats:
-    denoiser_forwards: int = 0
-    context_forwards: int = 0
-    generated_tokens: int = 0
-    steps: int = 0
-    draft_rounds: int = 0  # speculative: rounds summed over rows (one per row per step)
-    accepted_drafts: int = 0  # speculative: drafted tokens the AR model accepted, summed likewise
-
-    @property
-    def accepted_per_round(self) -> float:
-        """Speculative: mean accepted drafts per row and round, in [0, block_size - 1] (each round
-        also commits the pending token), as `generate_speculative`'s `mean_accepted`."""
-        return self.accepted_drafts / max(self.draft_rounds, 1)
+_Row = Row  # the name this module used before `request.py`
+__all__ = [
+    "FINISH_CANCELLED", "FINISH_EOS", "FINISH_LENGTH", "MODES", "DecodeEngine", "EngineStats", "Event", "Request",
+    "StepTrace", "check_options", "check_seed", "compact", "row_groups", "sample_rows", "sampling_key",
+    "subset_context",
+]  # fmt: skip
 
 
 class DecodeEngine:
-    """Active rows of one (mode, block size) and their context cache; see the module docstring."""
+    """Active rows of one (mode, block size) and their context state; see the module docstring.
+
+    `decode_step`: "eager" (default), "static" or "compiled" (AR and diffusion only). `slots`: the
+    slot-based state (default; speculative always uses the packed one). `max_rows`: the most slots
+    to allocate (the scheduler's batch limit; None: grow as needed). `mirror`: keep a denoiser-side
+    copy of the context state (None: when the towers are on different devices; True forces it, e.g.
+    to count the bytes it moves on one device).
+    """
 
     def __init__(
-        self, model: torch.nn.Module, *, mode: str, block_size: int = 1, stats: EngineStats | None = None
+        self,
+        model: torch.nn.Module,
+        *,
+        mode: str,
+        block_size: int = 1,
+        stats: EngineStats | None = None,
+        decode_step: str = "eager",
+        slots: bool = True,
+        max_rows: int | None = None,
+        mirror: bool | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        check_decode_step(decode_step)
+        if decode_step != "eager" and not MODE_REGISTRY[mode].fixed_shape:
+            raise ValueError(f"decode_step {decode_step!r} is not implemented for mode {mode!r}; use 'eager'")
         self.model = model
         self.mode = mode
         self.block_size = block_size if mode in BLOCK_MODES else 1
-        self.rows: list[_Row] = []
-        self.cache: HybridCache | None = None  # one row per entry of `rows`
+        self.decode_step = decode_step
+        self.use_slots = slots and mode != "speculative"
+        if decode_step != "eager" and not self.use_slots:
+            raise ValueError("decode_step 'static' / 'compiled' needs the slot state (slots=True)")
+        self.max_rows = max_rows
+        self.rows: list[Row] = []
+        self.cache: HybridCache | None = None  # packed state: one row per entry of `rows`
+        self.state: SlotCache | None = None  # slot state
+        self.slot_of: list[int] = []  # slot state: each row's slot
+        two_devices = model.context_device != model.denoiser_device
+        self.mirror = DenoiserMirror(model.denoiser_device) if self.use_slots and (mirror or (
+            mirror is None and two_devices)) else None  # fmt: skip
+        fixed, compile = decode_step != "eager", decode_step == "compiled"
+        self._denoise = FixedShapeDenoiser(model, compile=compile) if fixed else None
+        self._context_step = (
+            Compiled(fixed_shape_step, compile=compile, what="the engine's context step") if fixed else None
+        )
         self.logits: torch.Tensor | None = None  # AR: (rows, V) next-token logits of each row
         # speculative and anchored diffusion rows: (rows,) each row's decided next token (-1: none)
         self.pending: torch.Tensor | None = None
@@ -199,6 +128,10 @@ class DecodeEngine:
     @property
     def request_ids(self) -> list[Hashable]:
         return [r.request.id for r in self.rows]
+
+    @property
+    def fixed_shape(self) -> bool:
+        return self.decode_step != "eager"
 
     # ---- joining --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -220,7 +153,7 @@ class DecodeEngine:
         batch = left_pad([r.prompt for r in joining], pad_id=model.config.pad_token_id, device=model.context_device)
         cache = model.empty_cache(len(joining), capacity=batch.ids.shape[1])
         mask = None if batch.all_valid else batch.mask
-        rows = [_Row(r, make_generator(r.seed, model.denoiser_device)) for r in joining]
+        rows = [Row(r, make_generator(r.seed, model.denoiser_device)) for r in joining]
         if self.mode == "ar":
             new_logits = ar_logits(model, batch.ids, cache, mask)
             self.logits = new_logits if self.logits is None else torch.cat([self.logits, new_logits])
@@ -235,9 +168,19 @@ class DecodeEngine:
         else:
             model.extend_context(batch.ids, cache, mask=mask)
         self.stats.context_forwards += 1
-        self.cache = cache if self.cache is None else HybridCache.merge([self.cache, cache])
+        if self.use_slots:
+            self._claim(cache, joining)
+        else:
+            self.cache = cache if self.cache is None else HybridCache.merge([self.cache, cache])
         self.rows += rows
         return events
+
+    def _claim(self, cache: HybridCache, joining: list[Request]) -> None:
+        """Copy the prefilled rows into free slots (allocating the slot state on the first join)."""
+        longest = max(len(r.prompt) + r.max_new_tokens for r in joining) + self.block_size
+        if self.state is None:
+            self.state = SlotCache.for_requests(self.model, rows=len(joining), longest=longest, max_slots=self.max_rows)
+        self.slot_of += self.state.claim(cache, longest=longest).tolist()
 
     def cancel(self, request_ids: set[Hashable]) -> list[Event]:
         """Drop these requests from the batch (between steps); returns their final events."""
@@ -260,55 +203,110 @@ class DecodeEngine:
             return self._step_speculative()
         return self._step_diffusion()
 
+    def _layout(self) -> tuple[int, list[int]]:
+        """(rows of the state's forwards, each row's place in them): the slots, or the packed rows."""
+        if self.use_slots:
+            return self.state.slots, self.slot_of
+        return len(self.rows), list(range(len(self.rows)))
+
+    def _denoiser_context(self) -> DenoiserContext:
+        """The context as the denoiser reads it, on its device, one row per slot (packed: per row)."""
+        if not self.use_slots:
+            return DenoiserContext.from_cache(self.cache).to(self.model.denoiser_device)
+        if self.mirror is None:
+            return self.state.denoiser_context(fixed_shape=self.fixed_shape)
+        self.mirror.update(self.state)
+        return self.mirror.denoiser_context(fixed_shape=self.fixed_shape)
+
     def _step_diffusion(self) -> list[Event]:
+        """Every group fills its block over all rows of the state at once (the others idle: nothing
+        masked, no random draws), so no row's context is copied out; the host reads each group's
+        block once."""
         model, n = self.model, len(self.rows)
-        context = DenoiserContext.from_cache(self.cache).to(model.denoiser_device)
+        device = model.denoiser_device
+        width, place = self._layout()
+        context = self._denoiser_context()
         canvases: list[torch.Tensor | None] = [None] * n
         row_steps = [0] * n
-        eos = eos_table([r.request.eos_ids for r in self.rows], device=model.denoiser_device)
+        eos_sets = [()] * width
+        for i, row in enumerate(self.rows):
+            eos_sets[place[i]] = row.request.eos_ids
+        eos = eos_table(eos_sets, device=device)
         for (size, settings, anchor, eos_aware), idx in self._block_groups().items():
+            members = torch.tensor([place[i] for i in idx], device=device)
             if anchor:
                 first = self.pending[torch.tensor(idx, device=self.pending.device)]
-                canvas, masked = anchored_canvas(first, size=size, mask_id=model.mask_token_id)
+                mine, mine_masked = anchored_canvas(first, size=size, mask_id=model.mask_token_id, device=device)
             else:
-                canvas = torch.full((len(idx), size), model.mask_token_id, dtype=torch.long)
-                masked = torch.ones(len(idx), size, dtype=torch.bool)
-            whole = len(idx) == n
+                mine = torch.full((len(idx), size), model.mask_token_id, dtype=torch.long, device=device)
+                mine_masked = torch.ones(len(idx), size, dtype=torch.bool, device=device)
+            canvas = torch.full((width, size), model.mask_token_id, dtype=torch.long, device=device)
+            masked = torch.zeros(width, size, dtype=torch.bool, device=device)
+            canvas[members], masked[members] = mine, mine_masked
+            streams, skip = [None] * width, [True] * width
+            for i in idx:
+                streams[place[i]], skip[place[i]] = self.rows[i].generator, False
             canvas, steps, forwards = fill_blocks(
-                model, context if whole else subset_context(context, idx),
-                canvas.to(model.denoiser_device), masked.to(model.denoiser_device),
-                [RowGroup(list(range(len(idx))), settings, self._streams(idx))], mask_id=model.mask_token_id,
-                eos_ids=None if eos is None else eos[torch.tensor(idx, device=eos.device)], eos_aware=eos_aware,
-                on_step=lambda group, idx=idx: self._step_reporter(idx),
+                model, context, canvas, masked, [RowGroup(list(range(width)), settings, RowGenerators(streams, skip))],
+                mask_id=model.mask_token_id, eos_ids=eos, eos_aware=eos_aware, denoise=self._denoise,
+                on_step=lambda group, idx=idx: self._step_reporter(idx, place),
             )  # fmt: skip
             self.stats.denoiser_forwards += forwards
-            canvas, steps = canvas.cpu(), steps.tolist()  # the host reads the block once per group
+            canvas, steps = canvas[members].cpu(), steps[members].tolist()  # the host reads the block once
             for j, i in enumerate(idx):
                 canvases[i], row_steps[i] = canvas[j], steps[j]
         events, keep = self._commit([c.tolist() for c in canvases], row_steps)
         self._keep(keep)
         if self.rows:  # every remaining row filled a full block (a short block is always a row's last)
             kept = torch.stack([c for c, k in zip(canvases, keep) if k])
-            logits = commit_block(model, self.cache, kept, logits=self.pending is not None)
+            logits = self._append(kept, logits=self.pending is not None)
             if logits is not None:
-                self.pending = self._anchors(logits, self.rows)
-            self.stats.context_forwards += 1
+                self.pending = self._anchors(logits.to(device), self.rows)
         return events
+
+    def _append(self, tokens: torch.Tensor, *, logits: bool) -> torch.Tensor | None:
+        """The context tower appends tokens (rows, L) of every row in ONE forward; with `logits`, the
+        AR logits after them (rows, V). Slot state: free slots append a pad token, unread."""
+        model = self.model
+        tokens = tokens.to(model.context_device)
+        self.stats.context_forwards += 1
+        if not self.use_slots:
+            if not logits:
+                model.extend_context(tokens, self.cache)
+                return None
+            return ar_logits(model, tokens, self.cache, None)
+        state, L = self.state, tokens.shape[1]
+        state.ensure(L)
+        where = torch.tensor(self.slot_of, device=tokens.device)
+        full = state.spread(tokens, where, fill=model.config.pad_token_id)
+        if self.fixed_shape:
+            position = torch.tensor([state.length], device=tokens.device)
+            out = self._context_step(
+                model.context_tower, model.context_lm_head, full, position, *state.buffers(), state.cache.valid
+            )
+            state.cache.length += L
+        elif logits:
+            out = ar_logits(model, full, state.cache, None)
+        else:
+            model.extend_context(full, state.cache)
+            return None
+        return out[where.to(out.device)] if logits else None
 
     def _streams(self, idx: list[int]) -> RowGenerators:
         """The random streams of rows `idx`, one per row."""
         return RowGenerators([self.rows[i].generator for i in idx])
 
-    def _groups(self, key: Callable[[_Row], Hashable], settings: Callable[[_Row], DiffusionSettings]) -> list[RowGroup]:
+    def _groups(self, key: Callable[[Row], Hashable], settings: Callable[[Row], object]) -> list[RowGroup]:
         """The rows as `RowGroup`s by `key`, each with its rows' settings and streams."""
         return [
             RowGroup(idx, settings(self.rows[idx[0]]), self._streams(idx))
             for idx in row_groups(self.rows, key).values()
         ]
 
-    def _step_reporter(self, idx: list[int]) -> Callable[[dict], None] | None:
-        """denoise_block's `on_step` for the group of rows `idx`: a `StepTrace` to each row that asks."""
-        listening = [(j, self.rows[i]) for j, i in enumerate(idx) if self.rows[i].request.on_step is not None]
+    def _step_reporter(self, idx: list[int], place: list[int]) -> Callable[[dict], None] | None:
+        """denoise_block's `on_step` for the group of rows `idx` (row i at `place[i]` of the step's
+        tensors): a `StepTrace` to each row that asks."""
+        listening = [(place[i], self.rows[i]) for i in idx if self.rows[i].request.on_step is not None]
         if not listening:
             return None
 
@@ -321,7 +319,7 @@ class DecodeEngine:
 
         return report
 
-    def _anchors(self, logits: torch.Tensor | None, rows: list[_Row]) -> torch.Tensor:
+    def _anchors(self, logits: torch.Tensor | None, rows: list[Row]) -> torch.Tensor:
         """Each anchored row's next token from AR logits (rows, V), drawn by its own settings and
         stream; -1 for the other rows, whose random streams are left untouched."""
         device = self.model.denoiser_device
@@ -333,7 +331,7 @@ class DecodeEngine:
             )
         return out
 
-    def _block_groups(self) -> dict[tuple[int, DiffusionSettings, bool, bool], list[int]]:
+    def _block_groups(self) -> dict[tuple, list[int]]:
         """Row indices by (this block's size, settings, anchored, EOS-aware): one `fill_blocks` call per group."""
         return row_groups(
             self.rows,
@@ -344,14 +342,12 @@ class DecodeEngine:
         )  # fmt: skip
 
     def _step_ar(self) -> list[Event]:
-        model = self.model
         tokens = sample_rows(self.logits, self.rows)
         events, keep = self._commit([[t] for t in tokens.tolist()], [1] * len(self.rows))
         self._keep(keep)
         if self.rows:
             kept = tokens[torch.tensor(keep, device=tokens.device)]
-            self.logits = ar_logits(model, kept[:, None].to(model.context_device), self.cache, None)
-            self.stats.context_forwards += 1
+            self.logits = self._append(kept[:, None], logits=True)
         return events
 
     def _step_speculative(self) -> list[Event]:
@@ -392,56 +388,21 @@ class DecodeEngine:
         return events, keep
 
     def _keep(self, keep: list[bool]) -> None:
-        """Keep only the rows marked True: their cache rows, logits, pending tokens and state."""
+        """Keep only the rows marked True: their state rows (slots: the others are freed, nothing is
+        copied), logits, pending tokens and streams."""
         if all(keep):
             return
         self.rows = [r for r, k in zip(self.rows, keep) if k]
+        if self.use_slots:
+            self.state.release([s for s, k in zip(self.slot_of, keep) if not k])
+            self.slot_of = [s for s, k in zip(self.slot_of, keep) if k]
         if not self.rows:
             self.cache, self.logits, self.pending = None, None, None
             return
         index = torch.tensor(keep).nonzero()[:, 0]
-        self.cache = compact(self.cache.select_rows(index.to(self.cache.valid.device)))
+        if not self.use_slots:
+            self.cache = compact(self.cache.select_rows(index.to(self.cache.valid.device)))
         if self.logits is not None:
             self.logits = self.logits[index.to(self.logits.device)]
         if self.pending is not None:
             self.pending = self.pending[index.to(self.pending.device)]
-
-
-def row_groups(rows: list[_Row], key: Callable[[_Row], Hashable]) -> dict[Hashable, list[int]]:
-    """Indices of `rows` by `key(row)`, in row order: one batched call per group."""
-    groups: dict[Hashable, list[int]] = {}
-    for i, row in enumerate(rows):
-        groups.setdefault(key(row), []).append(i)
-    return groups
-
-
-def sampling_key(row: _Row) -> tuple[float, int | None]:
-    """Rows sampled alike: same temperature and top_k."""
-    return row.request.settings.temperature, row.request.settings.top_k
-
-
-def sample_rows(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-    """One token per row from logits (rows, V), by each row's temperature / top_k and own stream."""
-    groups = [
-        RowGroup(idx, rows[idx[0]].request.settings, RowGenerators([rows[i].generator for i in idx]))
-        for idx in row_groups(rows, sampling_key).values()
-    ]
-    return sample_groups(logits, groups)
-
-
-def compact(cache: HybridCache) -> HybridCache:
-    """Drop leading positions that no row uses any more (left after long rows left the batch), so a
-    long-running batch does not grow without bound. Invalid keys are masked everywhere, so this
-    changes nothing but the memory and time spent on them."""
-    valid = cache.key_valid()
-    used = valid.any(0).nonzero()
-    start = int(used[0]) if len(used) else cache.length
-    if start == 0:
-        return cache
-    layers = []
-    for st in cache.layers:
-        if isinstance(st, AttentionState):
-            st = AttentionState(st.k[:, :, start:], st.v[:, :, start:])
-        layers.append(st)
-    view = HybridCache(layers, cache.valid[:, start:], cache.length - start)
-    return HybridCache.merge([view])  # contiguous, exactly-sized copy

@@ -3,6 +3,9 @@
 
 Not thread-safe: one loop owns it (the server's engine thread, the batch job's main loop) and calls
 `submit`, `cancel` and `step` between steps.
+
+`decode_step` ("eager", "static" or "compiled") is used by the engines of the modes that implement
+the fixed-shape steps (AR, diffusion); speculative engines stay eager. `mirror`: see `DecodeEngine`.
 """
 
 from __future__ import annotations
@@ -13,13 +16,25 @@ from collections.abc import Hashable
 import torch
 
 from .engine import FINISH_CANCELLED, DecodeEngine, EngineStats, Event, Request
+from .spec import MODES as MODE_REGISTRY
+from .spec import check_decode_step
 
 
 class Scheduler:
-    def __init__(self, model: torch.nn.Module, *, max_batch_size: int = 32) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        max_batch_size: int = 32,
+        decode_step: str = "eager",
+        mirror: bool | None = None,
+    ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        check_decode_step(decode_step)
         self.model = model
+        self.decode_step = decode_step
+        self.mirror = mirror
         self.max_batch_size = max_batch_size
         self.waiting: deque[Request] = deque()
         self.engines: dict[tuple[str, int], DecodeEngine] = {}  # only engines with rows
@@ -71,7 +86,11 @@ class Scheduler:
         for key, requests in joining.items():
             engine = self.engines.get(key)
             if engine is None:
-                engine = DecodeEngine(self.model, mode=key[0], block_size=key[1], stats=self.stats)
+                step = self.decode_step if MODE_REGISTRY[key[0]].fixed_shape else "eager"
+                engine = DecodeEngine(
+                    self.model, mode=key[0], block_size=key[1], stats=self.stats, decode_step=step,
+                    max_rows=self.max_batch_size, mirror=self.mirror,
+                )  # fmt: skip
                 self.engines[key] = engine
             events += engine.add(requests)
         return events

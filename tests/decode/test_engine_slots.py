@@ -1,0 +1,140 @@
+"""The engine's slot state: rows join and leave without touching the others' state, fixed-shape and
+compiled steps give each row exactly what it gives decoded alone, and with a denoiser-side mirror
+only the new entries cross per block."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.serve.models import make_two_tower
+from tests.serve.test_engine import BLOCK4, alone, prompts, rare_token, run
+from twotower.decode.engine import DecodeEngine, Request
+from twotower.decode.scheduler import Scheduler
+from twotower.decode.spec import DiffusionSettings
+from twotower.layers.attention import AttentionState
+from twotower.layers.mamba2 import MambaState
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_two_tower()
+
+
+def diffusion_requests(model, *, seed: int | None = None) -> list[Request]:
+    """Unequal prompts, budgets, thresholds and anchoring; a shared EOS some rows hit."""
+    ps = prompts(3, 9, 1, 6, 5, seed=7)
+    reqs = [
+        Request(
+            i, p, max_new_tokens=6 + 3 * i, settings=DiffusionSettings(4, 4, (0.5, 0.9, 0.2)[i % 3], temperature=0.0),
+            anchor=i == 2,
+        )
+        for i, p in enumerate(ps)
+    ]  # fmt: skip
+    if seed is not None:
+        reqs = [replace(r, settings=replace(r.settings, temperature=0.8), seed=seed + r.id) for r in reqs]
+    eos = rare_token(model, reqs)
+    return [replace(r, eos_ids=(eos,)) for r in reqs]
+
+
+WAVES = [[0, 1], [2], [], [3, 4]]  # request indices submitted before each step: rows join a running batch
+
+
+def check_each_alone(model, reqs: list[Request], **engine) -> Scheduler:
+    scheduler = Scheduler(model, max_batch_size=4, **engine)
+    tokens, _ = run(scheduler, [[reqs[i] for i in wave] for wave in WAVES])
+    for r in reqs:
+        assert tokens[r.id] == alone(model, r), r.id
+    return scheduler
+
+
+@pytest.mark.parametrize("decode_step", ["eager", "static"])
+@pytest.mark.parametrize("seed", [None, 100])
+def test_diffusion_rows_in_slots_equal_each_alone(model, decode_step, seed):
+    check_each_alone(model, diffusion_requests(model, seed=seed), decode_step=decode_step)
+
+
+@pytest.mark.parametrize("decode_step", ["eager", "static"])
+def test_ar_rows_in_slots_equal_each_alone(model, decode_step):
+    ps = prompts(4, 1, 7, 2, 5, seed=9)
+    reqs = [Request(i, p, mode="ar", max_new_tokens=3 + 2 * i, seed=i if i % 2 else None) for i, p in enumerate(ps)]
+    reqs = [replace(r, settings=replace(r.settings, temperature=0.7)) if r.seed is not None else r for r in reqs]
+    check_each_alone(model, reqs, decode_step=decode_step)
+
+
+@pytest.fixture(scope="module")
+def compiled_scheduler_run(model):
+    """One compiled run shared by the compiled checks (graphs are compiled once per shape; whole
+    blocks only, so few shapes)."""
+    reqs = [replace(r, max_new_tokens=8) for r in diffusion_requests(model)]
+    scheduler = Scheduler(model, max_batch_size=4, decode_step="compiled")
+    tokens, _ = run(scheduler, [[reqs[i] for i in wave] for wave in WAVES])
+    return reqs, tokens
+
+
+def test_compiled_diffusion_rows_equal_each_alone(model, compiled_scheduler_run):
+    reqs, tokens = compiled_scheduler_run
+    for r in reqs:
+        assert tokens[r.id] == alone(model, r), r.id
+
+
+def kv_buffers(engine: DecodeEngine) -> list[torch.Tensor]:
+    return [t for st in engine.state.cache.layers if isinstance(st, AttentionState) for t in (st.k, st.v)]
+
+
+@torch.no_grad()
+def test_joining_and_leaving_copy_nothing_of_the_other_rows(model):
+    engine = DecodeEngine(model, mode="diffusion", block_size=4, max_rows=4)
+    a, b, c = prompts(5, 3, 8, seed=2)
+    engine.add(
+        [Request("a", a, max_new_tokens=12, settings=BLOCK4), Request("b", b, max_new_tokens=4, settings=BLOCK4)]
+    )
+    engine.step()
+    buffers = [t.data_ptr() for t in kv_buffers(engine)]
+    generation, slot_a = engine.state.generation, engine.slot_of[0]
+    engine.step()  # "b" leaves after its one block
+    n = engine.state.length
+    before = [t[slot_a, :, :n].clone() for t in kv_buffers(engine)]
+    mamba = [st.ssm[slot_a].clone() for st in engine.state.cache.layers if isinstance(st, MambaState)]
+    engine.add([Request("c", c, max_new_tokens=4, settings=BLOCK4)])  # "c" claims the free slot
+    assert engine.request_ids == ["a", "c"] and engine.slot_of[0] == slot_a
+    assert [t.data_ptr() for t in kv_buffers(engine)] == buffers and engine.state.generation == generation
+    for old, t in zip(before, kv_buffers(engine)):
+        assert torch.equal(old, t[slot_a, :, :n])  # "a"'s past is where it was, untouched
+    now = [st.ssm[slot_a] for st in engine.state.cache.layers if isinstance(st, MambaState)]
+    assert all(torch.equal(x, y) for x, y in zip(mamba, now))
+
+
+@torch.no_grad()
+def test_a_long_running_batch_compacts_instead_of_growing(model):
+    """Rows keep joining one slot state: the shared end passes the capacity, rows are compacted to the
+    front of their slots and the capacity stays put; each row still equals its prompt alone."""
+    scheduler = Scheduler(model, max_batch_size=2)
+    reqs = [Request(i, p, mode="ar", max_new_tokens=40) for i, p in enumerate(prompts(*([6] * 8), seed=13))]
+    tokens, _ = run(scheduler, [[r] for r in reqs[:2]] + [[] for _ in range(30)] + [[r] for r in reqs[2:]])
+    for r in reqs:
+        assert tokens[r.id] == alone(model, r), r.id
+
+
+@torch.no_grad()
+def test_the_denoiser_mirror_moves_only_the_new_entries(model):
+    reqs = diffusion_requests(model)
+    scheduler = Scheduler(model, max_batch_size=4, mirror=True)
+    tokens, _ = run(scheduler, [[reqs[i] for i in wave] for wave in WAVES])
+    assert all(tokens[r.id] == alone(model, r) for r in reqs)
+    # one row alone: per block, the bytes moved are the same whatever the past's length
+    engine = DecodeEngine(model, mode="diffusion", block_size=4, mirror=True)
+    engine.add([Request("x", prompts(20, seed=1)[0], max_new_tokens=40, settings=BLOCK4)])
+    moved = []
+    for _ in range(6):
+        start = engine.mirror.copied_bytes
+        engine.step()
+        moved.append(engine.mirror.copied_bytes - start)
+    S, slots = BLOCK4.block_size, engine.state.slots
+    new_kv = sum(t[:, :, :S].numel() * t.element_size() for t in kv_buffers(engine))
+    states = [t for st in engine.state.cache.layers if isinstance(st, MambaState) for t in (st.conv, st.ssm)]
+    expected = new_kv + sum(t.numel() * t.element_size() for t in states) + slots * S  # + S validity flags per slot
+    assert moved[1] == moved[2] == moved[5] == expected  # the first block also moves the prompt
+    assert engine.state.length > 40  # while the past has grown past 10 blocks
