@@ -313,11 +313,12 @@ def generate_outputs(
     eos_ids: tuple[int, ...],
     on_step: Callable[[list[dict], int], None],
     on_event: Callable[[Event], None] | None = None,
+    decode_step: str = "eager",
 ) -> None:
-    """Decode `jobs` with continuous batching; after every step, `on_step(finished output records,
+    """Decode `jobs` with continuous batching (`decode_step`: the engine's steps, see `Scheduler`); after every step, `on_step(finished output records,
     tokens generated in the step)` (the caller appends the records to its log). `on_event`, if given,
     sees every engine event first (the Ray predictor counts each row's denoiser forwards from them)."""
-    scheduler = Scheduler(model, max_batch_size=max_batch_size)
+    scheduler = Scheduler(model, max_batch_size=max_batch_size, decode_step=decode_step)
     todo = deque(jobs)
     running: dict[str, tuple[Job, TextStream]] = {}
     forwards: dict[str, int] = {}  # per running job: the forwards its decoding took so far

@@ -76,14 +76,16 @@ class EngineWorker:
         max_batch_size: int,
         max_queue: int,
         metrics: ServerMetrics | None = None,
+        decode_step: str = "eager",  # the engine's steps: "eager", "static" or "compiled" (decode/engine.py)
     ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.model = model
         self.max_batch_size = max_batch_size
+        self.decode_step = decode_step
         self.capacity = max_batch_size + max_queue
         self.metrics = metrics
-        self.scheduler = Scheduler(model, max_batch_size=max_batch_size)
+        self.scheduler = Scheduler(model, max_batch_size=max_batch_size, decode_step=decode_step)
         self._seen = (0, 0)  # the scheduler's (denoiser, context) forwards already counted
         self._inbox: queue.Queue[tuple[str, object]] = queue.Queue()
         self._jobs: dict[Hashable, _Job] = {}  # owned by the loop thread, in arrival order
@@ -219,7 +221,7 @@ class EngineWorker:
         if self.metrics is not None:
             self.metrics.engine_failures.inc()
         not_started = {r.id for r in self.scheduler.waiting}
-        self.scheduler = Scheduler(self.model, max_batch_size=self.max_batch_size)
+        self.scheduler = Scheduler(self.model, max_batch_size=self.max_batch_size, decode_step=self.decode_step)
         self._seen = (0, 0)
         jobs = list(self._jobs.values())
         for job in [j for j in jobs if j.request.id not in not_started]:
@@ -238,7 +240,7 @@ class EngineWorker:
             traceback.print_exc(file=sys.stderr)
             for request_id in list(self._jobs):
                 self._finish(request_id, RuntimeError(f"decoding failed: {type(again).__name__}: {again}"))
-            self.scheduler = Scheduler(self.model, max_batch_size=self.max_batch_size)
+            self.scheduler = Scheduler(self.model, max_batch_size=self.max_batch_size, decode_step=self.decode_step)
             self._seen = (0, 0)
             self.running_rows = 0
 
