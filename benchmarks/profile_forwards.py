@@ -30,9 +30,9 @@ from collections.abc import Callable
 
 import torch
 
+from twotower.context import DenoiserContext
 from twotower.decode.static import FixedShapeDenoiser, StaticDecoder, round_capacity
 from twotower.loading import load_for_inference
-from twotower.model import DenoiserContext
 
 PAPER_RATIO = 2.42
 

@@ -45,7 +45,8 @@ from twotower.bench.costmodel import (
 )
 from twotower.checkpoint import materialize
 from twotower.config import PATTERN_TO_TYPE, preset
-from twotower.model import DenoiserContext, TwoTowerForCausalLM
+from twotower.context import DenoiserContext
+from twotower.model import TwoTowerForCausalLM
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 FORWARDS = ("ar_step", "denoise", "commit")

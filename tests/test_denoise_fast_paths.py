@@ -6,7 +6,8 @@ import torch
 
 from tests.conftest import randomise_special_params, tiny_config
 from twotower.backbone import NemotronHForCausalLM
-from twotower.model import DenoiserContext, TwoTowerForCausalLM
+from twotower.context import DenoiserContext
+from twotower.model import TwoTowerForCausalLM
 
 
 @torch.no_grad()

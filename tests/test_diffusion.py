@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from tests.conftest import perturbed_twotower
+from twotower.context import DenoiserContext
 from twotower.decode.batch import cut_at_eos
 from twotower.decode.diffusion import commit_counts, select_commits
-from twotower.model import DenoiserContext, TwoTowerForCausalLM
+from twotower.model import TwoTowerForCausalLM
 
 MASK = 3
 

@@ -15,8 +15,9 @@ from tests.conftest import tiny_config
 from twotower import memory_plan as mp
 from twotower.backbone import NemotronHModel
 from twotower.config import NemotronHConfig, preset
+from twotower.context import DenoiserContext
 from twotower.loading import bundled_model_path
-from twotower.model import DenoiserContext, TwoTowerForCausalLM
+from twotower.model import TwoTowerForCausalLM
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 NANO = "nemotron-3-nano-30b-a3b"

@@ -12,8 +12,9 @@ from conftest import randomise_special_params, tiny_config
 
 from twotower.backbone import NemotronHForCausalLM
 from twotower.config import preset
+from twotower.context import DenoiserContext
 from twotower.layers.moe import Experts, MoE, experts_reference, group_by_expert
-from twotower.model import DenoiserContext, TwoTowerForCausalLM
+from twotower.model import TwoTowerForCausalLM
 from twotower.quantize import (
     INT8_MAX,
     QUANTIZE_SCHEMES,

@@ -157,8 +157,8 @@ def test_appending_a_block_equals_the_eager_forward_and_later_steps_agree():
 
 @torch.no_grad()
 def test_denoiser_over_the_fixed_buffers_equals_denoiser_over_the_cache():
+    from twotower.context import DenoiserContext
     from twotower.decode.static import FixedShapeDenoiser
-    from twotower.model import DenoiserContext
 
     model = perturbed_twotower()
     prompts = torch.randint(4, 96, (2, 7), generator=torch.Generator().manual_seed(9))

@@ -13,10 +13,11 @@ from tests import conftest
 from tests.conftest import randomise_special_params, tiny_config
 from twotower.backbone import NemotronHForCausalLM
 from twotower.conditioning import timestep_sinusoid
+from twotower.context import DenoiserContext
 from twotower.decode.diffusion import DiffusionSettings, denoise_block
 from twotower.layers.attention import AttentionState
 from twotower.layers.mamba2 import MambaState
-from twotower.model import DenoiserContext, TwoTowerForCausalLM
+from twotower.model import TwoTowerForCausalLM
 
 PROMPTS = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15], [20], [30, 31, 32, 33, 34]]
 

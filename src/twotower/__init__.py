@@ -1,5 +1,6 @@
 """twotower: NVIDIA's Nemotron-Labs-TwoTower diffusion language model in pure PyTorch."""
 
+from . import api  # noqa: F401  (attaches from_pretrained, generate_*, score, ... to the model classes)
 from .backbone import NemotronHForCausalLM, NemotronHModel
 from .cache import HybridCache
 from .checkpoint import CheckpointError

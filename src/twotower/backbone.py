@@ -8,7 +8,6 @@ Attention carries no positional encoding. With a cache, a forward appends its to
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -160,34 +159,6 @@ class NemotronHForCausalLM(nn.Module):
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return CausalLMOutput(self.lm_head(hidden).float(), cache)
-
-    # ---- checkpoints (all name mapping lives in checkpoint.py) -----------------------------------
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        dtype: str | torch.dtype | None = "auto",
-        device: str | torch.device | None = None,
-        quantize: str = "none",
-    ) -> NemotronHForCausalLM:
-        """Stream a checkpoint directory into a new model. `dtype="auto"` (or None) keeps the stored
-        dtype (config.json's `torch_dtype`); `device` is where the parameters are allocated;
-        `quantize` (twotower.quantize) quantizes the experts layer by layer as they load."""
-        from .checkpoint import load_backbone
-
-        return load_backbone(path, dtype=dtype, device=device, quantize=quantize)
-
-    def save_pretrained(self, path: str | Path, *, max_shard_bytes: int | None = None) -> None:
-        from .checkpoint import save_backbone
-
-        save_backbone(self, path, max_shard_bytes=max_shard_bytes)
-
-    def generate(self, input_ids, **options):
-        """Cached AR generation; see `twotower.decode.ar.generate` for the options."""
-        from .decode.ar import generate
-
-        return generate(self, input_ids, **options)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import torch
 
 from .conditioning import FREQ_DIM
 from .config import NemotronHConfig
-from .decode.diffusion import DiffusionSettings
+from .decode.spec import DiffusionSettings
 from .dtypes import DTYPES, dtype_name, resolve_dtype
 from .quantize import QUANTIZE_SCHEMES, quantized_bytes  # noqa: F401  (QUANTIZE_SCHEMES re-exported for info)
 

@@ -3,13 +3,16 @@ and a trained denoiser tower that fills a block of masked tokens from a read-onl
 
 Module names match the released checkpoint: `context_tower`, `context_lm_head`, `denoiser_tower`,
 `lm_head`, `t_embedder`, `t_block`, `scale_shift_tables`.
+
+Architecture only: the decoding entry points (`generate_*`, `score`) and checkpoint I/O
+(`from_pretrained`, `save_pretrained`, `from_backbone_pretrained`) are attached to the class by
+`twotower.api`, a layer above both the model and decoding, so this module imports neither.
+`DenoiserContext` lives in `twotower.context`; it is re-exported here for older importers.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,55 +21,13 @@ from .backbone import NemotronHForCausalLM, NemotronHModel, init_weights
 from .cache import HybridCache
 from .conditioning import TimestepEmbedder, modulation
 from .config import NemotronHConfig
-from .layers.attention import AttentionState, full_mask
-from .layers.mamba2 import MambaState
+from .context import DenoiserContext
+from .layers.attention import full_mask
 
 DEFAULT_MASK_TOKEN_ID = 3  # the released config carries no mask id; the convention is 3 (SPEC 3.1)
 TWOTOWER_ARCH = "NemotronHTwoTowerForCausalLM"
 
-
-@dataclass
-class DenoiserContext:
-    """What the denoiser may see of the past, per layer, for each row of its input:
-    attention K/V (b, kv_heads, T, d) with key validity (b, T), and Mamba seed states."""
-
-    kv: list[tuple[torch.Tensor, torch.Tensor] | None]
-    key_valid: torch.Tensor
-    mamba: list[MambaState | None]
-    # per attention layer, [past ; block] K/V buffers reused by every denoiser step of a block
-    _joined: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
-
-    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[past K/V of `layer` ; the block's k/v] along positions. While decoding (no autograd) the
-        past is copied once per context and later steps only overwrite the block's slots; with
-        autograd (training) or under torch.compile it is a plain concatenation."""
-        past_k, past_v = self.kv[layer]
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # no buffer kept across calls
-            return torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
-        joined = self._joined.get(layer)
-        fits = joined is not None and joined[0].shape[2] == past_k.shape[2] + k.shape[2]
-        if not fits or joined[0].shape[0] != k.shape[0] or joined[0].dtype != k.dtype:
-            joined = (torch.cat([past_k, k], 2), torch.cat([past_v, v], 2))
-            self._joined[layer] = joined
-            return joined
-        T = past_k.shape[2]
-        joined[0][:, :, T:] = k
-        joined[1][:, :, T:] = v
-        return joined
-
-    @classmethod
-    def from_cache(cls, cache: HybridCache) -> DenoiserContext:
-        """Read-only views of the context cache after its last written position (no copies)."""
-        kv, mamba = [], []
-        for i, st in enumerate(cache.layers):
-            kv.append(cache.kv(i) if isinstance(st, AttentionState) else None)
-            mamba.append(st if isinstance(st, MambaState) else None)
-        return cls(kv, cache.key_valid(), mamba)
-
-    def to(self, device: torch.device) -> DenoiserContext:
-        kv = [(p[0].to(device), p[1].to(device)) if p is not None else None for p in self.kv]
-        mamba = [MambaState(s.conv.to(device), s.ssm.to(device)) if s is not None else None for s in self.mamba]
-        return DenoiserContext(kv, self.key_valid.to(device), mamba)
+__all__ = ["DEFAULT_MASK_TOKEN_ID", "TWOTOWER_ARCH", "DenoiserContext", "TwoTowerForCausalLM"]
 
 
 class TwoTowerForCausalLM(nn.Module):
@@ -234,33 +195,6 @@ class TwoTowerForCausalLM(nn.Module):
         logits[logits_for] = self.lm_head(self.denoiser_tower.norm_f(h[logits_for])).float()
         return logits
 
-    # ---- decoding entry points (thin wrappers over twotower.decode) -----------------------------------
-    def generate_ar(self, input_ids, **options):
-        from .decode.twotower import generate_ar
-
-        return generate_ar(self, input_ids, **options)
-
-    def generate_mock_ar(self, input_ids, **options):
-        from .decode.mock_ar import generate_mock_ar
-
-        return generate_mock_ar(self, input_ids, **options)
-
-    def generate_mask_diffusion(self, input_ids, **options):
-        from .decode.diffusion import generate_mask_diffusion
-
-        return generate_mask_diffusion(self, input_ids, **options)
-
-    def generate_speculative(self, input_ids, **options):
-        from .decode.speculative import generate_speculative
-
-        return generate_speculative(self, input_ids, **options)
-
-    def score(self, sequences, **options) -> list[list[float]]:
-        """Exact per-token AR log-probabilities of id sequences (see `twotower.decode.score`)."""
-        from .decode.score import score
-
-        return score(self, sequences, **options)
-
     # ---- devices -----------------------------------------------------------------------------------
     def place_towers_on_devices(self, ctx_device: str | torch.device, den_device: str | torch.device):
         """Context tower + AR head on one device; denoiser + head + adaLN on the other."""
@@ -275,47 +209,3 @@ class TwoTowerForCausalLM(nn.Module):
         ):
             part.to(den_device)
         return self
-
-    # ---- checkpoints -------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        dtype: str | torch.dtype | None = "auto",
-        device: str | torch.device | None = None,
-        denoiser_device: str | torch.device | None = None,
-        quantize: str = "none",
-    ) -> TwoTowerForCausalLM:
-        """Stream a TwoTower directory (the released layout) into a new model. `dtype="auto"` keeps
-        the stored dtype; the context tower and its head go to `device`, the denoiser, its head and
-        adaLN to `denoiser_device` (default: `device`). `device="auto"` lets the memory plan choose:
-        one device when both towers and a 4k-token cache fit, else one tower per device. `quantize`
-        (twotower.quantize, e.g. "int8-experts") quantizes the experts layer by layer as they load."""
-        from .checkpoint import load_twotower
-
-        return load_twotower(path, dtype=dtype, device=device, denoiser_device=denoiser_device, quantize=quantize)
-
-    @classmethod
-    def from_backbone_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        dtype: str | torch.dtype | None = "auto",
-        device: str | torch.device | None = None,
-        denoiser_device: str | torch.device | None = None,
-        seed: int = 0,
-        quantize: str = "none",
-    ) -> TwoTowerForCausalLM:
-        """A TwoTower from an AR NemotronH checkpoint: both towers read from the file (no copies in
-        memory), adaLN initialised as in `from_backbone`."""
-        from .checkpoint import load_twotower_from_backbone
-
-        return load_twotower_from_backbone(
-            path, dtype=dtype, device=device, denoiser_device=denoiser_device, seed=seed, quantize=quantize
-        )
-
-    def save_pretrained(self, path: str | Path, *, max_shard_bytes: int | None = None) -> None:
-        from .checkpoint import save_twotower
-
-        save_twotower(self, path, max_shard_bytes=max_shard_bytes)

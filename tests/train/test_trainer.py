@@ -14,7 +14,8 @@ import torch
 
 from tests.conftest import randomise_special_params, tiny_config
 from twotower.backbone import NemotronHForCausalLM
-from twotower.model import DenoiserContext, TwoTowerForCausalLM
+from twotower.context import DenoiserContext
+from twotower.model import TwoTowerForCausalLM
 from twotower.train.objective import block_contexts, diffusion_loss, draw_noise, mask_blocks
 from twotower.train.recipes import pretrain_backbone, train_denoiser
 from twotower.train.trainer import TrainSettings, wsd_lr

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..context import DenoiserContext
 from ..layers.mamba2 import MambaState
-from ..model import DenoiserContext
 from .sampling import RowGenerators, apply_top_k, choose_tokens, gumbel_from_uniform
 from .spec import DiffusionSettings
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..model import DenoiserContext
+from ..context import DenoiserContext
 from .batch import GenerationOutput, cut_at_eos, left_pad, normalise_eos
 from .block import (
     RowGroup,

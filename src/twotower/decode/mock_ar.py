@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import DenoiserContext
+from ..context import DenoiserContext
 from .spec import DEFAULT_MAX_NEW_TOKENS
 from .twotower import decode_one_token_per_step
 

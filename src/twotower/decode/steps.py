@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache import HybridCache
-from ..model import DenoiserContext
+from ..context import DenoiserContext
 from .block import RowGroup, anchored_canvas, fill_blocks
 from .sampling import choose_tokens
 from .verify import verify

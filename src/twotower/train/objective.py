@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..context import DenoiserContext
 from ..layers.mamba2 import MambaState
-from ..model import DenoiserContext, TwoTowerForCausalLM
+from ..model import TwoTowerForCausalLM
 from .block_attention import DEFAULT_QUERY_CHUNK
 from .single_pass import check_layout, context_pass, denoise_blocks
 
