@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import sys
 
-from twotower.bench.cli import main
+from twotower.cli import main as twotower_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The same options as `twotower bench`."""
+    return twotower_main(["bench", *(sys.argv[1:] if argv is None else argv)])
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from twotower import batch_cli
 from twotower.batch_job import (
     Job,
     OutputLog,
@@ -27,6 +26,7 @@ from twotower.batch_job import (
     shard_of,
 )
 from twotower.cli import CLIError
+from twotower.cli import batch as batch_cli
 from twotower.loading import load_for_inference
 from twotower.workload import Options
 

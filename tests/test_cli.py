@@ -161,3 +161,26 @@ def test_generate_in_bfloat16(model_dir, capsys):
     with pytest.raises(SystemExit):  # argparse refuses a dtype it does not know, with the choices
         main(["generate", "x", "--model", str(model_dir), "--dtype", "int4"])
     assert "invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_a_verb_whose_extra_is_missing_is_disabled_with_a_clear_message(monkeypatch, capsys):
+    """A verb module that cannot import a third-party package leaves a stand-in verb: the other verbs
+    work, and that one prints what is missing and exits 2."""
+    import importlib
+
+    import twotower.cli as cli
+
+    real = importlib.import_module
+
+    def import_module(name, *args):
+        if name == "twotower.cli.serve":
+            raise ModuleNotFoundError("No module named 'fastapi'", name="fastapi")
+        return real(name, *args)
+
+    monkeypatch.setattr(cli, "EXTRA_COMMANDS", [])
+    monkeypatch.setattr(cli.importlib, "import_module", import_module)
+    assert cli.main(["serve", "--port", "0"]) == 2
+    assert "error: twotower serve is unavailable: fastapi is not installed (pip install 'twotower[serve]')" in (
+        capsys.readouterr().err
+    )
+    assert cli.build_parser().parse_args(["info", "--preset", "tiny"]).command == "info"

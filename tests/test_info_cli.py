@@ -10,7 +10,7 @@ import pytest
 
 import twotower.cli as cli
 from twotower import memory_plan as mp
-from twotower.info_cli import register
+from twotower.cli.info import register
 from twotower.loading import bundled_model_path
 
 NANO = "nemotron-3-nano-30b-a3b"
@@ -18,7 +18,7 @@ NANO = "nemotron-3-nano-30b-a3b"
 
 @pytest.fixture(autouse=True)
 def info_command():
-    """Works before and after `twotower.info_cli` is in cli's own list of extra commands."""
+    """Works before and after `twotower.cli.info` is in cli's own list of extra commands."""
     cli._register_extras()
     if not any(getattr(r, "__module__", None) == register.__module__ for r in cli.EXTRA_COMMANDS):
         cli.EXTRA_COMMANDS.append(register)

@@ -19,7 +19,8 @@ from lm_eval.api.registry import get_model  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from tests.evaluation.conftest import TASKS_DIR  # noqa: E402
-from twotower import cli, eval_cli  # noqa: E402
+from twotower import cli  # noqa: E402
+from twotower.cli import eval as eval_cli  # noqa: E402
 from twotower.evaluation import harness  # noqa: E402,F401  (registers the model name "twotower")
 from twotower.loading import bundled_model_path, load_for_inference  # noqa: E402
 

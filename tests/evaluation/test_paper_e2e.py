@@ -19,7 +19,8 @@ import lm_eval.evaluator  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
 from tests.evaluation.test_paper import SPEC_TABLE  # noqa: E402
-from twotower import cli, eval_cli  # noqa: E402
+from twotower import cli  # noqa: E402
+from twotower.cli import eval as eval_cli  # noqa: E402
 from twotower.evaluation.paper import select_rows  # noqa: E402
 from twotower.evaluation.paper_run import Column, RunOptions, run_paper  # noqa: E402
 from twotower.loading import bundled_model_path, load_for_inference  # noqa: E402

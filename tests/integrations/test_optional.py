@@ -20,8 +20,8 @@ def test_the_core_package_and_the_cli_do_not_import_ray(tmp_path):
     src.write_text(json.dumps({"id": 1, "prompt": "the"}) + "\n")
     code = f"""
 import sys
-import twotower, twotower.cli, twotower.batch_cli, twotower.batch_job, twotower.integrations
-import twotower.integrations.ray_cli, twotower.integrations.ray_files, twotower.integrations.ray
+import twotower, twotower.cli, twotower.cli.batch, twotower.batch_job, twotower.integrations
+import twotower.cli.batch_ray, twotower.integrations.ray_files, twotower.integrations.ray
 from twotower.cli import main
 assert main(["batch", "--input", {str(src)!r}, "--output", {str(tmp_path / "out.jsonl")!r},
              "--max-new-tokens", "2", "--no-progress"]) == 0

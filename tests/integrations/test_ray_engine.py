@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from twotower import batch_cli
 from twotower.cli import CLIError
-from twotower.integrations.ray_cli import cmd_batch_ray
+from twotower.cli import batch as batch_cli
+from twotower.cli.batch_ray import cmd_batch_ray
 from twotower.integrations.ray_files import ERRORS_NAME, output_files
 
 from .helpers import FAST, by_id, records, write_lines, write_parquet

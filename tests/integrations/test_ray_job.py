@@ -10,7 +10,7 @@ import pytest
 
 from twotower.batch_job import id_key
 from twotower.cli import CLIError
-from twotower.integrations.ray_cli import ROWS_PER_CALL_FACTOR, actor_pool, root_cause
+from twotower.cli.batch_ray import ROWS_PER_CALL_FACTOR, actor_pool, root_cause
 from twotower.integrations.ray_files import Pending, Plan
 from twotower.integrations.ray_job import ActorPool, BlockWriter, JobSummary
 

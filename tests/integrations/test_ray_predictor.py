@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from twotower import batch_cli
+from twotower.cli import batch as batch_cli
 from twotower.integrations.ray import TwoTowerPredictor, default_options
 from twotower.workload import Limits, Options
 

@@ -17,7 +17,7 @@ import threading
 import openai
 import pytest
 
-from twotower.serve import cli as serve_cli
+from twotower.cli import serve as serve_cli
 from twotower.serve.app import ServerConfig
 from twotower.serve.server import make_server
 from twotower.workload import Limits, OptionError, Options, parse_options

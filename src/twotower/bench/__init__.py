@@ -2,5 +2,6 @@
 scores, AR and diffusion decoding side by side with interleaved timing, and the paper-style table.
 
 Modules: `evalset` (the committed items and their builder), `metrics` (how an output is scored),
-`runner` (the settings grid, timing and token counts), `report` (Markdown, JSON, plot), `cli`.
+`runner` (the settings grid, timing and token counts), `report` (Markdown, JSON, plot). The
+`twotower bench` verb is `twotower.cli.bench`.
 """

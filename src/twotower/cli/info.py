@@ -8,9 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import memory_plan as mp
-from .config import NemotronHConfig, preset
-from .dtypes import DTYPE_CHOICES, DTYPES, dtype_name, resolve_dtype
+from .. import memory_plan as mp
+from ..config import NemotronHConfig, preset
+from ..dtypes import DTYPE_CHOICES, DTYPES, dtype_name, resolve_dtype
 
 DEFAULT_BATCH = 1
 DEFAULT_MAX_LEN = 4096
@@ -89,8 +89,8 @@ def _positive_int(option: str, text: str) -> int:
 
 def load_config(args: argparse.Namespace) -> tuple[NemotronHConfig, str]:
     """The config (from --preset, --model's config.json, or the bundled model) and a label for it."""
-    from .checkpoint import read_config_dict
-    from .loading import BUNDLED_NAME, resolve_model_path
+    from ..checkpoint import read_config_dict
+    from ..loading import BUNDLED_NAME, resolve_model_path
 
     if args.model is not None and args.preset is not None:
         raise ValueError("give --model PATH or --preset NAME, not both")

@@ -7,9 +7,9 @@ import ipaddress
 import os
 import sys
 
-from ..cli import CLIError, add_model_option, load_model
 from ..decode.engine import MODES
 from ..workload import Limits, OptionError, Options, parse_options
+from .options import CLIError, add_model_option, load_model
 
 API_KEY_ENV = "TWOTOWER_API_KEY"
 
@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _server_modules():
     """The ASGI stack, or one clear error when the `serve` extra is not installed."""
     try:
-        from . import app, server
+        from ..serve import app, server
     except ImportError as err:
         raise CLIError(
             f"twotower serve needs the serve extra ({err.name} is missing): pip install 'twotower[serve]'"

@@ -17,8 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .cli import CLIError, add_model_option, load_model
-from .evaluation.paper import ROW_KEYS  # plain data: no harness import
+from ..evaluation.paper import ROW_KEYS  # plain data: no harness import
+from .options import CLIError, add_model_option, load_model
 
 INSTALL_HINT = "the eval command needs lm-evaluation-harness: pip install 'twotower[eval]'"
 EVAL_MODES = ("diffusion", "ar", "mock-ar")  # the modes of the harness adapter (evaluation.harness.MODES)
@@ -126,7 +126,7 @@ def single_value(values: list | None, default, option: str):
 
 
 def build_adapter(args: argparse.Namespace):
-    from .evaluation.harness import TwoTowerLM
+    from ..evaluation.harness import TwoTowerLM
 
     return TwoTowerLM(
         args.model,
@@ -231,7 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # ---- --paper ----------------------------------------------------------------------------------------
 def paper_columns(args: argparse.Namespace):
-    from .evaluation.paper_run import make_columns
+    from ..evaluation.paper_run import make_columns
 
     conflicts = (
         ("--tasks", args.tasks, "the rows name their tasks"),
@@ -257,7 +257,7 @@ def paper_columns(args: argparse.Namespace):
 
 
 def paper_options(args: argparse.Namespace):
-    from .evaluation.paper_run import RunOptions
+    from ..evaluation.paper_run import RunOptions
 
     return RunOptions(
         limit=args.limit,
@@ -286,10 +286,10 @@ def cmd_paper(args: argparse.Namespace) -> int:
     try:
         from lm_eval.tasks import TaskManager
 
-        from .evaluation import paper_report
-        from .evaluation.extra_tasks import write_extra_tasks
-        from .evaluation.paper import select_rows
-        from .evaluation.paper_run import preflight, run_paper
+        from ..evaluation import paper_report
+        from ..evaluation.extra_tasks import write_extra_tasks
+        from ..evaluation.paper import select_rows
+        from ..evaluation.paper_run import preflight, run_paper
     except ModuleNotFoundError as err:
         raise CLIError(INSTALL_HINT) from err
     columns = paper_columns(args)
@@ -300,7 +300,7 @@ def cmd_paper(args: argparse.Namespace) -> int:
     options = paper_options(args)
     check_task_folders(args)
     if args.plot:
-        from .evaluation.paper_plot import PLOT_HINT
+        from ..evaluation.paper_plot import PLOT_HINT
 
         try:
             import matplotlib  # noqa: F401
@@ -323,7 +323,7 @@ def cmd_paper(args: argparse.Namespace) -> int:
     if args.json:
         print(f"wrote {args.json}", file=sys.stderr)
     if args.plot:
-        from .evaluation.paper_plot import plot_paper
+        from ..evaluation.paper_plot import plot_paper
 
         print(f"wrote {plot_paper(run, summary, args.plot)}", file=sys.stderr)
     return 0

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..cli import add_model_option, load_model
+from .options import CLIError, add_model_option, load_model
 
 DEFAULT_THRESHOLDS = (0.9, 0.8, 0.7, 0.5)
 DEFAULT_BLOCK_SIZES = (16,)
@@ -106,7 +106,6 @@ def register(subparsers) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> None:
-    from ..cli import CLIError
 
     if any(not 0.0 <= g <= 1.0 for g in args.thresholds):
         raise CLIError(f"--thresholds must lie in [0, 1], got {args.thresholds}")
@@ -128,9 +127,9 @@ def check_arguments(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    from .evalset import evalset_path, load_evalset
-    from .report import render, write_json, write_plot
-    from .runner import run_benchmark, settings_grid
+    from ..bench.evalset import evalset_path, load_evalset
+    from ..bench.report import render, write_json, write_plot
+    from ..bench.runner import run_benchmark, settings_grid
 
     check_arguments(args)
     if args.threads:
@@ -179,7 +178,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _load_hf(model):
     """(transformers model, None) or (None, why the baseline row is left out)."""
-    from .baseline import load_hf_baseline
+    from ..bench.baseline import load_hf_baseline
 
     try:
         return load_hf_baseline(model), None
@@ -202,10 +201,3 @@ def _provenance(loaded, evalset, hf_model) -> dict:
 
         info["transformers"] = transformers.__version__
     return info
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (benchmarks/bench_quality_speed.py): the same options as `twotower bench`."""
-    from ..cli import main as twotower_main
-
-    return twotower_main(["bench", *(sys.argv[1:] if argv is None else argv)])

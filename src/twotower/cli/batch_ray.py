@@ -13,9 +13,9 @@ import re
 import sys
 from pathlib import Path
 
-from ..cli import CLIError
 from ..decode.engine import MODES
-from .ray_files import DEFAULT_ROWS_PER_FILE, input_files, output_lock, plan_job, read_done, write_errors
+from ..integrations.ray_files import DEFAULT_ROWS_PER_FILE, input_files, output_lock, plan_job, read_done, write_errors
+from .options import CLIError, batch_limits, default_options
 
 ENGINES = ("local", "ray")
 ROWS_PER_CALL_FACTOR = 4  # a predictor call gets this many engine batches of rows (fewer half-empty tails)
@@ -60,7 +60,6 @@ def add_ray_options(p: argparse.ArgumentParser) -> None:
 def cmd_batch_ray(args: argparse.Namespace, *, predictor_cls: type | None = None) -> int:
     """Run the job; `predictor_cls` replaces `TwoTowerPredictor` (tests use it to kill an actor)."""
     check_installed()
-    from ..batch_cli import batch_limits, default_options
     from ..loading import resolve_model_path
     from ..tokenizer import Tokenizer
 
@@ -93,9 +92,9 @@ def cmd_batch_ray(args: argparse.Namespace, *, predictor_cls: type | None = None
 
 def run_on_cluster(args, plan, output: Path, defaults, model: str | None, predictor_cls: type | None):
     """Connect (or start a loopback-only local cluster), run the plan, and shut down what was started."""
-    from .ray import TwoTowerPredictor
-    from .ray_cluster import ClusterError, cluster_resources, connect
-    from .ray_job import JobSummary, run_job
+    from ..integrations.ray import TwoTowerPredictor
+    from ..integrations.ray_cluster import ClusterError, cluster_resources, connect
+    from ..integrations.ray_job import JobSummary, run_job
 
     if not plan.pending:
         return JobSummary(skipped=plan.done, rejected=len(plan.errors))
@@ -159,7 +158,7 @@ def check_output(output: Path, files: list[Path]) -> Path:
 def actor_pool(args: argparse.Namespace, cluster: dict[str, float], *, fixed: bool = True):
     """The actor pool the options ask for, checked against the cluster's CPUs and GPUs: a pool that
     does not fit is an error on a `fixed` cluster (the local one), a warning on one that may grow."""
-    from .ray_job import ActorPool
+    from ..integrations.ray_job import ActorPool
 
     gpus_in_cluster = float(cluster.get("GPU", 0))
     on_gpu = args.device not in ("cpu", "auto") or args.denoiser_device not in (None, "cpu")

@@ -14,10 +14,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from .cli import CLIError, add_generation_options, add_model_option, load_model
-from .decode.engine import MODES
-from .integrations.ray_cli import add_ray_options, cmd_batch_ray
-from .workload import Limits, Options, parse_options
+from ..decode.engine import MODES
+from .batch_ray import add_ray_options, cmd_batch_ray
+from .options import CLIError, add_generation_options, add_model_option, batch_limits, default_options, load_model
 
 DEFAULT_MAX_BATCH_SIZE = 32
 
@@ -62,26 +61,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_batch)
 
 
-def default_options(args: argparse.Namespace) -> Options:
-    """The command line's generation options as the defaults of every line (validated)."""
-    given = {
-        "mode": args.mode,
-        "max_tokens": args.max_new_tokens,
-        "block_size": args.block_size,
-        "steps_per_block": args.steps_per_block,
-        "draft_steps": args.draft_steps,
-        "confidence_threshold": args.threshold,
-        "temperature": args.temperature,
-        "top_k": args.top_k,
-        "anchor": args.anchor,
-    }
-    return parse_options(given, Options(), limits=batch_limits(args))
-
-
-def batch_limits(args: argparse.Namespace) -> Limits:
-    return Limits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=1 << 30)
-
-
 def dist_rank_world() -> tuple[int, int]:
     """This process's rank and the number of processes, as torchrun sets them (0, 1 otherwise)."""
     try:
@@ -94,7 +73,7 @@ def dist_rank_world() -> tuple[int, int]:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
-    from . import batch_job as bj
+    from .. import batch_job as bj
 
     if getattr(args, "engine", "local") == "ray":
         return cmd_batch_ray(args)
@@ -143,7 +122,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def run_with_progress(loaded, todo, log, *, total: int, args: argparse.Namespace, rank: int, world: int) -> None:
     from tqdm import tqdm
 
-    from .batch_job import generate_outputs
+    from ..batch_job import generate_outputs
 
     desc = "batch" if world == 1 else f"batch rank {rank}"
     bar = tqdm(total=total, initial=total - len(todo), desc=desc, unit="req", position=rank, disable=args.no_progress)
