@@ -179,7 +179,7 @@ def train_tokenizer(
     """Train a byte-level BPE tokenizer on streamed text, save it to `out_dir` and return it.
 
     `source` is an iterable of document texts, or a Path / sequence of Paths (a corpus directory,
-    JSONL or .txt files, read as `data.iter_documents` reads them). A bare `str` is refused because
+    JSONL or .txt files, read as `twotower.documents.iter_documents` reads them). A bare `str` is refused because
     it could be either. Special tokens get `SPECIAL_IDS`; `vocab_size` counts them and the 256 byte
     symbols, so it must be at least `MIN_VOCAB_SIZE`. A small corpus may yield fewer merges than asked.
     """
@@ -220,7 +220,7 @@ def _texts(source: Iterable[str] | os.PathLike | Sequence[os.PathLike]) -> Itera
         raise ValueError("train_tokenizer got no training text")
     if isinstance(first, os.PathLike):
         paths = [first, *items]
-        from .train.data import iter_documents  # training-only reader, imported where it is used
+        from .documents import iter_documents
 
         yield from (doc.text for doc in iter_documents(paths))
         return

@@ -9,26 +9,62 @@ The three categories mirror the paper's general / code / math data. Every input 
   yields a problem that training could contain, whatever seed either side uses.
 
 `build_corpus` writes `{category}-{index:05d}.jsonl` shards of `{"text", "source", "category"}`
-records plus `manifest.json`; the same inputs give byte-identical output.
+records plus `manifest.json`; the same inputs give byte-identical output. The prose readers live in
+`prose.py`, the arithmetic generator in `arithmetic.py`; this module splits, streams and writes.
 """
 
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import logging
 import os
 import random
-import re
 import struct
 import sys
 import sysconfig
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from pathlib import Path
+
+from .arithmetic import (
+    EVAL_HOLDOUT_BUCKETS,
+    HOLDOUT_BUCKETS,
+    ArithmeticProblem,
+    eval_problems,
+    is_eval_problem,
+    iter_problems,
+)
+from .prose import (
+    DEBIAN_INSTALL_LINE,
+    DEFAULT_PROSE_SOURCES,
+    READERS,
+    ProseSource,
+    companion_files,
+    read_html_file,
+    read_sword_ztext,
+    read_text_file,
+)
+
+__all__ = [  # with the prose readers and the arithmetic generator, which live in their own modules
+    "CATEGORIES",
+    "DEBIAN_INSTALL_LINE",
+    "DEFAULT_PROSE_SOURCES",
+    "MANIFEST_FILE",
+    "ArithmeticProblem",
+    "ProseSource",
+    "budget_from_total",
+    "build_corpus",
+    "code_files",
+    "eval_problems",
+    "is_eval_problem",
+    "iter_problems",
+    "read_html_file",
+    "read_sword_ztext",
+    "read_text_file",
+    "split_document",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -43,179 +79,6 @@ DEFAULT_SHARD_BYTES = 16 * 1024 * 1024
 DEFAULT_MAX_CODE_FILE_BYTES = 300 * 1024  # generated tables such as pydoc_data/topics.py are left out
 EXCLUDED_CODE_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 HASH_CHUNK_BYTES = 1 << 20
-
-
-# --------------------------------------------------------------------------------------------------
-# Prose sources and their readers (file -> document texts)
-
-
-@dataclass(frozen=True)
-class ProseSource:
-    """A set of prose files: `root`/`pattern`, read by the reader named `reader` (a key of READERS)."""
-
-    name: str
-    licence: str
-    package: str  # the Debian package that installs it
-    root: Path
-    pattern: str
-    reader: str
-
-
-DEFAULT_PROSE_SOURCES = (
-    ProseSource(
-        "python-docs",
-        "PSF-2.0",
-        "python3.11-doc",
-        Path("/usr/share/doc/python3.11/html/_sources"),
-        "**/*.rst.txt",
-        "text",
-    ),
-    ProseSource(
-        "postgresql-docs",
-        "PostgreSQL",
-        "postgresql-doc-15",
-        Path("/usr/share/doc/postgresql-doc-15/html"),
-        "*.html",
-        "html",
-    ),
-    ProseSource("sqlite-docs", "public-domain", "sqlite3-doc", Path("/usr/share/doc/sqlite3"), "**/*.html", "html"),
-    ProseSource(
-        "world-english-bible",
-        "public-domain",
-        "sword-text-web",
-        Path("/usr/share/sword/modules/texts/ztext/engWEB2015eb"),
-        "*.bzz",
-        "sword-ztext",
-    ),
-)
-DEBIAN_INSTALL_LINE = "apt-get install -y --no-install-recommends " + " ".join(
-    source.package for source in DEFAULT_PROSE_SOURCES
-)
-
-
-def read_text_file(path: Path) -> Iterator[str]:
-    """The file as one document (UTF-8)."""
-    yield path.read_text(encoding="utf-8")
-
-
-class _HtmlText(HTMLParser):
-    """Visible text of an HTML page: navigation, scripts and diagrams dropped, block tags as newlines."""
-
-    SKIP_TAGS = frozenset({"script", "style", "head", "form", "select", "noscript", "svg"})
-    SKIP_CLASSES = frozenset(
-        {"navheader", "navfooter", "menu", "searchmenu", "tagline", "fancy_toc", "pikchr", "imgcontainer"}
-    )
-    BREAK_TAGS = frozenset({"br", "li", "tr", "dt", "dd", "td", "th"})
-    PARAGRAPH_TAGS = frozenset(
-        {"p", "div", "pre", "table", "ul", "ol", "dl", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6", "hr"}
-    )
-    VOID_TAGS = frozenset({"br", "hr", "img", "input", "meta", "link"})
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.skip_tag: str | None = None
-        self.skip_depth = 0
-        self.pre_depth = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if self.skip_tag is not None:
-            if tag == self.skip_tag:  # count nesting so the matching end tag closes the skip
-                self.skip_depth += 1
-            return
-        classes = set((dict(attrs).get("class") or "").split())
-        if (tag in self.SKIP_TAGS or classes & self.SKIP_CLASSES) and tag not in self.VOID_TAGS:
-            self.skip_tag, self.skip_depth = tag, 1
-            return
-        if tag == "pre":
-            self.pre_depth += 1
-        self._break(tag)
-
-    def handle_endtag(self, tag: str) -> None:
-        if self.skip_tag is not None:
-            if tag == self.skip_tag:
-                self.skip_depth -= 1
-            if self.skip_depth == 0:
-                self.skip_tag = None
-            return
-        if tag == "pre" and self.pre_depth:
-            self.pre_depth -= 1
-        self._break(tag)
-
-    def handle_data(self, data: str) -> None:
-        if self.skip_tag is not None:
-            return
-        if not self.pre_depth:
-            data = re.sub(r"\s+", " ", data)
-            if not self.parts or self.parts[-1].endswith("\n"):
-                data = data.lstrip(" ")
-        self.parts.append(data)
-
-    def _break(self, tag: str) -> None:
-        if tag in self.PARAGRAPH_TAGS:
-            self.parts.append("\n\n")
-        elif tag in self.BREAK_TAGS:
-            self.parts.append("\n")
-
-    def text(self) -> str:
-        return _tidy("".join(self.parts))
-
-
-def _tidy(text: str) -> str:
-    """Trailing spaces removed, at most one blank line in a row, no leading/trailing blank lines."""
-    text = re.sub(r"[ \t]+\n", "\n", text)
-    return re.sub(r"\n{3,}", "\n\n", text).strip("\n") + "\n"
-
-
-def read_html_file(path: Path) -> Iterator[str]:
-    """The visible text of an HTML page as one document."""
-    parser = _HtmlText()
-    parser.feed(path.read_text(encoding="utf-8", errors="replace"))
-    parser.close()
-    yield parser.text()
-
-
-def read_sword_ztext(path: Path) -> Iterator[str]:
-    """Chapters of a SWORD zText Bible module (`path` is `ot.bzz` or `nt.bzz`; `.bzs` beside it).
-
-    `.bzs` holds (offset, compressed size, uncompressed size) little-endian uint32 triples, one per
-    zlib block of `.bzz`; a block is one book of OSIS markup, cut here into chapters of plain text.
-    """
-    blob = path.read_bytes()
-    for offset, size, _ in struct.iter_unpack("<III", path.with_suffix(".bzs").read_bytes()):
-        if size:
-            yield from _osis_chapters(zlib.decompress(blob[offset : offset + size]).decode("utf-8"))
-
-
-def _osis_chapters(osis: str) -> Iterator[str]:
-    pieces = re.split(r'<chapter\b[^>]*\bosisID="([^"]+)"[^>]*\bsID="[^"]*"[^>]*/>', osis)
-    preamble = _osis_text(pieces[0])  # book titles: kept with chapter 1
-    for chapter_id, body in zip(pieces[1::2], pieces[2::2], strict=True):
-        heading = chapter_id.replace(".", " ")
-        yield _tidy(f"{preamble}\n\n{heading}\n\n{_osis_text(body)}")
-        preamble = ""
-
-
-def _osis_text(osis: str) -> str:
-    osis = re.sub(r"<note\b.*?</note>", " ", osis, flags=re.DOTALL)  # footnotes and cross references
-    osis = re.sub(r"<title\b[^>]*>(.*?)</title>", r"\n\n\1\n\n", osis, flags=re.DOTALL)
-    osis = re.sub(r'<div\b[^>]*type="x-p"[^>]*/>', "\n\n", osis)  # paragraph boundaries
-    osis = re.sub(r"<l\b[^>]*\beID=[^>]*/>", "\n", osis)  # ends of poetry lines
-    text = html.unescape(re.sub(r"<[^>]+>", "", osis))
-    text = re.sub(r"[ \t]+([,.;:!?)\u201d\u2019])", r"\1", text)  # the space a removed note left
-    return "\n".join(re.sub(r"[ \t]+", " ", line).strip() for line in text.split("\n")).strip()
-
-
-READERS: dict[str, Callable[[Path], Iterator[str]]] = {
-    "text": read_text_file,
-    "html": read_html_file,
-    "sword-ztext": read_sword_ztext,
-}
-
-
-def _companion_files(path: Path) -> list[Path]:
-    """Every input file a reader opens for `path` (the manifest hashes them all)."""
-    return [path, path.with_suffix(".bzs")] if path.suffix == ".bzz" else [path]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -268,7 +131,7 @@ def _file_order(paths: list[Path], *, seed: int, name: str) -> list[Path]:
 def _file_documents(
     path: Path, read: Callable[[Path], Iterator[str]], *, source: str, max_bytes: int
 ) -> Iterator[_Doc]:
-    files = tuple(_companion_files(path))
+    files = tuple(companion_files(path))
     try:
         texts = list(read(path))
     except (UnicodeDecodeError, zlib.error, struct.error) as err:
@@ -314,119 +177,6 @@ def _code_documents(root: Path, *, seed: int, max_bytes: int) -> Iterator[_Doc]:
     for path in _file_order(code_files(root), seed=seed, name="python-stdlib"):
         label = f"python-stdlib:{path.relative_to(root).as_posix()}"
         yield from _file_documents(path, read_text_file, source=label, max_bytes=max_bytes)
-
-
-# --------------------------------------------------------------------------------------------------
-# Arithmetic
-
-
-@dataclass(frozen=True)
-class ArithmeticProblem:
-    """One problem: `question` like "47 + 38", its exact integer `answer`, and a canonical `key`.
-
-    The key sorts the operands of + and *, so "38 + 47" and "47 + 38" are the same problem.
-    """
-
-    question: str
-    answer: int
-    key: str
-
-    @property
-    def prompt(self) -> str:
-        return f"Q: {self.question} = ?\nA: "
-
-    @property
-    def text(self) -> str:
-        return f"{self.prompt}{self.answer}"
-
-
-MAX_ADD_OPERAND = 999
-MAX_MUL_OPERAND = 99
-MAX_SMALL_FACTOR = 9
-EVAL_HOLDOUT_BUCKETS = 500  # of HOLDOUT_BUCKETS: 5 % of all problems are reserved for evaluation
-HOLDOUT_BUCKETS = 10_000
-DEFAULT_EVAL_SEED = 1_000_003  # differs from any training seed a caller is likely to use
-
-
-def _pair(op: str, a: int, b: int) -> tuple[str, str]:
-    """(question, key) of `a op b`."""
-    key_operands = sorted((a, b)) if op in "+*" else [a, b]
-    return f"{a} {op} {b}", f"{key_operands[0]}{op}{key_operands[1]}"
-
-
-def _addition(rng: random.Random) -> ArithmeticProblem:
-    a, b = rng.randint(0, MAX_ADD_OPERAND), rng.randint(0, MAX_ADD_OPERAND)
-    return ArithmeticProblem(*_with_answer(_pair("+", a, b), a + b))
-
-
-def _subtraction(rng: random.Random) -> ArithmeticProblem:
-    a, b = sorted((rng.randint(0, MAX_ADD_OPERAND), rng.randint(0, MAX_ADD_OPERAND)), reverse=True)
-    return ArithmeticProblem(*_with_answer(_pair("-", a, b), a - b))
-
-
-def _multiplication(rng: random.Random) -> ArithmeticProblem:
-    a, b = rng.randint(0, MAX_MUL_OPERAND), rng.randint(0, MAX_SMALL_FACTOR)
-    if rng.random() < 0.5:
-        a, b = b, a
-    return ArithmeticProblem(*_with_answer(_pair("*", a, b), a * b))
-
-
-def _two_step(rng: random.Random) -> ArithmeticProblem:
-    """`(a op b) * c` or `a * b op c`: two operations, written so precedence is never in doubt."""
-    a, b, c = (rng.randint(1, MAX_MUL_OPERAND) for _ in range(3))
-    op = rng.choice("+-")
-    inner_value = a + b if op == "+" else a - b
-    if rng.random() < 0.5:
-        c = c % MAX_SMALL_FACTOR + 1
-        inner, inner_key = _pair(op, a, b)
-        return ArithmeticProblem(f"({inner}) * {c}", inner_value * c, f"({inner_key})*{c}")
-    a = a % MAX_SMALL_FACTOR + 1
-    product, product_key = _pair("*", a, b)
-    value = a * b + c if op == "+" else a * b - c
-    return ArithmeticProblem(f"{product} {op} {c}", value, f"({product_key}){op}{c}")
-
-
-def _with_answer(question_key: tuple[str, str], answer: int) -> tuple[str, int, str]:
-    return question_key[0], answer, question_key[1]
-
-
-PROBLEM_KINDS: tuple[tuple[Callable[[random.Random], ArithmeticProblem], int], ...] = (
-    (_addition, 3),
-    (_subtraction, 3),
-    (_multiplication, 2),
-    (_two_step, 2),
-)
-
-
-def is_eval_problem(problem: ArithmeticProblem) -> bool:
-    """Whether `problem` is reserved for evaluation: a pure function of its canonical key."""
-    digest = hashlib.blake2b(problem.key.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % HOLDOUT_BUCKETS < EVAL_HOLDOUT_BUCKETS
-
-
-def iter_problems(*, seed: int, split: str) -> Iterator[ArithmeticProblem]:
-    """Endless stream of problems from `split` ("train" or "eval"), drawn by `random.Random(seed)`."""
-    if split not in ("train", "eval"):
-        raise ValueError(f'split must be "train" or "eval", got {split!r}')
-    rng = random.Random(f"arithmetic:{seed}")
-    makers, weights = zip(*PROBLEM_KINDS, strict=True)
-    want_eval = split == "eval"
-    while True:
-        problem = rng.choices(makers, weights=weights)[0](rng)
-        if is_eval_problem(problem) == want_eval:
-            yield problem
-
-
-def eval_problems(count: int, *, seed: int = DEFAULT_EVAL_SEED) -> list[ArithmeticProblem]:
-    """`count` distinct evaluation problems; none can appear in any training corpus."""
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
-    chosen: dict[str, ArithmeticProblem] = {}
-    stream = iter_problems(seed=seed, split="eval")
-    while len(chosen) < count:
-        problem = next(stream)
-        chosen.setdefault(problem.key, problem)
-    return list(chosen.values())
 
 
 def _math_documents(*, seed: int) -> Iterator[_Doc]:
