@@ -70,8 +70,11 @@ def main() -> None:
             best = secs if best is None else min(best, secs)
         reference = out if reference is None else reference
         same = out == reference
-        print(f"{variant:8s} batch {args.batch}: {tokens} tokens in {best:.2f}s = {tokens / best:.1f} tok/s  "
-              f"(tokens == first variant: {same})", flush=True)
+        print(
+            f"{variant:8s} batch {args.batch}: {tokens} tokens in {best:.2f}s = {tokens / best:.1f} tok/s  "
+            f"(tokens == first variant: {same})",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

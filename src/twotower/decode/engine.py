@@ -36,7 +36,7 @@ from collections.abc import Callable, Hashable, Sequence
 import torch
 
 from ..cache import HybridCache
-from ..model import DenoiserContext
+from ..context import DenoiserContext
 from .batch import cut_at_eos, left_pad
 from .block import RowGroup, anchored_canvas, eos_table, fill_blocks, subset_context
 from .mirror import DenoiserMirror

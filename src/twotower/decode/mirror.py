@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from ..cache import HybridCache
+from ..context import DenoiserContext
 from ..layers.attention import AttentionState
 from ..layers.mamba2 import MambaState
-from ..model import DenoiserContext
 from .slots import SlotCache
 
 

@@ -27,8 +27,8 @@ import warnings
 import torch
 
 from ..cache import HybridCache
+from ..context import DenoiserContext
 from ..layers.mamba2 import MambaState
-from ..model import DenoiserContext
 from .block import block_commit
 from .spec import DECODE_STEPS, check_decode_step
 
