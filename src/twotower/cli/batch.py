@@ -16,7 +16,15 @@ from pathlib import Path
 
 from ..decode.engine import MODES
 from .batch_ray import add_ray_options, cmd_batch_ray
-from .options import CLIError, add_generation_options, add_model_option, batch_limits, default_options, load_model
+from .options import (
+    CLIError,
+    add_engine_step_option,
+    add_generation_options,
+    add_model_option,
+    batch_limits,
+    default_options,
+    load_model,
+)
 
 DEFAULT_MAX_BATCH_SIZE = 32
 
@@ -57,6 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--max-prompt-tokens", type=int, default=8192, help="longer prompts are rejected (default: 8192)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_engine_step_option(g)
     add_ray_options(p)
     p.set_defaults(func=cmd_batch)
 
@@ -145,6 +154,7 @@ def run_with_progress(loaded, todo, log, *, total: int, args: argparse.Namespace
             max_batch_size=args.max_batch_size,
             eos_ids=() if args.no_eos else loaded.model.config.eos_token_ids,
             on_step=on_step,
+            decode_step=args.engine_step,
         )
     finally:
         bar.close()

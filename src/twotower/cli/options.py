@@ -50,6 +50,19 @@ def add_model_option(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_engine_step_option(g) -> None:
+    """`--engine-step` for the commands that run the continuous-batching engine (batch, serve)."""
+    from ..decode.spec import DECODE_STEPS
+
+    g.add_argument(
+        "--engine-step",
+        choices=DECODE_STEPS,
+        default="eager",
+        help="the engine's AR and diffusion steps: eager, static (slot buffers of fixed shape) or compiled "
+        "(torch.compile; on the bundled CPU model slower than eager so far) (default: eager)",
+    )
+
+
 def load_model(args: argparse.Namespace):
     """`twotower.loading.Loaded` for the model options of `add_model_option`."""
     from ..loading import load_for_inference

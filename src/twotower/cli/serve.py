@@ -9,7 +9,7 @@ import sys
 
 from ..decode.engine import MODES
 from ..workload import Limits, OptionError, Options, parse_options
-from .options import CLIError, add_model_option, load_model
+from .options import CLIError, add_engine_step_option, add_model_option, load_model
 
 API_KEY_ENV = "TWOTOWER_API_KEY"
 
@@ -36,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together (default: 32)")
+    add_engine_step_option(g)
     g.add_argument(
         "--max-queue", type=int, default=64, help="requests waiting beyond the batch; then 429 (default: 64)"
     )
@@ -103,6 +104,7 @@ def server_config(args: argparse.Namespace):
         api_key=args.api_key or None,
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
+        engine_step=args.engine_step,
         limits=limits,
         defaults=defaults,
         log_requests=args.log_requests,

@@ -50,6 +50,7 @@ class ServerConfig:
     api_key: str | None = None
     max_batch_size: int = 32
     max_queue: int = 64
+    engine_step: str = "eager"  # the engine's steps: eager, static or compiled (decode.spec.DECODE_STEPS)
     limits: Limits = field(default_factory=Limits)
     defaults: Options = field(default_factory=Options)
     max_body_bytes: int = 1 << 20
@@ -68,7 +69,11 @@ class ServerState:
         self.created = int(time.time())
         self.metrics = ServerMetrics()
         self.worker = EngineWorker(
-            loaded.model, max_batch_size=config.max_batch_size, max_queue=config.max_queue, metrics=self.metrics
+            loaded.model,
+            max_batch_size=config.max_batch_size,
+            max_queue=config.max_queue,
+            metrics=self.metrics,
+            decode_step=config.engine_step,
         )
         w = self.worker
         self.metrics.watch(
