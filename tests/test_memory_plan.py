@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import tiny_config
+from twotower import device_plan as dp
 from twotower import memory_plan as mp
 from twotower.backbone import NemotronHModel
 from twotower.config import NemotronHConfig, preset
@@ -202,25 +203,25 @@ def test_denoiser_copies_equal_what_the_context_view_moves():
                 k = torch.zeros(batch, config.num_key_value_heads, block, config.head_dim, device="meta")
                 joined += sum(t.nbytes for t in moved.keys_values(i, k, k))
     common = dict(dtype="float32", batch=batch, max_len=length, block_size=block)
-    device = mp.DeviceSpec("cuda:1", 2**40)
-    assert mp.device_use(config, device, holds=mp.DENOISER, **common).copies * batch == copied + joined
-    assert mp.device_use(config, device, holds=mp.BOTH, **common).copies * batch == joined  # no `.to` copy
-    assert mp.device_use(config, device, holds=mp.CONTEXT, **common).copies == 0
+    device = dp.DeviceSpec("cuda:1", 2**40)
+    assert dp.device_use(config, device, holds=dp.DENOISER, **common).copies * batch == copied + joined
+    assert dp.device_use(config, device, holds=dp.BOTH, **common).copies * batch == joined  # no `.to` copy
+    assert dp.device_use(config, device, holds=dp.CONTEXT, **common).copies == 0
 
 
 # ---- devices ----------------------------------------------------------------------------------------------
 def test_parse_devices():
-    specs = mp.parse_devices("cuda:1=141GB, h200 ,cpu=1.5TiB,h100-80gb,mps=512MiB")
+    specs = dp.parse_devices("cuda:1=141GB, h200 ,cpu=1.5TiB,h100-80gb,mps=512MiB")
     assert [s.name for s in specs] == ["cuda:1", "cuda:0", "cpu", "cuda:2", "mps"]
     assert [s.capacity for s in specs] == [
         141 * 10**9,
-        mp.KNOWN_GPUS["h200"],
+        dp.KNOWN_GPUS["h200"],
         int(1.5 * 2**40),
-        mp.KNOWN_GPUS["h100-80gb"],
+        dp.KNOWN_GPUS["h100-80gb"],
         512 * MiB,
     ]
-    assert mp.parse_devices("cuda:3=a100-80gb")[0].capacity == mp.KNOWN_GPUS["a100-80gb"]
-    assert 139 * mp.GiB < mp.KNOWN_GPUS["h200"] < 140 * mp.GiB
+    assert dp.parse_devices("cuda:3=a100-80gb")[0].capacity == dp.KNOWN_GPUS["a100-80gb"]
+    assert 139 * mp.GiB < dp.KNOWN_GPUS["h200"] < 140 * mp.GiB
 
 
 @pytest.mark.parametrize(
@@ -237,12 +238,12 @@ def test_parse_devices():
 )
 def test_parse_devices_errors(text, message):
     with pytest.raises(ValueError, match=message):
-        mp.parse_devices(text)
+        dp.parse_devices(text)
 
 
 # ---- placement --------------------------------------------------------------------------------------------
 def plan30(devices, *, batch=1, max_len=4096, quantize="none"):
-    return mp.plan_device_map(
+    return dp.plan_device_map(
         preset(NANO), dtype="bfloat16", devices=devices, batch=batch, max_len=max_len, quantize=quantize
     )
 
@@ -251,7 +252,7 @@ def test_30b_fits_one_h200_with_about_20_gib_for_state():
     p = plan30("h200")
     assert p.fits and not p.split and p.context_device == p.denoiser_device == "cuda:0"
     (use,) = p.uses
-    assert use.holds == mp.BOTH
+    assert use.holds == dp.BOTH
     assert 20 * mp.GiB < use.left_for_state < 22 * mp.GiB  # after the weights and the 1 GiB reserve
     assert 0 < use.headroom < use.left_for_state
     assert use.needed == use.reserve + use.weights + use.batch * use.per_row
@@ -264,7 +265,7 @@ def test_30b_on_80gb_h100s_needs_two_or_int8_experts():
     two = plan30("h100-80gb,h100-80gb")
     assert two.fits and two.split and (two.context_device, two.denoiser_device) == ("cuda:0", "cuda:1")
     ctx, den = two.uses
-    assert (ctx.holds, den.holds) == (mp.CONTEXT, mp.DENOISER)
+    assert (ctx.holds, den.holds) == (dp.CONTEXT, dp.DENOISER)
     assert ctx.cache > 0 and den.cache == 0 and den.copies > 0
     int8 = plan30("h100-80gb", quantize="int8-experts")
     assert int8.fits and not int8.split
@@ -276,7 +277,7 @@ def test_auto_keeps_the_order_given_and_says_why_nothing_fits():
     nothing = plan30("cuda:0=40GB,cuda:1=40GB")
     assert not nothing.fits and "no two devices" in nothing.reason and len(nothing.uses) == 2
     with pytest.raises(ValueError, match="at least one device"):
-        mp.plan_device_map(preset("tiny"), dtype="float32", devices=(), batch=1, max_len=8)
+        dp.plan_device_map(preset("tiny"), dtype="float32", devices=(), batch=1, max_len=8)
     with pytest.raises(ValueError, match="batch"):
         plan30("h200", batch=0)
 
@@ -289,9 +290,9 @@ def test_max_batch_is_the_largest_batch_that_fits():
 
 
 def test_memory_plan_report_is_json_serialisable():
-    plan = mp.memory_plan(preset("tiny"), dtype="float32", max_len=64)
+    plan = dp.memory_plan(preset("tiny"), dtype="float32", max_len=64)
     data = json.loads(json.dumps(plan.as_dict()))
     assert [w["dtype"] for w in data["weights"]] == ["float32", "bfloat16", "float16", "float32"]
     assert data["weights"][-1]["quantize"] == "int8-experts"
-    assert set(data["placements"]) == {f"2 x {gpu}" for gpu in mp.KNOWN_GPUS}
+    assert set(data["placements"]) == {f"2 x {gpu}" for gpu in dp.KNOWN_GPUS}
     assert data["parameters"]["total"]["parameters"] == mp.count_parameters(preset("tiny")).total.parameters

@@ -269,13 +269,13 @@ def test_bundled_model_uses_one_eos_set():
 
 
 def test_device_auto_follows_the_memory_plan(twotower, tmp_path, monkeypatch):
-    from twotower import memory_plan
-    from twotower.memory_plan import DeviceSpec
+    from twotower import device_plan
+    from twotower.device_plan import DeviceSpec
 
     twotower.save_pretrained(tmp_path)
     model = TwoTowerForCausalLM.from_pretrained(tmp_path, device="auto")  # this host: the CPU
     assert model.context_device == model.denoiser_device == torch.device("cpu")
-    monkeypatch.setattr(memory_plan, "detect_devices", lambda: (DeviceSpec("cpu", 1000),))
+    monkeypatch.setattr(device_plan, "detect_devices", lambda: (DeviceSpec("cpu", 1000),))
     with pytest.raises(CheckpointError, match="device auto: does not fit"):
         TwoTowerForCausalLM.from_pretrained(tmp_path, device="auto")
     with pytest.raises(CheckpointError, match="give no denoiser device"):

@@ -396,12 +396,12 @@ def tower_devices(device=None, denoiser_device=None) -> DeviceOf:
 
 def auto_devices(config: NemotronHConfig, dtype: torch.dtype, device, denoiser_device, quantize: str) -> tuple:
     """`device="auto"`: the memory plan's choice over the visible devices (both towers on one device
-    when they and a 4k-token cache fit, else one tower per device; twotower.memory_plan)."""
+    when they and a 4k-token cache fit, else one tower per device; twotower.device_plan)."""
     if device != "auto":
         return device, denoiser_device
     if denoiser_device is not None:
         raise CheckpointError("device 'auto' places both towers itself: give no denoiser device with it")
-    from .memory_plan import auto_device_map
+    from .device_plan import auto_device_map
 
     try:
         placement = auto_device_map(config, dtype=dtype, quantize=quantize)

@@ -85,6 +85,7 @@ ABOVE_THE_MODEL = (
     "twotower.decode",
     "twotower.checkpoint",
     "twotower.memory_plan",
+    "twotower.device_plan",
     "twotower.train",
     "twotower.api",
     "twotower.cli",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from .. import device_plan as dp
 from .. import memory_plan as mp
 from ..config import NemotronHConfig, preset
 from ..dtypes import DTYPE_CHOICES, DTYPES, dtype_name, resolve_dtype
@@ -31,7 +32,7 @@ fit, else the context tower (with the cache) on one device and the denoiser (wit
 the past K/V and Mamba states) on another, else "does not fit" with the reason.
 
 --devices takes NAME=SIZE entries (cuda:0=141GB, cuda:1=80GiB, cpu=256GB; GB = 10^9 bytes,
-GiB = 2^30) or GPU names ({", ".join(f"{k}: {v / mp.GiB:.1f} GiB" for k, v in mp.KNOWN_GPUS.items())}, the
+GiB = 2^30) or GPU names ({", ".join(f"{k}: {v / mp.GiB:.1f} GiB" for k, v in dp.KNOWN_GPUS.items())}, the
 totals torch.cuda.mem_get_info reports); bare GPU names become cuda:0, cuda:1, ... Without --devices,
 each known GPU is shown, alone and as a pair."""
 
@@ -122,7 +123,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     dtype, why = plan_dtype(config, args.dtype)
     if args.quantize not in mp.QUANTIZE_SCHEMES:
         raise ValueError(f"--quantize {args.quantize!r} is not one of {', '.join(mp.QUANTIZE_SCHEMES)}")
-    plan = mp.memory_plan(
+    plan = dp.memory_plan(
         config,
         dtype=dtype,
         quantize=args.quantize,
@@ -160,19 +161,19 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     return [line(r).rstrip() for r in [header, *rows]]
 
 
-def _parameters(plan: mp.MemoryPlan) -> list[str]:
+def _parameters(plan: dp.MemoryPlan) -> list[str]:
     c = plan.counts
     rows = [
-        (name.replace("_", " "), *(fmt_count(getattr(getattr(c, t), name)) for t in mp.TOWERS))
+        (name.replace("_", " "), *(fmt_count(getattr(getattr(c, t), name)) for t in dp.TOWERS))
         for name in mp.PartCounts.part_names()
     ]
-    rows.append(("total", *(fmt_count(getattr(c, t).parameters) for t in mp.TOWERS)))
-    rows.append(("+ router bias buffers", *(f"{getattr(c, t).router_bias:,}" for t in mp.TOWERS)))
-    rows.append(("tensors (exact)", *(f"{getattr(c, t).tensors:,}" for t in mp.TOWERS)))
+    rows.append(("total", *(fmt_count(getattr(c, t).parameters) for t in dp.TOWERS)))
+    rows.append(("+ router bias buffers", *(f"{getattr(c, t).router_bias:,}" for t in dp.TOWERS)))
+    rows.append(("tensors (exact)", *(f"{getattr(c, t).tensors:,}" for t in dp.TOWERS)))
     return ["parameters", *_table(("", "context", "denoiser", "both"), rows)]
 
 
-def _weights(plan: mp.MemoryPlan) -> list[str]:
+def _weights(plan: dp.MemoryPlan) -> list[str]:
     rows = [
         (
             w.dtype + (" + int8 experts" if w.quantize != "none" else ""),
@@ -183,7 +184,7 @@ def _weights(plan: mp.MemoryPlan) -> list[str]:
     return ["weights (router bias float32)", *_table(("", "context", "denoiser", "both"), rows)]
 
 
-def _cache(plan: mp.MemoryPlan) -> list[str]:
+def _cache(plan: dp.MemoryPlan) -> list[str]:
     c, L, n = plan.cache, plan.max_len, plan.layers
     head = f"cache per sequence (K/V and conv state {plan.dtype}, SSM state {plan.ssm_dtype})"
     rows = [
@@ -198,7 +199,7 @@ def _cache(plan: mp.MemoryPlan) -> list[str]:
     return [head, *_table(("", "bytes"), rows)]
 
 
-def _workspace(plan: mp.MemoryPlan) -> list[str]:
+def _workspace(plan: dp.MemoryPlan) -> list[str]:
     w = plan.workspace
     rows = [
         (f"prefill of {plan.max_len} tokens", fmt_bytes(w.prefill)),
@@ -209,7 +210,7 @@ def _workspace(plan: mp.MemoryPlan) -> list[str]:
     return ["workspace per sequence (estimate)", *_table(("", "bytes"), rows)]
 
 
-def _devices(plan: mp.MemoryPlan) -> list[str]:
+def _devices(plan: dp.MemoryPlan) -> list[str]:
     header = ("device", "capacity", "needs", "headroom", "after weights", "max batch", "fits")
     rows = [
         (
@@ -224,11 +225,11 @@ def _devices(plan: mp.MemoryPlan) -> list[str]:
     return [title, *_table(header, rows)]
 
 
-def _placements(plan: mp.MemoryPlan) -> list[str]:
+def _placements(plan: dp.MemoryPlan) -> list[str]:
     return ['placement (device_map="auto")', *(f"  {label}: {p.reason}" for label, p in plan.placements)]
 
 
-def render(plan: mp.MemoryPlan, *, label: str, dtype_source: str) -> list[str]:
+def render(plan: dp.MemoryPlan, *, label: str, dtype_source: str) -> list[str]:
     """The text report, one line per list item."""
     n = plan.layers
     out = [
