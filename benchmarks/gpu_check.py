@@ -51,11 +51,11 @@ from twotower.bench.costmodel import (  # noqa: E402
     measured_distinct_experts,
     predict,
 )
-from twotower.checkpoint import target_dtype  # noqa: E402
 from twotower.config import preset  # noqa: E402
 from twotower.context import DenoiserContext  # noqa: E402
 from twotower.decode.static import StaticDecoder, decode_step  # noqa: E402
 from twotower.model import TwoTowerForCausalLM  # noqa: E402
+from twotower.stream_load import target_dtype  # noqa: E402
 
 FULL_PRESET = "nemotron-3-nano-30b-a3b"
 MODES = ("eager", "cuda-graph", "reduce-overhead", "compile")

@@ -43,10 +43,10 @@ from twotower.bench.costmodel import (
     Precision,
     forward_cost,
 )
-from twotower.checkpoint import materialize
 from twotower.config import PATTERN_TO_TYPE, preset
 from twotower.context import DenoiserContext
 from twotower.model import TwoTowerForCausalLM
+from twotower.stream_load import materialize
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 FORWARDS = ("ar_step", "denoise", "commit")

@@ -1,25 +1,20 @@
-"""All checkpoint I/O and key mapping: safetensors directories (single file or sharded with an index)
-in the `transformers` NemotronH layout and the released TwoTower layout (SPEC.md section 3.1).
+"""All checkpoint I/O: safetensors directories (single file or sharded with an index) in the
+`transformers` NemotronH layout and the released TwoTower layout (SPEC.md section 3.1): reading and
+writing files, the loaders and savers. The key mapping is `keymap.py`; the streaming itself is
+`stream_load.py` over `shards.py`.
 
-Our module names ARE the canonical keys; this file only renames what other writers call them:
-    `model.` / `backbone.` prefix  -> `backbone.` (NemotronHForCausalLM) / the tower prefix (TwoTower)
-    `embedding.`                   -> `embeddings.`
-    `experts.{e}.up_proj.weight`   -> row e of the fused `experts.up_proj` (E, I, H) (same for down)
-
-Loading streams (see `shards.py`): the model is built on the meta device, every file header is read
-and checked against it (names, shapes, kinds) before a byte of data is read, then each parameter is
-allocated once, in its target dtype on its target device, and filled straight from the file; the
-fused expert tensors are filled expert by expert. No dict of the checkpoint, no cast copies, and a
-bad file fails before anything is allocated. Nothing is re-initialised (SPEC pitfall 7): a tensor
-the file lacks is an error, except the adaLN parts when a TwoTower is built from an AR checkpoint.
+Loading streams: the model is built on the meta device, every file header is read and checked
+against it (names, shapes, kinds) before a byte of data is read, then each parameter is allocated
+once, in its target dtype on its target device, and filled straight from the file; the fused expert
+tensors are filled expert by expert. No dict of the checkpoint, no cast copies, and a bad file fails
+before anything is allocated. Nothing is re-initialised (SPEC pitfall 7): a tensor the file lacks is
+an error, except the adaLN parts when a TwoTower is built from an AR checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,16 +23,15 @@ from torch import nn
 from .config import NemotronHConfig
 from .dtypes import resolve_dtype
 from .errors import CheckpointError
+from .keymap import check_sources, map_sources, split_experts
 from .shards import ShardWriter, TensorEntry, TensorReader, read_header
+from .stream_load import DeviceOf, load_into
 
 __all__ = ["CheckpointError", "load_backbone", "load_twotower", "save_backbone", "save_twotower"]
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
-_PER_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
-_KEEP_FP32 = ("e_score_correction_bias",)  # selection bias: float32 whatever the model dtype (SPEC pitfall 4)
-DeviceOf = Callable[[str], torch.device]
 
 
 # ---- reading files --------------------------------------------------------------------------------
@@ -119,193 +113,6 @@ def write_tensors(
     for key, t in items:
         writer.add(key, t)
     writer.finish()
-
-
-# ---- renaming ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Source:
-    """Where one model tensor comes from: one file entry, or one per expert stacked along dim 0."""
-
-    parts: tuple[TensorEntry, ...]
-    stacked: bool = False
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.parts), *self.parts[0].shape) if self.stacked else self.parts[0].shape
-
-    @property
-    def where(self) -> str:
-        return self.parts[0].where
-
-
-def canonical_key(key: str, prefixes: dict[str, str]) -> str:
-    for old, new in prefixes.items():
-        if key.startswith(old):
-            key = new + key[len(old) :]
-            break
-    return key.replace(".embedding.", ".embeddings.")
-
-
-def map_sources(entries: dict[str, TensorEntry], prefixes: dict[str, str]) -> dict[str, Source]:
-    """Model key -> source: prefixes renamed, per-expert weights gathered into fused tensors."""
-    out: dict[str, Source] = {}
-    experts: dict[tuple[str, str], dict[int, TensorEntry]] = {}
-    for key, entry in entries.items():
-        name = canonical_key(key, prefixes)
-        m = _PER_EXPERT.match(name)
-        if m:
-            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = entry
-        else:
-            out[name] = Source((entry,))
-    for (base, proj), by_index in experts.items():
-        n = max(by_index) + 1
-        gaps = sorted(set(range(n)) - set(by_index))
-        if gaps:
-            raise CheckpointError(f"{base}: per-expert {proj} weights missing for experts {gaps}")
-        parts = tuple(by_index[e] for e in range(n))
-        odd = [p for p in parts if p.shape != parts[0].shape or p.dtype != parts[0].dtype]
-        if odd:
-            raise CheckpointError(f"{odd[0].where}: {odd[0].shape} {odd[0].dtype}, but expert 0 is {parts[0].shape}")
-        out[f"{base}.{proj}"] = Source(parts, stacked=True)
-    return out
-
-
-def split_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Inverse of the fusing above: `experts.up_proj` (E, I, H) -> `experts.{e}.up_proj.weight` (views)."""
-    out = {}
-    for key, t in tensors.items():
-        if key.endswith((".experts.up_proj", ".experts.down_proj")):
-            base, proj = key.rsplit(".", 1)
-            for e in range(t.shape[0]):
-                out[f"{base}.{e}.{proj}.weight"] = t[e]
-        else:
-            out[key] = t
-    return out
-
-
-# ---- streaming into a module ------------------------------------------------------------------------
-def _names(keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
-
-
-def check_sources(module: nn.Module, sources: dict[str, Source], *, where: str, optional: Iterable[str] = ()) -> None:
-    """Every tensor of `module` (on the meta device) has a source of its shape and kind; no source is
-    left over. `optional` names keys the caller initialises itself."""
-    expected = module.state_dict()
-    optional = set(optional)
-    missing = sorted(set(expected) - set(sources) - optional)
-    unexpected = sorted(set(sources) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing tensors: {_names(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {_names(unexpected)}")
-    wrong, mistyped = [], []
-    for key in sorted(set(expected) & set(sources)):
-        src, want = sources[key], expected[key]
-        if tuple(want.shape) != src.shape:
-            wrong.append(f"{key} {src.shape} vs model {tuple(want.shape)} [{src.parts[0].file.name}]")
-        elif src.parts[0].dtype.is_floating_point != want.dtype.is_floating_point:
-            mistyped.append(f"{key} is {src.parts[0].dtype}, the model needs {want.dtype} [{src.parts[0].file.name}]")
-    if wrong:
-        problems.append(f"mis-shaped tensors: {_names(wrong)}")
-    if mistyped:
-        problems.append(f"mistyped tensors: {_names(mistyped)}")
-    if problems:
-        raise CheckpointError(f"{where} does not match its config.json: " + "; ".join(problems))
-
-
-def target_dtype(key: str, meta: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
-    if not meta.dtype.is_floating_point:
-        return meta.dtype
-    return torch.float32 if key.endswith(_KEEP_FP32) else dtype
-
-
-@torch.no_grad()
-def materialize(module: nn.Module, *, dtype: torch.dtype, device_of: DeviceOf, skip: Iterable[str] = ()) -> None:
-    """Replace every meta parameter/buffer by an uninitialised tensor of its target dtype on its
-    target device (one allocation each; the values come next). Keys in `skip` stay on meta (the
-    caller materialises them later)."""
-    skip = set(skip)
-    for key, meta in module.state_dict(keep_vars=True).items():
-        if key in skip:
-            continue
-        owner_name, _, attr = key.rpartition(".")
-        owner = module.get_submodule(owner_name)
-        fresh = torch.empty(meta.shape, dtype=target_dtype(key, meta, dtype), device=device_of(key))
-        if attr in owner._parameters:
-            owner._parameters[attr] = nn.Parameter(fresh, requires_grad=meta.requires_grad)
-        else:
-            owner._buffers[attr] = fresh
-    leftover = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta and n not in skip]
-    if leftover:  # a non-persistent buffer the file cannot hold: the model must not rely on one
-        raise CheckpointError(f"tensors not in any checkpoint would stay uninitialised: {_names(leftover)}")
-
-
-@torch.no_grad()
-def stream_into(
-    module: nn.Module, sources: dict[str, Source], *, progress: Callable[[int], None] | None = None
-) -> None:
-    """Fill the (materialised) tensors of `module` named in `sources`, in file order."""
-    state = module.state_dict()
-    jobs = []
-    for key, src in sources.items():
-        dst = state[key]
-        jobs.extend((part, dst[e] if src.stacked else dst) for e, part in enumerate(src.parts))
-    jobs.sort(key=lambda job: (str(job[0].file), job[0].offset))
-    with TensorReader() as reader:
-        for entry, dst in jobs:
-            reader.read_into(entry, dst)
-            if progress is not None:
-                progress(entry.nbytes)
-
-
-def _progress_bar(total: int, what: str):
-    """A tqdm byte counter on stderr (silent when stderr is not a terminal or the load is small)."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {what}", leave=False, disable=None)
-    return bar
-
-
-def load_into(
-    module: nn.Module,
-    sources: dict[str, Source],
-    *,
-    dtype: torch.dtype,
-    device_of: DeviceOf,
-    what: str,
-    quantize: str = "none",
-):
-    """Allocate `module`'s tensors and stream their values; returns the module.
-
-    With a `quantize` scheme (twotower.quantize) the experts are loaded one MoE layer at a time and
-    quantized at once, so the model-dtype experts of only one layer ever exist: the 30B release
-    loads into one 80 GB GPU with int8 experts although its bf16 form would not fit."""
-    if quantize != "none":
-        from .quantize import check_scheme, quantize_model
-
-        check_scheme(quantize)
-    total = sum(p.nbytes for s in sources.values() for p in s.parts)
-    layers = _moe_layers(module) if quantize != "none" else {}
-    deferred = {k for k in module.state_dict() if any(k.startswith(p) for p in layers)}
-    materialize(module, dtype=dtype, device_of=device_of, skip=deferred)
-    with _progress_bar(total, what) as bar:
-        stream_into(module, {k: s for k, s in sources.items() if k not in deferred}, progress=bar.update)
-        for prefix, moe in layers.items():
-            own = {k[len(prefix) :]: s for k, s in sources.items() if k.startswith(prefix)}
-            materialize(moe, dtype=dtype, device_of=lambda key, p=prefix: device_of(p + key))
-            stream_into(moe, own, progress=bar.update)
-            quantize_model(moe, quantize)
-    return module
-
-
-def _moe_layers(module: nn.Module) -> dict[str, nn.Module]:
-    """`prefix.` -> MoE module, for every MoE layer (its router, experts and shared expert)."""
-    from .layers.moe import MoE
-
-    return {f"{name}.": m for name, m in module.named_modules() if isinstance(m, MoE)}
 
 
 def stored_dtype(raw_config: dict, entries: dict[str, TensorEntry]) -> torch.dtype:

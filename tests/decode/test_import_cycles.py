@@ -84,6 +84,8 @@ MODEL_CODE = ("twotower.backbone", "twotower.model", "twotower.context", "twotow
 ABOVE_THE_MODEL = (
     "twotower.decode",
     "twotower.checkpoint",
+    "twotower.keymap",
+    "twotower.stream_load",
     "twotower.memory_plan",
     "twotower.device_plan",
     "twotower.train",
