@@ -1,5 +1,5 @@
 """Continuous-batching engine throughput on the bundled model: `n` prompts through a `Scheduler` of
-batch `batch`, for each engine state / decode step given. Prints generated tokens per second.
+batch `batch`, for each engine state / decode step given. Prints generated tokens per second (median of `--repeats` runs after a warm-up that compiles).
 
     python3 benchmarks/engine_throughput.py --batch 8 --requests 16 --variants packed eager static
 """
@@ -7,6 +7,7 @@ batch `batch`, for each engine state / decode step given. Prints generated token
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -64,14 +65,16 @@ def main() -> None:
     reference = None
     for variant in args.variants:
         run(model, reqs[: args.batch], batch=args.batch, variant=variant)  # warm-up (compiles)
-        best = None
+        times = []
         for _ in range(args.repeats):
             secs, tokens, out = run(model, reqs, batch=args.batch, variant=variant)
-            best = secs if best is None else min(best, secs)
+            times.append(secs)
+        best = statistics.median(times)
         reference = out if reference is None else reference
         same = out == reference
         print(
-            f"{variant:8s} batch {args.batch}: {tokens} tokens in {best:.2f}s = {tokens / best:.1f} tok/s  "
+            f"{variant:8s} batch {args.batch}: {tokens} tokens in {best:.2f}s (median of {args.repeats}) = "
+            f"{tokens / best:.1f} tok/s  "
             f"(tokens == first variant: {same})",
             flush=True,
         )
