@@ -120,3 +120,19 @@ def test_help_explains(capsys):
     text = capsys.readouterr().out
     for needle in ("config.json", "--devices", "GiB = 2^30", "h200", "reserve", "device_map"):
         assert needle in text
+
+
+def test_auto_dtype_follows_the_loader_when_the_config_names_none(capsys, tmp_path):
+    """A bf16 checkpoint whose config.json has no torch_dtype: auto plans bf16, as the loader loads it."""
+    import torch
+
+    from tests.conftest import tiny_config
+    from twotower.model import TwoTowerForCausalLM
+
+    TwoTowerForCausalLM(tiny_config("M*E")).to(torch.bfloat16).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["torch_dtype"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = run_json(capsys, "--model", str(tmp_path))
+    assert out["dtype"] == "bfloat16" and "stored" in out["dtype_source"]
+    assert TwoTowerForCausalLM.from_pretrained(tmp_path).lm_head.weight.dtype == torch.bfloat16

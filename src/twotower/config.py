@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .dtypes import DTYPES
+
 # One character per layer in `hybrid_override_pattern`, and the `layers_block_type` name it stands for.
 PATTERN_TO_TYPE = {"M": "linear_attention", "*": "full_attention", "E": "moe", "-": "mlp"}
 TYPE_TO_PATTERN = {v: k for k, v in PATTERN_TO_TYPE.items()}
 # Older spellings of layer kinds seen in some configs.
-_STATE_DTYPES = ("float32", "bfloat16", "float16")
 _LEGACY_TYPES = {"mamba": "linear_attention", "attention": "full_attention"}
 
 # Config keys that older files spell differently (HF accepts these aliases too).
@@ -160,10 +161,8 @@ class NemotronHConfig:
             raise ValueError(f"mlp_hidden_act: only 'relu2' is supported, got {self.mlp_hidden_act!r}")
         if self.layer_norm_epsilon <= 0:
             raise ValueError(f"layer_norm_epsilon: must be > 0, got {self.layer_norm_epsilon}")
-        if self.mamba_ssm_cache_dtype not in _STATE_DTYPES:
-            raise ValueError(
-                f"mamba_ssm_cache_dtype: {self.mamba_ssm_cache_dtype!r} is not one of {', '.join(_STATE_DTYPES)}"
-            )
+        if self.mamba_ssm_cache_dtype not in DTYPES:
+            raise ValueError(f"mamba_ssm_cache_dtype: {self.mamba_ssm_cache_dtype!r} is not one of {', '.join(DTYPES)}")
         lo, hi = self.time_step_limit
         if not lo <= hi:
             raise ValueError(f"time_step_limit: lower bound {lo} exceeds upper bound {hi}")

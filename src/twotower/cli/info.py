@@ -102,16 +102,27 @@ def load_config(args: argparse.Namespace) -> tuple[NemotronHConfig, str]:
     return NemotronHConfig.from_dict(read_config_dict(path)), label
 
 
-def plan_dtype(config: NemotronHConfig, option: str) -> tuple[str, str]:
-    """(dtype name, how it was chosen) for --dtype; auto = the config's torch_dtype, else float32
-    (the loader would look at the stored tensors next; this command reads no weights)."""
+def plan_dtype(config: NemotronHConfig, option: str, *, path=None) -> tuple[str, str]:
+    """(dtype name, how it was chosen) for --dtype. auto follows the loader's rule
+    (`checkpoint.stored_dtype`): the config's torch_dtype, else the dtype the checkpoint's tensors are
+    stored in (read from the shard headers only), else float32 for a preset or a config without weights."""
+    from ..checkpoint import CheckpointError, checkpoint_entries, read_config_dict, stored_dtype
+
     if resolve_dtype(option) is not None:
         return dtype_name(mp.dtype_of(option)), "--dtype"
     stored = config.extra.get("torch_dtype")
+    if stored is None and path is not None:
+        try:
+            stored = dtype_name(stored_dtype(read_config_dict(path), checkpoint_entries(path)))
+            why = "auto: the dtype its tensors are stored in"
+        except CheckpointError:
+            stored = None
+    else:
+        why = "auto: the config's torch_dtype"
     if stored is None:
         return "float32", "auto: the config names no torch_dtype"
     try:
-        return dtype_name(mp.dtype_of(stored)), "auto: the config's torch_dtype"
+        return dtype_name(mp.dtype_of(stored)), why
     except ValueError:
         raise ValueError(
             f"the config's torch_dtype {stored!r} is not one of {', '.join(DTYPES)}; give --dtype"
@@ -119,8 +130,11 @@ def plan_dtype(config: NemotronHConfig, option: str) -> tuple[str, str]:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from ..loading import resolve_model_path
+
     config, label = load_config(args)
-    dtype, why = plan_dtype(config, args.dtype)
+    path = None if args.preset is not None else resolve_model_path(args.model)
+    dtype, why = plan_dtype(config, args.dtype, path=path)
     if args.quantize not in mp.QUANTIZE_SCHEMES:
         raise ValueError(f"--quantize {args.quantize!r} is not one of {', '.join(mp.QUANTIZE_SCHEMES)}")
     plan = dp.memory_plan(

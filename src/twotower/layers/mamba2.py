@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import NemotronHConfig
+from ..dtypes import DTYPES
 from .norm import GatedRMSNorm
 from .ssd import ssd_all_states, ssd_chunked, ssd_step
 
@@ -81,9 +82,7 @@ class Mamba2Mixer(nn.Module):
         self.head_dim = config.mamba_head_dim
         self.n_groups = config.n_groups
         self.state_size = config.ssm_state_size
-        self.ssm_dtype = getattr(
-            torch, config.mamba_ssm_cache_dtype
-        )  # config.mamba_ssm_cache_dtype (fp32 in the release)
+        self.ssm_dtype = DTYPES[config.mamba_ssm_cache_dtype]  # the SSM state's kept dtype (fp32 in the release)
         self.d_inner = config.mamba_d_inner
         self.conv_dim = config.mamba_conv_dim
         self.kernel = config.conv_kernel
