@@ -187,6 +187,11 @@ class Mamba2Mixer(nn.Module):
             history.append(MambaHistory(conv_window, torch.cat([start.float()[:, None], states], 1)))
         y = y + x.float() * self.D.float()[:, None]
         y = self.norm(y.reshape(b, L, self.d_inner), z.float())
-        if L > 1:  # both states are views of larger tensors (the whole window, every chunk's state): keep only them
-            conv_state, ssm = conv_state.clone(), ssm.to(self.ssm_dtype, copy=True)
+        # Returned states must not keep larger tensors alive: the conv state is a slice of the whole
+        # (K-1+L)-column window, and a multi-chunk scan's final state a view of every chunk's state.
+        # Copy only those (a one-chunk scan, e.g. a 16-token block, already returns a fresh state).
+        if L > 1:
+            conv_state = conv_state.clone()
+        if ssm.untyped_storage().nbytes() > ssm.nbytes:
+            ssm = ssm.clone()
         return self.out_proj(y.to(hidden.dtype)), MambaState(conv_state, ssm.to(self.ssm_dtype))
