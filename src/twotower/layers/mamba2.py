@@ -192,6 +192,7 @@ class Mamba2Mixer(nn.Module):
         # Copy only those (a one-chunk scan, e.g. a 16-token block, already returns a fresh state).
         if L > 1:
             conv_state = conv_state.clone()
-        if ssm.untyped_storage().nbytes() > ssm.nbytes:
+        # (Under torch.compile the fixed-shape steps write their states into buffers: no views survive.)
+        if not torch.compiler.is_compiling() and ssm.untyped_storage().nbytes() > ssm.nbytes:
             ssm = ssm.clone()
         return self.out_proj(y.to(hidden.dtype)), MambaState(conv_state, ssm.to(self.ssm_dtype))
