@@ -131,6 +131,12 @@ def stored_dtype(raw_config: dict, entries: dict[str, TensorEntry]) -> torch.dty
     return max(counts, key=counts.get) if counts else torch.float32
 
 
+def load_dtype(dtype, raw_config: dict, entries: dict[str, TensorEntry]) -> torch.dtype:
+    """The dtype to load in: the one asked for, or for "auto"/None the stored one (`stored_dtype`)."""
+    asked = resolve_dtype(dtype)
+    return stored_dtype(raw_config, entries) if asked is None else asked
+
+
 def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
     with torch.device("meta"):
         return factory()
@@ -162,7 +168,7 @@ def load_backbone(path: str | Path, *, dtype="auto", device=None, quantize: str 
     sources = map_sources(entries, _BACKBONE_PREFIXES)
     model = build_on_meta(lambda: NemotronHForCausalLM(config))
     check_sources(model, sources, where=str(path))
-    dtype = stored_dtype(raw, entries) if resolve_dtype(dtype) is None else resolve_dtype(dtype)
+    dtype = load_dtype(dtype, raw, entries)
     dev = _device(device)
     return load_into(model, sources, dtype=dtype, device_of=lambda key: dev, what=path.name, quantize=quantize)
 
@@ -235,7 +241,7 @@ def load_twotower(path: str | Path, *, dtype="auto", device=None, denoiser_devic
     sources = map_sources(entries, _TOWER_PREFIXES)
     model = build_on_meta(lambda: TwoTowerForCausalLM(config))
     check_sources(model, sources, where=str(path))
-    dtype = stored_dtype(raw, entries) if resolve_dtype(dtype) is None else resolve_dtype(dtype)
+    dtype = load_dtype(dtype, raw, entries)
     device, denoiser_device = auto_devices(config, dtype, device, denoiser_device, quantize)
     where = tower_devices(device, denoiser_device)
     load_into(model, sources, dtype=dtype, device_of=where, what=path.name, quantize=quantize)
@@ -268,7 +274,7 @@ def load_twotower_from_backbone(
     model = build_on_meta(lambda: TwoTowerForCausalLM(config))
     adaln = [k for k in model.state_dict() if k.startswith(_ADALN_PARTS)]
     check_sources(model, sources, where=str(path), optional=adaln)
-    dtype = stored_dtype(raw, entries) if resolve_dtype(dtype) is None else resolve_dtype(dtype)
+    dtype = load_dtype(dtype, raw, entries)
     device, denoiser_device = auto_devices(config, dtype, device, denoiser_device, quantize)
     where = tower_devices(device, denoiser_device)
     load_into(model, sources, dtype=dtype, device_of=where, what=path.name, quantize=quantize)
