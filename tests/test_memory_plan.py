@@ -20,7 +20,7 @@ from twotower.context import DenoiserContext
 from twotower.loading import bundled_model_path
 from twotower.model import TwoTowerForCausalLM
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data" / "release"  # the release's files, copied into the repo
 NANO = "nemotron-3-nano-30b-a3b"
 MiB = 2**20
 
