@@ -64,6 +64,42 @@ def test_ar_rows_in_slots_equal_each_alone(model, decode_step):
     check_each_alone(model, reqs, decode_step=decode_step)
 
 
+def speculative_requests(model, *, seed: int | None = None) -> list[Request]:
+    """Unequal prompts, budgets, draft steps and thresholds; a shared EOS some rows hit."""
+    ps = prompts(3, 9, 1, 6, 5, seed=11)
+    reqs = [
+        Request(
+            i, p, mode="speculative", max_new_tokens=7 + 3 * i, draft_steps=1 + i % 3,
+            settings=DiffusionSettings(4, 4, (0.5, 0.9, 0.2)[i % 3], temperature=0.0),
+        )
+        for i, p in enumerate(ps)
+    ]  # fmt: skip
+    if seed is not None:
+        reqs = [replace(r, settings=replace(r.settings, temperature=0.8), seed=seed + r.id) for r in reqs]
+    eos = rare_token(model, reqs)
+    return [replace(r, eos_ids=(eos,)) for r in reqs]
+
+
+@pytest.mark.parametrize("decode_step", ["eager", "static"])
+@pytest.mark.parametrize("seed", [None, 100])
+def test_speculative_rows_in_slots_equal_each_alone(model, decode_step, seed):
+    check_each_alone(model, speculative_requests(model, seed=seed), decode_step=decode_step)
+
+
+@pytest.mark.parametrize("seed", [None, 100])
+def test_speculative_slots_equal_the_packed_twin_with_a_mirror(model, seed):
+    """The packed cache (slots=False) is the plain twin; the slot state with a denoiser-side mirror
+    (as with the towers on two devices) gives the same tokens and statistics."""
+    reqs = speculative_requests(model, seed=seed)
+    results = []
+    for engine in (dict(slots=False), dict(mirror=True)):
+        scheduler = Scheduler(model, max_batch_size=4, **engine)
+        tokens, reasons = run(scheduler, [[reqs[i] for i in wave] for wave in WAVES])
+        stats = scheduler.stats
+        results.append((tokens, reasons, stats.accepted_drafts, stats.draft_rounds, stats.denoiser_forwards))
+    assert results[0] == results[1]
+
+
 @pytest.fixture(scope="module")
 def compiled_scheduler_run(model):
     """One compiled run shared by the compiled checks (graphs are compiled once per shape; whole
@@ -105,6 +141,28 @@ def test_joining_and_leaving_copy_nothing_of_the_other_rows(model):
         assert torch.equal(old, t[slot_a, :, :n])  # "a"'s past is where it was, untouched
     now = [st.ssm[slot_a] for st in engine.state.cache.layers if isinstance(st, MambaState)]
     assert all(torch.equal(x, y) for x, y in zip(mamba, now))
+
+
+@torch.no_grad()
+def test_speculative_rows_join_and_leave_without_copying_the_others(model):
+    engine = DecodeEngine(model, mode="speculative", block_size=4, max_rows=4)
+    a, b, c = prompts(5, 3, 8, seed=2)
+    settings = replace(BLOCK4, confidence_threshold=0.0)
+    engine.add([Request("a", a, mode="speculative", max_new_tokens=30, settings=settings),
+                Request("b", b, mode="speculative", max_new_tokens=2, settings=settings)])  # fmt: skip
+    buffers = [t.data_ptr() for t in kv_buffers(engine)]
+    generation, slot_a = engine.state.generation, engine.slot_of[0]
+    while "b" in engine.request_ids:
+        engine.step()
+    n = engine.state.length
+    before = [t[slot_a, :, :n].clone() for t in kv_buffers(engine)]
+    valid = engine.state.cache.valid[slot_a, :n].clone()
+    engine.add([Request("c", c, mode="speculative", max_new_tokens=4, settings=settings)])
+    assert engine.request_ids == ["a", "c"] and engine.slot_of[0] == slot_a
+    assert [t.data_ptr() for t in kv_buffers(engine)] == buffers and engine.state.generation == generation
+    assert torch.equal(valid, engine.state.cache.valid[slot_a, :n])
+    for old, t in zip(before, kv_buffers(engine)):
+        assert torch.equal(old, t[slot_a, :, :n])
 
 
 @torch.no_grad()

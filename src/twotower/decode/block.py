@@ -265,7 +265,7 @@ def fill_blocks(
     n = canvas.shape[0]
     canvas, row_steps, forwards = canvas.clone(), torch.zeros(n, dtype=torch.long, device=canvas.device), 0
     for group in groups:
-        whole = len(group.rows) == n
+        whole = list(group.rows) == list(range(n))  # the whole batch, in order
         index = torch.tensor(group.rows, device=canvas.device)
         per_row_eos = eos_ids is not None and eos_ids.dim() == 2 and not whole
         filled, steps, f = denoise_block(

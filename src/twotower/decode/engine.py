@@ -60,7 +60,7 @@ from .spec import MODES as MODE_REGISTRY
 from .spec import check_decode_step, check_seed
 from .static import Compiled, FixedShapeDenoiser
 from .static import decode_step as fixed_shape_step
-from .steps import ar_logits, speculative_round
+from .steps import ar_logits, speculative_round, verify_drafts
 
 _Row = Row  # the name this module used before `request.py`
 __all__ = [
@@ -95,13 +95,13 @@ class DecodeEngine:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         check_decode_step(decode_step)
-        if decode_step != "eager" and not MODE_REGISTRY[mode].fixed_shape:
+        if decode_step != "eager" and not MODE_REGISTRY[mode].engine_fixed_shape:
             raise ValueError(f"decode_step {decode_step!r} is not implemented for mode {mode!r}; use 'eager'")
         self.model = model
         self.mode = mode
         self.block_size = block_size if mode in BLOCK_MODES else 1
         self.decode_step = decode_step
-        self.use_slots = slots and mode != "speculative"
+        self.use_slots = slots
         if decode_step != "eager" and not self.use_slots:
             raise ValueError("decode_step 'static' / 'compiled' needs the slot state (slots=True)")
         self.max_rows = max_rows
@@ -233,26 +233,14 @@ class DecodeEngine:
             eos_sets[place[i]] = row.request.eos_ids
         eos = eos_table(eos_sets, device=device)
         for (size, settings, anchor, eos_aware), idx in self._block_groups().items():
-            members = torch.tensor([place[i] for i in idx], device=device)
             if anchor:
                 first = self.pending[torch.tensor(idx, device=self.pending.device)]
                 mine, mine_masked = anchored_canvas(first, size=size, mask_id=model.mask_token_id, device=device)
             else:
                 mine = torch.full((len(idx), size), model.mask_token_id, dtype=torch.long, device=device)
                 mine_masked = torch.ones(len(idx), size, dtype=torch.bool, device=device)
-            canvas = torch.full((width, size), model.mask_token_id, dtype=torch.long, device=device)
-            masked = torch.zeros(width, size, dtype=torch.bool, device=device)
-            canvas[members], masked[members] = mine, mine_masked
-            streams, skip = [None] * width, [True] * width
-            for i in idx:
-                streams[place[i]], skip[place[i]] = self.rows[i].generator, False
-            canvas, steps, forwards = fill_blocks(
-                model, context, canvas, masked, [RowGroup(list(range(width)), settings, RowGenerators(streams, skip))],
-                mask_id=model.mask_token_id, eos_ids=eos, eos_aware=eos_aware, denoise=self._denoise,
-                on_step=lambda group, idx=idx: self._step_reporter(idx, place),
-            )  # fmt: skip
-            self.stats.denoiser_forwards += forwards
-            canvas, steps = canvas[members].cpu(), steps[members].tolist()  # the host reads the block once
+            canvas, steps = self._fill_group(context, idx, mine, mine_masked, settings, eos=eos, eos_aware=eos_aware)
+            canvas, steps = canvas.cpu(), steps.tolist()  # the host reads the block once
             for j, i in enumerate(idx):
                 canvases[i], row_steps[i] = canvas[j], steps[j]
         events, keep = self._commit([c.tolist() for c in canvases], row_steps)
@@ -263,6 +251,39 @@ class DecodeEngine:
             if logits is not None:
                 self.pending = self._anchors(logits.to(device), self.rows)
         return events
+
+    def _fill_group(
+        self,
+        context: DenoiserContext,
+        idx: list[int],
+        canvas: torch.Tensor,
+        masked: torch.Tensor,
+        settings,
+        *,
+        eos: torch.Tensor | None = None,
+        eos_aware: bool = False,
+        report: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fill the blocks (len(idx), size) of rows `idx` over every row of the state at once (the
+        others idle: nothing masked, no random draws, so no context is copied out). Returns their
+        canvases (len(idx), size) and denoiser steps (len(idx),), on the denoiser's device."""
+        model = self.model
+        device = model.denoiser_device
+        width, place = self._layout()
+        members = torch.tensor([place[i] for i in idx], device=device)
+        full = torch.full((width, canvas.shape[1]), model.mask_token_id, dtype=torch.long, device=device)
+        full_masked = torch.zeros(width, canvas.shape[1], dtype=torch.bool, device=device)
+        full[members], full_masked[members] = canvas, masked
+        streams, skip = [None] * width, [True] * width
+        for i in idx:
+            streams[place[i]], skip[place[i]] = self.rows[i].generator, False
+        full, steps, forwards = fill_blocks(
+            model, context, full, full_masked, [RowGroup(list(range(width)), settings, RowGenerators(streams, skip))],
+            mask_id=model.mask_token_id, eos_ids=eos, eos_aware=eos_aware, denoise=self._denoise,
+            on_step=(lambda group: self._step_reporter(idx, place)) if report else None,
+        )  # fmt: skip
+        self.stats.denoiser_forwards += forwards
+        return full[members], steps[members]
 
     def _append(self, tokens: torch.Tensor, *, logits: bool) -> torch.Tensor | None:
         """The context tower appends tokens (rows, L) of every row in ONE forward; with `logits`, the
@@ -352,22 +373,54 @@ class DecodeEngine:
 
     def _step_speculative(self) -> list[Event]:
         """`steps.speculative_round` for every row: draft groups by draft settings, verify groups by
-        sampling settings, each row with its own stream."""
-        r = speculative_round(
-            self.model, self.cache, self.pending, size=self.block_size, mask_id=self.model.mask_token_id,
-            draft_groups=self._groups(lambda row: row.request.draft_settings, lambda row: row.request.draft_settings),
-            verify_groups=self._groups(sampling_key, lambda row: row.request.settings),
-        )  # fmt: skip
-        self.stats.denoiser_forwards += r.forwards
+        sampling settings, each row with its own stream. Slot state: each draft group fills its
+        rows over all slots at once (`_fill_group`), ONE verify forward covers every slot (free
+        slots verify a pad block and accept nothing)."""
+        if not self.use_slots:
+            r = speculative_round(
+                self.model, self.cache, self.pending, size=self.block_size, mask_id=self.model.mask_token_id,
+                draft_groups=self._groups(lambda row: row.request.draft_settings, lambda row: row.request.draft_settings),
+                verify_groups=self._groups(sampling_key, lambda row: row.request.settings),
+            )  # fmt: skip
+            self.stats.denoiser_forwards += r.forwards
+            accepted, pending, drafted, row_steps = r.accepted, r.pending, r.drafted, r.row_steps
+        else:
+            accepted, pending, drafted, row_steps = self._round_on_slots()
         self.stats.context_forwards += 1
-        self.pending = r.pending
+        self.pending = pending
         self.stats.draft_rounds += len(self.rows)
-        self.stats.accepted_drafts += int(r.accepted.sum())
-        kept = (r.accepted + 1).tolist()
-        new = [d[:k][: row.remaining] for d, k, row in zip(r.drafted.tolist(), kept, self.rows, strict=True)]
-        events, keep = self._commit(new, r.row_steps.tolist())
+        self.stats.accepted_drafts += int(accepted.sum())
+        kept = (accepted + 1).tolist()
+        new = [d[:k][: row.remaining] for d, k, row in zip(drafted.tolist(), kept, self.rows, strict=True)]
+        events, keep = self._commit(new, row_steps.tolist())
         self._keep(keep)
         return events
+
+    def _round_on_slots(self) -> tuple[torch.Tensor, ...]:
+        """One speculative round over the slot state; per row (in row order): accepted drafts, next
+        pending token, drafted block (position 0 the pending token), denoiser steps."""
+        model, size, mask_id = self.model, self.block_size, self.model.mask_token_id
+        device = model.denoiser_device
+        width, place = self._layout()
+        self.state.ensure(size)  # room for the verify forward, before the denoiser reads the state
+        context = self._denoiser_context()
+        drafted = torch.empty(len(self.rows), size, dtype=torch.long, device=device)
+        row_steps = torch.zeros(len(self.rows), dtype=torch.long, device=device)
+        for idx in row_groups(self.rows, lambda row: row.request.draft_settings).values():
+            index = torch.tensor(idx, device=device)
+            first = self.pending[index.to(self.pending.device)]
+            canvas, masked = anchored_canvas(first, size=size, mask_id=mask_id, device=device)
+            drafted[index], row_steps[index] = self._fill_group(
+                context, idx, canvas, masked, self.rows[idx[0]].request.draft_settings, report=False
+            )
+        where = torch.tensor(place, device=model.context_device)
+        full = self.state.spread(drafted.to(model.context_device), where, fill=model.config.pad_token_id)
+        groups = [
+            RowGroup([place[i] for i in idx], self.rows[idx[0]].request.settings, self._streams(idx))
+            for idx in row_groups(self.rows, sampling_key).values()
+        ]
+        accepted, pending = verify_drafts(model, self.state.cache, full, groups)
+        return accepted[where], pending[where], drafted.to(model.context_device), row_steps
 
     # ---- bookkeeping ----------------------------------------------------------------------------------
     def _commit(self, new: list[list[int]], steps: list[int]) -> tuple[list[Event], list[bool]]:

@@ -5,7 +5,8 @@ Not thread-safe: one loop owns it (the server's engine thread, the batch job's m
 `submit`, `cancel` and `step` between steps.
 
 `decode_step` ("eager", "static" or "compiled") is used by the engines of the modes that implement
-the fixed-shape steps (AR, diffusion); speculative engines stay eager. `mirror`: see `DecodeEngine`.
+the fixed-shape steps in the engine (AR, diffusion, speculative). `mirror` and `slots` (False: the
+packed-cache reference twin): see `DecodeEngine`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Scheduler:
         max_batch_size: int = 32,
         decode_step: str = "eager",
         mirror: bool | None = None,
+        slots: bool = True,
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
@@ -35,6 +37,7 @@ class Scheduler:
         self.model = model
         self.decode_step = decode_step
         self.mirror = mirror
+        self.slots = slots
         self.max_batch_size = max_batch_size
         self.waiting: deque[Request] = deque()
         self.engines: dict[tuple[str, int], DecodeEngine] = {}  # only engines with rows
@@ -86,10 +89,10 @@ class Scheduler:
         for key, requests in joining.items():
             engine = self.engines.get(key)
             if engine is None:
-                step = self.decode_step if MODE_REGISTRY[key[0]].fixed_shape else "eager"
+                step = self.decode_step if MODE_REGISTRY[key[0]].engine_fixed_shape else "eager"
                 engine = DecodeEngine(
                     self.model, mode=key[0], block_size=key[1], stats=self.stats, decode_step=step,
-                    max_rows=self.max_batch_size, mirror=self.mirror,
+                    max_rows=self.max_batch_size, mirror=self.mirror, slots=self.slots,
                 )  # fmt: skip
                 self.engines[key] = engine
             events += engine.add(requests)

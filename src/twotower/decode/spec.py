@@ -25,21 +25,23 @@ DECODE_STEPS = ("eager", "static", "compiled")
 class Mode:
     """One decoding mode. `block_keyed`: rows advance the context by a whole block per step, so a
     batch holds one block size. `served`: offered by the server and batch job (mock-AR is a
-    debugging mode). `fixed_shape`: `decode_step` "static"/"compiled" is implemented."""
+    debugging mode). `fixed_shape`: `decode_step` "static"/"compiled" is implemented in the mode's
+    `generate_*` loop; `engine_fixed_shape`: in the continuous-batching engine (`serve`, `batch`)."""
 
     name: str
     block_keyed: bool
     served: bool
     fixed_shape: bool
     summary: str
+    engine_fixed_shape: bool = False
 
 
 MODES: dict[str, Mode] = {
     m.name: m
     for m in (
-        Mode("diffusion", True, True, True, "mask diffusion: the denoiser fills S-token blocks (SPEC 3.4)"),
-        Mode("ar", False, True, True, "the context tower alone: exactly the frozen backbone"),
-        Mode("speculative", True, True, False, "the denoiser drafts a block, the context tower verifies it"),
+        Mode("diffusion", True, True, True, "mask diffusion: the denoiser fills S-token blocks (SPEC 3.4)", True),
+        Mode("ar", False, True, True, "the context tower alone: exactly the frozen backbone", True),
+        Mode("speculative", True, True, False, "the denoiser drafts a block, the context tower verifies it", True),
         Mode("mock-ar", False, False, False, "one token per step through both towers (debugging)"),
     )
 }

@@ -35,7 +35,7 @@ def ar_logits(model, ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor |
 def sample_groups(logits: torch.Tensor, groups: Sequence[RowGroup]) -> torch.Tensor:
     """One token per row from logits (b, V): each group by its temperature / top_k and stream(s).
     A group covering the whole batch is one `choose_tokens` call on the logits as they are."""
-    if len(groups) == 1 and len(groups[0].rows) == logits.shape[0]:
+    if len(groups) == 1 and list(groups[0].rows) == list(range(logits.shape[0])):  # the whole batch, in order
         s = groups[0].settings
         return choose_tokens(logits, temperature=s.temperature, top_k=s.top_k, generator=groups[0].generator)
     tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -89,23 +89,31 @@ def speculative_round(
     canvas, masked = anchored_canvas(pending, size=size, mask_id=mask_id, device=model.denoiser_device)
     context = DenoiserContext.from_cache(cache).to(model.denoiser_device)
     drafted, row_steps, forwards = fill_blocks(model, context, canvas, masked, draft_groups, mask_id=mask_id)
-    # 2. verify every row's draft in ONE causal forward (position j predicts j + 1)
+    accepted, nxt = verify_drafts(model, cache, drafted, verify_groups)
+    return Round(drafted.to(model.context_device), accepted, nxt, row_steps, forwards)
+
+
+@torch.no_grad()
+def verify_drafts(
+    model, cache: HybridCache, drafted: torch.Tensor, groups: Sequence[RowGroup]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 2-4 of a speculative round: the context tower verifies every row's draft (b, S) in ONE
+    causal forward (position j predicts j + 1), each group accepts by its sampling settings and
+    stream(s), and `cache` is rolled back to each row's pending token + its accepted drafts.
+    Rows in no group (idle slots) accept nothing. Returns (accepted (b,), next pending token (b,))."""
     drafted = drafted.to(model.context_device)
     logits = model.context_lm_head(model.context_tower(drafted, cache=cache, rollback_point=True)).float()
-    # 3. accept per group, by its sampling settings and stream(s)
-    if len(verify_groups) == 1 and len(verify_groups[0].rows) == len(pending):
-        s = verify_groups[0].settings
-        accepted, nxt = verify(
-            drafted, logits, temperature=s.temperature, top_k=s.top_k, generator=verify_groups[0].generator
-        )
+    b = drafted.shape[0]
+    if len(groups) == 1 and list(groups[0].rows) == list(range(b)):  # the whole batch, in order
+        s = groups[0].settings
+        accepted, nxt = verify(drafted, logits, temperature=s.temperature, top_k=s.top_k, generator=groups[0].generator)
     else:
-        accepted = torch.empty(len(pending), dtype=torch.long, device=drafted.device)
-        nxt = torch.empty(len(pending), dtype=torch.long, device=drafted.device)
-        for group in verify_groups:
+        accepted = torch.zeros(b, dtype=torch.long, device=drafted.device)
+        nxt = torch.zeros(b, dtype=torch.long, device=drafted.device)
+        for group in groups:
             s, index = group.settings, torch.tensor(group.rows, device=drafted.device)
             accepted[index], nxt[index] = verify(
                 drafted[index], logits[index], temperature=s.temperature, top_k=s.top_k, generator=group.generator
             )
-    # 4. roll back to pending + accepted drafts
     cache.rollback(accepted + 1)
-    return Round(drafted, accepted, nxt, row_steps, forwards)
+    return accepted, nxt
