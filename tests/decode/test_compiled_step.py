@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch._dynamo.testing
 
 from tests.serve.models import make_two_tower
-from twotower.decode.block import block_commit, eos_table
+from twotower.decode.block import block_commit, eos_table, rows_needing_tokens
 from twotower.decode.sampling import RowGenerators, gumbel_from_uniform, make_generator
 from twotower.decode.static import StaticDecoder, denoiser_block_step
 
@@ -39,17 +40,23 @@ def _inputs(model):
 def test_one_diffusion_step_compiles_fullgraph_and_equals_eager(setup, eos_aware):
     model, context = setup
     canvas, masked, noise, eos = _inputs(model)
-    opts = dict(step=1, steps=4, threshold=0.5, temperature=0.8, top_k=20, mask_id=model.mask_token_id)
-    eager = denoiser_block_step(model, canvas, masked, context, noise, eos, eos_aware=eos_aware, **opts)
+    opts = dict(steps=4, threshold=0.5, temperature=0.8, top_k=20, mask_id=model.mask_token_id)
+    eager = denoiser_block_step(model, canvas, masked, context, noise, eos, 1, eos_aware=eos_aware, **opts)
     torch._dynamo.reset()
-    step = torch.compile(denoiser_block_step, fullgraph=True, dynamic=False, backend="aot_eager")
-    got = step(model, canvas, masked, context, noise, eos, eos_aware=eos_aware, **opts)  # a graph break raises
-    for a, b in zip(got, eager, strict=True):
-        assert torch.equal(a, b)
-    new_canvas, new_masked, committed, live = eager
+    counter = torch._dynamo.testing.CompileCounter()
+    step = torch.compile(denoiser_block_step, fullgraph=True, dynamic=False, backend=counter)
+    # the step index as a tensor: every step of the block shares one graph
+    for k in (1, 2, 3):
+        got = step(model, canvas, masked, context, noise, eos, torch.tensor(k), eos_aware=eos_aware, **opts)
+        if k == 1:
+            for a, b in zip(got, eager, strict=True):  # a graph break raises (fullgraph)
+                assert torch.equal(a, b)
+    assert counter.frame_count == 1
+    new_canvas, new_masked, committed, live, still = eager
     assert live.tolist() == [False, True, True]  # row 0: EOS committed, nothing masked before it
     assert committed.any(-1).tolist() == live.tolist()
     assert torch.equal(new_masked, masked & ~committed)
+    assert torch.equal(still, rows_needing_tokens(new_canvas, new_masked, eos))
 
 
 def test_the_step_is_what_denoise_block_commits(setup):
@@ -60,6 +67,6 @@ def test_the_step_is_what_denoise_block_commits(setup):
     t = masked.sum(-1).float() / S
     sparse = model.denoise(canvas, t, context, logits_for=masked)
     want = block_commit(sparse, canvas, masked, eos_ids=eos, noise=noise, **opts)
-    got = denoiser_block_step(model, canvas, masked, context, noise, eos, **opts)
+    got = denoiser_block_step(model, canvas, masked, context, noise, eos, **opts)[:4]
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)

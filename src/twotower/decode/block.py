@@ -7,7 +7,10 @@ Per step k of T, every live row (a masked position left before its first committ
   2. prediction = argmax (temperature 0) or Gumbel-max; confidence = UNtempered probability;
   3. c = commit count (`commit_counts`); the c most confident ranked positions are committed.
 `block_commit` is steps 2-3 as one function of tensors with no host read (it compiles with
-`fullgraph=True`); `denoise_block` runs the loop eagerly and reads one flag per step (any row live).
+`fullgraph=True`); `denoise_block` runs the loop and reads the host once per step (which rows are
+live: it ends the block early). Eagerly the denoiser's head runs on the live masked positions only;
+with a fused step (`static.denoiser_block_step`, the engine's fixed-shape steps) one call does the
+forward, the head over every position and the commit rule, with nothing read back inside it.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ from .sampling import RowGenerators, apply_top_k, choose_tokens, gumbel_from_uni
 from .spec import DiffusionSettings
 
 
-def commit_counts(n_masked: torch.Tensor, n_confident: torch.Tensor, step: int, steps: int) -> torch.Tensor:
+def commit_counts(
+    n_masked: torch.Tensor, n_confident: torch.Tensor, step: int | torch.Tensor, steps: int
+) -> torch.Tensor:
     """How many positions each row commits at 0-based `step` of `steps` (SPEC 3.4 step 3).
 
     last step: c = n; otherwise c = min(n, max(a, 1, ceil(n / (T - k)))) with a = #confident masked.
-    Rows with nothing masked commit 0.
+    Rows with nothing masked commit 0. One formula covers both (at the last step ceil(n / 1) = n), so
+    `step` may be a tensor (a compiled step takes it as one, so every step shares one graph).
     """
-    if step >= steps - 1:
-        return n_masked.clone()
     floor = torch.div(n_masked + (steps - step) - 1, steps - step, rounding_mode="floor")  # ceil(n / (T-k))
     c = torch.maximum(torch.maximum(n_confident, torch.ones_like(n_confident)), floor)
     return torch.minimum(c, n_masked)
@@ -79,7 +83,7 @@ def block_commit(
     canvas: torch.Tensor,
     masked: torch.Tensor,
     *,
-    step: int,
+    step: int | torch.Tensor,
     steps: int,
     threshold: float,
     temperature: float,
@@ -151,6 +155,7 @@ def denoise_block(
     eos_aware: bool = False,
     denoise: Callable[..., torch.Tensor] | None = None,
     draw: torch.Tensor | None = None,
+    fused_step: Callable[..., tuple] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Fill one block of `size` positions for `rows` rows. Returns (canvas (rows, size), per-row
     denoiser steps (rows,), number of batched forwards). A partly known block can be given as
@@ -163,7 +168,15 @@ def denoise_block(
 
     `denoise` replaces `model.denoise` (same arguments; e.g. a `FixedShapeDenoiser`). `draw` (rows,)
     bool: only these rows draw random numbers when sampling (rows kept idle in a fixed-shape batch
-    must not consume the stream the rows of an eager batch would get); needs a plain generator."""
+    must not consume the stream the rows of an eager batch would get); needs a plain generator.
+    `fused_step`: a whole step in one call with no host read inside (`static.denoiser_block_step`,
+    compiled or not, over a fixed-shape context); the loop then reads the host once per step: which
+    rows are still live (it ends the block early and tells the per-row streams who draws)."""
+    if fused_step is not None:
+        return _fused_loop(
+            fused_step, model, context, canvas=canvas, masked=masked, rows=rows, size=size, settings=settings,
+            mask_id=mask_id, generator=generator, on_step=on_step, eos_ids=eos_ids, eos_aware=eos_aware, draw=draw,
+        )  # fmt: skip
     device = model.denoiser_device
     denoise = model.denoise if denoise is None else denoise
     if canvas is None:
@@ -182,7 +195,7 @@ def denoise_block(
         if settings.temperature > 0:
             # per-row streams: a row with nothing left to fill draws nothing, exactly as when decoded alone
             step_gen = generator.only(live) if isinstance(generator, RowGenerators) else generator
-            noise = _noise(logits, draw, step_gen)
+            noise = _noise(logits.shape, logits.device, draw, step_gen)
         canvas, masked, commit, live = block_commit(
             logits, canvas, masked, step=k, steps=settings.steps_per_block,
             threshold=settings.confidence_threshold, temperature=settings.temperature, top_k=settings.top_k,
@@ -195,15 +208,63 @@ def denoise_block(
     return canvas, row_steps, forwards
 
 
-def _noise(logits: torch.Tensor, draw: torch.Tensor | None, generator) -> torch.Tensor:
-    """Gumbel noise (b, S, V) for `block_commit`, drawn as `choose_rows` draws: only the `draw` rows
-    consume a shared generator (the others get zeros); a `RowGenerators` skips rows itself."""
+def _noise(shape: torch.Size, device: torch.device, draw: torch.Tensor | None, generator) -> torch.Tensor:
+    """Gumbel noise of `shape` (b, S, V) for `block_commit`, drawn as `choose_rows` draws: only the
+    `draw` rows consume a shared generator (the others get zeros); a `RowGenerators` skips rows itself."""
     if draw is None or bool(draw.all()):
-        return gumbel_from_uniform(_uniform(logits.shape, generator, logits.device))
-    noise = torch.zeros_like(logits)
-    rows = draw.to(logits.device)
-    noise[rows] = gumbel_from_uniform(_uniform(noise[rows].shape, generator, logits.device))
+        return gumbel_from_uniform(_uniform(shape, generator, device))
+    noise = torch.zeros(shape, device=device)
+    rows = draw.to(device)
+    noise[rows] = gumbel_from_uniform(_uniform(noise[rows].shape, generator, device))
     return noise
+
+
+def _fused_loop(
+    fused_step,
+    model,
+    context,
+    *,
+    canvas,
+    masked,
+    rows,
+    size,
+    settings,
+    mask_id,
+    generator,
+    on_step,
+    eos_ids,
+    eos_aware,
+    draw,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`denoise_block` with a fused step: the same steps, commits and random draws, one host read
+    (the live rows, (rows,) bool) per step."""
+    device = model.denoiser_device
+    if canvas is None:
+        canvas = torch.full((rows, size), mask_id, dtype=torch.long, device=device)
+        masked = torch.ones(rows, size, dtype=torch.bool, device=device)
+    row_steps = torch.zeros(rows, dtype=torch.long, device=device)
+    shape = torch.Size((rows, size, model.config.vocab_size))
+    live = rows_needing_tokens(canvas, masked, eos_ids)
+    forwards = 0
+    for k in range(settings.steps_per_block):
+        live_rows = live.tolist()  # the one host read of a step
+        if not any(live_rows):
+            break
+        noise = None
+        if settings.temperature > 0:
+            step_gen = generator.only(live_rows) if isinstance(generator, RowGenerators) else generator
+            noise = _noise(shape, device, draw, step_gen)
+        n_masked = masked.sum(-1)
+        canvas, masked, commit, took_part, live = fused_step(
+            model, canvas, masked, context, noise, eos_ids, torch.tensor(k, device=device),
+            steps=settings.steps_per_block, threshold=settings.confidence_threshold,
+            temperature=settings.temperature, top_k=settings.top_k, mask_id=mask_id, eos_aware=eos_aware,
+        )  # fmt: skip
+        forwards += 1
+        row_steps += took_part.long()
+        if on_step is not None:
+            on_step({"step": k, "canvas": canvas, "committed": commit, "masked": masked, "t": n_masked / size})
+    return canvas, row_steps, forwards
 
 
 def _uniform(shape: torch.Size, generator, device: torch.device) -> torch.Tensor:
@@ -258,6 +319,7 @@ def fill_blocks(
     on_step: Callable[[RowGroup], Callable[[dict], None] | None] | None = None,
     denoise: Callable[..., torch.Tensor] | None = None,
     draw: torch.Tensor | None = None,
+    fused_step: Callable[..., tuple] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`denoise_block` for every group of rows of one batch (canvas, masked (b, S); eos_ids per row
     (b, E) or shared (E,)); a group that is not the whole batch reads its rows of the context.
@@ -276,6 +338,7 @@ def fill_blocks(
             canvas=canvas if whole else canvas[index], masked=masked if whole else masked[index],
             eos_ids=eos_ids[index.to(eos_ids.device)] if per_row_eos else eos_ids, eos_aware=eos_aware,
             denoise=denoise, draw=draw if whole or draw is None else draw[index.to(draw.device)],
+            fused_step=fused_step,
         )  # fmt: skip
         forwards += f
         if whole:

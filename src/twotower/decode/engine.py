@@ -58,7 +58,7 @@ from .sampling import RowGenerators, make_generator
 from .slots import SlotCache
 from .spec import MODES as MODE_REGISTRY
 from .spec import check_decode_step, check_seed
-from .static import Compiled, FixedShapeDenoiser
+from .static import Compiled, FixedShapeDenoiser, FusedDenoiserStep
 from .static import decode_step as fixed_shape_step
 from .steps import ar_logits, speculative_round, verify_drafts
 
@@ -113,7 +113,10 @@ class DecodeEngine:
         self.mirror = DenoiserMirror(model.denoiser_device) if self.use_slots and (mirror or (
             mirror is None and two_devices)) else None  # fmt: skip
         fixed, compile = decode_step != "eager", decode_step == "compiled"
+        # diffusion blocks: one fused step (forward, head, commit rule) per denoiser step; speculative
+        # drafts: the fixed-shape body with the head on the masked positions
         self._denoise = FixedShapeDenoiser(model, compile=compile) if fixed else None
+        self._fused = FusedDenoiserStep(compile=compile) if fixed else None
         self._context_step = (
             Compiled(fixed_shape_step, compile=compile, what="the engine's context step") if fixed else None
         )
@@ -263,6 +266,7 @@ class DecodeEngine:
         eos: torch.Tensor | None = None,
         eos_aware: bool = False,
         report: bool = True,
+        fused: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fill the blocks (len(idx), size) of rows `idx` over every row of the state at once (the
         others idle: nothing masked, no random draws, so no context is copied out). Returns their
@@ -280,6 +284,7 @@ class DecodeEngine:
         full, steps, forwards = fill_blocks(
             model, context, full, full_masked, [RowGroup(list(range(width)), settings, RowGenerators(streams, skip))],
             mask_id=model.mask_token_id, eos_ids=eos, eos_aware=eos_aware, denoise=self._denoise,
+            fused_step=self._fused if fused else None,
             on_step=(lambda group: self._step_reporter(idx, place)) if report else None,
         )  # fmt: skip
         self.stats.denoiser_forwards += forwards
@@ -411,7 +416,7 @@ class DecodeEngine:
             first = self.pending[index.to(self.pending.device)]
             canvas, masked = anchored_canvas(first, size=size, mask_id=mask_id, device=device)
             drafted[index], row_steps[index] = self._fill_group(
-                context, idx, canvas, masked, self.rows[idx[0]].request.draft_settings, report=False
+                context, idx, canvas, masked, self.rows[idx[0]].request.draft_settings, report=False, fused=False
             )
         where = torch.tensor(place, device=model.context_device)
         full = self.state.spread(drafted.to(model.context_device), where, fill=model.config.pad_token_id)

@@ -31,9 +31,9 @@ class RowGenerators:
     def __len__(self) -> int:
         return len(self.generators)
 
-    def only(self, rows: torch.Tensor) -> RowGenerators:
-        """The same streams, with the rows where `rows` (bool (b,)) is False skipped."""
-        keep = rows.tolist()
+    def only(self, rows: torch.Tensor | Sequence[bool]) -> RowGenerators:
+        """The same streams, with the rows where `rows` (bool (b,), a tensor or a list) is False skipped."""
+        keep = rows.tolist() if isinstance(rows, torch.Tensor) else list(rows)
         return RowGenerators(self.generators, [s or not k for s, k in zip(self.skip, keep, strict=True)])
 
     def uniform(self, shape: torch.Size, device: torch.device) -> torch.Tensor:

@@ -29,13 +29,14 @@ import torch
 from ..cache import HybridCache
 from ..context import DenoiserContext
 from ..layers.mamba2 import MambaState
-from .block import block_commit
+from .block import block_commit, rows_needing_tokens
 from .spec import DECODE_STEPS, check_decode_step
 
 __all__ = [
     "DECODE_STEPS",
     "Compiled",
     "FixedShapeDenoiser",
+    "FusedDenoiserStep",
     "StaticDecoder",
     "check_decode_step",
     "denoiser_block_step",
@@ -200,9 +201,9 @@ class Compiled:
         self.plain, self.what = fn, what
         self.fn = compiled(fn) if compile else fn
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         try:
-            return self.fn(*args)
+            return self.fn(*args, **kwargs)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             warnings.warn(
                 f"torch.compile's recompile limit is reached; {self.what} runs its fixed-shape step uncompiled",
@@ -210,7 +211,7 @@ class Compiled:
                 stacklevel=2,
             )
             self.fn = self.plain
-            return self.fn(*args)
+            return self.fn(*args, **kwargs)
 
 
 class FixedShapeDenoiser:
@@ -251,8 +252,8 @@ def denoiser_block_step(
     context: DenoiserContext,
     noise: torch.Tensor | None,
     eos_ids: torch.Tensor | None,
+    step: int | torch.Tensor,
     *,
-    step: int,
     steps: int,
     threshold: float,
     temperature: float,
@@ -264,11 +265,24 @@ def denoiser_block_step(
     every position (no value-dependent selection), then `block.block_commit` (prediction, confidence,
     commit rule, EOS bookkeeping). canvas/masked (b, S); `context` fixed-shape
     (`StaticDecoder.denoiser_context`); noise (b, S, V) Gumbel noise drawn on the device by each row's
-    generator (temperature > 0). Compiles with `fullgraph=True` (tests/decode/test_compiled_step.py).
-    Returns block_commit's (canvas, masked, committed, live)."""
+    generator (temperature > 0); `step` the 0-based step (a tensor: one compiled graph for every step).
+    Compiles with `fullgraph=True` (tests/decode/test_compiled_step.py).
+    Returns block_commit's (canvas, masked, committed, live) and the rows still live after it (b,)
+    bool: a masked position left before their first committed EOS (the loop's next host read)."""
     t = masked.sum(-1).float() / canvas.shape[1]
     logits = model.denoiser_logits(model.denoise_hidden(canvas, t, context))
-    return block_commit(
+    canvas, masked, committed, live = block_commit(
         logits, canvas, masked, step=step, steps=steps, threshold=threshold, temperature=temperature, top_k=top_k,
         mask_id=mask_id, eos_ids=eos_ids, eos_aware=eos_aware, noise=noise,
     )  # fmt: skip
+    return canvas, masked, committed, live, rows_needing_tokens(canvas, masked, eos_ids)
+
+
+class FusedDenoiserStep:
+    """`denoiser_block_step` for `denoise_block(fused_step=...)`, compiled or plain (`Compiled`)."""
+
+    def __init__(self, *, compile: bool) -> None:
+        self._fn = Compiled(denoiser_block_step, compile=compile, what="the diffusion step")
+
+    def __call__(self, model, canvas, masked, context, noise, eos_ids, step, **options):
+        return self._fn(model, canvas, masked, context, noise, eos_ids, step, **options)
