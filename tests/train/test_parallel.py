@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from tests.train.test_trainer import twotower_model, write_packed
-from twotower.train.parallel import Dist, ParallelSettings, apply_activation_checkpointing, parallelize, shard_units
+from twotower.train.fsdp import shard_units
+from twotower.train.parallel import Dist, ParallelSettings, apply_activation_checkpointing, parallelize
 from twotower.train.recipes import train_denoiser
 from twotower.train.trainer import TrainSettings
 
@@ -37,9 +39,15 @@ run_jobs(json.loads(open(sys.argv[1]).read()))
 
 
 def run_job(job: dict) -> dict:
-    """One training job (see `run_jobs`); returns its losses and held-out losses, or its error."""
+    """One training job (see `run_jobs`); returns its losses and held-out losses, or its error.
+    A job with `call: "module:function"` runs that function on the job instead."""
+    import importlib
+
     import torch.distributed as dist
 
+    if "call" in job:
+        module, _, name = job["call"].partition(":")
+        return getattr(importlib.import_module(module), name)(job)
     out = Path(job["out"])
     if job.get("copy_from"):  # start from a copy of another run's directory (rank 0 copies)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -105,6 +113,7 @@ def runs(tmp_path_factory):
          "settings": {**steps3, "parallel": "fsdp", "bf16": True, "activation_checkpointing": True}},
         {"name": "unseeded", "out": str(tmp / "unseeded"), "data": data, "settings": {**steps3, "parallel": "fsdp"},
          "seed_by_rank": True},
+        {"name": "units", "call": "tests.train.test_parallel:unit_facts", "settings": {"parallel": "fsdp"}},
     ]  # fmt: skip
     results = torchrun(jobs, tmp)
     torch.set_num_threads(1)
@@ -167,6 +176,54 @@ def test_ranks_that_built_different_weights_are_refused(runs):
     assert "t_embedder" in results["unseeded"]["error"] and "differs between ranks" in results["unseeded"]["error"]
 
 
+def unit_facts(job: dict) -> dict:
+    """The FSDP2 structure of the sharded tiny model (run in each of 2 processes): which modules are
+    FSDPModules, whether each layer's members share one unit, and what one unit's gather unshards."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor
+
+    settings = TrainSettings(**{**BASE, **job["settings"]})
+    dist_info = Dist.from_env()
+    model = twotower_model()
+    engine = parallelize(model, model.denoiser_parameters(), dist_info=dist_info, settings=settings.parallel_settings)
+    facts: dict = {"layers": {}, "trained_context": [n for n in engine.names if n.startswith("context")]}
+    for tower in ("context_tower", "denoiser_tower"):
+        for i, layer in enumerate(getattr(model, tower).layers):
+            members = [layer.norm, *(m for m in layer.mixer.modules() if isinstance(m, FSDPModule))]
+            state = fully_shard.state(layer.norm)
+            layer.norm.unshard()  # one unit: gathering the norm's unit gathers the whole layer
+            gathered = {n for n, p in model.named_parameters() if not isinstance(p, DTensor)}
+            layer.norm.reshard()
+            facts["layers"][f"{tower}.layers.{i}"] = {
+                "kind": layer.kind,
+                "norm_is_unit": isinstance(layer.norm, FSDPModule),
+                "one_state": all(fully_shard.state(m) is state for m in members),
+                "inner_linear_units": sorted(
+                    n
+                    for n, m in layer.mixer.named_modules()
+                    if isinstance(m, nn.Linear) and isinstance(m, FSDPModule) and fully_shard.state(m) is not state
+                ),  # fmt: skip
+                "gathered": sorted(gathered),
+            }
+    return facts
+
+
+def test_each_decoder_layer_is_one_fsdp_unit(runs):
+    _, results = runs
+    facts = results["units"]
+    assert facts["trained_context"] == []  # the sharded context tower is never given to the optimizer
+    kinds = set()
+    for name, layer in facts["layers"].items():
+        kinds.add(layer["kind"])
+        assert layer["norm_is_unit"] and layer["one_state"] and layer["inner_linear_units"] == [], name
+        # the norm's gather brings every parameter of the layer (the Mamba scalars live in the root)
+        assert layer["gathered"] and all(n.startswith(name + ".") for n in layer["gathered"]), name
+        scalars = (".conv1d.", ".dt_bias", ".A_log", ".D")
+        expected = {n for n, _ in twotower_model().named_parameters() if n.startswith(name + ".")}
+        assert set(layer["gathered"]) == {n for n in expected if not any(k in n for k in scalars)}, name
+    assert kinds == {"linear_attention", "full_attention", "moe"}
+
+
 def test_engine_choice():
     assert ParallelSettings().resolve(1) == "none" and ParallelSettings().resolve(2) == "ddp"
     assert ParallelSettings("fsdp").resolve(4) == "fsdp" and ParallelSettings("fsdp").resolve(1) == "none"
@@ -176,25 +233,42 @@ def test_engine_choice():
         TrainSettings(parallel="tp").validate(1)
 
 
-def test_shard_units_hold_the_weights_and_every_unit_is_called():
-    """Every FSDP unit runs through its own forward in a training step (or the engine could not
-    gather it), and the units hold nearly all parameters of both towers."""
+def test_shard_units_hold_the_weights_and_every_member_is_called():
+    """One unit per decoder layer of each tower (plus embeddings and heads), holding nearly all
+    parameters; in a training step every member of every used unit runs through its own forward
+    (or the engine could not gather it), and the layer's norm runs first."""
     from twotower.train.objective import diffusion_loss, draw_noise
 
     model = twotower_model()
     units = shard_units(model)
-    in_units = sum(p.numel() for u in units for p in u.parameters())
-    assert in_units > 0.95 * sum(p.numel() for p in model.parameters())
-    called = set()
-    hooks = [u.register_forward_pre_hook(lambda m, _a, i=i: called.add(i)) for i, u in enumerate(units)]
+    n_layers = len(model.config.layers_block_type)
+    names = [u.name for u in units]
+    assert names[: 2 * n_layers] == [f"{t}.layers.{i}" for t in ("context_tower", "denoiser_tower")
+                                     for i in range(n_layers)]  # fmt: skip
+    assert set(names[2 * n_layers :]) == {"context_tower.embeddings", "context_lm_head",
+                                          "denoiser_tower.embeddings", "lm_head"}  # fmt: skip
+    in_units = {id(p) for u in units for p in u.parameters()}
+    root = {n for n, p in model.named_parameters() if id(p) not in in_units}
+    # the root keeps what no path calls through a forward (Mamba scalars and conv kernel), norm_f, adaLN
+    kept = (".conv1d.", ".dt_bias", ".A_log", ".D", ".norm_f.", "t_embedder.", "t_block.", "scale_shift_tables.")
+    assert root and all(any(k in n for k in kept) for n in root), sorted(root)
+    assert not any(".layers." in n and ".mixer." not in n for n in root)  # every layer norm is in its unit
+    calls: list[tuple[int, nn.Module]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, _a, i=i: calls.append((i, mod)))
+             for i, u in enumerate(units) for m in u.modules]  # fmt: skip
     ids = torch.randint(4, 96, (2, 32), generator=torch.Generator().manual_seed(0))
     diffusion_loss(model, ids, draw_noise(2, 32, block_size=16, seed=0, step=0), block_size=16).total.backward()
     for h in hooks:
         h.remove()
-    names = {id(m): n for n, m in model.named_modules()}
-    unused = sorted(names[id(units[i])] for i in set(range(len(units))) - called)
+    for i, unit in enumerate(units):
+        seen = [mod for j, mod in calls if j == i]
+        if not seen:
+            continue
+        assert seen[0] is unit.modules[0], unit.name  # the unit is gathered when its first member runs
+        assert {id(m) for m in seen} == {id(m) for m in unit.modules}, unit.name
+    unused = sorted(u.name for i, u in enumerate(units) if i not in {j for j, _ in calls})
     # what a step never needs: the context tower's head and its layers after the last attention/Mamba one
-    assert unused and all(n == "context_lm_head" or n.startswith("context_tower.layers.2.") for n in unused)
+    assert unused == ["context_lm_head", "context_tower.layers.2"]
 
 
 def test_activation_checkpointing_keeps_gradients_and_saves_memory():

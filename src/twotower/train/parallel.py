@@ -7,13 +7,14 @@ update: an objective returns its loss as a SUM over this rank's targets divided 
 count, and the engines SUM gradients over ranks (DDP through a sum comm hook, FSDP2 with a gradient
 divide factor of 1), so one step is exactly the single-process step on the whole global batch.
 
-FSDP2 layout (`shard_units`): one unit per MoE layer and per other Linear and Embedding of both towers
-(the modules that hold the weights and are always called through their forward); the root unit (the
-`LossModule`) holds the rest (norms, conv kernels, SSM scalars, adaLN tables). The frozen context tower is
-sharded like the denoiser but has no gradients and is never given to the optimizer. With
-`bf16=True` the sharded (master) parameters and the optimizer stay float32, compute runs in
+FSDP2 layout (`fsdp.py`): one unit per decoder layer of each tower, one per embedding and head,
+and the root unit (the `LossModule`) for the norms, the adaLN parts and the Mamba scalars. The frozen
+context tower is sharded like the denoiser but has no gradients and is never given to the optimizer.
+With `bf16=True` the sharded (master) parameters and the optimizer stay float32, compute runs in
 bfloat16 (all-gathered bf16 parameters plus autocast for the ops between them), and gradients are
-reduced in float32 (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`).
+reduced in float32 (`MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)`). A model too big
+for one host is built on the meta device, sharded with `shard_for_training`, and each rank fills
+its own shards from the checkpoint (`rank_load.py`); `parallelize` then takes the sharded root.
 
 Under DDP and a single process `bf16=True` is autocast only (float32 weights and gradients).
 Activation checkpointing recomputes each trained mixer's forward in backward (the frozen context
@@ -32,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .fsdp import apply_fsdp
 
 PARALLEL_MODES = ("auto", "none", "ddp", "fsdp")
 
@@ -166,25 +169,50 @@ def parallelize(
 ) -> Engine:
     """Wrap `model` (already on its device, identical on every rank) for training `trainable`.
 
-    Raises ValueError when a trainable parameter is not in `model` or when the ranks hold different
-    weights (a run must initialise every parameter from its seed, identically on every rank).
+    `model` may also be a `LossModule` already sharded by `shard_for_training` (each rank holding
+    only its shards, as `rank_load.py` builds it): it is used as it is (fsdp only).
+
+    Raises ValueError when a trainable parameter is not in `model`, when the ranks hold different
+    weights (a run must initialise every parameter from its seed, identically on every rank), or
+    when a sharded model comes with another engine than fsdp.
     """
     mode = settings.resolve(dist_info.world_size)
+    presharded = is_sharded(model)
+    if presharded and mode != "fsdp":
+        raise ValueError(f"a model sharded at load time trains under fsdp only, not {mode}")
+    root = model if presharded else LossModule(model)
+    model = root.model
     names = _names_of(model, trainable)
-    check_same_on_every_rank(model, dist_info)
-    if settings.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    root = LossModule(model)
-    if mode == "ddp":
-        module = _ddp(root, dist_info)
-    elif mode == "fsdp":
-        module = _fsdp(root, bf16=settings.bf16)
-    else:
+    if presharded:
         module = root
+    else:
+        check_same_on_every_rank(model, dist_info)
+        module = _wrap(root, mode, dist_info, settings)
     by_name = dict(model.named_parameters())
     params = [by_name[n] for n in names]
     synced = _units_with(module, params) if mode == "fsdp" else []
     return Engine(module, model, params, names, mode, dist_info, settings, synced)
+
+
+def shard_for_training(model: nn.Module, settings: ParallelSettings) -> LossModule:
+    """The fsdp root of `model` (activation checkpointing applied first when asked); `model` may be
+    on the meta device (its parameters become meta DTensor shards; `to_empty` materialises them)."""
+    return _fsdp(LossModule(model), settings)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    """Whether `module` is a LossModule already sharded by `shard_for_training`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, LossModule) and isinstance(module, FSDPModule)
+
+
+def _wrap(root: LossModule, mode: str, dist_info: Dist, settings: ParallelSettings) -> nn.Module:
+    if mode == "fsdp":
+        return _fsdp(root, settings)
+    if settings.activation_checkpointing:
+        apply_activation_checkpointing(root.model)
+    return _ddp(root, dist_info) if mode == "ddp" else root
 
 
 def _units_with(root: nn.Module, params: list[nn.Parameter]) -> list[nn.Module]:
@@ -226,37 +254,10 @@ def _ddp(root: LossModule, dist_info: Dist) -> nn.Module:
 
 
 # ---- FSDP2 --------------------------------------------------------------------------------------------
-def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The FSDP2 units below the root: every MoE layer (router, expert bank and shared expert: one
-    gather for the largest part of the model) and every other Linear and Embedding. These are always
-    used through their own forward, whichever model methods an objective calls (the towers' paths call
-    `mixer.qkv`, `mixer.o_proj` or a Mamba mixer's pieces directly, so a layer or an attention or Mamba
-    mixer is not a safe unit), and they hold nearly all the weights. The rest (norms, conv kernels,
-    SSM scalars, adaLN tables) stays in the root unit, gathered for the whole forward."""
-    from ..layers.moe import MoE
-
-    units = [m for m in model.modules() if isinstance(m, MoE)]
-    inside = {id(sub) for unit in units for sub in unit.modules()}
-    units += [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Embedding)) and id(m) not in inside]
-    return units
-
-
-def _fsdp(root: LossModule, *, bf16: bool) -> nn.Module:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    if bf16:
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    else:
-        policy = MixedPrecisionPolicy()
-    sharded = [fully_shard(unit, mp_policy=policy) for unit in shard_units(root.model)]
-    # the root's inputs are token ids and noise: never cast them (a bf16 mask ratio would mask other tokens)
-    root_policy = MixedPrecisionPolicy(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype,
-                                       cast_forward_inputs=False)  # fmt: skip
-    module = fully_shard(root, mp_policy=root_policy)
-    for unit in [*sharded, module]:  # SUM the gradients over ranks, as the objectives expect
-        unit.set_force_sum_reduction_for_comms(True)
-        unit.set_gradient_divide_factor(1.0)
-    return module
+def _fsdp(root: LossModule, settings: ParallelSettings) -> nn.Module:
+    if settings.activation_checkpointing:
+        apply_activation_checkpointing(root.model)
+    return apply_fsdp(root, bf16=settings.bf16)
 
 
 # ---- activation checkpointing --------------------------------------------------------------------------
