@@ -11,7 +11,8 @@ import torch._dynamo.testing
 from tests.serve.models import make_two_tower
 from twotower.decode.block import block_commit, eos_table, rows_needing_tokens
 from twotower.decode.sampling import RowGenerators, gumbel_from_uniform, make_generator
-from twotower.decode.static import StaticDecoder, denoiser_block_step
+from twotower.decode.static import StaticDecoder, denoiser_block_step, verify_step
+from twotower.layers.mamba2 import MambaHistory
 
 S, V = 6, 96
 
@@ -70,3 +71,31 @@ def test_the_step_is_what_denoise_block_commits(setup):
     got = denoiser_block_step(model, canvas, masked, context, noise, eos, **opts)[:4]
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_fixed_shape_verify_compiles_fullgraph_and_equals_the_eager_forward():
+    """`static.verify_step` (the engine's speculative verify over slot buffers) reads nothing back to
+    the host, and its logits and per-position Mamba states equal the eager `rollback_point` forward."""
+    model = make_two_tower(seed=3)
+    prompt = torch.randint(4, V, (2, 5), generator=torch.Generator().manual_seed(1))
+    drafts = torch.randint(4, V, (2, S), generator=torch.Generator().manual_seed(2))
+    eager_cache = model.empty_cache(2, capacity=16)
+    model.extend_context(prompt, eager_cache)
+    want = model.context_lm_head(model.context_tower(drafts, cache=eager_cache, rollback_point=True)).float()
+    decoder = StaticDecoder(model.context_tower, model.context_lm_head, 2, 16)
+    setup_cache = model.empty_cache(2, capacity=16)
+    model.extend_context(prompt, setup_cache)
+    decoder.load(setup_cache)
+    torch._dynamo.reset()
+    step = torch.compile(verify_step, fullgraph=True, dynamic=False, backend="aot_eager")
+    logits, histories = step(
+        model.context_tower, model.context_lm_head, drafts, decoder.position, decoder.kv, decoder.conv, decoder.ssm,
+        decoder.valid,
+    )  # fmt: skip
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    keep = torch.tensor([2, S])
+    for i, (window, ssm) in histories.items():
+        got = MambaHistory(window, ssm).state_after(keep)
+        ref = eager_cache.pending.histories[i].state_after(keep)
+        torch.testing.assert_close(got.conv, ref.conv)
+        torch.testing.assert_close(got.ssm, ref.ssm, rtol=1e-5, atol=1e-5)

@@ -35,8 +35,9 @@ from collections.abc import Callable, Hashable, Sequence
 
 import torch
 
-from ..cache import HybridCache
+from ..cache import HybridCache, RollbackPoint
 from ..context import DenoiserContext
+from ..layers.mamba2 import MambaHistory
 from .batch import cut_at_eos, left_pad
 from .block import RowGroup, anchored_canvas, eos_table, fill_blocks, subset_context
 from .mirror import DenoiserMirror
@@ -58,9 +59,9 @@ from .sampling import RowGenerators, make_generator
 from .slots import SlotCache
 from .spec import MODES as MODE_REGISTRY
 from .spec import check_decode_step, check_seed
-from .static import Compiled, FixedShapeDenoiser, FusedDenoiserStep
+from .static import Compiled, FixedShapeDenoiser, FusedDenoiserStep, verify_step
 from .static import decode_step as fixed_shape_step
-from .steps import ar_logits, speculative_round, verify_drafts
+from .steps import accept_drafts, ar_logits, speculative_round, verify_drafts
 
 _Row = Row  # the name this module used before `request.py`
 __all__ = [
@@ -117,6 +118,7 @@ class DecodeEngine:
         # drafts: the fixed-shape body with the head on the masked positions
         self._denoise = FixedShapeDenoiser(model, compile=compile) if fixed else None
         self._fused = FusedDenoiserStep(compile=compile) if fixed else None
+        self._verify = Compiled(verify_step, compile=compile, what="the speculative verify") if fixed else None
         self._context_step = (
             Compiled(fixed_shape_step, compile=compile, what="the engine's context step") if fixed else None
         )
@@ -424,8 +426,26 @@ class DecodeEngine:
             RowGroup([place[i] for i in idx], self.rows[idx[0]].request.settings, self._streams(idx))
             for idx in row_groups(self.rows, sampling_key).values()
         ]
-        accepted, pending = verify_drafts(model, self.state.cache, full, groups)
+        if self.fixed_shape:
+            accepted, pending = self._verify_fixed(full, groups)
+        else:
+            accepted, pending = verify_drafts(model, self.state.cache, full, groups)
         return accepted[where], pending[where], drafted.to(model.context_device), row_steps
+
+    def _verify_fixed(self, drafted: torch.Tensor, groups: list[RowGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`steps.verify_drafts` as the fixed-shape `static.verify_step` (compiled or not) over the slot
+        buffers, then the same acceptance and rollback."""
+        model, cache = self.model, self.state.cache
+        start, size = cache.length, drafted.shape[1]
+        position = torch.tensor([start], device=drafted.device)
+        logits, histories = self._verify(
+            model.context_tower, model.context_lm_head, drafted, position, *self.state.buffers(), cache.valid
+        )
+        cache.length += size
+        cache.pending = RollbackPoint(start, size, {i: MambaHistory(w, s) for i, (w, s) in histories.items()})
+        accepted, pending = accept_drafts(drafted, logits, groups)
+        cache.rollback(accepted + 1)
+        return accepted, pending
 
     # ---- bookkeeping ----------------------------------------------------------------------------------
     def _commit(self, new: list[list[int]], steps: list[int]) -> tuple[list[Event], list[bool]]:

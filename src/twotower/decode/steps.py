@@ -103,17 +103,26 @@ def verify_drafts(
     Rows in no group (idle slots) accept nothing. Returns (accepted (b,), next pending token (b,))."""
     drafted = drafted.to(model.context_device)
     logits = model.context_lm_head(model.context_tower(drafted, cache=cache, rollback_point=True)).float()
+    accepted, nxt = accept_drafts(drafted, logits, groups)
+    cache.rollback(accepted + 1)
+    return accepted, nxt
+
+
+def accept_drafts(
+    drafted: torch.Tensor, logits: torch.Tensor, groups: Sequence[RowGroup]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 3 of a speculative round: drafts (b, S) against the verify forward's logits (b, S, V),
+    each group by its sampling settings and stream(s); rows in no group (idle slots) accept nothing.
+    Returns (accepted drafts (b,), next pending token (b,))."""
     b = drafted.shape[0]
     if len(groups) == 1 and list(groups[0].rows) == list(range(b)):  # the whole batch, in order
         s = groups[0].settings
-        accepted, nxt = verify(drafted, logits, temperature=s.temperature, top_k=s.top_k, generator=groups[0].generator)
-    else:
-        accepted = torch.zeros(b, dtype=torch.long, device=drafted.device)
-        nxt = torch.zeros(b, dtype=torch.long, device=drafted.device)
-        for group in groups:
-            s, index = group.settings, torch.tensor(group.rows, device=drafted.device)
-            accepted[index], nxt[index] = verify(
-                drafted[index], logits[index], temperature=s.temperature, top_k=s.top_k, generator=group.generator
-            )
-    cache.rollback(accepted + 1)
+        return verify(drafted, logits, temperature=s.temperature, top_k=s.top_k, generator=groups[0].generator)
+    accepted = torch.zeros(b, dtype=torch.long, device=drafted.device)
+    nxt = torch.zeros(b, dtype=torch.long, device=drafted.device)
+    for group in groups:
+        s, index = group.settings, torch.tensor(group.rows, device=drafted.device)
+        accepted[index], nxt[index] = verify(
+            drafted[index], logits[index], temperature=s.temperature, top_k=s.top_k, generator=group.generator
+        )
     return accepted, nxt
