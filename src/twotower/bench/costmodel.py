@@ -25,487 +25,106 @@ Assumptions (also in `ASSUMPTIONS`, printed by `benchmarks/cost_model.py`):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-
-from ..conditioning import FREQ_DIM
-from ..config import NemotronHConfig
-
-BF16_BYTES = 2
-FP32_BYTES = 4
-PAPER_RATIO = 2.42  # the paper's diffusion/AR wall-clock throughput (gamma 0.8, S=16, BF16, H100)
-DEFAULT_BATCHES = (1, 8, 32, 128)
-DEFAULT_TAUS = (2.0, 3.3, 5.0)
-DEFAULT_DRAFT_STEPS = 4  # denoiser steps per speculative round (twotower.decode.speculative's default)
-DEFAULT_CONTEXT = 0  # cached positions per row; SPEC 5.1's table is reproduced with an empty context
-FORWARD_KINDS = ("ar_step", "denoise", "commit", "verify")
-BOUNDS = ("roofline", "bandwidth")
-STATE_DTYPE_BYTES = {"float32": FP32_BYTES, "bfloat16": BF16_BYTES, "float16": BF16_BYTES}
-
-ASSUMPTIONS = (
-    "roofline: each part of a forward (a layer kind, the head, the rest) takes max(bytes / read bandwidth, "
-    "FLOPs / matmul peak) and the parts add up (bound='bandwidth': bytes only); no launch or host overhead",
-    "bytes = weights touched (MoE: only the D(n) experts chosen) + Mamba states read (and written by the "
-    "context tower) + cached K/V read + new K/V written; activations and logits not counted",
-    "D(n) = E (1 - (1 - k/E)^n) (independent top-k routing) unless measured routings are given",
-    "diffusion block: S/tau denoiser forwards (S tokens, head on all S) + 1 commit (context tower, no head); "
-    "AR token: 1 step (1 token + head)",
-    "speculative round: draft_steps denoiser forwards + 1 verify (context tower + head on S tokens) "
-    "-> min(S, tau * draft_steps) tokens",
-    "towers run one after the other on identical devices; Mamba SSM state in bf16 unless stated",
+from .costmodel_layers import (
+    DEFAULT_CONTEXT,
+    FORWARD_KINDS,
+    LAYER_KIND_NAMES,
+    DistinctExperts,
+    Forward,
+    ForwardCost,
+    adaln_cost,
+    adaln_weights,
+    attention_cost,
+    attention_weights,
+    embedding_cost,
+    expert_weights,
+    forward_cost,
+    head_cost,
+    independent,
+    independent_distinct_experts,
+    layer_cost,
+    mamba_cost,
+    mamba_weights,
+    measured_distinct_experts,
+    mlp_cost,
+    moe_cost,
+    norm_cost,
+    router_parameters,
+    shared_expert_weights,
+    tower_parameters,
+    twotower_parameters,
+    twotower_weight_bytes,
+)
+from .costmodel_machine import (
+    BF16_BYTES,
+    BOUNDS,
+    FP32_BYTES,
+    GPUS,
+    H100,
+    H200,
+    STATE_DTYPE_BYTES,
+    Cost,
+    Machine,
+    Precision,
+    gib,
+)
+from .costmodel_ratios import (
+    ASSUMPTIONS,
+    DEFAULT_BATCHES,
+    DEFAULT_DRAFT_STEPS,
+    DEFAULT_TAUS,
+    PAPER_RATIO,
+    Prediction,
+    predict,
+    prediction_grid,
 )
 
-
-# ---- machines and precisions ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Machine:
-    """A roofline: sustained read bandwidth (bytes/s) and dense matmul peak (FLOP/s)."""
-
-    name: str
-    read_bandwidth: float
-    matmul_peak: float
-
-    def __post_init__(self) -> None:
-        if self.read_bandwidth <= 0 or self.matmul_peak <= 0:
-            raise ValueError(f"machine {self.name!r}: bandwidth and peak must be > 0")
-
-    def seconds(self, cost: Cost, *, bound: str = "roofline") -> float:
-        """Time of `cost`: `roofline` max(bytes / bandwidth, FLOPs / peak) (assumption 1), or
-        `bandwidth` bytes / bandwidth only (SPEC 5.1's "bandwidth-bound" table)."""
-        if bound not in BOUNDS:
-            raise ValueError(f"bound must be one of {BOUNDS}, got {bound!r}")
-        by_bytes = cost.bytes / self.read_bandwidth
-        return by_bytes if bound == "bandwidth" else max(by_bytes, cost.flops / self.matmul_peak)
-
-
-H100 = Machine("H100", read_bandwidth=3.35e12, matmul_peak=990e12)  # SXM HBM3, dense bf16
-H200 = Machine("H200", read_bandwidth=4.8e12, matmul_peak=990e12)  # HBM3e, same compute as H100
-GPUS = (H100, H200)
-
-
-@dataclass(frozen=True)
-class Precision:
-    """Bytes per element of what a forward reads: weights, the router's gate, the Mamba SSM state and
-    the Mamba conv state, the attention K/V. The default is the release's (bf16; its gate is fp32)
-    with the SSM state in bf16 as SPEC 5.1 assumes (this package keeps it in fp32: `ssm_state=4`)."""
-
-    weight: int = BF16_BYTES
-    router: int = FP32_BYTES
-    ssm_state: int = BF16_BYTES
-    conv_state: int = BF16_BYTES
-    kv: int = BF16_BYTES
-
-    @classmethod
-    def of_model(cls, config: NemotronHConfig, weight: int) -> Precision:
-        """A model cast to one dtype of `weight` bytes (`model.to(dtype)`): weights, router, K/V and
-        conv state in it; the SSM state in `config.mamba_ssm_cache_dtype`."""
-        ssm = STATE_DTYPE_BYTES[config.mamba_ssm_cache_dtype]
-        return cls(weight=weight, router=weight, ssm_state=ssm, conv_state=weight, kv=weight)
-
-
-# ---- costs ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Cost:
-    """Bytes moved and FLOPs of some work; costs add and scale."""
-
-    bytes: float = 0.0
-    flops: float = 0.0
-
-    def __add__(self, other: Cost) -> Cost:
-        return Cost(self.bytes + other.bytes, self.flops + other.flops)
-
-    def __mul__(self, factor: float) -> Cost:
-        return Cost(self.bytes * factor, self.flops * factor)
-
-    __rmul__ = __mul__
-
-
-@dataclass(frozen=True)
-class Forward:
-    """One forward of one tower: `batch` rows of `tokens` new tokens over `context` cached positions.
-
-    kind: `ar_step` (context tower, head at the last position), `denoise` (denoiser tower, adaLN,
-    head on every position, states only read), `commit` (context tower, no head), `verify` (context
-    tower, head on every position)."""
-
-    kind: str
-    batch: int
-    tokens: int
-    context: int = DEFAULT_CONTEXT
-
-    def __post_init__(self) -> None:
-        if self.kind not in FORWARD_KINDS:
-            raise ValueError(f"forward kind must be one of {FORWARD_KINDS}, got {self.kind!r}")
-        if self.batch < 1 or self.tokens < 1 or self.context < 0:
-            raise ValueError(f"forward needs batch >= 1, tokens >= 1, context >= 0; got {self}")
-
-    @property
-    def n_tokens(self) -> int:
-        return self.batch * self.tokens
-
-    @property
-    def writes_state(self) -> bool:
-        return self.kind != "denoise"  # the denoiser only reads its seed; its final states are dropped
-
-    @property
-    def head_positions(self) -> int:
-        return {"ar_step": self.batch, "denoise": self.n_tokens, "commit": 0, "verify": self.n_tokens}[self.kind]
-
-
-DistinctExperts = Callable[[int], float]  # tokens routed through one MoE layer -> distinct experts read
-
-
-def independent_distinct_experts(n_tokens: float, *, n_experts: int, top_k: int) -> float:
-    """D(n) = E (1 - (1 - k/E)^n): experts touched by n tokens each choosing k of E independently."""
-    if n_tokens <= 0:
-        return 0.0
-    return n_experts * (1.0 - (1.0 - top_k / n_experts) ** n_tokens)
-
-
-def independent(config: NemotronHConfig) -> DistinctExperts:
-    """The independence formula for `config`'s experts."""
-    return lambda n: independent_distinct_experts(
-        n, n_experts=config.n_routed_experts, top_k=config.num_experts_per_tok
-    )
-
-
-def measured_distinct_experts(config: NemotronHConfig, measured: Mapping[int, float]) -> DistinctExperts:
-    """D(n) from measured routings: {tokens: mean distinct experts per layer}. Between measured token
-    counts the measured/independent ratio is interpolated linearly; outside them the nearest ratio is
-    kept; the result never exceeds E."""
-    if not measured:
-        raise ValueError("measured routings: need at least one (tokens, distinct experts) pair")
-    base = independent(config)
-    points = sorted((int(n), float(d) / base(int(n))) for n, d in measured.items())
-    if any(n < 1 for n, _ in points):
-        raise ValueError("measured routings: token counts must be >= 1")
-
-    def distinct(n: int) -> float:
-        if n <= 0:
-            return 0.0
-        return min(float(config.n_routed_experts), base(n) * _interpolate(points, n))
-
-    return distinct
-
-
-def _interpolate(points: Sequence[tuple[int, float]], x: float) -> float:
-    if x <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return points[-1][1]
-
-
-# ---- one layer of each kind -----------------------------------------------------------------------------
-def mamba_weights(config: NemotronHConfig) -> int:
-    """Parameters of one Mamba-2 mixer: in_proj, conv1d (+bias), dt_bias, A_log, D, gated norm, out_proj."""
-    H, d_inner, conv_dim, heads = (
-        config.hidden_size,
-        config.mamba_d_inner,
-        config.mamba_conv_dim,
-        config.mamba_num_heads,
-    )
-    in_proj = H * (d_inner + conv_dim + heads) + (d_inner + conv_dim + heads) * config.use_bias
-    conv = conv_dim * config.conv_kernel + conv_dim * config.use_conv_bias
-    out_proj = d_inner * H + H * config.use_bias
-    return in_proj + conv + 3 * heads + d_inner + out_proj
-
-
-def mamba_cost(config: NemotronHConfig, fwd: Forward, precision: Precision) -> Cost:
-    """One Mamba-2 mixer: its weights once, each row's conv and SSM state read (and written back
-    unless denoising); FLOPs of the projections, the conv and the recurrent scan (per token and
-    head: decay and B x outer product 3 p n, readout C . state 2 p n)."""
-    H, d_inner, conv_dim = config.hidden_size, config.mamba_d_inner, config.mamba_conv_dim
-    heads, p, n_state = config.mamba_num_heads, config.mamba_head_dim, config.ssm_state_size
-    state = heads * p * n_state * precision.ssm_state + conv_dim * (config.conv_kernel - 1) * precision.conv_state
-    moves = (1 + fwd.writes_state) * fwd.batch * state
-    proj = H * (d_inner + conv_dim + heads) + d_inner * H
-    per_token = 2 * proj + 2 * conv_dim * config.conv_kernel + 5 * heads * p * n_state
-    return Cost(mamba_weights(config) * precision.weight + moves, fwd.n_tokens * per_token)
-
-
-def attention_weights(config: NemotronHConfig) -> int:
-    """Parameters of one attention mixer: q, k, v, o projections (+ biases)."""
-    H, q, kv = (
-        config.hidden_size,
-        config.num_attention_heads * config.head_dim,
-        config.num_key_value_heads * config.head_dim,
-    )
-    return H * (q + 2 * kv) + q * H + (q + 2 * kv + H) * config.attention_bias
-
-
-def attention_cost(config: NemotronHConfig, fwd: Forward, precision: Precision) -> Cost:
-    """One attention mixer: its weights, the cached K/V of `context` positions per row read, the new
-    K/V written by the context tower; FLOPs of the projections and of q.k and p.v over every key a
-    query may see (all cached positions plus the whole block: an upper bound for causal forwards)."""
-    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
-    kv_row = 2 * kv * precision.kv  # K and V of one position
-    moves = fwd.batch * fwd.context * kv_row + fwd.writes_state * fwd.n_tokens * kv_row
-    keys = fwd.context + fwd.tokens
-    flops = fwd.n_tokens * (2 * attention_weights(config) + 4 * q * keys)
-    return Cost(attention_weights(config) * precision.weight + moves, flops)
-
-
-def expert_weights(config: NemotronHConfig) -> int:
-    """Parameters of one routed expert (up and down projections, not gated)."""
-    return 2 * config.moe_intermediate_size * config.hidden_size
-
-
-def shared_expert_weights(config: NemotronHConfig) -> int:
-    return 2 * config.moe_shared_expert_intermediate_size * config.hidden_size
-
-
-def moe_cost(config: NemotronHConfig, fwd: Forward, precision: Precision, distinct: DistinctExperts) -> Cost:
-    """One MoE layer: the router (gate weights and correction bias), the D(n) distinct experts its n
-    tokens chose, the shared expert; FLOPs of the router, k experts per token and the shared expert."""
-    E, H = config.n_routed_experts, config.hidden_size
-    router = E * H * precision.router + E * FP32_BYTES
-    experts = distinct(fwd.n_tokens) * expert_weights(config) * precision.weight
-    shared = shared_expert_weights(config) * precision.weight
-    per_token = 2 * (E * H + config.num_experts_per_tok * expert_weights(config) + shared_expert_weights(config))
-    return Cost(router + experts + shared, fwd.n_tokens * per_token)
-
-
-def mlp_cost(config: NemotronHConfig, fwd: Forward, precision: Precision) -> Cost:
-    """One dense relu^2 MLP (`-` layers)."""
-    weights = 2 * config.intermediate_size * config.hidden_size
-    return Cost(weights * precision.weight, fwd.n_tokens * 2 * weights)
-
-
-def norm_cost(config: NemotronHConfig, precision: Precision) -> Cost:
-    """A layer's pre-norm weight (its FLOPs are negligible)."""
-    return Cost(config.hidden_size * precision.weight, 0.0)
-
-
-def embedding_cost(config: NemotronHConfig, fwd: Forward, precision: Precision) -> Cost:
-    """The embedding rows of the forward's tokens."""
-    return Cost(fwd.n_tokens * config.hidden_size * precision.weight, 0.0)
-
-
-def head_cost(config: NemotronHConfig, fwd: Forward, precision: Precision) -> Cost:
-    """`norm_f` and the LM head over `fwd.head_positions` positions (nothing when there are none)."""
-    positions = fwd.head_positions
-    if positions == 0:
-        return Cost()
-    weights = config.vocab_size * config.hidden_size + config.hidden_size
-    return Cost(weights * precision.weight, positions * 2 * config.vocab_size * config.hidden_size)
-
-
-def adaln_weights(config: NemotronHConfig) -> int:
-    """t_embedder (Linear 256->H, Linear H->H) and t_block (Linear H->3H), with biases; the per-layer
-    tables are counted in `adaln_cost`."""
-    H = config.hidden_size
-    return FREQ_DIM * H + H + H * H + H + 3 * H * H + 3 * H
-
-
-def adaln_cost(config: NemotronHConfig, fwd: Forward, precision: Precision) -> Cost:
-    """The denoiser's time conditioning: one t per row, plus every layer's (3, H) table."""
-    tables = config.num_hidden_layers * 3 * config.hidden_size
-    return Cost((adaln_weights(config) + tables) * precision.weight, fwd.batch * 2 * adaln_weights(config))
-
-
-LAYER_KIND_NAMES = {"linear_attention": "mamba", "full_attention": "attention", "moe": "moe", "mlp": "mlp"}
-
-
-def layer_cost(
-    config: NemotronHConfig, kind: str, fwd: Forward, precision: Precision, distinct: DistinctExperts
-) -> Cost:
-    """One layer of `kind` (a `layers_block_type` name): its pre-norm and its mixer."""
-    if kind == "linear_attention":
-        mixer = mamba_cost(config, fwd, precision)
-    elif kind == "full_attention":
-        mixer = attention_cost(config, fwd, precision)
-    elif kind == "moe":
-        mixer = moe_cost(config, fwd, precision, distinct)
-    elif kind == "mlp":
-        mixer = mlp_cost(config, fwd, precision)
-    else:
-        raise ValueError(f"unknown layer kind {kind!r}")
-    return norm_cost(config, precision) + mixer
-
-
-# ---- one forward of a tower -----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ForwardCost:
-    """A forward's cost by part: `mamba`, `attention`, `moe`, `mlp` (all layers of the kind, norms
-    included), `head`, `other` (embeddings, final norm's neighbours, adaLN)."""
-
-    forward: Forward
-    parts: dict[str, Cost] = field(default_factory=dict)
-
-    @property
-    def total(self) -> Cost:
-        out = Cost()
-        for c in self.parts.values():
-            out = out + c
-        return out
-
-    def seconds(self, machine: Machine, *, bound: str = "roofline") -> float:
-        """Time of the forward: the parts run one after the other, each bound by bytes or FLOPs."""
-        return sum(machine.seconds(c, bound=bound) for c in self.parts.values())
-
-
-def forward_cost(
-    config: NemotronHConfig,
-    fwd: Forward,
-    *,
-    precision: Precision | None = None,
-    distinct: DistinctExperts | None = None,
-) -> ForwardCost:
-    """Bytes and FLOPs of one tower forward over every layer of `config`, by part."""
-    precision = precision or Precision()
-    distinct = distinct or independent(config)
-    parts: dict[str, Cost] = {}
-    for kind in config.layers_block_type:
-        name = LAYER_KIND_NAMES[kind]
-        parts[name] = parts.get(name, Cost()) + layer_cost(config, kind, fwd, precision, distinct)
-    parts["head"] = head_cost(config, fwd, precision)
-    other = embedding_cost(config, fwd, precision)
-    if fwd.kind == "denoise":
-        other = other + adaln_cost(config, fwd, precision)
-    parts["other"] = other
-    return ForwardCost(fwd, parts)
-
-
-# ---- parameters (checked against the release's tensor list) ---------------------------------------------
-def tower_parameters(config: NemotronHConfig) -> int:
-    """Parameters of one NemotronH body (embeddings, layers, norm_f), without its head."""
-    total = config.vocab_size * config.hidden_size + config.hidden_size
-    for kind in config.layers_block_type:
-        total += config.hidden_size  # the layer's pre-norm
-        if kind == "linear_attention":
-            total += mamba_weights(config)
-        elif kind == "full_attention":
-            total += attention_weights(config)
-        elif kind == "moe":
-            total += router_parameters(config) + config.n_routed_experts * expert_weights(config)
-            total += shared_expert_weights(config)
-        else:
-            total += 2 * config.intermediate_size * config.hidden_size
-    return total
-
-
-def router_parameters(config: NemotronHConfig) -> int:
-    """The gate of one MoE layer: weights (E, H) and the correction bias (E,), both fp32 in the release."""
-    return config.n_routed_experts * (config.hidden_size + 1)
-
-
-def twotower_weight_bytes(config: NemotronHConfig, precision: Precision | None = None) -> int:
-    """Bytes of a whole TwoTower checkpoint: routers at `precision.router`, all else at `precision.weight`."""
-    precision = precision or Precision()
-    routers = 2 * router_parameters(config) * sum(kind == "moe" for kind in config.layers_block_type)
-    return (twotower_parameters(config) - routers) * precision.weight + routers * precision.router
-
-
-def twotower_parameters(config: NemotronHConfig) -> int:
-    """Parameters of a whole TwoTower checkpoint: two bodies, two heads, adaLN and its tables."""
-    head = config.vocab_size * config.hidden_size
-    tables = config.num_hidden_layers * 3 * config.hidden_size
-    return 2 * tower_parameters(config) + 2 * head + adaln_weights(config) + tables
-
-
-# ---- throughput ratios ----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Prediction:
-    """Predicted seconds per forward and generated tokens per second for one (machine, batch, tau)."""
-
-    machine: str
-    batch: int
-    tau: float
-    block_size: int
-    draft_steps: int
-    context: int
-    ar_step_s: float
-    denoise_s: float
-    commit_s: float
-    verify_s: float
-    distinct_ar: float  # experts per MoE layer read by an AR step
-    distinct_block: float  # ... by a denoiser forward
-
-    @property
-    def ar_tokens_per_s(self) -> float:
-        return self.batch / self.ar_step_s
-
-    @property
-    def diffusion_tokens_per_s(self) -> float:
-        block_s = self.block_size / self.tau * self.denoise_s + self.commit_s
-        return self.batch * self.block_size / block_s
-
-    @property
-    def speculative_tokens_per_s(self) -> float:
-        round_s = self.draft_steps * self.denoise_s + self.verify_s
-        return self.batch * min(self.block_size, self.tau * self.draft_steps) / round_s
-
-    @property
-    def diffusion_ratio(self) -> float:
-        return self.diffusion_tokens_per_s / self.ar_tokens_per_s
-
-    @property
-    def speculative_ratio(self) -> float:
-        return self.speculative_tokens_per_s / self.ar_tokens_per_s
-
-    def to_dict(self) -> dict[str, float | int | str]:
-        out = dict(self.__dict__)
-        for name in ("ar_tokens_per_s", "diffusion_tokens_per_s", "speculative_tokens_per_s"):
-            out[name] = getattr(self, name)
-        out["diffusion_ratio"] = self.diffusion_ratio
-        out["speculative_ratio"] = self.speculative_ratio
-        return out
-
-
-def predict(
-    config: NemotronHConfig,
-    *,
-    machine: Machine,
-    batch: int,
-    tau: float,
-    block_size: int = 16,
-    draft_steps: int = DEFAULT_DRAFT_STEPS,
-    context: int = DEFAULT_CONTEXT,
-    precision: Precision | None = None,
-    distinct: DistinctExperts | None = None,
-    bound: str = "roofline",
-) -> Prediction:
-    """The four forwards' times at `batch` rows (see `Machine.seconds` for `bound`), and so the
-    throughput of each mode."""
-    if not 0 < tau <= block_size:
-        raise ValueError(f"tokens per denoiser forward must be in (0, block_size={block_size}], got {tau}")
-    if draft_steps < 1:
-        raise ValueError(f"draft_steps must be >= 1, got {draft_steps}")
-    distinct = distinct or independent(config)
-
-    def seconds(kind: str, tokens: int) -> float:
-        fwd = Forward(kind, batch, tokens, context)
-        return forward_cost(config, fwd, precision=precision, distinct=distinct).seconds(machine, bound=bound)
-
-    return Prediction(
-        machine=machine.name,
-        batch=batch,
-        tau=tau,
-        block_size=block_size,
-        draft_steps=draft_steps,
-        context=context,
-        ar_step_s=seconds("ar_step", 1),
-        denoise_s=seconds("denoise", block_size),
-        commit_s=seconds("commit", block_size),
-        verify_s=seconds("verify", block_size),
-        distinct_ar=distinct(batch),
-        distinct_block=distinct(batch * block_size),
-    )
-
-
-def prediction_grid(
-    config: NemotronHConfig,
-    *,
-    machines: Sequence[Machine] = GPUS,
-    batches: Sequence[int] = DEFAULT_BATCHES,
-    taus: Sequence[float] = DEFAULT_TAUS,
-    **options,
-) -> list[Prediction]:
-    """`predict` for every machine x batch x tau (options as for `predict`)."""
-    return [predict(config, machine=m, batch=b, tau=tau, **options) for m in machines for b in batches for tau in taus]
-
-
-def gib(nbytes: float) -> float:
-    return nbytes / 2**30
+__all__ = [
+    "ASSUMPTIONS",
+    "BF16_BYTES",
+    "BOUNDS",
+    "DEFAULT_BATCHES",
+    "DEFAULT_CONTEXT",
+    "DEFAULT_DRAFT_STEPS",
+    "DEFAULT_TAUS",
+    "FORWARD_KINDS",
+    "FP32_BYTES",
+    "GPUS",
+    "H100",
+    "H200",
+    "LAYER_KIND_NAMES",
+    "PAPER_RATIO",
+    "STATE_DTYPE_BYTES",
+    "Cost",
+    "DistinctExperts",
+    "Forward",
+    "ForwardCost",
+    "Machine",
+    "Precision",
+    "Prediction",
+    "adaln_cost",
+    "adaln_weights",
+    "attention_cost",
+    "attention_weights",
+    "embedding_cost",
+    "expert_weights",
+    "forward_cost",
+    "gib",
+    "head_cost",
+    "independent",
+    "independent_distinct_experts",
+    "layer_cost",
+    "mamba_cost",
+    "mamba_weights",
+    "measured_distinct_experts",
+    "mlp_cost",
+    "moe_cost",
+    "norm_cost",
+    "predict",
+    "prediction_grid",
+    "router_parameters",
+    "shared_expert_weights",
+    "tower_parameters",
+    "twotower_parameters",
+    "twotower_weight_bytes",
+]
