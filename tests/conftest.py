@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from twotower.config import PATTERN_TO_TYPE, NemotronHConfig
 
 torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and contend with other jobs)
+# `--engine-step auto` (serve, batch) compiles where a compiler is present; the suite's servers and
+# batch jobs run eager unless a test asks for another step (tests/decode/test_engine_step.py covers auto)
+os.environ.setdefault("TWOTOWER_ENGINE_STEP", "eager")
 
 
 def tiny_config(pattern: str = "M*E-", **overrides) -> NemotronHConfig:

@@ -118,6 +118,7 @@ def run_on_cluster(args, plan, output: Path, defaults, model: str | None, predic
             max_prompt_tokens=args.max_prompt_tokens,
             seed=args.seed,
             stop_at_eos=not args.no_eos,
+            engine_step=args.engine_step,
         )
         return run_job(
             plan,

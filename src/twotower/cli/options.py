@@ -56,11 +56,12 @@ def add_engine_step_option(g) -> None:
 
     g.add_argument(
         "--engine-step",
-        choices=DECODE_STEPS,
-        default="eager",
-        help="the engine's AR and diffusion steps: eager, static (slot buffers of fixed shape) or compiled "
-        "(torch.compile: about 1.2-1.3x the eager engine on the bundled model at batch 8, after a first "
-        "compile of tens of seconds; speculative rows stay eager) (default: eager)",
+        choices=("auto", *DECODE_STEPS),
+        default="auto",
+        help="the engine's steps (AR, diffusion, speculative): eager, static (slot buffers of fixed shape) or "
+        "compiled (torch.compile: about 1.2-1.3x the eager engine on the bundled model at batch 8, after a "
+        "first compile of tens of seconds per shape); auto: $TWOTOWER_ENGINE_STEP if set, else compiled where a "
+        "compiler is present (a C++ compiler on the CPU, Triton on CUDA) and eager elsewhere (default: auto)",
     )
 
 

@@ -4,7 +4,7 @@
 Not thread-safe: one loop owns it (the server's engine thread, the batch job's main loop) and calls
 `submit`, `cancel` and `step` between steps.
 
-`decode_step` ("eager", "static" or "compiled") is used by the engines of the modes that implement
+`decode_step` ("eager", "static", "compiled", or "auto": `static.resolve_engine_step`) is used by the engines of the modes that implement
 the fixed-shape steps in the engine (AR, diffusion, speculative). `mirror` and `slots` (False: the
 packed-cache reference twin): see `DecodeEngine`.
 """
@@ -18,7 +18,7 @@ import torch
 
 from .engine import FINISH_CANCELLED, DecodeEngine, EngineStats, Event, Request
 from .spec import MODES as MODE_REGISTRY
-from .spec import check_decode_step
+from .static import resolve_engine_step
 
 
 class Scheduler:
@@ -33,9 +33,8 @@ class Scheduler:
     ) -> None:
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
-        check_decode_step(decode_step)
         self.model = model
-        self.decode_step = decode_step
+        self.decode_step = resolve_engine_step(decode_step, model.context_device)
         self.mirror = mirror
         self.slots = slots
         self.max_batch_size = max_batch_size

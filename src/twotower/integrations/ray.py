@@ -61,7 +61,9 @@ class TwoTowerPredictor:
     command (`twotower.loading.load_for_inference`). `defaults`: generation options for fields a row
     does not give (an `Options`, or a mapping with the request field names, e.g. {"mode": "ar"}).
     `max_batch_size`: rows decoded together by the engine; `max_prompt_tokens`: longer prompts are
-    rejected; `seed`: the base of the derived per-row seeds; `stop_at_eos=False` ignores EOS."""
+    rejected; `seed`: the base of the derived per-row seeds; `stop_at_eos=False` ignores EOS;
+    `engine_step`: the engine's steps (`twotower.decode.static.resolve_engine_step`; compiled graphs
+    are built once per actor)."""
 
     def __init__(
         self,
@@ -76,7 +78,9 @@ class TwoTowerPredictor:
         max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
         seed: int = 0,
         stop_at_eos: bool = True,
+        engine_step: str = "auto",
     ) -> None:
+        from ..decode.static import resolve_engine_step
         from ..loading import load_for_inference
 
         if not isinstance(max_batch_size, int) or max_batch_size < 1:
@@ -89,6 +93,7 @@ class TwoTowerPredictor:
             model, device=device, denoiser_device=denoiser_device, dtype=dtype, quantize=quantize
         )
         self.eos_ids = tuple(self.loaded.model.config.eos_token_ids) if stop_at_eos else ()
+        self.engine_step = resolve_engine_step(engine_step, self.loaded.model.context_device)
 
     def __call__(self, batch) -> pa.Table:
         columns = batch_columns(batch)
@@ -140,6 +145,7 @@ class TwoTowerPredictor:
                 eos_ids=self.eos_ids,
                 on_step=on_step,
                 on_event=on_event,
+                decode_step=self.engine_step,
             )
         return records, nfe
 

@@ -50,7 +50,7 @@ class ServerConfig:
     api_key: str | None = None
     max_batch_size: int = 32
     max_queue: int = 64
-    engine_step: str = "eager"  # the engine's steps: eager, static or compiled (decode.spec.DECODE_STEPS)
+    engine_step: str = "auto"  # the engine's steps: auto, eager, static or compiled (decode.static.resolve_engine_step)
     limits: Limits = field(default_factory=Limits)
     defaults: Options = field(default_factory=Options)
     max_body_bytes: int = 1 << 20
