@@ -166,7 +166,7 @@ def denoise_block(
     positions stay masked (its output is exactly what running all steps would give, since committed
     tokens never change). `eos_aware`: see `block_commit` (changes which positions commit).
 
-    `denoise` replaces `model.denoise` (same arguments; e.g. a `FixedShapeDenoiser`). `draw` (rows,)
+    `denoise` replaces `model.denoise` (same arguments; e.g. `static.FixedShapeDenoiser`). `draw` (rows,)
     bool: only these rows draw random numbers when sampling (rows kept idle in a fixed-shape batch
     must not consume the stream the rows of an eager batch would get); needs a plain generator.
     `fused_step`: a whole step in one call with no host read inside (`static.denoiser_block_step`,

@@ -45,7 +45,7 @@ from .spec import (
     DecodeStats,
     DiffusionSettings,
 )
-from .static import FixedShapeDenoiser, StaticDecoder, round_capacity
+from .static import FusedDenoiserStep, StaticDecoder, round_capacity
 from .steps import ar_logits, commit_block
 
 __all__ = [
@@ -74,7 +74,8 @@ class _ContextState:
         self.decoder = None
         self.capacity = round_capacity(width + max_new_tokens + 1)
         self.compile = decode_step == "compiled"
-        self.denoise = FixedShapeDenoiser(model, compile=self.compile) if self.fixed_shape else None
+        # fixed shape: each denoiser step is one fused call (forward, head, commit rule), no host read inside
+        self.fused = FusedDenoiserStep(compile=self.compile) if self.fixed_shape else None
 
     def prefill(self, *, anchor: bool) -> torch.Tensor | None:
         """The prompt into the cache; anchored, the AR logits of the next token (b, V)."""
@@ -216,7 +217,7 @@ def diffusion_loop(model, input_ids, spec: DecodeSpec, *, attention_mask=None, s
         canvas, row_steps, forwards = fill_blocks(
             model, state.denoiser_context(), canvas, masked, [RowGroup(list(range(len(active))), settings, gen)],
             mask_id=mask_id, eos_ids=eos_t.to(den_device) if eos else None, eos_aware=spec.eos_aware_commit,
-            on_step=lambda group, report=on_step: report, denoise=state.denoise, draw=~done if state.fixed_shape else None,
+            on_step=lambda group, report=on_step: report, fused_step=state.fused, draw=~done if state.fixed_shape else None,
         )  # fmt: skip
         nfe += forwards
         canvas_cpu, row_steps = canvas.cpu(), row_steps.cpu()  # the host reads the block once

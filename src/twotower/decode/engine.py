@@ -10,20 +10,22 @@ same number of tokens per step). Per `step()`:
   2. each row's new tokens become an `Event` (cut after EOS); finished rows leave with `select_rows`.
   3. the context tower appends the committed tokens of the remaining rows in ONE forward (with
      anchored rows in the batch, its head at the last position gives their next `pending` token).
-Speculative: one step is `steps.speculative_round` for every row: each row drafts a block after
-its own `pending` token (one `denoise_block` per group of draft settings), ONE context forward
+Speculative: one step is a round for every row (`steps.speculative_round`'s steps): each row drafts
+a block after its own `pending` token (one fill per group of draft settings), ONE context forward
 verifies all drafts, each row keeps its pending token + its accepted drafts (`HybridCache.rollback`
 with per-row counts) and the AR token at its first disagreement becomes its next `pending`.
 The steps are the ones `generate_*` call (`steps.py`, `block.py`); here each row has its own stream.
 `add()` prefills new prompts together (left-padded); AR, speculative and anchored diffusion rows
-take their first token's logits from that prefill. AR and diffusion rows then live in a `SlotCache`
-(`slots.py`): each claims a free slot of buffers allocated once per engine, so joining and leaving
-copy nothing of the other rows; free slots take part in every forward (fixed shapes), idle. With
-the towers on two devices a `DenoiserMirror` (`mirror.py`) moves only the new entries per block.
-`decode_step` "static" / "compiled" runs the context steps as `static.decode_step` over the slot
-buffers and the denoiser body as `static.FixedShapeDenoiser` (compiled once per shape). Speculative
-rows (their rollback needs the eager forward) and `slots=False` (the plain reference twin) keep the
-packed cache: rows merged in on joining (`HybridCache.merge`, right-aligned), selected on leaving.
+take their first token's logits from that prefill. Rows then live in a `SlotCache` (`slots.py`):
+each claims a free slot of buffers allocated once per engine, so joining and leaving copy nothing
+of the other rows; free slots take part in every forward (fixed shapes), idle. With the towers on
+two devices a `DenoiserMirror` (`mirror.py`) moves only the new entries per block.
+`decode_step` "static" / "compiled" (compiled once per shape) runs the context steps as
+`static.decode_step` and the speculative verify as `static.verify_step` over the slot buffers, and
+every denoiser step as `static.FusedDenoiserStep` (forward, head and commit rule in one call, no host
+read inside; the loop reads which rows are live once per step). `slots=False` is the plain
+reference twin: a packed cache, rows merged in on joining (`HybridCache.merge`, right-aligned) and
+selected on leaving, eager steps.
 A row decoded here, greedy or seeded, produces exactly what `generate_mask_diffusion` /
 `generate_ar` / `generate_speculative` produce for its prompt alone.
 A diffusion request with `on_step` is told its block's canvas after every denoiser step (`StepTrace`).
@@ -59,7 +61,7 @@ from .sampling import RowGenerators, make_generator
 from .slots import SlotCache
 from .spec import MODES as MODE_REGISTRY
 from .spec import check_decode_step, check_seed
-from .static import Compiled, FixedShapeDenoiser, FusedDenoiserStep, verify_step
+from .static import Compiled, FusedDenoiserStep, verify_step
 from .static import decode_step as fixed_shape_step
 from .steps import accept_drafts, ar_logits, speculative_round, verify_drafts
 
@@ -114,9 +116,7 @@ class DecodeEngine:
         self.mirror = DenoiserMirror(model.denoiser_device) if self.use_slots and (mirror or (
             mirror is None and two_devices)) else None  # fmt: skip
         fixed, compile = decode_step != "eager", decode_step == "compiled"
-        # diffusion blocks: one fused step (forward, head, commit rule) per denoiser step; speculative
-        # drafts: the fixed-shape body with the head on the masked positions
-        self._denoise = FixedShapeDenoiser(model, compile=compile) if fixed else None
+        # fixed shape: one fused call per denoiser step (forward, head, commit rule), no host read inside
         self._fused = FusedDenoiserStep(compile=compile) if fixed else None
         self._verify = Compiled(verify_step, compile=compile, what="the speculative verify") if fixed else None
         self._context_step = (
@@ -268,7 +268,6 @@ class DecodeEngine:
         eos: torch.Tensor | None = None,
         eos_aware: bool = False,
         report: bool = True,
-        fused: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fill the blocks (len(idx), size) of rows `idx` over every row of the state at once (the
         others idle: nothing masked, no random draws, so no context is copied out). Returns their
@@ -285,8 +284,7 @@ class DecodeEngine:
             streams[place[i]], skip[place[i]] = self.rows[i].generator, False
         full, steps, forwards = fill_blocks(
             model, context, full, full_masked, [RowGroup(list(range(width)), settings, RowGenerators(streams, skip))],
-            mask_id=model.mask_token_id, eos_ids=eos, eos_aware=eos_aware, denoise=self._denoise,
-            fused_step=self._fused if fused else None,
+            mask_id=model.mask_token_id, eos_ids=eos, eos_aware=eos_aware, fused_step=self._fused,
             on_step=(lambda group: self._step_reporter(idx, place)) if report else None,
         )  # fmt: skip
         self.stats.denoiser_forwards += forwards
@@ -418,7 +416,7 @@ class DecodeEngine:
             first = self.pending[index.to(self.pending.device)]
             canvas, masked = anchored_canvas(first, size=size, mask_id=mask_id, device=device)
             drafted[index], row_steps[index] = self._fill_group(
-                context, idx, canvas, masked, self.rows[idx[0]].request.draft_settings, report=False, fused=False
+                context, idx, canvas, masked, self.rows[idx[0]].request.draft_settings, report=False
             )
         where = torch.tensor(place, device=model.context_device)
         full = self.state.spread(drafted.to(model.context_device), where, fill=model.config.pad_token_id)
