@@ -1,0 +1,88 @@
+"""The continuous-batching engine's speculative rounds (`DecodeEngine` inherits them): drafts for
+every row over the slot state, one verify forward (eager, or the fixed-shape `static.verify_step`),
+per-row acceptance and rollback; `slots=False` runs `steps.speculative_round` on the packed cache."""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import RollbackPoint
+from ..layers.mamba2 import MambaHistory
+from .block import RowGroup, anchored_canvas
+from .request import Event
+from .rows import row_groups, sampling_key
+from .steps import accept_drafts, speculative_round, verify_drafts
+
+
+class SpeculativeRounds:
+    """`_step_speculative` and its parts, for `DecodeEngine` (which provides rows, state, streams,
+    `_layout`, `_denoiser_context`, `_fill_group`, `_groups`, `_streams`, `_commit` and `_keep`)."""
+
+    def _step_speculative(self) -> list[Event]:
+        """`steps.speculative_round` for every row: draft groups by draft settings, verify groups by
+        sampling settings, each row with its own stream. Slot state: each draft group fills its
+        rows over all slots at once (`_fill_group`), ONE verify forward covers every slot (free
+        slots verify a pad block and accept nothing)."""
+        if not self.use_slots:
+            r = speculative_round(
+                self.model, self.cache, self.pending, size=self.block_size, mask_id=self.model.mask_token_id,
+                draft_groups=self._groups(lambda row: row.request.draft_settings, lambda row: row.request.draft_settings),
+                verify_groups=self._groups(sampling_key, lambda row: row.request.settings),
+            )  # fmt: skip
+            self.stats.denoiser_forwards += r.forwards
+            accepted, pending, drafted, row_steps = r.accepted, r.pending, r.drafted, r.row_steps
+        else:
+            accepted, pending, drafted, row_steps = self._round_on_slots()
+        self.stats.context_forwards += 1
+        self.pending = pending
+        self.stats.draft_rounds += len(self.rows)
+        self.stats.accepted_drafts += int(accepted.sum())
+        kept = (accepted + 1).tolist()
+        new = [d[:k][: row.remaining] for d, k, row in zip(drafted.tolist(), kept, self.rows, strict=True)]
+        events, keep = self._commit(new, row_steps.tolist())
+        self._keep(keep)
+        return events
+
+    def _round_on_slots(self) -> tuple[torch.Tensor, ...]:
+        """One speculative round over the slot state; per row (in row order): accepted drafts, next
+        pending token, drafted block (position 0 the pending token), denoiser steps."""
+        model, size, mask_id = self.model, self.block_size, self.model.mask_token_id
+        device = model.denoiser_device
+        width, place = self._layout()
+        self.state.ensure(size)  # room for the verify forward, before the denoiser reads the state
+        context = self._denoiser_context()
+        drafted = torch.empty(len(self.rows), size, dtype=torch.long, device=device)
+        row_steps = torch.zeros(len(self.rows), dtype=torch.long, device=device)
+        for idx in row_groups(self.rows, lambda row: row.request.draft_settings).values():
+            index = torch.tensor(idx, device=device)
+            first = self.pending[index.to(self.pending.device)]
+            canvas, masked = anchored_canvas(first, size=size, mask_id=mask_id, device=device)
+            drafted[index], row_steps[index] = self._fill_group(
+                context, idx, canvas, masked, self.rows[idx[0]].request.draft_settings, report=False
+            )
+        where = torch.tensor(place, device=model.context_device)
+        full = self.state.spread(drafted.to(model.context_device), where, fill=model.config.pad_token_id)
+        groups = [
+            RowGroup([place[i] for i in idx], self.rows[idx[0]].request.settings, self._streams(idx))
+            for idx in row_groups(self.rows, sampling_key).values()
+        ]
+        if self.fixed_shape:
+            accepted, pending = self._verify_fixed(full, groups)
+        else:
+            accepted, pending = verify_drafts(model, self.state.cache, full, groups)
+        return accepted[where], pending[where], drafted.to(model.context_device), row_steps
+
+    def _verify_fixed(self, drafted: torch.Tensor, groups: list[RowGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`steps.verify_drafts` as the fixed-shape `static.verify_step` (compiled or not) over the slot
+        buffers, then the same acceptance and rollback."""
+        model, cache = self.model, self.state.cache
+        start, size = cache.length, drafted.shape[1]
+        position = torch.tensor([start], device=drafted.device)
+        logits, histories = self._verify(
+            model.context_tower, model.context_lm_head, drafted, position, *self.state.buffers(), cache.valid
+        )
+        cache.length += size
+        cache.pending = RollbackPoint(start, size, {i: MambaHistory(w, s) for i, (w, s) in histories.items()})
+        accepted, pending = accept_drafts(drafted, logits, groups)
+        cache.rollback(accepted + 1)
+        return accepted, pending
