@@ -23,21 +23,19 @@
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
-import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # real_shape.py, next to this file
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the gpu_check_* helpers, next to this file
 
-from real_shape import RoutingRecorder, random_twotower  # noqa: E402
+from gpu_check_modes import BLOCK, Clock, forward_calls, measure_machine  # noqa: E402
+from gpu_check_parity import parity_check  # noqa: E402
 
 from twotower.bench.costmodel import (  # noqa: E402
     BF16_BYTES,
@@ -51,9 +49,8 @@ from twotower.bench.costmodel import (  # noqa: E402
     measured_distinct_experts,
     predict,
 )
+from twotower.bench.random_model import RoutingRecorder, random_twotower  # noqa: E402
 from twotower.config import preset  # noqa: E402
-from twotower.context import DenoiserContext  # noqa: E402
-from twotower.decode.static import StaticDecoder, decode_step  # noqa: E402
 from twotower.model import TwoTowerForCausalLM  # noqa: E402
 from twotower.stream_load import target_dtype  # noqa: E402
 
@@ -63,217 +60,10 @@ CUDA_ONLY = ("cuda-graph", "reduce-overhead")  # CUDA graphs need a CUDA device
 COMPILED = ("reduce-overhead", "compile")
 FORWARDS = ("ar_step", "denoise", "commit")
 TAUS = (2.0, 3.3, 5.0)
-BLOCK = 16
-FIRST_RANDOM_ID = 4  # ids below are special (pad, bos, eos, mask)
 DEFAULT_BUDGET_S = 420  # the whole script; gpu_check.sh kills it at 470 s (the issue allows 8 minutes)
 FIRST_COMPILE_GUESS_S = 150  # time a compiled mode's first batch is assumed to need before one is measured
 EAGER_ROW_GUESS_S = 15
 SLACK_BYTES = 6 << 30  # allocator fragmentation, kernels' workspaces, the probes
-PARITY_TOL = 1e-3  # max |logit difference| / max(1, max |logit|), fp32 with TF32 off
-RECOMPILE_LIMIT = 64  # one graph per (batch, tokens) shape and mode
-
-
-# ---- timing ---------------------------------------------------------------------------------------
-class Clock:
-    """Milliseconds of a call: CUDA events on a GPU (each call synchronised), perf_counter on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def ms(self, fn: Callable[[], object], *, repeats: int, before: Callable[[], None] = lambda: None) -> float:
-        times = []
-        for _ in range(repeats):
-            before()
-            if self.cuda:
-                torch.cuda.synchronize()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(1e3 * (time.perf_counter() - t0))
-        return statistics.median(times)
-
-
-def measure_machine(device: torch.device, *, stream_bytes: int, matmul_size: int, clock: Clock) -> dict:
-    """Read bandwidth (a float32 sum) and bf16 matmul peak on `device`, medians of 10 calls."""
-    buf = torch.ones(stream_bytes // 4, dtype=torch.float32, device=device)
-    a = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
-    buf.sum(), a @ b
-    read_ms = clock.ms(buf.sum, repeats=10)
-    mm_ms = clock.ms(lambda: a @ b, repeats=10)
-    return {"read_bandwidth": stream_bytes / (read_ms / 1e3), "matmul_peak_bf16": 2 * matmul_size**3 / (mm_ms / 1e3)}
-
-
-# ---- the fast modes ---------------------------------------------------------------------------------
-def capture_cuda_graph(fn: Callable[[], torch.Tensor], *, warmup: int = 3) -> Callable[[], torch.Tensor]:
-    """`fn` captured in a CUDA graph (warmed up on a side stream first, as capture requires); the
-    returned callable replays it and returns the graph's output tensor."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-
-    def replay() -> torch.Tensor:
-        graph.replay()
-        return out
-
-    replay.graph = graph  # keep the graph (and its memory pool) alive with the callable
-    return replay
-
-
-def denoise_logits(model, canvas, t, context) -> torch.Tensor:
-    """The whole denoiser forward (body, norm_f, head on every position) as one function to compile."""
-    return model.denoiser_logits(model.denoise_hidden(canvas, t, context))
-
-
-def compile_fn(fn, *, mode: str):
-    """`fn` under torch.compile for `mode` ("compile": inductor's default, or "reduce-overhead")."""
-    limit = getattr(torch._dynamo.config, "recompile_limit", None)
-    if limit is not None and limit < RECOMPILE_LIMIT:
-        torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT
-    kwargs = {"mode": "reduce-overhead"} if mode == "reduce-overhead" else {}
-    return torch.compile(fn, fullgraph=True, dynamic=False, **kwargs)
-
-
-def mark_static(decoder: StaticDecoder) -> None:
-    """Tell Dynamo the decoder's buffers keep their addresses, so CUDA graphs may mutate them."""
-    tensors = [t for kv in decoder.kv.values() for t in kv] + list(decoder.conv.values()) + list(decoder.ssm.values())
-    for t in [*tensors, decoder.valid, decoder.position]:
-        torch._dynamo.mark_static_address(t)
-
-
-def prefilled_cache(model, *, batch: int, context: int, capacity: int, seed: int):
-    """A context cache of `batch` rows, each holding its own `context` random tokens (rows that
-    shared one past would route alike and touch fewer experts than real batches do)."""
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(FIRST_RANDOM_ID, model.config.vocab_size, (batch, context), generator=g)
-    cache = model.empty_cache(batch, capacity=capacity)
-    model.extend_context(prompt.to(model.context_device), cache)
-    return cache
-
-
-def forward_calls(model, mode: str, *, batch: int, context: int, seed: int) -> tuple[dict, Callable[[], None]]:
-    """For one mode and batch: {forward: callable} and a `before` hook that rewinds the state, so
-    every call starts from the same `context` tokens (outside the timed region)."""
-    device = model.context_device
-    g = torch.Generator().manual_seed(seed + batch)
-    ids = torch.randint(FIRST_RANDOM_ID, model.config.vocab_size, (batch, BLOCK), generator=g).to(device)
-    t = torch.full((batch,), 0.5, device=device)
-    capacity = context + BLOCK + 1
-    cache = prefilled_cache(model, batch=batch, context=context, capacity=capacity, seed=seed)
-    if mode == "eager":
-        ctx = DenoiserContext.from_cache(cache)
-
-        def rewind() -> None:
-            cache.length = context
-            cache.valid[:, context:] = False
-
-        calls = {
-            "ar_step": lambda: model.context_forward(ids[:, :1], cache=cache),
-            "denoise": lambda: model.denoise(ids, t, ctx),
-            "commit": lambda: model.extend_context(ids, cache),
-        }
-        return calls, rewind
-    decoder = StaticDecoder(model.context_tower, model.context_lm_head, batch, capacity)
-    decoder.load(cache)  # the cache itself is dropped on return
-    ctx = decoder.denoiser_context()
-    d = decoder
-
-    def step(tokens: torch.Tensor) -> torch.Tensor:
-        return decode_step(d.body, d.head, tokens, d.position, d.kv, d.conv, d.ssm, d.valid)
-
-    if mode == "cuda-graph":
-        calls = {
-            "ar_step": capture_cuda_graph(lambda: step(ids[:, :1])),
-            "denoise": capture_cuda_graph(lambda: denoise_logits(model, ids, t, ctx)),
-            "commit": capture_cuda_graph(lambda: step(ids)),
-        }
-    else:
-        if mode == "reduce-overhead":
-            mark_static(decoder)
-        compiled_step = compile_fn(decode_step, mode=mode)
-        den = compile_fn(denoise_logits, mode=mode)
-        calls = {
-            "ar_step": lambda: compiled_step(d.body, d.head, ids[:, :1], d.position, d.kv, d.conv, d.ssm, d.valid),
-            "denoise": lambda: den(model, ids, t, ctx),
-            "commit": lambda: compiled_step(d.body, d.head, ids, d.position, d.kv, d.conv, d.ssm, d.valid),
-        }
-    # the fixed-shape step writes at `position` and never moves it: every call is the same step
-    return calls, lambda: None
-
-
-# ---- parity ---------------------------------------------------------------------------------------
-def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float().cpu(), b.float().cpu()
-    return float((a - b).abs().max()) / max(1.0, float(b.abs().max()))
-
-
-@torch.inference_mode()
-def parity_check(device: torch.device, *, seed: int) -> dict:
-    """A tiny fp32 TwoTower on `device` against itself on the CPU, and the device's cuda-graph AR step
-    against its eager step. Returns the differences and `passed`."""
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        config = preset("tiny")
-        ref = random_twotower(config, dtype=torch.float32, device="cpu", tie_towers=False, seed=seed)
-        with torch.no_grad():  # non-trivial time conditioning
-            g = torch.Generator().manual_seed(seed)
-            ref.t_block[1].weight.copy_(0.02 * torch.randn(ref.t_block[1].weight.shape, generator=g))
-            for table in ref.scale_shift_tables:
-                table.add_(0.1 * torch.randn(table.shape, generator=g))
-        dev = copy.deepcopy(ref).to(device)
-        g = torch.Generator().manual_seed(seed + 1)
-        prompt = torch.randint(FIRST_RANDOM_ID, config.vocab_size, (2, 12), generator=g)
-        block = torch.randint(FIRST_RANDOM_ID, config.vocab_size, (2, 8), generator=g)
-        t = torch.tensor([0.25, 0.75])
-        out: dict = {}
-        out["forward_logits"] = max_rel_diff(dev.context_forward(prompt.to(device)), ref.context_forward(prompt))
-        den = []
-        for m, dvc in ((ref, torch.device("cpu")), (dev, device)):
-            cache = m.empty_cache(2, capacity=32)
-            m.extend_context(prompt.to(dvc), cache)
-            den.append(m.denoise(block.to(dvc), t.to(dvc), DenoiserContext.from_cache(cache)))
-        out["denoise_logits"] = max_rel_diff(den[1], den[0])
-        ar = [m.generate_ar(prompt.to(dvc), max_new_tokens=8).sequences for m, dvc in ((ref, "cpu"), (dev, device))]
-        out["ar_tokens_equal"] = bool(torch.equal(ar[0].cpu(), ar[1].cpu()))
-        opts = dict(max_new_tokens=16, block_size=8, steps_per_block=8, confidence_threshold=0.5)
-        diff = [m.generate_mask_diffusion(prompt.to(d), **opts).sequences for m, d in ((ref, "cpu"), (dev, device))]
-        out["diffusion_tokens_equal"] = bool(torch.equal(diff[0].cpu(), diff[1].cpu()))
-        if device.type == "cuda":
-            out["cuda_graph_ar_step"] = cuda_graph_step_diff(dev, prompt.to(device))
-        close = [v <= PARITY_TOL for k, v in out.items() if isinstance(v, float)]
-        out["passed"] = all(close) and out["ar_tokens_equal"] and out["diffusion_tokens_equal"]
-        out["tolerance"] = PARITY_TOL
-        return out
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-
-
-def cuda_graph_step_diff(model, prompt: torch.Tensor) -> float:
-    """One AR step replayed from a captured graph against the eager step from the same state."""
-    batch, n = prompt.shape
-    cache = model.empty_cache(batch, capacity=n)
-    model.extend_context(prompt[:, :-1], cache)
-    fresh = cache.clone()
-    decoder = StaticDecoder(model.context_tower, model.context_lm_head, batch, n)
-    decoder.load(cache)
-    d, last = decoder, prompt[:, -1:]
-    replay = capture_cuda_graph(lambda: decode_step(d.body, d.head, last, d.position, d.kv, d.conv, d.ssm, d.valid))
-    decoder.load(fresh)  # the warm-up calls advanced the states; the buffers keep their addresses
-    got = replay().clone()
-    return max_rel_diff(got, model.context_forward(last, cache=fresh)[:, -1])
 
 
 # ---- the full-shape model ---------------------------------------------------------------------------
