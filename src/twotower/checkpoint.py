@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -223,28 +224,76 @@ def auto_devices(config: NemotronHConfig, dtype: torch.dtype, device, denoiser_d
     return placement.context_device, placement.denoiser_device
 
 
-def load_twotower(path: str | Path, *, dtype="auto", device=None, denoiser_device=None, quantize: str = "none"):
-    """Load a TwoTower directory in the released layout (per-expert keys, `embedding.` alias, shards)."""
+@dataclass(frozen=True)
+class TwoTowerPlan:
+    """What a TwoTower loader reads, from config.json and the shard headers alone (no tensor data):
+    the config, the model built on the meta device and checked against the files, where each of its
+    keys comes from, and the keys the files may lack (`optional`: the adaLN parts, when the towers
+    come from an AR checkpoint)."""
+
+    path: Path
+    raw: dict
+    config: NemotronHConfig
+    entries: dict[str, TensorEntry]
+    model: nn.Module
+    sources: dict
+    optional: tuple[str, ...] = ()
+
+    def dtype(self, dtype) -> torch.dtype:
+        return load_dtype(dtype, self.raw, self.entries)
+
+
+def plan_twotower(path: str | Path, *, from_backbone: bool = False) -> TwoTowerPlan:
+    """The sources of a TwoTower directory (released layout), or with `from_backbone` of a TwoTower
+    whose two towers (and heads) both read one AR checkpoint; checked against a meta-device model."""
     from .model import TWOTOWER_ARCH, TwoTowerForCausalLM
 
     path = Path(path)
     raw = read_config_dict(path)
-    archs = raw.get("architectures") or []
-    if archs and TWOTOWER_ARCH not in archs:
-        raise CheckpointError(f"{path}: config.json says architectures={archs}, not {TWOTOWER_ARCH}. {AR_HINT}")
+    if not from_backbone:
+        archs = raw.get("architectures") or []
+        if archs and TWOTOWER_ARCH not in archs:
+            raise CheckpointError(f"{path}: config.json says architectures={archs}, not {TWOTOWER_ARCH}. {AR_HINT}")
     config = _config(path, raw)
     entries = checkpoint_entries(path)
-    if not any(k.startswith("context_tower.") for k in entries) and any(
-        k.startswith(("model.", "backbone.")) for k in entries
-    ):
-        raise CheckpointError(f"{path}: holds an AR backbone (model./backbone. keys), not a TwoTower model. {AR_HINT}")
-    sources = map_sources(entries, _TOWER_PREFIXES)
+    if from_backbone:
+        sources = _both_towers_from(map_sources(entries, _BACKBONE_PREFIXES))
+    else:
+        if not any(k.startswith("context_tower.") for k in entries) and any(
+            k.startswith(("model.", "backbone.")) for k in entries
+        ):
+            raise CheckpointError(
+                f"{path}: holds an AR backbone (model./backbone. keys), not a TwoTower model. {AR_HINT}"
+            )
+        sources = map_sources(entries, _TOWER_PREFIXES)
     model = build_on_meta(lambda: TwoTowerForCausalLM(config))
-    check_sources(model, sources, where=str(path))
-    dtype = load_dtype(dtype, raw, entries)
-    device, denoiser_device = auto_devices(config, dtype, device, denoiser_device, quantize)
+    optional = tuple(k for k in model.state_dict() if k.startswith(_ADALN_PARTS)) if from_backbone else ()
+    check_sources(model, sources, where=str(path), optional=optional)
+    return TwoTowerPlan(path, raw, config, entries, model, sources, optional)
+
+
+def _both_towers_from(body: dict) -> dict:
+    """An AR checkpoint's sources as a TwoTower's: the body feeds both towers, the head both heads."""
+    sources = {}
+    for key, src in body.items():
+        if key.startswith("backbone."):
+            rest = key[len("backbone.") :]
+            sources["context_tower." + rest] = sources["denoiser_tower." + rest] = src
+        elif key == "lm_head.weight":
+            sources["context_lm_head.weight"] = sources["lm_head.weight"] = src
+        else:
+            sources[key] = src
+    return sources
+
+
+def load_twotower(path: str | Path, *, dtype="auto", device=None, denoiser_device=None, quantize: str = "none"):
+    """Load a TwoTower directory in the released layout (per-expert keys, `embedding.` alias, shards)."""
+    plan = plan_twotower(path)
+    model = plan.model
+    dtype = plan.dtype(dtype)
+    device, denoiser_device = auto_devices(plan.config, dtype, device, denoiser_device, quantize)
     where = tower_devices(device, denoiser_device)
-    load_into(model, sources, dtype=dtype, device_of=where, what=path.name, quantize=quantize)
+    load_into(model, plan.sources, dtype=dtype, device_of=where, what=plan.path.name, quantize=quantize)
     model.freeze_context()
     return model
 
@@ -255,29 +304,12 @@ def load_twotower_from_backbone(
     """A TwoTower whose two towers are both read from one AR checkpoint (the denoiser's copy comes
     straight from the file, so only the two towers are ever in memory), adaLN initialised so the
     denoiser equals the backbone (SPEC 3.2), `t_embedder` drawn from `seed`."""
-    from .model import TwoTowerForCausalLM
-
-    path = Path(path)
-    raw = read_config_dict(path)
-    config = _config(path, raw)
-    entries = checkpoint_entries(path)
-    body = map_sources(entries, _BACKBONE_PREFIXES)
-    sources = {}
-    for key, src in body.items():
-        if key.startswith("backbone."):
-            rest = key[len("backbone.") :]
-            sources["context_tower." + rest] = sources["denoiser_tower." + rest] = src
-        elif key == "lm_head.weight":
-            sources["context_lm_head.weight"] = sources["lm_head.weight"] = src
-        else:
-            sources[key] = src
-    model = build_on_meta(lambda: TwoTowerForCausalLM(config))
-    adaln = [k for k in model.state_dict() if k.startswith(_ADALN_PARTS)]
-    check_sources(model, sources, where=str(path), optional=adaln)
-    dtype = load_dtype(dtype, raw, entries)
-    device, denoiser_device = auto_devices(config, dtype, device, denoiser_device, quantize)
+    plan = plan_twotower(path, from_backbone=True)
+    model = plan.model
+    dtype = plan.dtype(dtype)
+    device, denoiser_device = auto_devices(plan.config, dtype, device, denoiser_device, quantize)
     where = tower_devices(device, denoiser_device)
-    load_into(model, sources, dtype=dtype, device_of=where, what=path.name, quantize=quantize)
+    load_into(model, plan.sources, dtype=dtype, device_of=where, what=plan.path.name, quantize=quantize)
     model.init_adaln(seed=seed)
     model.freeze_context()
     return model
