@@ -141,23 +141,13 @@ def cmd_train_backbone(args: argparse.Namespace) -> int:
 
 
 def cmd_train_denoiser(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..model import TwoTowerForCausalLM
     from ..train.recipes import train_denoiser
 
     if bool(args.backbone) == bool(args.twotower):
         raise CLIError("give exactly one of --backbone PATH (AR model) or --twotower PATH (continue a TwoTower)")
     _log_training()
     settings = train_settings(args)
-    # float32 master weights whatever the stored dtype; both towers read straight from the file, the
-    # new adaLN from the run's seed (the same weights on every rank)
-    if args.backbone:
-        model = TwoTowerForCausalLM.from_backbone_pretrained(
-            args.backbone, dtype=torch.float32, device="cpu", seed=args.seed
-        )
-    else:
-        model = TwoTowerForCausalLM.from_pretrained(args.twotower, dtype=torch.float32, device="cpu")
+    model = _denoiser_model(args, settings)
     train_denoiser(
         model,
         args.data,
@@ -169,6 +159,30 @@ def cmd_train_denoiser(args: argparse.Namespace) -> int:
     )
     _copy_tokenizer(args.data, args.tokenizer or args.backbone or args.twotower, args.out)
     return 0
+
+
+def _denoiser_model(args: argparse.Namespace, settings):
+    """The model to train. Under fsdp on several processes each rank builds only its own shards
+    from the files (`train.rank_load`: no rank ever holds the whole model); otherwise every rank
+    loads both towers in float32 (master weights whatever the stored dtype), straight from the
+    file, with the new adaLN from the run's seed (the same weights on every rank)."""
+    import torch
+
+    from ..model import TwoTowerForCausalLM
+    from ..train.parallel import Dist
+
+    dist_info = Dist.from_env(device=args.device)
+    if settings.parallel_settings.resolve(dist_info.world_size) == "fsdp":
+        from ..train.rank_load import load_sharded_twotower
+
+        return load_sharded_twotower(args.backbone or args.twotower, from_backbone=bool(args.backbone),
+                                     seed=args.seed, settings=settings.parallel_settings,
+                                     device=dist_info.device(args.device))  # fmt: skip
+    if args.backbone:
+        return TwoTowerForCausalLM.from_backbone_pretrained(
+            args.backbone, dtype=torch.float32, device="cpu", seed=args.seed
+        )
+    return TwoTowerForCausalLM.from_pretrained(args.twotower, dtype=torch.float32, device="cpu")
 
 
 def _curriculum_phase(text: str) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from ..model import TwoTowerForCausalLM
 from .data import PackedTokens
 from .flops import ar_train_flops, denoiser_train_flops, peak_flops
 from .objective import ar_loss, count_masked, diffusion_loss, draw_noise
+from .parallel import LossModule, is_sharded
 from .trainer import Dist, StepBatch, Trainer, TrainSettings
 
 logger = logging.getLogger("twotower.train")
@@ -155,7 +156,7 @@ def block_size_schedule(block_size: int, curriculum: Sequence[tuple[int, int]] =
 
 
 def train_denoiser(
-    model: TwoTowerForCausalLM,
+    model: TwoTowerForCausalLM | LossModule,
     data_dir: str | Path,
     out_dir: str | Path,
     settings: TrainSettings,
@@ -171,6 +172,9 @@ def train_denoiser(
     `[(32, 1000)]` trains with 32-token blocks for steps 0..999 and with `block_size` after. The
     block size is a function of the step, so a resumed run sees what an uninterrupted one would.
     `block_size` (the last phase) is what the saved model records as its trained block size.
+
+    `model` is a whole TwoTower (identical on every rank), or the sharded root that
+    `rank_load.load_sharded_twotower` built on this rank's device (fsdp only).
     """
     block_at = block_size_schedule(block_size, curriculum)
     if curriculum and sum(steps for _, steps in curriculum) >= settings.steps:
@@ -186,9 +190,11 @@ def train_denoiser(
     paths = DataPaths.from_dir(data_dir)
     train = PackedTokens(paths.train)
     heldout = heldout_tokens(paths, seq_len=settings.seq_len, announce=dist_info.is_main)
+    root = model if is_sharded(model) else None
+    model = root.model if root is not None else model.to(device)
     model.config.extra["block_size"] = block_size
     model.config.extra.setdefault("mask_token_id", model.mask_token_id)
-    model = model.to(device).train()
+    model.train()
     model.context_tower.eval()  # frozen; eval() is a no-op today but states the intent
     local = settings.global_batch // dist_info.world_size
 
@@ -218,7 +224,7 @@ def train_denoiser(
         return diffusion_loss(m, ids.to(device), noise, block_size=block_size)
 
     trainer = Trainer(
-        model,
+        root if root is not None else model,
         model.denoiser_parameters(),
         prepare=prepare,
         loss_fn=loss_fn,

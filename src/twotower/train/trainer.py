@@ -116,7 +116,8 @@ EvalFn = Callable[[Engine], float]
 
 class Trainer:
     """Trains `trainable` (parameters of `model`, on its device, identical on every rank), exporting
-    `out_dir/model` at the end. Under fsdp `model` is sharded in place (its parameters become DTensors).
+    `out_dir/model` at the end. Under fsdp `model` is sharded in place (its parameters become DTensors),
+    or is already the sharded root each rank built for itself (`parallel.shard_for_training`).
 
     flops_per_token: model FLOPs per trained token (`flops.py`), for MFU; peak: the device peak.
     """
