@@ -1,6 +1,7 @@
 """The cost model's arithmetic, checked independently: bytes and FLOPs written out by hand for a tiny
 config, parameter counts against real modules and the release's tensor list, D(n), SPEC 5.1's table,
-and the CLI's table, JSON and plot."""
+and the CLI's table, JSON and plot; then the calibrated CPU model: its arithmetic on a given machine
+description, the operator trace it charges (against the analytic weights), the microbenchmarks."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ import torch
 
 from tests.conftest import tiny_config
 from twotower.bench import costmodel as cm
+from twotower.bench import costmodel_cpu as ccpu
+from twotower.bench.cpu_probes import Flusher, measure_cpu
+from twotower.bench.optrace import OTHER, PartTracer
+from twotower.bench.random_model import part_modules, random_twotower
 from twotower.config import PATTERN_TO_TYPE, NemotronHConfig, preset
 from twotower.layers.attention import Attention
 from twotower.layers.mamba2 import Mamba2Mixer
@@ -236,3 +241,100 @@ def test_costs_add_and_scale():
         hand_config(), "moe", cm.Forward("ar_step", 1, 1), cm.Precision(), cm.independent(hand_config())
     )
     assert layers.parts["moe"] == 3 * one
+
+
+# ---- the calibrated CPU model --------------------------------------------------------------------
+def machine(**over) -> ccpu.CpuMachine:
+    fields = dict(
+        name="hand",
+        read_bandwidth=20e9,
+        matmul_peak={"bfloat16": 1e12, "float32": 2e11},
+        gemm={"bfloat16": ccpu.RowRates((1, 4, 16), (16e9, 8e9, 4e9)), "float32": ccpu.RowRates((1,), (20e9,))},
+        grouped={"bfloat16": ccpu.RowRates((1, 16), (10e9, 5e9)), "float32": ccpu.RowRates((1,), (20e9,))},
+        elementwise={"bfloat16": 40e9, "float32": 50e9},
+        dispatch_s=2e-6,
+        view_dispatch_s=1e-6,
+        group_s={"bfloat16": 3e-6, "float32": 1e-6},
+        empty_group_s=0.5e-6,
+    )
+    return ccpu.CpuMachine(**{**fields, **over})
+
+
+def test_row_rates_interpolate_log_log_and_hold_the_flop_rate():
+    rates = ccpu.RowRates((1, 4, 16), (16e9, 8e9, 4e9))
+    assert rates.seconds(1, 16e9) == pytest.approx(1.0)
+    assert rates.seconds(4, 8e9) == pytest.approx(1.0)
+    assert rates.seconds(2, 1e9) == pytest.approx(1e9 / (16e9 * 8e9) ** 0.5)  # halfway in log rows
+    assert rates.seconds(32, 4e9) == pytest.approx(2.0)  # past the last probe: time grows with rows
+    assert rates.seconds(0, 1e9) == 0.0 and rates.seconds(0.5, 16e9) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="rows must increase"):
+        ccpu.RowRates((4, 1), (1.0, 1.0))
+    with pytest.raises(ValueError, match="as many rates"):
+        ccpu.RowRates((1, 2), (1.0,))
+
+
+def test_part_seconds_by_hand():
+    m = machine()
+    work = ccpu.PartWork(
+        gemms=[ccpu.Gemm("bfloat16", 4, 8e6, 1e6), ccpu.Gemm("float64", 1, 2e6, 0.0)],
+        grouped=[ccpu.Gemm("bfloat16", 16, 5e6, 1e9)],
+        streams=[ccpu.Stream("bfloat16", 4e6), ccpu.Stream("float32", 1e3, 1e6)],
+        ops=10,
+        views=4,
+        empty_groups=6,
+    )
+    s = ccpu.part_seconds(m, work)
+    assert s.gemm == pytest.approx(8e6 / 8e9 + 2e6 / 20e9)  # float64 charged at the float32 rate
+    assert s.grouped == pytest.approx(max(5e6 / 5e9, 1e9 / 1e12))
+    assert s.stream == pytest.approx(4e6 / 40e9 + 1e6 / 2e11)  # the second is FLOP-bound
+    assert s.dispatch == pytest.approx(10 * 2e-6 + 4 * 1e-6 + 3e-6 + 6 * 0.5e-6)
+    assert s.total == pytest.approx(s.gemm + s.grouped + s.stream + s.dispatch)
+    assert ccpu.forward_seconds(m, {"a": work, "b": work})["total"] == pytest.approx(2 * s.total)
+    assert (work + work).ops == 20 and len((work + work).grouped) == 2
+
+
+def test_roofline_bound_and_machine_round_trip():
+    assert ccpu.roofline_bandwidth_bound(10e9, 1e9, read_bandwidth=20e9, matmul_peak=1e12) == 1.0
+    # 0.5 s of bytes against 2 s of FLOPs: at most a quarter of the bandwidth is reachable
+    assert ccpu.roofline_bandwidth_bound(10e9, 2e12, read_bandwidth=20e9, matmul_peak=1e12) == pytest.approx(0.25)
+    m = machine()
+    assert ccpu.CpuMachine.from_dict(m.to_dict()) == m
+    with pytest.raises(ValueError, match="rates must be > 0"):
+        machine(read_bandwidth=0.0)
+    with pytest.raises(ValueError, match="no rate for 'int8'"):
+        machine(gemm={"bfloat16": ccpu.RowRates((1,), (1.0,))}).rate({"bfloat16": 1.0}, "int8")
+
+
+@torch.inference_mode()
+def test_trace_matches_the_analytic_weights():
+    """The traced GEMMs of one AR step read exactly the weights the analytic model counts."""
+    config = tiny_config("M*E")
+    model = random_twotower(config, dtype=torch.float32, device="cpu", tie_towers=True)
+    cache = model.empty_cache(2, capacity=8)
+    model.extend_context(torch.randint(4, config.vocab_size, (2, 4)), cache)
+    ids = torch.randint(4, config.vocab_size, (2, 1))
+    with PartTracer(model, part_modules(model)) as trace:
+        model.context_forward(ids, cache=cache)
+    parts = trace.parts
+    assert set(parts) == {"mamba", "moe", "head", OTHER}
+    H, f32 = config.hidden_size, 4
+    in_out = cm.mamba_weights(config) - (config.mamba_conv_dim * (config.conv_kernel + 1) + 3 * config.mamba_num_heads)
+    assert parts["mamba"].weight_bytes == (in_out - config.mamba_d_inner) * f32  # in_proj + out_proj
+    assert parts["head"].weight_bytes == config.vocab_size * H * f32
+    assert parts[OTHER].weight_bytes == cm.attention_weights(config) * f32
+    moe = parts["moe"]
+    touched = len(moe.grouped) // 2  # each touched expert: one up and one down group
+    assert config.num_experts_per_tok <= touched <= 2 * config.num_experts_per_tok
+    assert sum(g.rows for g in moe.grouped) == 2 * 2 * config.num_experts_per_tok  # 2 tokens x k, up and down
+    assert moe.empty_groups == 2 * (config.n_routed_experts - touched)
+    routed = touched * cm.expert_weights(config) * f32
+    assert moe.weight_bytes == routed + cm.shared_expert_weights(config) * f32
+    assert all(p.ops > 0 for p in parts.values()) and parts["mamba"].streams
+
+
+def test_microbenchmarks_fill_every_field():
+    cpu = measure_cpu(Flusher(4 << 20), dtypes=("float32",), quick=True, small=True)
+    assert set(cpu.gemm) == set(cpu.grouped) == set(cpu.elementwise) == set(cpu.group_s) == {"float32"}
+    assert cpu.read_bandwidth > 0 and cpu.matmul_peak["float32"] > 0
+    assert min(cpu.gemm["float32"].bytes_per_s) > 0 and cpu.gemm["float32"].rows[0] == 1
+    assert 0 < cpu.dispatch_s < 1e-3 and 0 < cpu.view_dispatch_s < 1e-3 and cpu.empty_group_s > 0

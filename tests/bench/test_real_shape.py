@@ -12,9 +12,27 @@ import pytest
 import torch
 
 from twotower.bench import costmodel as cm
+from twotower.bench import costmodel_cpu as ccpu
 from twotower.config import preset
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def flat_cpu(*, bandwidth: float) -> ccpu.CpuMachine:
+    """A machine whose GEMMs stream at `bandwidth` at every row count; 1 us per op, 2 us per group."""
+    rates = ccpu.RowRates((1, 512), (bandwidth, bandwidth))
+    return ccpu.CpuMachine(
+        "flat",
+        read_bandwidth=bandwidth,
+        matmul_peak={"bfloat16": 1e15, "float32": 1e15},
+        gemm={"bfloat16": rates, "float32": rates},
+        grouped={"bfloat16": rates, "float32": rates},
+        elementwise={"bfloat16": bandwidth, "float32": bandwidth},
+        dispatch_s=1e-6,
+        view_dispatch_s=0.0,
+        group_s={"bfloat16": 2e-6, "float32": 2e-6},
+        empty_group_s=0.0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +66,12 @@ def test_real_shape_config_rejects_unknown_layers(rs):
 def test_time_forward_measures_every_part(rs):
     config = rs["real_shape_config"]("M*E", preset_name="tiny")
     model = rs["random_twotower"](config, dtype=torch.float32, device="cpu", tie_towers=True)
-    probe = rs["Probe"](1 << 20, torch.float32, matmul_size=64)
+    probe = rs["Probe"](rs["Flusher"](1 << 20), torch.float32, matmul_size=64)
     for kind in rs["FORWARDS"]:
         m = rs["time_forward"](model, kind, batch=2, block=4, context=5, repeats=2, probe=probe)
+        # the untimed traced call saw every part; the weights its GEMMs read are the model's
+        assert set(m.work) == ({"mamba", "attention+other", "moe", "head"} - ({"head"} if kind == "commit" else set()))
+        assert m.work["moe"].grouped and m.work["mamba"].gemms and m.work["mamba"].ops > 0
         assert m.total_s > 0 and m.read_bandwidth > 0 and m.matmul_peak > 0
         assert m.seconds["mamba"] > 0 and m.seconds["moe"] > 0
         assert (m.seconds["head"] > 0) == (kind != "commit")
@@ -65,8 +86,13 @@ def test_rows_follow_from_bytes_flops_and_times(rs):
     config = rs["real_shape_config"]("M*E")
     fwd = cm.Forward("denoise", 2, 16, 8)
     seconds = {"mamba": 0.01, "attention+other": 0.02, "moe": 0.05, "head": 0.03}
-    measured = rs["Measured"](seconds, sum(seconds.values()), 60.0, read_bandwidth=20e9, matmul_peak=1e12)
-    rows = rs["rows_for"](config, "bf16", fwd, measured)
+    work = {
+        "mamba": ccpu.PartWork(gemms=[ccpu.Gemm("bfloat16", 32, 1e8, 0.0)], ops=10),
+        "moe": ccpu.PartWork(grouped=[ccpu.Gemm("bfloat16", 8, 1e7, 0.0)] * 60, ops=20),
+    }
+    measured = rs["Measured"](seconds, sum(seconds.values()), 60.0, read_bandwidth=20e9, matmul_peak=1e12, work=work)
+    cpu = flat_cpu(bandwidth=10e9)
+    rows = rs["rows_for"](config, "bf16", fwd, measured, cpu)
     by_part = {r.part: r for r in rows}
     assert set(by_part) == {"mamba", "attention+other", "moe", "head", "total"}
     costs = cm.forward_cost(config, fwd, precision=cm.Precision.of_model(config, 2), distinct=lambda n: 60.0)
@@ -76,10 +102,16 @@ def test_rows_follow_from_bytes_flops_and_times(rs):
     assert moe.gb_per_s == pytest.approx(moe.gbytes / 0.05)
     assert moe.bandwidth_fraction == pytest.approx(moe.gb_per_s / 20.0)
     machine = cm.Machine("m", 20e9, 1e12)
-    assert moe.predicted_ms == pytest.approx(1e3 * machine.seconds(costs.parts["moe"]))
-    parts_ms = sum(by_part[p].predicted_ms for p in ("mamba", "attention+other", "moe", "head"))
-    assert by_part["total"].predicted_ms == pytest.approx(parts_ms)
+    assert moe.roofline_ms == pytest.approx(1e3 * machine.seconds(costs.parts["moe"]))
+    # calibrated: 60 groups of 1e7 weight bytes at 10 GB/s, 20 ops at 1 us, 60 busy groups at 2 us
+    assert moe.predicted_ms == pytest.approx(1e3 * (60 * 1e-3 + 20e-6 + 60 * 2e-6))
+    assert by_part["mamba"].predicted_ms == pytest.approx(1e3 * (1e8 / 10e9 + 10e-6))
+    assert by_part["head"].predicted_ms == 0.0 and by_part["moe"].traced_weight_gb == pytest.approx(0.6)
+    for attr in ("predicted_ms", "roofline_ms"):
+        parts_ms = sum(getattr(by_part[p], attr) for p in ("mamba", "attention+other", "moe", "head"))
+        assert getattr(by_part["total"], attr) == pytest.approx(parts_ms)
     goal = rs["moe_goal"](rows, 16)
+    bound = min(1.0, (moe.gbytes / 20.0) / (moe.gflops / 1e3))  # bytes at 20 GB/s against FLOPs at 1 TFLOP/s
     assert goal == [
         {
             "dtype": "bf16",
@@ -87,6 +119,8 @@ def test_rows_follow_from_bytes_flops_and_times(rs):
             "batch": 2,
             "bandwidth_fraction": moe.bandwidth_fraction,
             "meets_goal": moe.bandwidth_fraction >= 0.5,
+            "roofline_bound": pytest.approx(bound),
+            "at_probed_rates": pytest.approx(moe.gbytes / (moe.predicted_ms / 1e3) / 20.0),
         }
     ]
 
@@ -103,6 +137,7 @@ def test_cli_json(rs, tmp_path, capsys):
         "4",
         "--stream-mib",
         "8",
+        "--small-probes",
         "--json",
         str(out),
     ]
@@ -111,6 +146,10 @@ def test_cli_json(rs, tmp_path, capsys):
     assert "| dtype | forward |" in text and "MoE layers at >= 50%" in text
     record = json.loads(out.read_text())
     assert set(record["read_probes"]) == {"fp32 sum", "fp32 GEMV", "bf16 GEMV"}
+    machine = ccpu.CpuMachine.from_dict(record["cpu_machine"])  # the microbenchmarks' fields round-trip
+    assert set(machine.gemm) == set(machine.grouped) == set(machine.matmul_peak) == {"bfloat16", "float32"}
+    assert machine.dispatch_s > 0 and machine.read_bandwidth > 0 and len(machine.gemm["float32"].rows) >= 2
+    assert "calibrated CPU model within 25%" in text and "roofline bound" in text
     assert min(record["read_probes"].values()) > 0
     rows = record["rows"]
     per_forward = {(r["dtype"], r["forward"], r["batch"]) for r in rows}
@@ -119,6 +158,7 @@ def test_cli_json(rs, tmp_path, capsys):
     }
     for r in rows:
         assert r["ms"] > 0 and r["predicted_ms"] > 0 and r["read_gb_per_s"] > 0 and r["peak_gflop_per_s"] > 0
+        assert r["roofline_ms"] > 0
         assert r["gb_per_s"] == pytest.approx(r["gbytes"] / (r["ms"] / 1e3))
     assert len(record["moe_goal"]) == 12  # 2 dtypes x 3 forwards x 2 batches, all at 1 or S tokens per row
     assert preset("tiny").num_experts_per_tok <= min(r["distinct_experts"] for r in rows if r["part"] == "moe")

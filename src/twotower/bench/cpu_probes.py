@@ -1,0 +1,178 @@
+"""Microbenchmarks of this CPU (issue 19 item 5): the rates `costmodel_cpu.CpuMachine` charges.
+
+Every probe times a generic kernel at generic widths, on its own (never a layer of the model, never
+fitted to the layer timings that the cost model is then checked against):
+
+1. stream read: a float32 GEMV over a buffer larger than the last-level cache (on this CPU it reads
+   faster than `sum`); the same read flushes the caches before every cold probe;
+2. matmul peak per dtype: a square matmul that fits in cache;
+3. weight-streaming `linear` per dtype and row count: r rows through a cold weight of two generic
+   shapes (mean rate of the two);
+4. `grouped_mm` per dtype and rows per group: a cold (G, K, N) weight, r rows in every group;
+5. elementwise per dtype: a multiply of two large tensors into a third (bytes in + out / s);
+6. dispatch: a tiny multiply and a view, each called many times from Python;
+7. grouped-GEMM overhead per group: `grouped_mm` over many groups of a tiny weight, one row in
+   every group (per dtype), and all rows in the last group (the empty groups' cost).
+
+All timings are medians, taken under `torch.inference_mode` (as the timed forwards are).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .costmodel_cpu import CpuMachine, RowRates
+
+STREAM_ROW = 4096  # the stream buffer is a (rows, 4096) float32 matrix read by a matrix-vector product
+MATMUL_SIZE = 2048  # square matmul for the peak: large enough for full-speed kernels, fits in cache
+GEMM_SHAPES = ((2048, 16384), (4096, 8192))  # (in, out) of the probed weights: 64 MiB in bf16
+GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+GROUPED_SHAPE = (16, 2048, 2048)  # groups, in, out: 8 MiB per group in bf16
+GROUPED_ROWS = (1, 2, 4, 8, 16, 32, 64)
+SMALL_GEMM_SHAPES = ((256, 1024),)  # `small=True`: seconds, for tests
+SMALL_GROUPED_SHAPE = (4, 256, 256)
+ELEMENTWISE_BYTES = 16 << 20  # per operand
+DISPATCH_CALLS = 2000
+OVERHEAD_GROUPS = (128, 16, 16)  # groups, in, out: tiny weights, so the time is the per-group overhead
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+class Flusher:
+    """A float32 buffer larger than the last-level cache; `read()` streams it once (evicting what
+    earlier work left in the caches) and returns the achieved read bandwidth in bytes/s."""
+
+    def __init__(self, nbytes: int) -> None:
+        rows = max(nbytes // (4 * STREAM_ROW), 1)
+        self.buf = torch.ones(rows, STREAM_ROW, dtype=torch.float32)
+        self.vec = torch.ones(STREAM_ROW, dtype=torch.float32)
+        self.buf @ self.vec  # first touch, untimed
+
+    def read(self) -> float:
+        t0 = time.perf_counter()
+        self.buf @ self.vec
+        return self.buf.numel() * 4 / (time.perf_counter() - t0)
+
+
+def median_seconds(fn: Callable[[], object], *, repeats: int, before: Callable[[], object] = lambda: None) -> float:
+    """Median wall time of `fn` over `repeats` calls (one untimed call first), `before` each untimed."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        before()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype, *, size: int = MATMUL_SIZE, repeats: int = 5) -> float:
+    """FLOP/s of a square matmul in `dtype` (warm: it fits in cache)."""
+    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
+    return 2 * size**3 / median_seconds(lambda: a @ b, repeats=repeats)
+
+
+def gemm_rates(
+    dtype: torch.dtype,
+    flusher: Flusher,
+    *,
+    shapes: Sequence[tuple[int, int]] = GEMM_SHAPES,
+    rows: Sequence[int] = GEMM_ROWS,
+    repeats: int = 3,
+) -> RowRates:
+    """Weight bytes/s of `linear` with r rows through a cold weight, the mean over `shapes`."""
+    rates = []
+    for r in rows:
+        per_shape = []
+        for k, n in shapes:
+            w, x = torch.randn(n, k).to(dtype), torch.randn(r, k).to(dtype)
+            sec = median_seconds(lambda x=x, w=w: F.linear(x, w), repeats=repeats, before=flusher.read)
+            per_shape.append(w.numel() * w.element_size() / sec)
+        rates.append(statistics.mean(per_shape))
+    return RowRates(tuple(rows), tuple(rates))
+
+
+def grouped_rates(
+    dtype: torch.dtype,
+    flusher: Flusher,
+    *,
+    shape: tuple[int, int, int] = GROUPED_SHAPE,
+    rows: Sequence[int] = GROUPED_ROWS,
+    repeats: int = 3,
+) -> RowRates:
+    """Weight bytes/s of `grouped_mm` with r rows in each of G groups, cold weights."""
+    g, k, n = shape
+    w = torch.randn(g, n, k).to(dtype)
+    rates = []
+    for r in rows:
+        x = torch.randn(g * r, k).to(dtype)
+        ends = torch.arange(1, g + 1, dtype=torch.int32) * r
+        sec = median_seconds(
+            lambda x=x, ends=ends: F.grouped_mm(x, w.transpose(1, 2), offs=ends), repeats=repeats, before=flusher.read
+        )
+        rates.append(w.numel() * w.element_size() / sec)
+    return RowRates(tuple(rows), tuple(rates))
+
+
+def elementwise_rate(dtype: torch.dtype, *, nbytes: int = ELEMENTWISE_BYTES, repeats: int = 5) -> float:
+    """Bytes in + out per second of c = a * b over `nbytes` per operand."""
+    n = nbytes // torch.empty((), dtype=dtype).element_size()
+    a, b, c = torch.ones(n, dtype=dtype), torch.ones(n, dtype=dtype), torch.empty(n, dtype=dtype)
+    return 3 * nbytes / median_seconds(lambda: torch.mul(a, b, out=c), repeats=repeats)
+
+
+def dispatch_seconds(*, calls: int = DISPATCH_CALLS) -> tuple[float, float]:
+    """Seconds per call of a tiny multiply and of a view, each called `calls` times from Python."""
+    a, b = torch.ones(4), torch.ones(4)
+
+    def ops() -> None:
+        for _ in range(calls):
+            torch.mul(a, b)
+
+    def views() -> None:
+        for _ in range(calls):
+            a.view(2, 2)
+
+    return median_seconds(ops, repeats=3) / calls, median_seconds(views, repeats=3) / calls
+
+
+def group_seconds(dtype: torch.dtype, *, shape: tuple[int, int, int] = OVERHEAD_GROUPS, empty: bool) -> float:
+    """Seconds per group of `grouped_mm` over a tiny (G, K, N) weight: one row in every group, or
+    (`empty`) G rows all in the last group."""
+    g, k, n = shape
+    w, x = torch.randn(g, n, k).to(dtype), torch.randn(g, k).to(dtype)
+    ends = torch.full((g,), 0, dtype=torch.int32) if empty else torch.arange(1, g + 1, dtype=torch.int32)
+    ends[-1] = g
+    return median_seconds(lambda: F.grouped_mm(x, w.transpose(1, 2), offs=ends), repeats=5) / g
+
+
+@torch.inference_mode()
+def measure_cpu(
+    flusher: Flusher, *, dtypes: Sequence[str] = tuple(DTYPES), quick: bool = False, small: bool = False
+) -> CpuMachine:
+    """Every probe of the module docstring, for `dtypes` (names in `DTYPES`); `quick`: fewer
+    repeats; `small`: tiny probe shapes (seconds in all, for tests; not a description of the CPU)."""
+    repeats = 2 if quick else 3
+    shapes = SMALL_GEMM_SHAPES if small else GEMM_SHAPES
+    grouped = SMALL_GROUPED_SHAPE if small else GROUPED_SHAPE
+    bandwidth = statistics.median(flusher.read() for _ in range(3 if quick else 7))
+    ops, views = dispatch_seconds()
+    torch_dtypes = {d: DTYPES[d] for d in dtypes}
+    return CpuMachine(
+        name="this CPU (measured)",
+        read_bandwidth=bandwidth,
+        matmul_peak={d: matmul_peak(t) for d, t in torch_dtypes.items()},
+        gemm={d: gemm_rates(t, flusher, shapes=shapes, repeats=repeats) for d, t in torch_dtypes.items()},
+        grouped={d: grouped_rates(t, flusher, shape=grouped, repeats=repeats) for d, t in torch_dtypes.items()},
+        elementwise={
+            d: elementwise_rate(t, nbytes=(1 << 20) if small else ELEMENTWISE_BYTES) for d, t in torch_dtypes.items()
+        },
+        dispatch_s=ops,
+        view_dispatch_s=views,
+        group_s={d: group_seconds(t, empty=False) for d, t in torch_dtypes.items()},
+        empty_group_s=group_seconds(torch.float32, empty=True),
+    )

@@ -1,0 +1,168 @@
+"""Operator trace of one forward (issue 19 item 5): every aten operator a call runs, with its shapes,
+bytes and FLOPs, grouped by the part of the model it ran in: the work `costmodel_cpu` charges.
+
+Records no time. A `TorchDispatchMode` sees each operator after autograd, on real tensors:
+
+- `linear` / `mm` / `addmm` with a parameter operand: a `Gemm` (rows through that weight);
+- `_grouped_mm`: one `Gemm` per non-empty group, its rows read from the group end offsets, and a
+  count of the empty groups;
+- views (output sharing an input's storage, nothing written): counted, no bytes;
+- any other operator: a `Stream` of its tensor bytes read and written. A parameter read by a
+  non-GEMM operator counts at most its output's size (an embedding lookup reads rows, not the
+  table); an indexed write (`index_copy_`, `copy_`, ...) moves its sources, not the whole target;
+  an in-place arithmetic op reads and writes its target. Matmuls of activations carry FLOPs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .costmodel_cpu import Gemm, PartWork, Stream
+
+aten = torch.ops.aten
+WEIGHT_GEMMS = {aten.linear.default, aten.mm.default, aten.addmm.default}
+ACTIVATION_MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+INDEXED_WRITES = {"copy_", "index_copy_", "index_put_", "_index_put_impl_", "scatter_", "scatter_add_", "index_add_"}
+FILLS = {"fill_", "zero_"}
+OTHER = "other"
+
+
+def _tensors(values: Iterable) -> list[torch.Tensor]:
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (list, tuple)):
+            out += _tensors(v)
+    return out
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+class OpTrace(TorchDispatchMode):
+    """Records every operator into `parts[self.part]`; `part` is set from outside (module hooks,
+    `PartTracer`). `weights`: storage addresses of the model's parameters."""
+
+    def __init__(self, weights: set[int]) -> None:
+        super().__init__()
+        self.weights = weights
+        self.part = OTHER
+        self.parts: dict[str, PartWork] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self._record(func, args, kwargs, out)
+        return out
+
+    def _record(self, func, args, kwargs, out) -> None:
+        work = self.parts.setdefault(self.part, PartWork())
+        if func == aten._grouped_mm.default:
+            self._grouped(work, *args[:3])
+            work.ops += 1
+            return
+        ins, outs = _tensors([*args, *kwargs.values()]), _tensors([out])
+        if func in WEIGHT_GEMMS and self._weight_gemm(work, func, ins):
+            work.ops += 1
+            return
+        in_storages = {_storage(t) for t in ins}
+        mutable = func._schema.is_mutable
+        if not mutable and outs and all(_storage(o) in in_storages for o in outs):
+            work.views += 1
+            return
+        work.ops += 1
+        nbytes = self._bytes(func, ins, outs, mutable)
+        flops = self._matmul_flops(func, ins) if func in ACTIVATION_MATMULS else 0.0
+        dtype = _dtype(outs[0]) if outs else (_dtype(ins[0]) if ins else "float32")
+        if nbytes or flops:
+            work.streams.append(Stream(dtype, nbytes, flops))
+
+    def _weight_gemm(self, work: PartWork, func, ins: list[torch.Tensor]) -> bool:
+        """A GEMM with a parameter operand (x @ W.T): rows and weight from the shapes."""
+        mats = ins[1:3] if func == aten.addmm.default else ins[:2]
+        if len(mats) < 2:
+            return False
+        x, w = mats
+        if _storage(w) not in self.weights or _storage(x) in self.weights:
+            return False
+        k = x.shape[-1]
+        rows = x.numel() // k
+        n = w.shape[0] if func == aten.linear.default else w.shape[-1]
+        work.gemms.append(Gemm(_dtype(w), rows, w.numel() * w.element_size(), 2.0 * rows * k * n))
+        return True
+
+    def _grouped(self, work: PartWork, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None) -> None:
+        """b (G, K, N): one Gemm per group with rows (the group ends are read: this call is untimed)."""
+        groups, k, n = b.shape
+        ends = [a.shape[0]] if offs is None else offs.tolist()
+        per_group = b[0].numel() * b.element_size()
+        start = 0
+        for end in ends[:groups]:
+            rows = end - start
+            start = end
+            if rows > 0:
+                work.grouped.append(Gemm(_dtype(b), rows, per_group, 2.0 * rows * k * n))
+            else:
+                work.empty_groups += 1
+
+    def _bytes(self, func, ins: list[torch.Tensor], outs: list[torch.Tensor], mutable: bool) -> float:
+        name = func._schema.name.split("::")[-1]
+        out_bytes = sum(o.numel() * o.element_size() for o in outs)
+        if mutable:
+            target = ins[0] if ins else None
+            sources = sum(t.numel() * t.element_size() for t in ins[1:])
+            if name in INDEXED_WRITES:
+                return 2.0 * sources
+            size = target.numel() * target.element_size() if target is not None else 0
+            return float(size if name in FILLS else 2 * size + sources)
+        read = 0
+        for t in ins:
+            size = t.numel() * t.element_size()
+            read += min(size, out_bytes) if _storage(t) in self.weights else size
+        return float(read + out_bytes)
+
+    @staticmethod
+    def _matmul_flops(func, ins: list[torch.Tensor]) -> float:
+        a, b = (ins[1], ins[2]) if func in (aten.addmm.default, aten.baddbmm.default) else (ins[0], ins[1])
+        return 2.0 * math.prod(a.shape) * b.shape[-1]
+
+
+class PartTracer:
+    """An `OpTrace` whose part follows the model's modules: forward pre/post hooks on each
+    (module, part) pair set and restore `trace.part`. Use as a context manager around one call."""
+
+    def __init__(self, model: torch.nn.Module, modules: Iterable[tuple[torch.nn.Module, str]]) -> None:
+        self.trace = OpTrace({_storage(p) for p in model.parameters()} | {_storage(b) for b in model.buffers()})
+        self._handles = []
+        self._stack: list[str] = []
+        for module, part in modules:
+            self._handles += [
+                module.register_forward_pre_hook(lambda _m, _a, part=part: self._enter(part)),
+                module.register_forward_hook(lambda _m, _a, _o: self._leave()),
+            ]
+
+    def _enter(self, part: str) -> None:
+        self._stack.append(self.trace.part)
+        self.trace.part = part
+
+    def _leave(self) -> None:
+        self.trace.part = self._stack.pop()
+
+    def __enter__(self) -> OpTrace:
+        self.trace.__enter__()
+        return self.trace
+
+    def __exit__(self, *exc) -> None:
+        self.trace.__exit__(*exc)
+        for h in self._handles:
+            h.remove()
