@@ -164,20 +164,23 @@ def test_torchrun_cli_trains_from_a_backbone_and_continues_a_twotower(runs):
     from tests.train.test_parallel import REPO, free_port
 
     tmp, _ = runs
-    common = ["--data", str(tmp / "data"), "--steps", "2", "--batch-size", "2", "--micro-batch", "1", "--seq-len",
+    common = ["--data", str(tmp / "data"), "--batch-size", "2", "--micro-batch", "1", "--seq-len",
               "32", "--eval-every", "2", "--save-every", "2", "--warmup-steps", "1", "--block-size", "16", "--fsdp"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    for name, source in (
-        ("cli-bb", ["--backbone", str(tmp / "backbone")]),
-        ("cli-tt", ["--twotower", str(tmp / "cli-bb" / "model")]),
-    ):
+
+    def train(name: str, *source: str, steps: int = 2) -> list[dict]:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
                f"--master-port={free_port()}", "-m", "twotower.cli", "train", "denoiser", *source,
-               "--out", str(tmp / name), *common]  # fmt: skip
+               "--out", str(tmp / name), *common, "--steps", str(steps)]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
-        log = [json.loads(line) for line in (tmp / name / "log.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in log] == [0, 1] and all(np.isfinite(r["loss"]) for r in log)
+        return [json.loads(line) for line in (tmp / name / "log.jsonl").read_text().splitlines()]
+
+    first = train("cli-bb", "--backbone", str(tmp / "backbone"))
+    assert [r["step"] for r in first] == [0, 1] and all(np.isfinite(r["loss"]) for r in first)
+    resumed = train("cli-bb", "--backbone", str(tmp / "backbone"), steps=3)  # resumes the sharded run
+    assert [r["step"] for r in resumed] == [0, 1, 2] and resumed[:2] == first
+    assert [r["step"] for r in train("cli-tt", "--twotower", str(tmp / "cli-bb" / "model"))] == [0, 1]
     backbone = NemotronHForCausalLM.from_pretrained(tmp / "backbone")
     model = TwoTowerForCausalLM.from_pretrained(tmp / "cli-tt" / "model")
     for k, v in backbone.backbone.state_dict().items():
