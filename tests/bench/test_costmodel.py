@@ -273,6 +273,19 @@ def test_row_rates_interpolate_log_log_and_hold_the_flop_rate():
         ccpu.RowRates((1, 2), (1.0,))
 
 
+def test_latency_and_rate_through_two_points():
+    latency, rate = ccpu.latency_and_rate((1e6, 1.1e-3), (1e8, 11e-3))  # 1 ms + W / 10 GB/s
+    assert latency == pytest.approx(1e-3) and rate == pytest.approx(1e10)
+    assert ccpu.latency_and_rate((1e6, 5e-3), (1e8, 4e-3)) == (0.0, 1e8 / 4e-3)  # noisy: plain rate
+    rates = ccpu.RowRates((1, 4), (10e9, 5e9), (1e-3, 3e-3))
+    assert rates.seconds(1, 1e9) == pytest.approx(1e-3 + 0.1)
+    assert rates.seconds(2, 1e9) == pytest.approx(2e-3 + 1e9 / (10e9 * 5e9) ** 0.5)
+    assert rates.seconds(8, 1e9) == pytest.approx(2 * (3e-3 + 0.2))
+    assert ccpu.RowRates.from_dict(rates.to_dict()) == rates
+    with pytest.raises(ValueError, match="one latency"):
+        ccpu.RowRates((1, 4), (1.0, 1.0), (0.0,))
+
+
 def test_part_seconds_by_hand():
     m = machine()
     work = ccpu.PartWork(

@@ -9,15 +9,16 @@ that would make the check circular.
 
 Each operator of a part is charged (glossary: W weight bytes, r rows through the weight):
 
-    GEMM against a weight      max(W / gemm_rate(dtype, r), FLOPs / matmul_peak(dtype))
+    GEMM against a weight      max(latency(dtype, r) + W / gemm_rate(dtype, r), FLOPs / matmul_peak(dtype))
     grouped GEMM (experts)     the same per non-empty group, at that group's rows, grouped_rate
     any other operator         max(bytes / elementwise_rate(dtype), FLOPs / matmul_peak(dtype))
 
 plus `dispatch_s` per operator (`view_dispatch_s` per view, which moves no bytes) and, per group of a
 grouped GEMM, `group_s` (non-empty: slicing, bookkeeping, a small GEMM's launch) or
 `empty_group_s` (this CPU's `grouped_mm` visits every group, even an empty one). gemm_rate(r)
-is the weight-streaming rate a plain `linear` with r rows reached on cold weights; between the
-measured row counts it is interpolated on log-log axes, past the largest the FLOP rate is held.
+and latency(r) come from a plain `linear` with r rows on cold weights of two sizes (a line through
+the two times); between the measured row counts they are interpolated, past the largest the FLOP
+rate is held. The grouped rates come from one weight size (latency 0: it is in the per-group rate).
 """
 
 from __future__ import annotations
@@ -31,33 +32,57 @@ DTYPE_FALLBACK = {"float64": "float32", "float16": "bfloat16"}  # rates not prob
 
 @dataclass(frozen=True)
 class RowRates:
-    """Achieved weight-streaming rate (weight bytes / s, cold weights) at each measured row count."""
+    """A GEMM's time at each measured row count r: `latency_s[i] + W / bytes_per_s[i]` for W weight
+    bytes (cold weights). The latency (a fixed cost per call: threads waking, the first pages of a
+    cold weight) defaults to 0: the rate alone."""
 
     rows: tuple[int, ...]
     bytes_per_s: tuple[float, ...]
+    latency_s: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.rows or len(self.rows) != len(self.bytes_per_s):
             raise ValueError("row rates: need as many rates as row counts, at least one")
         if list(self.rows) != sorted(set(self.rows)) or self.rows[0] < 1 or min(self.bytes_per_s) <= 0:
             raise ValueError(f"row rates: rows must increase from >= 1 and rates be > 0, got {self}")
+        if self.latency_s and (len(self.latency_s) != len(self.rows) or min(self.latency_s) < 0):
+            raise ValueError("row rates: one latency >= 0 per row count, or none")
 
     def seconds(self, rows: float, weight_bytes: float) -> float:
-        """Time to run `rows` rows through `weight_bytes` of weights."""
+        """Time to run `rows` rows through `weight_bytes` of weights: between measured row counts the
+        seconds per weight byte are interpolated on log-log axes (the latency linearly in log rows);
+        past the largest the time grows with the rows (the FLOP rate is held)."""
         if rows <= 0 or weight_bytes <= 0:
             return 0.0
         r, b = self.rows, self.bytes_per_s
+        lat = self.latency_s or (0.0,) * len(r)
         if rows >= r[-1]:
-            return weight_bytes / b[-1] * rows / r[-1]  # compute-bound: the FLOP rate is held
+            return (lat[-1] + weight_bytes / b[-1]) * rows / r[-1]
         if rows <= r[0]:
-            return weight_bytes / b[0]
+            return lat[0] + weight_bytes / b[0]
         i = next(i for i in range(1, len(r)) if rows <= r[i])
         w = (math.log(rows) - math.log(r[i - 1])) / (math.log(r[i]) - math.log(r[i - 1]))
-        log_t = (1 - w) * -math.log(b[i - 1]) + w * -math.log(b[i])  # seconds per weight byte, log-log
-        return weight_bytes * math.exp(log_t)
+        per_byte = math.exp((1 - w) * -math.log(b[i - 1]) + w * -math.log(b[i]))
+        return (1 - w) * lat[i - 1] + w * lat[i] + weight_bytes * per_byte
 
     def to_dict(self) -> dict:
-        return {"rows": list(self.rows), "bytes_per_s": list(self.bytes_per_s)}
+        return {"rows": list(self.rows), "bytes_per_s": list(self.bytes_per_s), "latency_s": list(self.latency_s)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> RowRates:
+        return cls(tuple(d["rows"]), tuple(d["bytes_per_s"]), tuple(d.get("latency_s", ())))
+
+
+def latency_and_rate(small: tuple[float, float], large: tuple[float, float]) -> tuple[float, float]:
+    """(latency s, bytes/s) of t = latency + W / rate through two (W bytes, t seconds) points; when
+    noise makes them inconsistent (the larger no slower, or a negative latency), the larger point's
+    plain rate and no latency."""
+    (w0, t0), (w1, t1) = small, large
+    if w1 <= w0 or t1 <= t0:
+        return 0.0, w1 / t1
+    rate = (w1 - w0) / (t1 - t0)
+    latency = t0 - w0 / rate
+    return (latency, rate) if latency >= 0 else (0.0, w1 / t1)
 
 
 @dataclass(frozen=True)
@@ -112,7 +137,7 @@ class CpuMachine:
     @classmethod
     def from_dict(cls, d: Mapping) -> CpuMachine:
         def rows(t):
-            return {k: RowRates(tuple(v["rows"]), tuple(v["bytes_per_s"])) for k, v in t.items()}
+            return {k: RowRates.from_dict(v) for k, v in t.items()}
 
         plain = (
             "name",

@@ -7,9 +7,10 @@ fitted to the layer timings that the cost model is then checked against):
    faster than `sum`); the same read flushes the caches before every cold probe;
 2. matmul peak per dtype: a square matmul that fits in cache;
 3. weight-streaming `linear` per dtype and row count: r rows through a cold weight of two generic
-   shapes (mean rate of the two);
+   sizes, giving a fixed latency and a rate per row count (a line through the two times);
 4. `grouped_mm` per dtype and rows per group: a cold (G, K, N) weight, r rows in every group;
-5. elementwise per dtype: a multiply of two large tensors into a third (bytes in + out / s);
+5. elementwise per dtype: c = a * b of two large tensors, c freshly allocated as the model's
+   operators' outputs are (bytes in + out / s);
 6. dispatch: a tiny multiply and a view, each called many times from Python;
 7. grouped-GEMM overhead per group: `grouped_mm` over many groups of a tiny weight, one row in
    every group (per dtype), and all rows in the last group (the empty groups' cost).
@@ -26,15 +27,15 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from .costmodel_cpu import CpuMachine, RowRates
+from .costmodel_cpu import CpuMachine, RowRates, latency_and_rate
 
 STREAM_ROW = 4096  # the stream buffer is a (rows, 4096) float32 matrix read by a matrix-vector product
 MATMUL_SIZE = 2048  # square matmul for the peak: large enough for full-speed kernels, fits in cache
-GEMM_SHAPES = ((2048, 16384), (4096, 8192))  # (in, out) of the probed weights: 64 MiB in bf16
+GEMM_SHAPES = ((2048, 1024), (2048, 32768))  # (in, out) of the small and large probed weights: 4, 128 MiB bf16
 GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 GROUPED_SHAPE = (16, 2048, 2048)  # groups, in, out: 8 MiB per group in bf16
 GROUPED_ROWS = (1, 2, 4, 8, 16, 32, 64)
-SMALL_GEMM_SHAPES = ((256, 1024),)  # `small=True`: seconds, for tests
+SMALL_GEMM_SHAPES = ((256, 256), (256, 1024))  # `small=True`: seconds, for tests
 SMALL_GROUPED_SHAPE = (4, 256, 256)
 ELEMENTWISE_BYTES = 16 << 20  # per operand
 DISPATCH_CALLS = 2000
@@ -84,16 +85,21 @@ def gemm_rates(
     rows: Sequence[int] = GEMM_ROWS,
     repeats: int = 3,
 ) -> RowRates:
-    """Weight bytes/s of `linear` with r rows through a cold weight, the mean over `shapes`."""
-    rates = []
+    """Latency and weight bytes/s of `linear` with r rows through a cold weight, from the times at
+    the two (in, out) `shapes` (small, large)."""
+    small, large = shapes
+    weights = [torch.randn(n, k).to(dtype) for k, n in (small, large)]
+    latencies, rates = [], []
     for r in rows:
-        per_shape = []
-        for k, n in shapes:
-            w, x = torch.randn(n, k).to(dtype), torch.randn(r, k).to(dtype)
+        points = []
+        for w in weights:
+            x = torch.randn(r, w.shape[1]).to(dtype)
             sec = median_seconds(lambda x=x, w=w: F.linear(x, w), repeats=repeats, before=flusher.read)
-            per_shape.append(w.numel() * w.element_size() / sec)
-        rates.append(statistics.mean(per_shape))
-    return RowRates(tuple(rows), tuple(rates))
+            points.append((w.numel() * w.element_size(), sec))
+        latency, rate = latency_and_rate(*points)
+        latencies.append(latency)
+        rates.append(rate)
+    return RowRates(tuple(rows), tuple(rates), tuple(latencies))
 
 
 def grouped_rates(
@@ -119,10 +125,10 @@ def grouped_rates(
 
 
 def elementwise_rate(dtype: torch.dtype, *, nbytes: int = ELEMENTWISE_BYTES, repeats: int = 5) -> float:
-    """Bytes in + out per second of c = a * b over `nbytes` per operand."""
+    """Bytes in + out per second of c = a * b over `nbytes` per operand, c allocated by each call."""
     n = nbytes // torch.empty((), dtype=dtype).element_size()
-    a, b, c = torch.ones(n, dtype=dtype), torch.ones(n, dtype=dtype), torch.empty(n, dtype=dtype)
-    return 3 * nbytes / median_seconds(lambda: torch.mul(a, b, out=c), repeats=repeats)
+    a, b = torch.ones(n, dtype=dtype), torch.ones(n, dtype=dtype)
+    return 3 * nbytes / median_seconds(lambda: a * b, repeats=repeats)
 
 
 def dispatch_seconds(*, calls: int = DISPATCH_CALLS) -> tuple[float, float]:
