@@ -114,10 +114,13 @@ def runs(tmp_path_factory):
         {"name": "unseeded", "out": str(tmp / "unseeded"), "data": data, "settings": {**steps3, "parallel": "fsdp"},
          "seed_by_rank": True},
         {"name": "units", "call": "tests.train.test_parallel:unit_facts", "settings": {"parallel": "fsdp"}},
+        {"name": "ar_fsdp", "call": "tests.train.test_parallel:ar_job", "out": str(tmp / "ar_fsdp"), "data": data,
+         "settings": {"steps": 2, "parallel": "fsdp"}},
     ]  # fmt: skip
     results = torchrun(jobs, tmp)
     torch.set_num_threads(1)
     results["one"] = run_job({"name": "one", "out": str(tmp / "one"), "data": data, "settings": steps3})
+    results["ar_one"] = ar_job({"out": str(tmp / "ar_one"), "data": data, "settings": {"steps": 2}})
     bf16 = {**steps3, "bf16": True}
     results["one_bf16"] = run_job({"name": "one_bf16", "out": str(tmp / "one_bf16"), "data": data, "settings": bf16})
     return tmp, results
@@ -174,6 +177,22 @@ def test_fsdp_bf16_mixed_precision_trains_with_float32_master_weights(runs):
 def test_ranks_that_built_different_weights_are_refused(runs):
     _, results = runs
     assert "t_embedder" in results["unseeded"]["error"] and "differs between ranks" in results["unseeded"]["error"]
+
+
+def ar_job(job: dict) -> dict:
+    """AR pretraining of a tiny NemotronH (the same layout: one unit per layer, embeddings, head)."""
+    from tests.conftest import tiny_config
+    from twotower.train.recipes import pretrain_backbone
+
+    settings = TrainSettings(**{**BASE, **job["settings"]})
+    log = pretrain_backbone(tiny_config("M*E-", chunk_size=4), job["data"], job["out"], settings, progress=False)
+    return {"losses": [r["loss"] for r in log]}
+
+
+def test_ar_pretraining_under_fsdp_gives_the_single_process_update(runs):
+    _, results = runs
+    np.testing.assert_allclose(results["ar_fsdp"]["losses"], results["ar_one"]["losses"], rtol=1e-6)
+    assert results["ar_fsdp"]["losses"][1] != results["ar_fsdp"]["losses"][0]
 
 
 def unit_facts(job: dict) -> dict:
