@@ -53,7 +53,9 @@ def test_model_args_string_through_the_registry(tiny_checkpoint):
         ({"max_gen_toks": 0}, "max_gen_toks must be a positive integer"),
         ({"max_length": 1}, "max_length must be an integer >= 2"),
         ({"mode": "ar", "anchor": True}, "anchor applies to mode diffusion only"),
-        ({"anchor": "yes"}, "anchor must be True or False"),
+        ({"anchor": "yes"}, "anchor must be true or false"),
+        ({"mode": "speculative", "block_size": 1}, "block_size must be at least 2 for speculative"),
+        ({"mode": "speculative", "draft_steps": 0}, "draft_steps must be a positive integer"),
     ],
 )
 def test_bad_model_args_raise_clear_errors(tiny_loaded, options, message):
@@ -132,6 +134,19 @@ def test_generate_until_matches_our_decoding_cut_at_stop_strings(tiny_loaded, mo
         assert speed["tokens_per_forward"] > 1.0  # several tokens committed per denoiser step
     else:
         assert speed["tokens_per_forward"] == 1.0
+
+
+def test_speculative_generation_through_the_adapter_is_the_ar_models(tiny_loaded):
+    """`mode=speculative` (offered by `twotower eval --mode`) runs self-speculative decoding: greedy,
+    exactly the AR model's text, with the drafts' denoiser forwards counted."""
+    lm = TwoTowerLM.from_loaded(tiny_loaded, mode="speculative", block_size=4, draft_steps=2, batch_size=2)
+    prompts = ["Q: 2 + 3 = ?\nA:", "Question: How many legs does a cat have?\nAnswer:"]
+    got = lm.generate_until(
+        [instance("generate_until", (p, {"until": [], "max_gen_toks": 10}), i) for i, p in enumerate(prompts)]
+    )
+    assert got == [text_of(tiny_loaded, own_generation(tiny_loaded, "ar", p, 10)) for p in prompts]
+    speed = lm.speed.as_dict()
+    assert speed["mode"] == "speculative" and speed["nfe"] > 0
 
 
 def test_anchored_generation_through_the_adapter(tiny_loaded):

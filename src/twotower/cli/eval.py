@@ -17,11 +17,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..decode.spec import DEFAULT_DRAFT_STEPS, MODES
 from ..evaluation.paper import ROW_KEYS  # plain data: no harness import
 from .options import CLIError, add_model_option, load_model
 
 INSTALL_HINT = "the eval command needs lm-evaluation-harness: pip install 'twotower[eval]'"
-EVAL_MODES = ("diffusion", "ar", "mock-ar")  # the modes of the harness adapter (evaluation.harness.MODES)
+EVAL_MODES = tuple(MODES)  # every decoding mode (the harness adapter's, evaluation.harness.MODES)
+PAPER_MODES = ("diffusion", "ar", "mock-ar")  # the paper table's columns
 DEFAULT_THRESHOLD = 0.9
 PAPER_THRESHOLD = 0.8  # the paper's operating point
 DEFAULT_BLOCK_SIZE = 16
@@ -72,6 +74,17 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
         "--anchor", action="store_true", help="diffusion: each block's first token from the context tower (AR)"
     )
     g.add_argument(
+        "--draft-steps",
+        type=int,
+        default=DEFAULT_DRAFT_STEPS,
+        help=f"speculative: denoiser steps per drafted block (default: {DEFAULT_DRAFT_STEPS})",
+    )
+    g.add_argument(
+        "--eos-aware-commit",
+        action="store_true",
+        help="diffusion: positions after a committed EOS leave the commit ranking (off: the released rule)",
+    )
+    g.add_argument(
         "--temperature",
         type=float,
         default=None,
@@ -97,7 +110,7 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--modes",
         nargs="+",
-        choices=EVAL_MODES,
+        choices=PAPER_MODES,
         default=None,
         help="columns of the table: ar and diffusion by default; diffusion is one column per --threshold and "
         "--block-size value; the first ar column is the baseline",
@@ -146,6 +159,8 @@ def build_adapter(args: argparse.Namespace):
         quantize=args.quantize,
         seed=args.seed,
         anchor=args.anchor,
+        draft_steps=args.draft_steps,
+        eos_aware_commit=args.eos_aware_commit,
     )
 
 

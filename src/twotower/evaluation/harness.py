@@ -3,8 +3,9 @@
 - `loglikelihood` / `loglikelihood_rolling`: exact, through the frozen context tower (`scoring`), in
   every mode: the decoding mode changes how text is generated, not what the checkpoint's AR
   likelihood of a string is.
-- `generate_until`: batched generation in the chosen decoding mode (`diffusion`, `ar`, `mock-ar`),
-  cut at the first stop string; speed statistics (NFE, tokens per forward, tokens/s) accumulate in
+- `generate_until`: batched generation in the chosen decoding mode (`diffusion`, `ar`, `speculative`,
+  `mock-ar`; one `DecodeSpec` through `decode.run.generate`, the library's one dispatch), cut at the
+  first stop string (after generation: the batched loops stop at EOS or the budget); speed statistics (NFE, tokens per forward, tokens/s) accumulate in
   `speed` across calls.
 
 Text handling: every context starts with the tokenizer's BOS token (documents were trained as
@@ -29,15 +30,23 @@ from lm_eval.api.registry import model_registry
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from ..decode.diffusion import DiffusionSettings
+from ..decode.run import generate
 from ..decode.sampling import check_sampling_options
+from ..decode.spec import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CONFIDENCE_THRESHOLD,
+    DEFAULT_DRAFT_STEPS,
+    DEFAULT_STEPS_PER_BLOCK,
+    DecodeSpec,
+)
+from ..decode.spec import MODES as DECODE_MODES
 from ..dtypes import resolve_dtype
 from .scoring import score_continuations
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "twotower"
-MODES = ("diffusion", "ar", "mock-ar")
+MODES = tuple(DECODE_MODES)  # every decoding mode of the library
 DEFAULT_MAX_LENGTH = 4096  # used when the config names no max_position_embeddings
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -49,9 +58,9 @@ class EvalSettings:
     (`do_sample` false -> greedy); a number overrides every task (e.g. the paper's 0.1)."""
 
     mode: str = "diffusion"
-    block_size: int = 16
-    steps_per_block: int = 16
-    confidence_threshold: float = 0.9
+    block_size: int = DEFAULT_BLOCK_SIZE
+    steps_per_block: int = DEFAULT_STEPS_PER_BLOCK
+    confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
     temperature: float | None = None
     top_k: int | None = None
     max_gen_toks: int = DEFAULT_MAX_GEN_TOKS
@@ -60,14 +69,21 @@ class EvalSettings:
     batch_size: int = 1
     seed: int = 0
     anchor: bool = False  # diffusion: anchored blocks (docs/decoding.md)
+    draft_steps: int = DEFAULT_DRAFT_STEPS  # speculative: denoiser steps per drafted block
+    eos_aware_commit: bool = False  # diffusion: positions after a committed EOS leave the commit ranking
+
+    def spec(self, *, max_new_tokens: int, temperature: float, seed: int, eos_ids: tuple[int, ...]) -> DecodeSpec:
+        """The `DecodeSpec` of one batched call (its budget, temperature and seed)."""
+        return DecodeSpec(
+            mode=self.mode, max_new_tokens=max_new_tokens, block_size=self.block_size,
+            steps_per_block=self.steps_per_block, confidence_threshold=self.confidence_threshold,
+            temperature=temperature, top_k=self.top_k, seed=seed, anchor=self.anchor, draft_steps=self.draft_steps,
+            eos_ids=eos_ids, eos_aware_commit=self.eos_aware_commit,
+        )  # fmt: skip
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not isinstance(self.anchor, bool):
-            raise ValueError(f"anchor must be True or False, got {self.anchor!r}")
-        if self.anchor and self.mode != "diffusion":
-            raise ValueError(f"anchor applies to mode diffusion only, not {self.mode}")
         for name in ("max_gen_toks", "batch_size"):
             if not _is_int(getattr(self, name), at_least=1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
@@ -76,9 +92,7 @@ class EvalSettings:
         if self.max_length is not None and not _is_int(self.max_length, at_least=2):
             raise ValueError(f"max_length must be an integer >= 2, got {self.max_length!r}")
         temperature = 0.0 if self.temperature is None else self.temperature
-        DiffusionSettings(
-            self.block_size, self.steps_per_block, self.confidence_threshold, temperature, self.top_k
-        ).validate()
+        self.spec(max_new_tokens=1, temperature=temperature, seed=self.seed, eos_ids=()).validate()
 
 
 def _is_int(value, *, at_least: int) -> bool:
@@ -175,7 +189,8 @@ class TwoTowerLM(LM):
     steps_per_block, confidence_threshold, temperature, top_k, max_gen_toks (when a task sets none),
     max_gen_toks_cap (every task's budget at most this), max_length,
     batch_size, device, denoiser_device (towers on two devices), dtype (auto|float32|bfloat16|float16; auto = as stored), quantize (none|int8-experts),
-    seed, anchor (diffusion: each block's first token from the context tower).
+    seed, anchor (diffusion: each block's first token from the context tower), draft_steps
+    (speculative), eos_aware_commit (diffusion).
     """
 
     def __init__(
@@ -198,6 +213,8 @@ class TwoTowerLM(LM):
         quantize: str = "none",
         seed: int = 0,
         anchor: bool = False,
+        draft_steps: int = DEFAULT_DRAFT_STEPS,
+        eos_aware_commit: bool = False,
         max_batch_size: int | None = None,  # passed by simple_evaluate; unused
         loaded=None,
     ) -> None:
@@ -215,6 +232,8 @@ class TwoTowerLM(LM):
             batch_size=parse_batch_size(batch_size),
             seed=seed,
             anchor=anchor,
+            draft_steps=draft_steps,
+            eos_aware_commit=eos_aware_commit,
         )
         self.settings.validate()
         if loaded is None:
@@ -328,27 +347,12 @@ class TwoTowerLM(LM):
 
     def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float):
         """One batched call of the configured decoding mode; returns its `GenerationOutput`."""
-        s = self.settings
         self._generate_calls += 1
-        common = dict(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=s.top_k,
-            eos_token_id=list(self.eos_ids),
-            seed=s.seed + self._generate_calls - 1,
-        )
-        if s.mode == "diffusion":
-            return self.model.generate_mask_diffusion(
-                prompts,
-                block_size=s.block_size,
-                steps_per_block=s.steps_per_block,
-                confidence_threshold=s.confidence_threshold,
-                anchor=s.anchor,
-                **common,
-            )
-        if s.mode == "ar":
-            return self.model.generate_ar(prompts, **common)
-        return self.model.generate_mock_ar(prompts, **common)
+        spec = self.settings.spec(
+            max_new_tokens=max_new_tokens, temperature=temperature, seed=self.settings.seed + self._generate_calls - 1,
+            eos_ids=tuple(self.eos_ids),
+        )  # fmt: skip
+        return generate(self.model, prompts, spec)
 
     def warm_up(self, text: str = "Warm-up") -> None:
         """One batch of `batch_size` short generations in the configured mode, neither timed nor
