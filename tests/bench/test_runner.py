@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import pytest
 
+import twotower.decode.run
 from tests.bench.conftest import EOS, SMALL_BATCH, make_tiny_twotower
 from twotower.bench.evalset import CATEGORIES
 from twotower.bench.report import markdown_table
@@ -139,6 +140,17 @@ def test_anchored_row_decodes_like_anchored_diffusion(tiny_model):
     assert static.new_tokens == want.new_tokens and static.stats["settings"]["decode_step"] == "static"
 
 
+def test_eos_aware_rows_are_twins_that_reach_the_decoder(tiny_model):
+    grid = settings_grid(thresholds=[0.9], block_sizes=[4], steps_per_block=4, eos_aware=True)
+    assert [(s.mode, s.eos_aware) for s in grid] == [("ar", False), ("diffusion", False), ("diffusion", True)]
+    assert grid[2].label == "diffusion γ=0.9 S=4 T=4, EOS-aware"
+    prompts = [[5, 6, 7], [8, 9]]
+    got = make_decoder(grid[2], tiny_model, eos_token_id=EOS)(prompts, 9)
+    want = tiny_model.generate_mask_diffusion(prompts, max_new_tokens=9, block_size=4, confidence_threshold=0.9,
+                                              eos_token_id=EOS, eos_aware_commit=True)  # fmt: skip
+    assert got.new_tokens == want.new_tokens and got.stats["settings"]["eos_aware_commit"] is True
+
+
 def test_compiled_ar_row_decodes_exactly_like_ar(tiny_model):
     grid = settings_grid(thresholds=[0.8], block_sizes=[16], ar_compiled=True)
     assert grid[:2] == [Setting("ar"), Setting("ar-compiled")]
@@ -159,23 +171,24 @@ def test_bad_grids_are_refused(tiny_model, tokenizer, small_items):
         make_decoder(Setting("hf-generate"), tiny_model, eos_token_id=EOS)
 
 
-def test_speculative_rows_use_the_models_method(tokenizer, small_items):
+def test_speculative_rows_go_through_the_one_dispatch(tokenizer, small_items, monkeypatch):
     model = make_tiny_twotower()
     calls = []
 
-    def generate_speculative(prompts, *, max_new_tokens, block_size, draft_steps, confidence_threshold, **kw):
-        calls.append((block_size, draft_steps, confidence_threshold, kw))
-        out = model.generate_ar(prompts, max_new_tokens=max_new_tokens, **kw)
+    def generate_speculative(m, prompts, *, max_new_tokens, block_size, draft_steps, confidence_threshold, **kw):
+        assert m is model
+        calls.append((block_size, draft_steps, confidence_threshold, kw["temperature"], kw["eos_token_id"]))
+        out = model.generate_ar(prompts, max_new_tokens=max_new_tokens, eos_token_id=kw["eos_token_id"])
         stats = {"nfe": 3, "context_forwards": 2, "accepted_per_block": [[2, 4]] * len(prompts)}
         return GenerationOutput(out.sequences, out.prompt_lengths, out.new_tokens, stats)
 
-    model.generate_speculative = generate_speculative
+    monkeypatch.setattr(twotower.decode.run, "generate_speculative", generate_speculative)
     items = small_items[::2]  # one item per category
     settings = settings_grid(thresholds=[0.8], block_sizes=[8], draft_steps=[2])
     settings = [s for s in settings if s.mode != "diffusion"]
     result = run_benchmark(model, tokenizer, items, settings=settings, batch_sizes=[1], repeats=1)
     spec = result.row("speculative", draft_steps=2)
-    assert calls[0] == (8, 2, 0.8, {"temperature": 0.0, "eos_token_id": [EOS]})
+    assert calls[0] == (8, 2, 0.8, 0.0, [EOS])
     assert spec.quality_retained == 100.0 and spec.scores == result.rows[0].scores
     assert spec.nfe == 3 * len(items) and spec.context_forwards == 2 * len(items)
     assert spec.extra["accepted_per_block"] == 3.0

@@ -62,7 +62,7 @@ def _cells(row: SettingResult, batches: list[int]) -> list[str]:
 def paper_comparison(result: BenchResult) -> str:
     """One line: the paper's operating point against ours at the same (gamma, S), batch 1."""
     paper = PAPER_POINT
-    at = dict(threshold=paper["threshold"], block_size=paper["block_size"], anchor=False)
+    at = dict(threshold=paper["threshold"], block_size=paper["block_size"], anchor=False, eos_aware=False)
     row = result.row("diffusion", **at, decode_step="eager") or result.row("diffusion", **at)  # the plain algorithm
     head = f"Paper (γ={paper['threshold']}, S={paper['block_size']}): {paper['quality_retained']}% quality retained at {paper['throughput_ratio']}x AR."
     if row is None:

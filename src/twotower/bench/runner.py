@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..decode.run import generate
+from ..decode.spec import DecodeSpec
 from . import metrics
 from .baseline import hf_generate
 from .evalset import CATEGORIES, EvalItem
@@ -48,6 +50,21 @@ class Setting:
     draft_steps: int | None = None
     anchor: bool = False
     decode_step: str = "eager"  # diffusion: "eager", "static" or "compiled" (generate_mask_diffusion)
+    eos_aware: bool = False  # diffusion: EOS-aware commits (positions after a committed EOS leave the ranking)
+
+    def spec(self, max_new_tokens: int, eos_token_id) -> DecodeSpec:
+        """The greedy `DecodeSpec` of this setting (AR-compiled: AR with the compiled step)."""
+        eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id or ())
+        common = dict(max_new_tokens=max_new_tokens, temperature=0.0, eos_ids=eos)
+        if self.mode in ("ar", "ar-compiled"):
+            return DecodeSpec(mode="ar", decode_step="compiled" if self.mode == "ar-compiled" else "eager", **common)
+        block = dict(block_size=self.block_size, confidence_threshold=self.threshold)
+        if self.mode == "speculative":
+            return DecodeSpec(mode="speculative", draft_steps=self.draft_steps, **block, **common)
+        return DecodeSpec(
+            mode="diffusion", steps_per_block=self.steps_per_block, anchor=self.anchor, decode_step=self.decode_step,
+            eos_aware_commit=self.eos_aware, **block, **common,
+        )  # fmt: skip
 
     @property
     def compiles(self) -> bool:
@@ -63,8 +80,9 @@ class Setting:
             return "transformers generate (AR weights)"
         if self.mode == "diffusion":
             anchored = ", anchored" if self.anchor else ""
+            eos_aware = ", EOS-aware" if self.eos_aware else ""
             step = "" if self.decode_step == "eager" else f", {self.decode_step}"
-            return f"diffusion γ={self.threshold:g} S={self.block_size} T={self.steps_per_block}{anchored}{step}"
+            return f"diffusion γ={self.threshold:g} S={self.block_size} T={self.steps_per_block}{anchored}{eos_aware}{step}"
         return f"speculative γ={self.threshold:g} S={self.block_size} draft={self.draft_steps}"
 
 
@@ -78,9 +96,10 @@ def settings_grid(
     ar_compiled: bool = False,
     anchor: bool = False,
     diffusion_steps: Sequence[str] = ("eager",),
+    eos_aware: bool = False,
 ) -> list[Setting]:
     """AR first, then diffusion for each (block size, threshold, decode step in `diffusion_steps`)
-    (with `anchor`, each followed by its anchored twin), speculative for each (block size,
+    (with `anchor`, each followed by its anchored twin; with `eos_aware`, by its EOS-aware twin), speculative for each (block size,
     threshold, draft steps), then the transformers baseline. T defaults to S. Repeated values are
     run once."""
     grid = [Setting("ar")] + ([Setting("ar-compiled")] if ar_compiled else [])
@@ -90,6 +109,8 @@ def settings_grid(
                 grid.append(Setting("diffusion", g, s, steps_per_block or s, decode_step=step))
                 if anchor:
                     grid.append(Setting("diffusion", g, s, steps_per_block or s, anchor=True, decode_step=step))
+                if eos_aware:
+                    grid.append(Setting("diffusion", g, s, steps_per_block or s, decode_step=step, eos_aware=True))
     for s in block_sizes:
         grid += [Setting("speculative", g, s, draft_steps=d) for g in thresholds for d in draft_steps]
     if hf:
@@ -167,31 +188,8 @@ class _Round:
 # ---- decoders ----------------------------------------------------------------------------------------
 def make_decoder(setting: Setting, model, *, eos_token_id, hf_model=None) -> Decoder:
     """A function (prompt id lists, max_new_tokens) -> GenerationOutput for one setting, greedy."""
-    common = {"temperature": 0.0, "eos_token_id": eos_token_id}
-    if setting.mode == "ar":
-        return lambda p, n: model.generate_ar(p, max_new_tokens=n, **common)
-    if setting.mode == "ar-compiled":
-        return lambda p, n: model.generate_ar(p, max_new_tokens=n, decode_step="compiled", **common)
-    if setting.mode == "diffusion":
-        return lambda p, n: model.generate_mask_diffusion(
-            p,
-            max_new_tokens=n,
-            block_size=setting.block_size,
-            steps_per_block=setting.steps_per_block,
-            confidence_threshold=setting.threshold,
-            anchor=setting.anchor,
-            decode_step=setting.decode_step,
-            **common,
-        )
-    if setting.mode == "speculative":
-        return lambda p, n: model.generate_speculative(
-            p,
-            max_new_tokens=n,
-            block_size=setting.block_size,
-            draft_steps=setting.draft_steps,
-            confidence_threshold=setting.threshold,
-            **common,
-        )
+    if setting.mode in ("ar", "ar-compiled", "diffusion", "speculative"):
+        return lambda p, n: generate(model, p, setting.spec(n, eos_token_id))
     if setting.mode == "hf-generate":
         if hf_model is None:
             raise ValueError("the hf-generate setting needs the transformers model (hf_model)")

@@ -65,6 +65,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(generate_mask_diffusion(anchor=True); not in the paper)",
     )
     p.add_argument(
+        "--eos-aware",
+        action="store_true",
+        help="also run every diffusion setting with EOS-aware commits: positions after a committed EOS leave the "
+        "commit ranking (generate_mask_diffusion(eos_aware_commit=True); not in the paper)",
+    )
+    p.add_argument(
         "--diffusion-decode-steps",
         nargs="+",
         choices=("eager", "static", "compiled"),
@@ -154,6 +160,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         ar_compiled=args.ar_compiled,
         anchor=args.anchor,
         diffusion_steps=args.diffusion_decode_steps,
+        eos_aware=args.eos_aware,
     )
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     result = run_benchmark(
