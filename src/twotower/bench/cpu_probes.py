@@ -15,12 +15,13 @@ fitted to the layer timings that the cost model is then checked against):
 7. grouped-GEMM overhead per group: `grouped_mm` over many groups of a tiny weight, one row in
    every group (per dtype), and all rows in the last group (the empty groups' cost).
 
-All timings are medians, taken under `torch.inference_mode` (as the timed forwards are).
+Each probe keeps its least time over a few calls (other jobs on a shared machine only ever add
+time, so the minimum is the kernel's own cost), taken under `torch.inference_mode` as the timed
+forwards are.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Sequence
 
@@ -59,8 +60,8 @@ class Flusher:
         return self.buf.numel() * 4 / (time.perf_counter() - t0)
 
 
-def median_seconds(fn: Callable[[], object], *, repeats: int, before: Callable[[], object] = lambda: None) -> float:
-    """Median wall time of `fn` over `repeats` calls (one untimed call first), `before` each untimed."""
+def least_seconds(fn: Callable[[], object], *, repeats: int, before: Callable[[], object] = lambda: None) -> float:
+    """Least wall time of `fn` over `repeats` calls (one untimed call first), `before` each untimed."""
     fn()
     times = []
     for _ in range(repeats):
@@ -68,13 +69,13 @@ def median_seconds(fn: Callable[[], object], *, repeats: int, before: Callable[[
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def matmul_peak(dtype: torch.dtype, *, size: int = MATMUL_SIZE, repeats: int = 5) -> float:
     """FLOP/s of a square matmul in `dtype` (warm: it fits in cache)."""
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    return 2 * size**3 / median_seconds(lambda: a @ b, repeats=repeats)
+    return 2 * size**3 / least_seconds(lambda: a @ b, repeats=repeats)
 
 
 def gemm_rates(
@@ -94,7 +95,7 @@ def gemm_rates(
         points = []
         for w in weights:
             x = torch.randn(r, w.shape[1]).to(dtype)
-            sec = median_seconds(lambda x=x, w=w: F.linear(x, w), repeats=repeats, before=flusher.read)
+            sec = least_seconds(lambda x=x, w=w: F.linear(x, w), repeats=repeats, before=flusher.read)
             points.append((w.numel() * w.element_size(), sec))
         latency, rate = latency_and_rate(*points)
         latencies.append(latency)
@@ -117,7 +118,7 @@ def grouped_rates(
     for r in rows:
         x = torch.randn(g * r, k).to(dtype)
         ends = torch.arange(1, g + 1, dtype=torch.int32) * r
-        sec = median_seconds(
+        sec = least_seconds(
             lambda x=x, ends=ends: F.grouped_mm(x, w.transpose(1, 2), offs=ends), repeats=repeats, before=flusher.read
         )
         rates.append(w.numel() * w.element_size() / sec)
@@ -128,7 +129,7 @@ def elementwise_rate(dtype: torch.dtype, *, nbytes: int = ELEMENTWISE_BYTES, rep
     """Bytes in + out per second of c = a * b over `nbytes` per operand, c allocated by each call."""
     n = nbytes // torch.empty((), dtype=dtype).element_size()
     a, b = torch.ones(n, dtype=dtype), torch.ones(n, dtype=dtype)
-    return 3 * nbytes / median_seconds(lambda: a * b, repeats=repeats)
+    return 3 * nbytes / least_seconds(lambda: a * b, repeats=repeats)
 
 
 def dispatch_seconds(*, calls: int = DISPATCH_CALLS) -> tuple[float, float]:
@@ -143,7 +144,7 @@ def dispatch_seconds(*, calls: int = DISPATCH_CALLS) -> tuple[float, float]:
         for _ in range(calls):
             a.view(2, 2)
 
-    return median_seconds(ops, repeats=3) / calls, median_seconds(views, repeats=3) / calls
+    return least_seconds(ops, repeats=3) / calls, least_seconds(views, repeats=3) / calls
 
 
 def group_seconds(dtype: torch.dtype, *, shape: tuple[int, int, int] = OVERHEAD_GROUPS, empty: bool) -> float:
@@ -153,7 +154,7 @@ def group_seconds(dtype: torch.dtype, *, shape: tuple[int, int, int] = OVERHEAD_
     w, x = torch.randn(g, n, k).to(dtype), torch.randn(g, k).to(dtype)
     ends = torch.full((g,), 0, dtype=torch.int32) if empty else torch.arange(1, g + 1, dtype=torch.int32)
     ends[-1] = g
-    return median_seconds(lambda: F.grouped_mm(x, w.transpose(1, 2), offs=ends), repeats=5) / g
+    return least_seconds(lambda: F.grouped_mm(x, w.transpose(1, 2), offs=ends), repeats=5) / g
 
 
 @torch.inference_mode()
@@ -165,7 +166,7 @@ def measure_cpu(
     repeats = 2 if quick else 3
     shapes = SMALL_GEMM_SHAPES if small else GEMM_SHAPES
     grouped = SMALL_GROUPED_SHAPE if small else GROUPED_SHAPE
-    bandwidth = statistics.median(flusher.read() for _ in range(3 if quick else 7))
+    bandwidth = max(flusher.read() for _ in range(3 if quick else 7))
     ops, views = dispatch_seconds()
     torch_dtypes = {d: DTYPES[d] for d in dtypes}
     return CpuMachine(
