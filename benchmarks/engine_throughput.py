@@ -1,83 +1,113 @@
-"""Continuous-batching engine throughput on the bundled model: `n` prompts through a `Scheduler` of
-batch `batch`, for each engine state / decode step given. Prints generated tokens per second (median of `--repeats` runs after a warm-up that compiles).
+"""Continuous-batching engine throughput on the bundled model: `--requests` prompts through a
+`Scheduler` of batch `--batch`, for each engine variant, side by side in one process.
 
-    python3 benchmarks/engine_throughput.py --batch 8 --requests 16 --variants packed eager static
+Variants: `packed` (the plain reference twin: a packed cache copied on every join and leave, eager
+steps), and the slot state with `eager`, `static` (fixed-shape steps) or `compiled` steps. Each
+variant is warmed up once (this compiles), then the repeats run interleaved (variant order rotated
+each round) so that load on the machine hits every variant alike. Prints generated tokens per second,
+the median of `--repeats`, whether every variant's tokens equal the first's, and `--json` writes it all.
+
+    python benchmarks/engine_throughput.py --batch 8 --requests 32 --repeats 5 \\
+        --variants packed eager static compiled --mode diffusion --json docs/engine_throughput.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import time
 
 import torch
 
-from twotower.decode.engine import DecodeEngine, Request
+from twotower.decode.engine import Request
 from twotower.decode.scheduler import Scheduler
-from twotower.decode.spec import DiffusionSettings
+from twotower.decode.spec import SERVED_MODES, DiffusionSettings
 from twotower.loading import load_for_inference
 
+VARIANTS = ("packed", "eager", "static", "compiled")
 
-def run(model, reqs, *, batch: int, variant: str) -> tuple[float, int, dict]:
-    scheduler = Scheduler(model, max_batch_size=batch, decode_step="eager" if variant == "packed" else variant)
-    if variant == "packed":  # the engine before slots: the packed cache, copied on every join and leave
-        orig = DecodeEngine.__init__
 
-        def packed(self, *a, **kw):
-            orig(self, *a, **{**kw, "slots": False})
-
-        DecodeEngine.__init__ = packed
-    try:
-        for r in reqs:
-            scheduler.submit(r)
-        tokens, out = 0, {}
-        start = time.perf_counter()
-        while not scheduler.idle:
-            for e in scheduler.step():
-                tokens += len(e.tokens)
-                out.setdefault(e.request_id, []).extend(e.tokens)
-        return time.perf_counter() - start, tokens, out
-    finally:
-        if variant == "packed":
-            DecodeEngine.__init__ = orig
+def run(model, reqs, *, batch: int, variant: str) -> tuple[float, int, dict, dict]:
+    """One pass of `reqs` through a fresh scheduler: (seconds, tokens, tokens by id, engine stats)."""
+    packed = variant == "packed"
+    scheduler = Scheduler(model, max_batch_size=batch, decode_step="eager" if packed else variant, slots=not packed)
+    for r in reqs:
+        scheduler.submit(r)
+    tokens, out = 0, {}
+    start = time.perf_counter()
+    while not scheduler.idle:
+        for e in scheduler.step():
+            tokens += len(e.tokens)
+            out.setdefault(e.request_id, []).extend(e.tokens)
+    secs = time.perf_counter() - start
+    s = scheduler.stats
+    stats = {"denoiser_forwards": s.denoiser_forwards, "context_forwards": s.context_forwards}
+    return secs, tokens, out, stats
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--mode", default="diffusion")
-    p.add_argument("--variants", nargs="+", default=["packed", "eager", "static"])
-    p.add_argument("--repeats", type=int, default=2)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--batch", type=int, default=8, help="the scheduler's batch size (default: 8)")
+    p.add_argument("--requests", type=int, default=32, help="prompts per pass (default: 32)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens per request (default: 32)")
+    p.add_argument("--mode", choices=SERVED_MODES, default="diffusion", help="decoding mode (default: diffusion)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="engine variants")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes per variant (default: 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     loaded = load_for_inference()
     model, tok = loaded.model, loaded.tokenizer
     texts = [f"Question {i}: what is {i} plus {2 * i + 1}? Answer:" for i in range(args.requests)]
     settings = DiffusionSettings(block_size=16, steps_per_block=16, confidence_threshold=0.9)
-    eos = (tok.eos_id,)
     reqs = [
         Request(i, tuple(tok.encode(t)), mode=args.mode, max_new_tokens=args.max_new_tokens, settings=settings,
-                eos_ids=eos)
+                eos_ids=(tok.eos_id,))
         for i, t in enumerate(texts)
     ]  # fmt: skip
-    reference = None
+    warm = {}
+    for variant in args.variants:  # warm-up: compiles every shape the timed passes meet
+        start = time.perf_counter()
+        run(model, reqs, batch=args.batch, variant=variant)
+        warm[variant] = time.perf_counter() - start
+    times = {v: [] for v in args.variants}
+    outputs, stats = {}, {}
+    for k in range(args.repeats):
+        order = args.variants[k % len(args.variants) :] + args.variants[: k % len(args.variants)]
+        for variant in order:
+            secs, tokens, out, st = run(model, reqs, batch=args.batch, variant=variant)
+            times[variant].append(secs)
+            outputs[variant], stats[variant] = (tokens, out), st
+    first = args.variants[0]
+    rows = []
     for variant in args.variants:
-        run(model, reqs[: args.batch], batch=args.batch, variant=variant)  # warm-up (compiles)
-        times = []
-        for _ in range(args.repeats):
-            secs, tokens, out = run(model, reqs, batch=args.batch, variant=variant)
-            times.append(secs)
-        best = statistics.median(times)
-        reference = out if reference is None else reference
-        same = out == reference
+        tokens, out = outputs[variant]
+        med = statistics.median(times[variant])
+        row = {
+            "variant": variant, "tokens": tokens, "median_s": med, "tok_per_s": tokens / med,
+            "times_s": times[variant], "warmup_s": warm[variant], "same_tokens_as_first": out == outputs[first][1],
+            **stats[variant],
+        }  # fmt: skip
+        rows.append(row)
         print(
-            f"{variant:8s} batch {args.batch}: {tokens} tokens in {best:.2f}s (median of {args.repeats}) = "
-            f"{tokens / best:.1f} tok/s  "
-            f"(tokens == first variant: {same})",
+            f"{variant:9s} {args.mode} batch {args.batch}: {tokens} tokens, median {med:.3f} s of {args.repeats} "
+            f"= {tokens / med:7.1f} tok/s  (warm-up {warm[variant]:.1f} s; tokens == {first}: "
+            f"{row['same_tokens_as_first']})",
             flush=True,
         )
+    if args.json:
+        meta = {
+            "mode": args.mode, "batch": args.batch, "requests": args.requests, "max_new_tokens": args.max_new_tokens,
+            "repeats": args.repeats, "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+        }  # fmt: skip
+        with open(args.json, "w") as f:
+            json.dump({**meta, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from twotower.decode.static import resolve_engine_step
+
 HOST = "127.0.0.1"  # loopback only: the server this script starts is reachable from this machine alone
 READY_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 600
@@ -90,7 +92,7 @@ def make_random_model(path: Path) -> Path:
 def start_server(model: str | None, args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     cmd = [sys.executable, "-m", "twotower.cli", "serve", "--host", HOST, "--port", "0"]
     cmd += ["--max-batch-size", str(args.max_batch_size), "--max-queue", str(max(args.levels))]
-    cmd += ["--max-tokens-limit", str(leaver_budget(args))]
+    cmd += ["--max-tokens-limit", str(leaver_budget(args)), "--engine-step", args.engine_step]
     if model is not None:
         cmd += ["--model", model]
     env = {**os.environ}
@@ -323,6 +325,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=None, help="server batch (default: highest level)")
     p.add_argument("--no-disconnects", action="store_true", help="skip the disconnect phase")
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the server")
+    p.add_argument(
+        "--engine-step",
+        choices=("auto", "eager", "static", "compiled"),
+        default="auto",
+        help="the server's --engine-step (default: auto); compiled steps are warmed up at every level first",
+    )
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
     try:
@@ -342,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         model = str(make_random_model(Path(tmp))) if args.random_model else args.model
         proc, port = start_server(model, args)
         try:
-            run_level(port, 1, argparse.Namespace(**{**vars(args), "requests": 1}))  # warm-up
+            # warm-up: one request, or one wave per level when steps may compile (each batch shape compiles once)
+            for c in args.levels if args.engine_step in ("auto", "compiled") else [1]:
+                run_level(port, c, argparse.Namespace(**{**vars(args), "requests": c}))
             results = []
             for c in args.levels:
                 r = run_level(port, c, args)
@@ -371,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"batched (concurrency {results[-1].concurrency}) vs sequential throughput: {ratio}x")
     report = {
         "server": "FastAPI + uvicorn (twotower.serve)",
+        "engine_step": resolve_engine_step(args.engine_step, "cpu"),  # what the server resolves on this machine
         "model": "random tiny preset" if args.random_model else (args.model or "bundled"),
         "mode": args.mode,
         "max_tokens": args.max_tokens,
