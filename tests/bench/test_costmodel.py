@@ -343,6 +343,8 @@ def test_trace_matches_the_analytic_weights():
     routed = touched * cm.expert_weights(config) * f32
     assert moe.weight_bytes == routed + cm.shared_expert_weights(config) * f32
     assert all(p.ops > 0 for p in parts.values()) and parts["mamba"].streams
+    assert any(s.flops > 0 for s in parts[OTHER].streams)  # the fused attention's q.k and p.v
+    assert any(s.flops > 0 for s in parts["moe"].streams)  # the float64 router: activations x a converted copy
 
 
 def test_microbenchmarks_fill_every_field():

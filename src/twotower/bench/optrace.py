@@ -10,7 +10,8 @@ Records no time. A `TorchDispatchMode` sees each operator after autograd, on rea
 - any other operator: a `Stream` of its tensor bytes read and written. A parameter read by a
   non-GEMM operator counts at most its output's size (an embedding lookup reads rows, not the
   table); an indexed write (`index_copy_`, `copy_`, ...) moves its sources, not the whole target;
-  an in-place arithmetic op reads and writes its target. Matmuls of activations carry FLOPs.
+  an in-place arithmetic op reads and writes its target. Matmuls of activations and fused
+  attention carry FLOPs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ from .costmodel_cpu import Gemm, PartWork, Stream
 
 aten = torch.ops.aten
 WEIGHT_GEMMS = {aten.linear.default, aten.mm.default, aten.addmm.default}
-ACTIVATION_MATMULS = {aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
+ACTIVATION_MATMULS = {
+    aten.linear.default,
+    aten.mm.default,
+    aten.addmm.default,
+    aten.bmm.default,
+    aten.baddbmm.default,
+}
 INDEXED_WRITES = {"copy_", "index_copy_", "index_put_", "_index_put_impl_", "scatter_", "scatter_add_", "index_add_"}
 FILLS = {"fill_", "zero_"}
 OTHER = "other"
@@ -82,7 +89,7 @@ class OpTrace(TorchDispatchMode):
             return
         work.ops += 1
         nbytes = self._bytes(func, ins, outs, mutable)
-        flops = self._matmul_flops(func, ins) if func in ACTIVATION_MATMULS else 0.0
+        flops = self._matmul_flops(func, ins) if func in ACTIVATION_MATMULS else self._attention_flops(func, ins)
         dtype = _dtype(outs[0]) if outs else (_dtype(ins[0]) if ins else "float32")
         if nbytes or flops:
             work.streams.append(Stream(dtype, nbytes, flops))
@@ -133,8 +140,18 @@ class OpTrace(TorchDispatchMode):
 
     @staticmethod
     def _matmul_flops(func, ins: list[torch.Tensor]) -> float:
+        if func == aten.linear.default:  # x (..., K) @ w (N, K).T
+            return 2.0 * math.prod(ins[0].shape) * ins[1].shape[0]
         a, b = (ins[1], ins[2]) if func in (aten.addmm.default, aten.baddbmm.default) else (ins[0], ins[1])
         return 2.0 * math.prod(a.shape) * b.shape[-1]
+
+    @staticmethod
+    def _attention_flops(func, ins: list[torch.Tensor]) -> float:
+        """q.k and p.v of a fused attention: q (B, H, Lq, D), k (B, Hk, Lk, D) -> 4 B H Lq Lk D."""
+        if "scaled_dot_product" not in func._schema.name or len(ins) < 2:
+            return 0.0
+        q, k = ins[0], ins[1]
+        return 4.0 * math.prod(q.shape) * k.shape[-2]
 
 
 class PartTracer:
