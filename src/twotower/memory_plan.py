@@ -17,11 +17,10 @@ import torch
 from .conditioning import FREQ_DIM
 from .config import NemotronHConfig
 from .decode.spec import DiffusionSettings
-from .dtypes import DTYPES, dtype_name, resolve_dtype
+from .dtypes import DTYPES, ROUTER_BIAS_DTYPE, dtype_name, resolve_dtype
 from .quantize import QUANTIZE_SCHEMES, quantized_bytes  # noqa: F401  (QUANTIZE_SCHEMES re-exported for info)
 
 GiB = 1024**3
-ROUTER_BIAS_DTYPE = torch.float32  # `e_score_correction_bias` stays fp32 whatever the model dtype (checkpoint.py)
 DEFAULT_BLOCK_SIZE = DiffusionSettings.block_size
 DEVICE_RESERVE_BYTES = 1 * GiB  # per device: the CUDA context and allocator slack (inside the total, not usable)
 RESIDUAL_COPIES = 3  # live (tokens, hidden) tensors around a mixer: the residual h, its normed input, the output

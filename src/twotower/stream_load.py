@@ -9,18 +9,18 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from .dtypes import FP32_KEYS, ROUTER_BIAS_DTYPE
 from .errors import CheckpointError
 from .keymap import Source, _names
 from .shards import TensorReader
 
-_KEEP_FP32 = ("e_score_correction_bias",)  # selection bias: float32 whatever the model dtype (SPEC pitfall 4)
 DeviceOf = Callable[[str], torch.device]
 
 
 def target_dtype(key: str, meta: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     if not meta.dtype.is_floating_point:
         return meta.dtype
-    return torch.float32 if key.endswith(_KEEP_FP32) else dtype
+    return ROUTER_BIAS_DTYPE if key.endswith(FP32_KEYS) else dtype
 
 
 @torch.no_grad()
