@@ -174,6 +174,7 @@ def train_tokenizer(
     *,
     vocab_size: int,
     min_frequency: int = DEFAULT_MIN_FREQUENCY,
+    split_digits: bool = False,
     show_progress: bool = False,
 ) -> Tokenizer:
     """Train a byte-level BPE tokenizer on streamed text, save it to `out_dir` and return it.
@@ -182,12 +183,15 @@ def train_tokenizer(
     JSONL or .txt files, read as `twotower.documents.iter_documents` reads them). A bare `str` is refused because
     it could be either. Special tokens get `SPECIAL_IDS`; `vocab_size` counts them and the 256 byte
     symbols, so it must be at least `MIN_VOCAB_SIZE`. A small corpus may yield fewer merges than asked.
+    With `split_digits`, every digit is its own pre-token, so no merge spans two digits and a number is
+    one token per digit (the place-value layout that makes arithmetic learnable); the split is part of
+    the saved `tokenizer.json`, so `Tokenizer.load` encodes the same way.
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be at least {MIN_VOCAB_SIZE} (256 bytes + 4 specials), got {vocab_size}")
     if min_frequency < 1:
         raise ValueError(f"min_frequency must be >= 1, got {min_frequency}")
-    backend = _empty_byte_level_bpe()
+    backend = _empty_byte_level_bpe(split_digits=split_digits)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
@@ -202,9 +206,12 @@ def train_tokenizer(
     return tokenizer
 
 
-def _empty_byte_level_bpe() -> tokenizers.Tokenizer:
+def _empty_byte_level_bpe(*, split_digits: bool = False) -> tokenizers.Tokenizer:
     backend = tokenizers.Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    # Digits goes first: it sees the raw text, where a digit is one character (ByteLevel remaps bytes).
+    digits = pre_tokenizers.Digits(individual_digits=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level]) if split_digits else byte_level
     backend.decoder = decoders.ByteLevel()
     return backend
 

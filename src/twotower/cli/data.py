@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", help="corpus directories, .jsonl or .txt files")
     p.add_argument("--out", required=True)
     p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument(
+        "--split-digits",
+        action="store_true",
+        help="make every digit its own token (no merge spans two digits), for learnable arithmetic",
+    )
     p.set_defaults(func=cmd_data_tokenizer)
     p = data.add_parser("pack", help="tokenize and pack documents into train/heldout token files")
     p.add_argument("inputs", nargs="+")
@@ -73,7 +78,9 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
 
     from ..tokenizer import train_tokenizer
 
-    tok = train_tokenizer([Path(p) for p in args.inputs], args.out, vocab_size=args.vocab_size)
+    tok = train_tokenizer(
+        [Path(p) for p in args.inputs], args.out, vocab_size=args.vocab_size, split_digits=args.split_digits
+    )
     print(f"tokenizer with {tok.vocab_size} tokens written to {args.out}")
     return 0
 
