@@ -20,8 +20,8 @@ context. Parts (`mamba`, `moe`, `head`) are timed by forward hooks on those modu
 `attention+other` is the rest of the forward (attention, embeddings, norms, adaLN). Distinct
 experts come from the actual routing (a hook on the router); one more, untimed call records the
 operator trace (shapes and bytes only). For each part: bytes and FLOPs (cost model, with the
-measured distinct experts), achieved GB/s and GFLOP/s, their fraction of the measured bandwidth /
-peak, and both predictions against the measured time.
+measured distinct experts), the least time over the timed calls (and the median), achieved GB/s and
+GFLOP/s, their fraction of the measured bandwidth / peak, and both predictions against the time.
 
     python benchmarks/real_shape.py --threads 2          # bf16 and float32, ~6 minutes, ~8 GB of RAM
     python benchmarks/real_shape.py --quick --json real_shape.json
@@ -36,7 +36,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -152,9 +152,10 @@ class PartTimer:
 
 @dataclass
 class Measured:
-    """Medians over the timed calls: seconds per part and in all, distinct experts per MoE layer, and
-    this machine's read bandwidth (bytes/s) and matmul peak (FLOP/s) sampled right before each call;
-    and the operators of one untimed call, by part."""
+    """Over the timed calls: the least seconds per part and in all (other jobs on a shared CPU only
+    add time; the microbenchmarks keep their least times too), their medians, the mean distinct
+    experts per MoE layer, and this machine's best read bandwidth (bytes/s) and matmul peak (FLOP/s)
+    sampled right before each call; and the operators of one untimed call, by part."""
 
     seconds: dict[str, float]
     total_s: float
@@ -162,6 +163,7 @@ class Measured:
     read_bandwidth: float
     matmul_peak: float
     work: dict[str, PartWork]
+    median_s: dict[str, float] = field(default_factory=dict)  # by part, and `total`
 
 
 @torch.inference_mode()
@@ -213,14 +215,15 @@ def time_forward(
     with PartTracer(model, part_modules(model)) as trace:
         run()
     work = {("attention+other" if p == OTHER else p): w for p, w in trace.parts.items()}
-    med = {k: statistics.median(v) for k, v in samples.items()}
+    least = {k: min(v) for k, v in samples.items()}
     return Measured(
-        seconds={p: med[p] for p in PARTS},
-        total_s=med["total"],
-        distinct_experts=med["distinct"],
-        read_bandwidth=med["bandwidth"],
-        matmul_peak=med["peak"],
+        seconds={p: least[p] for p in PARTS},
+        total_s=least["total"],
+        distinct_experts=statistics.mean(samples["distinct"]),
+        read_bandwidth=max(samples["bandwidth"]),
+        matmul_peak=max(samples["peak"]),
         work=work,
+        median_s={p: statistics.median(samples[p]) for p in (*PARTS, "total")},
     )
 
 
@@ -266,6 +269,7 @@ def rows_for(config, dtype_name: str, fwd: Forward, measured: Measured, cpu: Cpu
                 gbytes=costs[part].bytes / 1e9,
                 gflops=costs[part].flops / 1e9,
                 ms=1e3 * seconds[part],
+                median_ms=1e3 * measured.median_s.get(part, seconds[part]),
                 predicted_ms=1e3 * predicted[part],
                 roofline_ms=1e3 * roofline[part],
                 traced_weight_gb=works[part].weight_bytes / 1e9,

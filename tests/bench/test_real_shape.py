@@ -75,9 +75,8 @@ def test_time_forward_measures_every_part(rs):
         assert m.total_s > 0 and m.read_bandwidth > 0 and m.matmul_peak > 0
         assert m.seconds["mamba"] > 0 and m.seconds["moe"] > 0
         assert (m.seconds["head"] > 0) == (kind != "commit")
-        assert m.seconds["attention+other"] == pytest.approx(
-            m.total_s - m.seconds["mamba"] - m.seconds["moe"] - m.seconds["head"]
-        )
+        assert m.median_s["total"] >= m.total_s  # least and median of the same calls
+        assert all(m.median_s[p] >= m.seconds[p] for p in m.seconds)
         assert config.num_experts_per_tok <= m.distinct_experts <= config.n_routed_experts
     assert not model.context_tower.layers[0].mixer._forward_hooks  # hooks removed
 
