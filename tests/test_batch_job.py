@@ -70,11 +70,13 @@ def test_outputs_equal_each_prompt_alone_and_a_rerun_changes_nothing(tmp_path, m
         {"id": "c", "prompt": "Line 4:", "block_size": 2, "steps_per_block": 2, "max_new_tokens": 6},
         {"id": "d", "prompt": "jumps", "temperature": 0.9, "seed": 5},
         {"id": "s", "prompt": "over the lazy dog", "mode": "speculative", "max_tokens": 9, "draft_steps": 2},
+        {"id": "e", "prompt": "the quick brown", "eos_aware_commit": True},
     ]
     src, out = write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
     assert run_batch("--input", src, "--output", out, "--model", model_dir, *FAST) == 0
     got = outputs(out)
-    assert [r["id"] for r in got] == ["a", 7, "c", "d", "s"]  # one per id, in input order
+    assert [r["id"] for r in got] == ["a", 7, "c", "d", "s", "e"]  # one per id, in input order
+    assert got[5]["settings"]["eos_aware_commit"] is True and got[0]["settings"]["eos_aware_commit"] is False
     loaded = load_for_inference(str(model_dir))
     tok, model = loaded.tokenizer, loaded.model
     for line, record in zip(lines, got):
@@ -87,7 +89,9 @@ def test_outputs_equal_each_prompt_alone_and_a_rerun_changes_nothing(tmp_path, m
             new = model.generate_ar([ids], **common).new_tokens[0]
             assert record["nfe"] >= 1
         else:
-            diffusion = dict(block_size=s["block_size"], steps_per_block=s["steps_per_block"])
+            diffusion = dict(
+                block_size=s["block_size"], steps_per_block=s["steps_per_block"], eos_aware_commit=s["eos_aware_commit"]
+            )
             res = model.generate_mask_diffusion(
                 [ids], confidence_threshold=s["confidence_threshold"], **diffusion, **common
             )
@@ -103,15 +107,15 @@ def test_outputs_equal_each_prompt_alone_and_a_rerun_changes_nothing(tmp_path, m
     )
     assert got[2]["settings"]["block_size"] == 2 and got[3]["settings"]["seed"] == 5
     assert got[4]["text"] == got[1]["text"] and got[4]["settings"]["draft_steps"] == 2  # same prompt as the AR line
-    assert "5/5" in capsys.readouterr().err and not (tmp_path / "out.jsonl.errors.jsonl").read_text()
+    assert "6/6" in capsys.readouterr().err and not (tmp_path / "out.jsonl.errors.jsonl").read_text()
 
     before = out.read_bytes()
     assert run_batch("--input", src, "--output", out, "--model", model_dir, *FAST) == 0
     assert out.read_bytes() == before
-    write_lines(src, [*lines, {"id": "e", "prompt": "a new line"}])
+    write_lines(src, [*lines, {"id": "n", "prompt": "a new line"}])
     assert run_batch("--input", src, "--output", out, "--model", model_dir, *FAST) == 0
     again = outputs(out)
-    assert again[:5] == got and [r["id"] for r in again] == ["a", 7, "c", "d", "s", "e"]
+    assert again[:6] == got and [r["id"] for r in again] == ["a", 7, "c", "d", "s", "e", "n"]
 
 
 def test_bad_lines_go_to_the_errors_file_and_the_job_continues(tmp_path, model_dir):

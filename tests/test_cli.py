@@ -78,11 +78,14 @@ def test_show_steps_renders_the_unmasking(model_dir, capsys):
     "argv,msg",
     [
         (["generate", "x", "--model", "/definitely/missing"], "does not exist"),
-        (["generate", "x", "--block-size", "0"], "block_size"),
+        (["generate", "x", "--block-size", "0"], "--block-size must be"),
         (["generate", "x", "--mode", "ar", "--show-steps"], "show-steps"),
-        (["generate", "x", "--threshold", "2"], "confidence_threshold"),
-        (["generate", "x", "--mode", "speculative", "--decode-step", "compiled"], "--mode ar and --mode diffusion"),
-        (["generate", "x", "--mode", "ar", "--anchor"], "--mode diffusion only"),
+        (["generate", "x", "--threshold", "2"], "--threshold must be in"),
+        (
+            ["generate", "x", "--mode", "speculative", "--decode-step", "compiled"],
+            "--decode-step 'compiled' is not implemented for mode speculative",
+        ),
+        (["generate", "x", "--mode", "ar", "--anchor"], "--anchor applies to mode diffusion only"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(model_dir, capsys, argv, msg):

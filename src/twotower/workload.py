@@ -49,6 +49,7 @@ class Options:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     anchor: bool = False  # diffusion: each block's first token from the context tower (not in the paper)
+    eos_aware_commit: bool = False  # diffusion: positions after a committed EOS leave the commit ranking
 
     def as_dict(self) -> dict:
         """JSON-ready settings, as recorded next to each output."""
@@ -64,7 +65,7 @@ class Options:
             mode=self.mode, max_new_tokens=self.max_tokens, block_size=self.block_size,
             steps_per_block=self.steps_per_block, confidence_threshold=self.confidence_threshold,
             temperature=self.temperature, top_k=self.top_k, seed=self.seed, anchor=self.anchor,
-            draft_steps=self.draft_steps, eos_ids=tuple(eos_ids),
+            draft_steps=self.draft_steps, eos_ids=tuple(eos_ids), eos_aware_commit=self.eos_aware_commit,
         )  # fmt: skip
 
 
@@ -175,6 +176,7 @@ _CHECKS = {
     "seed": _int,
     "stop": _stop,
     "anchor": _bool,
+    "eos_aware_commit": _bool,
 }
 
 

@@ -98,6 +98,13 @@ def test_anchored_completion_equals_the_library_alone(server, loaded):
     assert out.choices[0].text == reference(loaded, "the lazy", max_tokens=12, anchor=True, **FAST)
 
 
+def test_eos_aware_completion_equals_the_library_alone(server, loaded):
+    out = client(server).completions.create(
+        model=loaded.name, prompt="the lazy", max_tokens=12, extra_body={**FAST, "eos_aware_commit": True}
+    )
+    assert out.choices[0].text == reference(loaded, "the lazy", max_tokens=12, eos_aware_commit=True, **FAST)
+
+
 def test_speculative_completion_equals_the_ar_completion(server, loaded):
     c = client(server)
     opts = dict(model=loaded.name, prompt="over the lazy", max_tokens=11)

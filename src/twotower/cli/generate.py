@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from .options import CLIError, add_generation_options, add_model_option, generation_kwargs, load_model, run_mode
+from .options import CLIError, add_generation_options, add_model_option, generation_spec, load_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,13 +33,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tok = loaded.tokenizer
     ids = [tok.bos_id, *tok.encode(args.prompt)] if tok.bos_id is not None else tok.encode(args.prompt)
     eos_ids = loaded.model.config.eos_token_ids
-    kw = generation_kwargs(args, eos_ids)
+    spec = generation_spec(args, eos_ids)
+    callback = None
     if args.show_steps:
         if args.mode != "diffusion":
             raise CLIError("--show-steps shows the diffusion process; use it with --mode diffusion")
-        kw["step_callback"] = StepPrinter(tok, loaded.model.mask_token_id)
+        callback = StepPrinter(tok, loaded.model.mask_token_id)
+    from ..decode.run import generate
+
     t0 = time.perf_counter()
-    out = run_mode(loaded.model, args.mode, [ids], **kw)
+    out = generate(loaded.model, [ids], spec, step_callback=callback)
     seconds = time.perf_counter() - t0
     new = out.new_tokens[0]
     text = tok.decode([t for t in new if t not in eos_ids])

@@ -92,43 +92,36 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
         help="diffusion mode: each block's first token is the context tower's own next token (read from the "
         "forward that commits the previous block); the denoiser fills the rest. Not in the paper; off by default",
     )
+    g.add_argument(
+        "--eos-aware-commit",
+        action="store_true",
+        help="diffusion mode: positions after a committed EOS leave the commit ranking, so a short answer does not "
+        "spend steps on positions it discards (off by default: the released rule)",
+    )
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
     g.add_argument("--top-k", type=int, default=None, help="sample only among the k most likely tokens")
     g.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     g.add_argument("--no-eos", action="store_true", help="do not stop at the end-of-text token")
 
 
-def generation_kwargs(args: argparse.Namespace, eos_ids: tuple[int, ...]) -> dict:
-    kw = dict(
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        seed=args.seed,
-        eos_token_id=None if args.no_eos else list(eos_ids),
-    )
-    if args.mode == "diffusion":
-        kw.update(block_size=args.block_size, steps_per_block=args.steps_per_block, confidence_threshold=args.threshold)
-        if getattr(args, "anchor", False):
-            kw["anchor"] = True
-    elif getattr(args, "anchor", False):
-        raise CLIError("--anchor applies to --mode diffusion only")
-    if args.mode == "speculative":
-        kw.update(block_size=args.block_size, draft_steps=args.draft_steps, confidence_threshold=args.threshold)
-    if getattr(args, "decode_step", "eager") != "eager":
-        if args.mode not in ("ar", "diffusion"):
-            raise CLIError(f"--decode-step {args.decode_step} applies to --mode ar and --mode diffusion only")
-        kw["decode_step"] = args.decode_step
-    return kw
+def generation_spec(args: argparse.Namespace, eos_ids: tuple[int, ...]):
+    """The command line's generation options as a validated `DecodeSpec` (CLIError naming the bad
+    option); `decode.run.generate` decodes it, the one dispatch every command shares."""
+    from ..decode.spec import DecodeSpec
 
-
-def run_mode(model, mode: str, ids, **kw):
-    fn = {
-        "diffusion": model.generate_mask_diffusion,
-        "ar": model.generate_ar,
-        "mock-ar": model.generate_mock_ar,
-        "speculative": model.generate_speculative,
-    }[mode]
-    return fn(ids, **kw)
+    spec = DecodeSpec(
+        mode=args.mode, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
+        steps_per_block=args.steps_per_block, confidence_threshold=args.threshold, temperature=args.temperature,
+        top_k=args.top_k, seed=args.seed, anchor=bool(getattr(args, "anchor", False)), draft_steps=args.draft_steps,
+        eos_ids=() if args.no_eos else tuple(eos_ids), eos_aware_commit=bool(getattr(args, "eos_aware_commit", False)),
+        decode_step=getattr(args, "decode_step", "eager"),
+    )  # fmt: skip
+    try:
+        return spec.validate()
+    except ValueError as err:  # the spec names its field first: say it as the option
+        field, _, rest = str(err).partition(" ")
+        flag = {"confidence_threshold": "--threshold"}.get(field, "--" + field.replace("_", "-"))
+        raise CLIError(f"{flag} {rest}" if field.isidentifier() and field.islower() else str(err)) from None
 
 
 # ---- batch-job options (`twotower batch`, local and on Ray) ----------------------------------------
@@ -146,6 +139,7 @@ def default_options(args: argparse.Namespace):
         "temperature": args.temperature,
         "top_k": args.top_k,
         "anchor": args.anchor,
+        "eos_aware_commit": args.eos_aware_commit,
     }
     return parse_options(given, Options(), limits=batch_limits(args))
 

@@ -59,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="diffusion requests default to anchored blocks (each block's first token from the context tower)",
     )
+    g.add_argument(
+        "--eos-aware-commit",
+        action="store_true",
+        help="diffusion requests default to EOS-aware commits (positions after a committed EOS leave the ranking)",
+    )
     p.add_argument("--log-requests", action="store_true", help="log one line per HTTP request (uvicorn's access log)")
     p.set_defaults(func=cmd_serve)
 
@@ -93,6 +98,7 @@ def server_config(args: argparse.Namespace):
         draft_steps=args.draft_steps,
         confidence_threshold=args.threshold,
         anchor=args.anchor,
+        eos_aware_commit=args.eos_aware_commit,
     )
     try:
         defaults = parse_options(given, Options(), limits=limits)

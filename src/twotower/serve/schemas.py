@@ -4,7 +4,7 @@ decided in `calls.py`.
 
 Requests are strict (no "5" for 5, no 1 for true) and closed (an unknown field is a 400), so a
 misspelt option never passes silently. The extras `mode`, `block_size`, `steps_per_block`,
-`draft_steps`, `confidence_threshold`, `anchor`, `top_k` go in the body next to the OpenAI fields;
+`draft_steps`, `confidence_threshold`, `anchor`, `eos_aware_commit`, `top_k` go in the body next to the OpenAI fields;
 `stream_steps` (with `stream`) adds the playground's `event: step` and `event: summary` events.
 """
 
@@ -43,6 +43,7 @@ class Extras(_Request):
     draft_steps: int | None = None
     confidence_threshold: float | None = None
     anchor: bool | None = None
+    eos_aware_commit: bool | None = None
     stream_steps: bool | None = None
     # OpenAI fields this server accepts only at their neutral value
     n: int | None = None
