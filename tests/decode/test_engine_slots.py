@@ -23,8 +23,16 @@ def model():
     return make_two_tower()
 
 
+def sampled_with_eos(model, reqs: list[Request], seed: int | None) -> list[Request]:
+    """The requests seeded and sampled (seed given; else greedy as they are), with a shared EOS some rows hit."""
+    if seed is not None:
+        reqs = [replace(r, settings=replace(r.settings, temperature=0.8), seed=seed + r.id) for r in reqs]
+    eos = rare_token(model, reqs)
+    return [replace(r, eos_ids=(eos,)) for r in reqs]
+
+
 def diffusion_requests(model, *, seed: int | None = None) -> list[Request]:
-    """Unequal prompts, budgets, thresholds and anchoring; a shared EOS some rows hit."""
+    """Unequal prompts, budgets, thresholds and anchoring."""
     ps = prompts(3, 9, 1, 6, 5, seed=7)
     reqs = [
         Request(
@@ -33,10 +41,7 @@ def diffusion_requests(model, *, seed: int | None = None) -> list[Request]:
         )
         for i, p in enumerate(ps)
     ]  # fmt: skip
-    if seed is not None:
-        reqs = [replace(r, settings=replace(r.settings, temperature=0.8), seed=seed + r.id) for r in reqs]
-    eos = rare_token(model, reqs)
-    return [replace(r, eos_ids=(eos,)) for r in reqs]
+    return sampled_with_eos(model, reqs, seed)
 
 
 WAVES = [[0, 1], [2], [], [3, 4]]  # request indices submitted before each step: rows join a running batch
@@ -65,7 +70,7 @@ def test_ar_rows_in_slots_equal_each_alone(model, decode_step):
 
 
 def speculative_requests(model, *, seed: int | None = None) -> list[Request]:
-    """Unequal prompts, budgets, draft steps and thresholds; a shared EOS some rows hit."""
+    """Unequal prompts, budgets, draft steps and thresholds."""
     ps = prompts(3, 9, 1, 6, 5, seed=11)
     reqs = [
         Request(
@@ -74,10 +79,7 @@ def speculative_requests(model, *, seed: int | None = None) -> list[Request]:
         )
         for i, p in enumerate(ps)
     ]  # fmt: skip
-    if seed is not None:
-        reqs = [replace(r, settings=replace(r.settings, temperature=0.8), seed=seed + r.id) for r in reqs]
-    eos = rare_token(model, reqs)
-    return [replace(r, eos_ids=(eos,)) for r in reqs]
+    return sampled_with_eos(model, reqs, seed)
 
 
 @pytest.mark.parametrize("decode_step", ["eager", "static"])

@@ -174,6 +174,24 @@ def decode_step(body, head, tokens, position, kv, conv, ssm, valid) -> torch.Ten
     (b, kv_heads, capacity, d); conv {layer: (b, C, K-1)}; ssm {layer: (b, h, p, n) fp32};
     valid (b, capacity) bool. Returns the logits after the last token, (b, V) float32.
     """
+    h = _fixed_forward(body, tokens, position, kv, conv, ssm, valid)
+    return head(body.norm_f(h[:, -1])).float()
+
+
+def verify_step(body, head, tokens, position, kv, conv, ssm, valid):
+    """A speculative verify over the fixed-shape state: `decode_step`'s forward of the S drafted
+    tokens per row (b, S), with the head at every position and each Mamba layer's per-position
+    states kept for the rollback. Returns (logits (b, S, V) float32, {layer: (conv window (b, C,
+    K-1+S), SSM states (b, S+1, h, p, n))}); the buffers hold the state after all S tokens until the
+    caller rolls back (`HybridCache.rollback`). No host read: it compiles with `fullgraph=True`."""
+    histories: dict = {}
+    h = _fixed_forward(body, tokens, position, kv, conv, ssm, valid, histories=histories)
+    return head(body.norm_f(h)).float(), histories
+
+
+def _fixed_forward(body, tokens, position, kv, conv, ssm, valid, *, histories: dict | None = None) -> torch.Tensor:
+    """The layers of `decode_step` / `verify_step` over the fixed buffers; the last hidden states (b, L, H).
+    With `histories`, each Mamba layer's (conv window, per-position SSM states) go into it."""
     L = tokens.shape[1]
     slots = position + torch.arange(L, device=position.device)  # (L,)
     valid.index_fill_(1, slots, True)
@@ -186,7 +204,12 @@ def decode_step(body, head, tokens, position, kv, conv, ssm, valid) -> torch.Ten
     for i, layer in enumerate(body.layers):
         u = layer.norm(h)
         if layer.kind == "linear_attention":
-            y = _mamba_step(layer.mixer, u, conv[i], ssm[i])
+            record = [] if histories is not None else None
+            y, state = layer.mixer(u, MambaState(conv[i], ssm[i]), history=record)
+            conv[i].copy_(state.conv)  # the new states written into the fixed buffers
+            ssm[i].copy_(state.ssm)
+            if record:
+                histories[i] = (record[0].window, record[0].ssm)
         elif layer.kind == "full_attention":
             q, k, v = layer.mixer.qkv(u)
             kbuf, vbuf = kv[i]
@@ -196,49 +219,7 @@ def decode_step(body, head, tokens, position, kv, conv, ssm, valid) -> torch.Ten
         else:  # MoE: grouped experts, no host read (`layers/moe.py`)
             y = layer.mixer(u)
         h = h + y
-    return head(body.norm_f(h[:, -1])).float()
-
-
-def verify_step(body, head, tokens, position, kv, conv, ssm, valid):
-    """A speculative verify over the fixed-shape state: `decode_step`'s forward of the S drafted
-    tokens per row (b, S), with the head at every position and each Mamba layer's per-position
-    states kept for the rollback. Returns (logits (b, S, V) float32, {layer: (conv window (b, C,
-    K-1+S), SSM states (b, S+1, h, p, n))}); the buffers hold the state after all S tokens until the
-    caller rolls back (`rollback_fixed`). No host read: it compiles with `fullgraph=True`."""
-    L = tokens.shape[1]
-    slots = position + torch.arange(L, device=position.device)
-    valid.index_fill_(1, slots, True)
-    keys = torch.arange(valid.shape[1], device=valid.device)
-    mask = valid[:, None, None, :] & (keys[None, :] <= slots[:, None])[None, None]
-    histories = {}
-    h = body.embeddings(tokens)
-    for i, layer in enumerate(body.layers):
-        u = layer.norm(h)
-        if layer.kind == "linear_attention":
-            record: list = []
-            y, state = layer.mixer(u, MambaState(conv[i], ssm[i]), history=record)
-            conv[i].copy_(state.conv)
-            ssm[i].copy_(state.ssm)
-            histories[i] = (record[0].window, record[0].ssm)
-        elif layer.kind == "full_attention":
-            q, k, v = layer.mixer.qkv(u)
-            kbuf, vbuf = kv[i]
-            kbuf.index_copy_(2, slots, k)
-            vbuf.index_copy_(2, slots, v)
-            y = layer.mixer.attend(q, kbuf, vbuf, mask)
-        else:
-            y = layer.mixer(u)
-        h = h + y
-    return head(body.norm_f(h)).float(), histories
-
-
-def _mamba_step(mixer, u: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
-    """The mixer's own forward from the buffered state (its one-token step when L is 1); the new
-    states are written into the fixed buffers."""
-    y, state = mixer(u, MambaState(conv_state, ssm_state))
-    conv_state.copy_(state.conv)
-    ssm_state.copy_(state.ssm)
-    return y
+    return h
 
 
 def denoise_step(model, canvas: torch.Tensor, t: torch.Tensor, context: DenoiserContext) -> torch.Tensor:
