@@ -32,20 +32,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+from proc_memory import reset_peak, status_mib  # benchmarks/proc_memory.py, beside this script
+
 METHODS = ("whole", "rank-local")
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
 
 
 def _config(args):
@@ -101,8 +90,8 @@ def worker(args) -> None:
     d = Dist.from_env()
     settings = ParallelSettings("fsdp", bf16=args.bf16)
     dist.barrier()
-    before = _status_mib("VmRSS")
-    _reset_peak()
+    before = status_mib("VmRSS")
+    reset_peak()
     if args.worker == "whole":
         model = TwoTowerForCausalLM.from_backbone_pretrained(args.path, dtype=torch.float32, device="cpu", seed=0)
         root = shard_for_training(model, settings)
@@ -112,7 +101,7 @@ def worker(args) -> None:
 
         root = load_sharded_twotower(args.path, from_backbone=True, seed=0, settings=settings,
                                      device=torch.device("cpu"))  # fmt: skip
-    peak, held = _status_mib("VmHWM") - before, _status_mib("VmRSS") - before
+    peak, held = status_mib("VmHWM") - before, status_mib("VmRSS") - before
     local = sum(p.to_local().numel() * p.element_size() for p in root.parameters()) / 2**20
     print("RESULT " + json.dumps({"method": args.worker, "rank": d.rank, "peak_mib": peak, "held_mib": held,
                                   "shard_mib": local}), flush=True)  # fmt: skip

@@ -33,26 +33,10 @@ import subprocess
 import sys
 import time
 
+from proc_memory import reset_peak, status_mib  # benchmarks/proc_memory.py, beside this script
+
 OBJECTIVES = ("single", "blockwise")
 PATTERN = "M*E-M*E"  # two of each stateful kind, MoE and a dense MLP
-
-
-def _status_mib(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _model(seed: int):
@@ -97,8 +81,8 @@ def worker(args: argparse.Namespace) -> dict:
     ids = torch.randint(4, model.config.vocab_size, (args.batch, L), generator=torch.Generator().manual_seed(args.seed))
     noise = draw_noise(args.batch, L, block_size=S, seed=args.seed, step=0)
     loss_fn = diffusion_loss if args.objective == "single" else diffusion_loss_blockwise
-    reset = _reset_peak()
-    before = _status_mib("VmRSS")
+    reset = reset_peak()
+    before = status_mib("VmRSS")
     walls, cpus = [], []
     for _ in range(args.steps):
         w0, c0 = time.perf_counter(), time.process_time()
@@ -112,7 +96,7 @@ def worker(args: argparse.Namespace) -> dict:
         "block_size": S,
         "batch": args.batch,
         "steps": args.steps,
-        "peak_mib": round(_status_mib("VmHWM") - before, 1),
+        "peak_mib": round(status_mib("VmHWM") - before, 1),
         "peak_reset": reset,
         "step_s": round(statistics.median(walls), 4),
         "step_cpu_s": round(statistics.median(cpus), 4),
