@@ -46,3 +46,79 @@ def test_the_environment_decides_what_auto_means_and_explicit_steps_stay(no_over
 def test_the_scheduler_resolves_auto(no_override, monkeypatch):
     monkeypatch.setenv(static.ENGINE_STEP_ENV, "static")
     assert Scheduler(make_two_tower(), decode_step="auto").decode_step == "static"
+
+
+def test_warm_up_runs_every_batch_width_and_leaves_a_clean_scheduler(monkeypatch):
+    """`Scheduler.warm_up` decodes copies of a request at widths 1, 2, 4, ... up to the batch limit,
+    each width's rows joining at once (one slot state of that width each), then starts its
+    statistics afresh; requests after it decode exactly as before."""
+    from dataclasses import replace
+
+    from tests.serve.test_engine import BLOCK4, alone, prompts
+    from twotower.decode.engine import Request
+    from twotower.decode.slots import SlotCache
+
+    model = make_two_tower()
+    widths = []
+    claim = SlotCache.for_requests.__func__
+
+    def spy(cls, model, *, rows, longest, max_slots=None):
+        state = claim(cls, model, rows=rows, longest=longest, max_slots=max_slots)
+        widths.append(state.slots)
+        return state
+
+    monkeypatch.setattr(SlotCache, "for_requests", classmethod(spy))
+    scheduler = Scheduler(model, max_batch_size=6, decode_step="static")
+    assert scheduler.batch_widths() == [1, 2, 4, 6]
+    warm = Request("w", (5,), max_new_tokens=8, settings=BLOCK4)
+    assert scheduler.warm_up(warm) == [1, 2, 4, 6]
+    assert widths == [1, 2, 4, 6] and scheduler.idle and scheduler.stats.generated_tokens == 0
+    req = replace(warm, id="real", prompt=prompts(5, seed=4)[0])
+    scheduler.submit(req)
+    tokens = []
+    while not scheduler.idle:
+        tokens += [t for e in scheduler.step() for t in e.tokens]
+    assert tokens == alone(model, req) and scheduler.stats.generated_tokens == len(tokens)
+    busy = Scheduler(model, max_batch_size=2)
+    busy.submit(req)
+    with pytest.raises(RuntimeError, match="idle"):
+        busy.warm_up(warm)
+
+
+def test_the_servers_engine_thread_warms_up_before_its_first_request():
+    """A request submitted during the warm-up waits in the inbox and then decodes as alone; the
+    server's warm-up request is its default options over two blocks, with no EOS."""
+    import queue
+
+    from tests.serve.test_engine import BLOCK4, alone, prompts
+    from twotower.decode.engine import Request
+    from twotower.serve.app import warmup_request
+    from twotower.serve.worker import EngineWorker
+    from twotower.workload import Options
+
+    model = make_two_tower()
+    worker = EngineWorker(
+        model, max_batch_size=4, max_queue=4, decode_step="static",
+        warmup=Request("w", (5,), max_new_tokens=8, settings=BLOCK4),
+    )  # fmt: skip
+    worker.start()
+    try:
+        got: queue.Queue = queue.Queue()
+        req = Request("real", prompts(6, seed=5)[0], max_new_tokens=8, settings=BLOCK4)
+        worker.submit(req, got)
+        tokens = []
+        while True:
+            event = got.get(timeout=120)
+            tokens += event.tokens
+            if event.finished:
+                break
+        assert worker.warmed_up.is_set() and tokens == alone(model, req)
+    finally:
+        worker.close()
+
+    class Tok:
+        bos_id = 1
+
+    warm = warmup_request(Options(block_size=8), Tok())
+    assert (warm.prompt, warm.max_new_tokens, warm.eos_ids, warm.settings.block_size) == ((1,), 16, (), 8)
+    assert warmup_request(Options(mode="ar"), Tok()).max_new_tokens == 2

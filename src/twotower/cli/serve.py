@@ -65,6 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="diffusion requests default to EOS-aware commits (positions after a committed EOS leave the ranking)",
     )
     p.add_argument("--log-requests", action="store_true", help="log one line per HTTP request (uvicorn's access log)")
+    p.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="with compiled engine steps, do not compile them at every batch width before the first request "
+        "(the warm-up decodes the default options at widths 1, 2, 4, ... up to --max-batch-size)",
+    )
     p.set_defaults(func=cmd_serve)
 
 
@@ -111,6 +117,7 @@ def server_config(args: argparse.Namespace):
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         engine_step=args.engine_step,
+        warmup=not args.no_warmup,
         limits=limits,
         defaults=defaults,
         log_requests=args.log_requests,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Hashable
+from dataclasses import replace
 
 import torch
 
@@ -76,6 +77,31 @@ class Scheduler:
             events += engine.step()
         self.engines = {key: e for key, e in self.engines.items() if len(e)}
         return events
+
+    def batch_widths(self) -> list[int]:
+        """The slot widths a slot state of this scheduler can take: powers of two up to (and
+        ending at) `max_batch_size` (`slots.SlotCache`'s capacity policy)."""
+        widths, w = [], 1
+        while w < self.max_batch_size:
+            widths.append(w)
+            w *= 2
+        return [*widths, self.max_batch_size]
+
+    def warm_up(self, request: Request) -> list[int]:
+        """Decode copies of `request` at every batch width (`batch_widths`), all rows of a width
+        joining at once, so that compiled steps compile before real requests come; the statistics
+        start afresh after it. Returns the widths run. Make `request` like the traffic (its mode,
+        block size and a budget of two blocks: a full block, its commit and the next block)."""
+        if not self.idle:
+            raise RuntimeError("warm up an idle scheduler")
+        widths = self.batch_widths()
+        for w in widths:
+            for i in range(w):
+                self.submit(replace(request, id=("warm-up", w, i), on_step=None))
+            while not self.idle:
+                self.step()
+        self.stats = EngineStats()
+        return widths
 
     def _admit(self) -> list[Event]:
         room = self.max_batch_size - self.active

@@ -29,6 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..decode.static import resolve_engine_step
 from ..workload import Limits, Options
 from .calls import CallContext, chat_call, completion_call
 from .chat import ChatPrompt
@@ -51,10 +52,23 @@ class ServerConfig:
     max_batch_size: int = 32
     max_queue: int = 64
     engine_step: str = "auto"  # the engine's steps: auto, eager, static or compiled (decode.static.resolve_engine_step)
+    warmup: bool = False  # compiled steps: decode the default options at every batch width before serving
     limits: Limits = field(default_factory=Limits)
     defaults: Options = field(default_factory=Options)
     max_body_bytes: int = 1 << 20
     log_requests: bool = False
+
+
+def warmup_request(defaults: Options, tokenizer):
+    """The warm-up request (`Scheduler.warm_up`): the server's default options with a one-token
+    prompt, no EOS and two blocks to fill (a full block, its commit and the next block; AR: 2 tokens)."""
+    from dataclasses import replace
+
+    from ..workload import to_request
+
+    blocks = 2 * defaults.block_size if defaults.mode != "ar" else 2
+    prompt = [tokenizer.bos_id if tokenizer.bos_id is not None else 0]
+    return to_request(("warm-up",), prompt, replace(defaults, max_tokens=blocks, stop=()), eos_ids=())
 
 
 class ServerState:
@@ -68,12 +82,14 @@ class ServerState:
         self.eos_ids = tuple(loaded.model.config.eos_token_ids)
         self.created = int(time.time())
         self.metrics = ServerMetrics()
+        compiled = resolve_engine_step(config.engine_step, loaded.model.context_device) == "compiled"
         self.worker = EngineWorker(
             loaded.model,
             max_batch_size=config.max_batch_size,
             max_queue=config.max_queue,
             metrics=self.metrics,
             decode_step=config.engine_step,
+            warmup=warmup_request(config.defaults, self.tokenizer) if config.warmup and compiled else None,
         )
         w = self.worker
         self.metrics.watch(

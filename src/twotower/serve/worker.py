@@ -15,6 +15,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Hashable
 from dataclasses import dataclass, field, replace
@@ -77,6 +78,7 @@ class EngineWorker:
         max_queue: int,
         metrics: ServerMetrics | None = None,
         decode_step: str = "eager",  # the engine's steps: "eager", "static" or "compiled" (decode/engine.py)
+        warmup: Request | None = None,  # decoded at every batch width before the first request (Scheduler.warm_up)
     ) -> None:
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
@@ -94,6 +96,8 @@ class EngineWorker:
         self.running_rows = 0  # rows decoding, as of the last step
         self.peak_rows = 0  # most rows one step decoded
         self._stop = threading.Event()
+        self.warmup = warmup
+        self.warmed_up = threading.Event()  # set once the warm-up (if any) is over
         self._thread = threading.Thread(target=self._loop, name="twotower-engine", daemon=True)
 
     # ---- any thread ---------------------------------------------------------------------------------
@@ -137,6 +141,7 @@ class EngineWorker:
     # ---- the loop thread ----------------------------------------------------------------------------
     def _loop(self) -> None:
         with torch.no_grad():
+            self._warm_up()
             while not self._stop.is_set():
                 try:
                     self._take_inbox(block=self.scheduler.idle)
@@ -145,6 +150,22 @@ class EngineWorker:
                 except Exception as err:  # a bug, bad data, out of memory: isolate it, keep serving
                     self._recover_or_reset(err)
         self._shut_down()
+
+    def _warm_up(self) -> None:
+        """Compile the steps at every batch width before serving (requests submitted meanwhile wait
+        in the inbox); a failure is reported and serving goes on without it."""
+        if self.warmup is not None:
+            start = time.perf_counter()
+            try:
+                widths = self.scheduler.warm_up(self.warmup)
+            except Exception:  # noqa: BLE001  (the warm-up is an optimisation: never fatal)
+                print("warm-up failed; serving without it:", file=sys.stderr)
+                traceback.print_exc(file=sys.stderr)
+                self.scheduler = Scheduler(self.model, max_batch_size=self.max_batch_size, decode_step=self.decode_step)
+            else:
+                seconds = time.perf_counter() - start
+                print(f"warm-up: batch widths {', '.join(map(str, widths))} in {seconds:.1f} s", file=sys.stderr)
+        self.warmed_up.set()
 
     def _step(self) -> None:
         """One scheduler step; its events go to their tickets."""
