@@ -119,6 +119,6 @@ def test_the_servers_engine_thread_warms_up_before_its_first_request():
     class Tok:
         bos_id = 1
 
-    warm = warmup_request(Options(block_size=8), Tok())
-    assert (warm.prompt, warm.max_new_tokens, warm.eos_ids, warm.settings.block_size) == ((1,), 16, (), 8)
-    assert warmup_request(Options(mode="ar"), Tok()).max_new_tokens == 2
+    warm = warmup_request(Options(block_size=8), Tok(), eos_count=2, mask_id=3)
+    assert (warm.prompt, warm.max_new_tokens, warm.eos_ids, warm.settings.block_size) == ((1,), 16, (3, 3), 8)
+    assert warmup_request(Options(mode="ar"), Tok(), eos_count=1, mask_id=3).max_new_tokens == 2

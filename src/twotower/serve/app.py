@@ -59,16 +59,19 @@ class ServerConfig:
     log_requests: bool = False
 
 
-def warmup_request(defaults: Options, tokenizer):
+def warmup_request(defaults: Options, tokenizer, *, eos_count: int, mask_id: int):
     """The warm-up request (`Scheduler.warm_up`): the server's default options with a one-token
-    prompt, no EOS and two blocks to fill (a full block, its commit and the next block; AR: 2 tokens)."""
+    prompt and two blocks to fill (a full block, its commit and the next block; AR: 2 tokens). Its
+    EOS set has the size of the real one (the compiled steps see an EOS table of the real shape) but
+    holds only the mask id, which the denoiser never predicts, so every row runs its whole budget."""
     from dataclasses import replace
 
     from ..workload import to_request
 
     blocks = 2 * defaults.block_size if defaults.mode != "ar" else 2
     prompt = [tokenizer.bos_id if tokenizer.bos_id is not None else 0]
-    return to_request(("warm-up",), prompt, replace(defaults, max_tokens=blocks, stop=()), eos_ids=())
+    options = replace(defaults, max_tokens=blocks, stop=())
+    return to_request(("warm-up",), prompt, options, eos_ids=(mask_id,) * eos_count)
 
 
 class ServerState:
@@ -89,7 +92,11 @@ class ServerState:
             max_queue=config.max_queue,
             metrics=self.metrics,
             decode_step=config.engine_step,
-            warmup=warmup_request(config.defaults, self.tokenizer) if config.warmup and compiled else None,
+            warmup=warmup_request(
+                config.defaults, self.tokenizer, eos_count=len(self.eos_ids), mask_id=loaded.model.mask_token_id
+            )
+            if config.warmup and compiled
+            else None,
         )
         w = self.worker
         self.metrics.watch(
