@@ -198,3 +198,18 @@ def test_the_denoiser_mirror_moves_only_the_new_entries(model):
     expected = new_kv + sum(t.numel() * t.element_size() for t in states) + slots * S  # + S validity flags per slot
     assert moved[1] == moved[2] == moved[5] == expected  # the first block also moves the prompt
     assert engine.state.length > 40  # while the past has grown past 10 blocks
+
+
+@torch.no_grad()
+def test_slot_growth_stops_at_the_batch_limit(model):
+    """Rows joining one by one double the slots, but never past `max_rows`: every width the state
+    takes is one of `slot_widths(max_rows)` (what a server's warm-up compiles)."""
+    from twotower.decode.slots import slot_widths
+
+    engine = DecodeEngine(model, mode="ar", max_rows=6)
+    seen = []
+    for i, p in enumerate(prompts(*([4] * 6), seed=21)):
+        engine.add([Request(i, p, mode="ar", max_new_tokens=50)])
+        seen.append(engine.state.slots)
+    assert seen == [1, 2, 4, 4, 6, 6] and set(seen) <= set(slot_widths(6))
+    assert slot_widths(6) == [1, 2, 4, 6] and slot_widths(8) == [1, 2, 4, 8] and slot_widths(1) == [1]

@@ -172,37 +172,43 @@ def denoise_block(
     `fused_step`: a whole step in one call with no host read inside (`static.denoiser_block_step`,
     compiled or not, over a fixed-shape context); the loop then reads the host once per step: which
     rows are still live (it ends the block early and tells the per-row streams who draws)."""
-    if fused_step is not None:
-        return _fused_loop(
-            fused_step, model, context, canvas=canvas, masked=masked, rows=rows, size=size, settings=settings,
-            mask_id=mask_id, generator=generator, on_step=on_step, eos_ids=eos_ids, eos_aware=eos_aware, draw=draw,
-        )  # fmt: skip
     device = model.denoiser_device
     denoise = model.denoise if denoise is None else denoise
     if canvas is None:
         canvas = torch.full((rows, size), mask_id, dtype=torch.long, device=device)
         masked = torch.ones(rows, size, dtype=torch.bool, device=device)
+    steps = settings.steps_per_block
+    options = dict(
+        steps=steps, threshold=settings.confidence_threshold, temperature=settings.temperature, top_k=settings.top_k,
+        mask_id=mask_id, eos_aware=eos_aware,
+    )  # fmt: skip
+    shape = torch.Size((rows, size, model.config.vocab_size))
     row_steps = torch.zeros(rows, dtype=torch.long, device=device)
+    live = rows_needing_tokens(canvas, masked, eos_ids)
     forwards = 0
-    for k in range(settings.steps_per_block):
-        n_masked = masked.sum(-1)
-        live = rows_needing_tokens(canvas, masked, eos_ids)
-        if not bool(live.any()):  # the one host read of a step: stop the block early
+    for k in range(steps):
+        live_rows = live.tolist()  # the one host read of a step: it ends the block early, and says who draws
+        if not any(live_rows):
             break
-        logits = denoise(canvas, n_masked.float() / size, context, logits_for=masked & live[:, None])
-        forwards += 1
+        n_masked = masked.sum(-1)
         noise = None
         if settings.temperature > 0:
             # per-row streams: a row with nothing left to fill draws nothing, exactly as when decoded alone
-            step_gen = generator.only(live) if isinstance(generator, RowGenerators) else generator
-            noise = _noise(logits.shape, logits.device, draw, step_gen)
-        canvas, masked, commit, live = block_commit(
-            logits, canvas, masked, step=k, steps=settings.steps_per_block,
-            threshold=settings.confidence_threshold, temperature=settings.temperature, top_k=settings.top_k,
-            mask_id=mask_id,
-            eos_ids=eos_ids, eos_aware=eos_aware, noise=noise,
-        )  # fmt: skip
-        row_steps += live.long()
+            step_gen = generator.only(live_rows) if isinstance(generator, RowGenerators) else generator
+            noise = _noise(shape, device, draw, step_gen)
+        if fused_step is not None:
+            step = torch.tensor(k, device=device)
+            canvas, masked, commit, took_part, live = fused_step(
+                model, canvas, masked, context, noise, eos_ids, step, **options
+            )
+        else:
+            logits = denoise(canvas, n_masked.float() / size, context, logits_for=masked & live[:, None])
+            canvas, masked, commit, took_part = block_commit(
+                logits, canvas, masked, step=k, eos_ids=eos_ids, noise=noise, **options
+            )
+            live = rows_needing_tokens(canvas, masked, eos_ids)
+        forwards += 1
+        row_steps += took_part.long()
         if on_step is not None:
             on_step({"step": k, "canvas": canvas, "committed": commit, "masked": masked, "t": n_masked / size})
     return canvas, row_steps, forwards
@@ -217,54 +223,6 @@ def _noise(shape: torch.Size, device: torch.device, draw: torch.Tensor | None, g
     rows = draw.to(device)
     noise[rows] = gumbel_from_uniform(_uniform(noise[rows].shape, generator, device))
     return noise
-
-
-def _fused_loop(
-    fused_step,
-    model,
-    context,
-    *,
-    canvas,
-    masked,
-    rows,
-    size,
-    settings,
-    mask_id,
-    generator,
-    on_step,
-    eos_ids,
-    eos_aware,
-    draw,
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """`denoise_block` with a fused step: the same steps, commits and random draws, one host read
-    (the live rows, (rows,) bool) per step."""
-    device = model.denoiser_device
-    if canvas is None:
-        canvas = torch.full((rows, size), mask_id, dtype=torch.long, device=device)
-        masked = torch.ones(rows, size, dtype=torch.bool, device=device)
-    row_steps = torch.zeros(rows, dtype=torch.long, device=device)
-    shape = torch.Size((rows, size, model.config.vocab_size))
-    live = rows_needing_tokens(canvas, masked, eos_ids)
-    forwards = 0
-    for k in range(settings.steps_per_block):
-        live_rows = live.tolist()  # the one host read of a step
-        if not any(live_rows):
-            break
-        noise = None
-        if settings.temperature > 0:
-            step_gen = generator.only(live_rows) if isinstance(generator, RowGenerators) else generator
-            noise = _noise(shape, device, draw, step_gen)
-        n_masked = masked.sum(-1)
-        canvas, masked, commit, took_part, live = fused_step(
-            model, canvas, masked, context, noise, eos_ids, torch.tensor(k, device=device),
-            steps=settings.steps_per_block, threshold=settings.confidence_threshold,
-            temperature=settings.temperature, top_k=settings.top_k, mask_id=mask_id, eos_aware=eos_aware,
-        )  # fmt: skip
-        forwards += 1
-        row_steps += took_part.long()
-        if on_step is not None:
-            on_step({"step": k, "canvas": canvas, "committed": commit, "masked": masked, "t": n_masked / size})
-    return canvas, row_steps, forwards
 
 
 def _uniform(shape: torch.Size, generator, device: torch.device) -> torch.Tensor:

@@ -45,7 +45,7 @@ from .spec import (
     DecodeStats,
     DiffusionSettings,
 )
-from .static import FusedDenoiserStep, StaticDecoder, round_capacity
+from .static import Compiled, StaticDecoder, denoiser_block_step, round_capacity
 from .steps import ar_logits, commit_block
 
 __all__ = [
@@ -75,7 +75,9 @@ class _ContextState:
         self.capacity = round_capacity(width + max_new_tokens + 1)
         self.compile = decode_step == "compiled"
         # fixed shape: each denoiser step is one fused call (forward, head, commit rule), no host read inside
-        self.fused = FusedDenoiserStep(compile=self.compile) if self.fixed_shape else None
+        self.fused = (
+            Compiled(denoiser_block_step, compile=self.compile, what="the diffusion step") if self.fixed_shape else None
+        )
 
     def prefill(self, *, anchor: bool) -> torch.Tensor | None:
         """The prompt into the cache; anchored, the AR logits of the next token (b, V)."""

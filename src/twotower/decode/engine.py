@@ -22,7 +22,7 @@ of the other rows; free slots take part in every forward (fixed shapes), idle. W
 two devices a `DenoiserMirror` (`mirror.py`) moves only the new entries per block.
 `decode_step` "static" / "compiled" (compiled once per shape) runs the context steps as
 `static.decode_step` and the speculative verify as `static.verify_step` over the slot buffers, and
-every denoiser step as `static.FusedDenoiserStep` (forward, head and commit rule in one call, no host
+every denoiser step as `static.denoiser_block_step` (forward, head and commit rule in one call, no host
 read inside; the loop reads which rows are live once per step). `slots=False` is the plain
 reference twin: a packed cache, rows merged in on joining (`HybridCache.merge`, right-aligned) and
 selected on leaving, eager steps.
@@ -61,7 +61,7 @@ from .sampling import RowGenerators, make_generator
 from .slots import SlotCache
 from .spec import MODES as MODE_REGISTRY
 from .spec import check_decode_step, check_seed
-from .static import Compiled, FusedDenoiserStep, verify_step
+from .static import Compiled, denoiser_block_step, verify_step
 from .static import decode_step as fixed_shape_step
 from .steps import ar_logits
 
@@ -117,7 +117,7 @@ class DecodeEngine(SpeculativeRounds):
             mirror is None and two_devices)) else None  # fmt: skip
         fixed, compile = decode_step != "eager", decode_step == "compiled"
         # fixed shape: one fused call per denoiser step (forward, head, commit rule), no host read inside
-        self._fused = FusedDenoiserStep(compile=compile) if fixed else None
+        self._fused = Compiled(denoiser_block_step, compile=compile, what="the diffusion step") if fixed else None
         self._verify = Compiled(verify_step, compile=compile, what="the speculative verify") if fixed else None
         self._context_step = (
             Compiled(fixed_shape_step, compile=compile, what="the engine's context step") if fixed else None

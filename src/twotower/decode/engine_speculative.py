@@ -60,8 +60,9 @@ class SpeculativeRounds:
             drafted[index], row_steps[index] = self._fill_group(
                 context, idx, canvas, masked, self.rows[idx[0]].request.draft_settings, report=False
             )
+        drafted = drafted.to(model.context_device)
         where = torch.tensor(place, device=model.context_device)
-        full = self.state.spread(drafted.to(model.context_device), where, fill=model.config.pad_token_id)
+        full = self.state.spread(drafted, where, fill=model.config.pad_token_id)
         groups = [
             RowGroup([place[i] for i in idx], self.rows[idx[0]].request.settings, self._streams(idx))
             for idx in row_groups(self.rows, sampling_key).values()
@@ -70,7 +71,7 @@ class SpeculativeRounds:
             accepted, pending = self._verify_fixed(full, groups)
         else:
             accepted, pending = verify_drafts(model, self.state.cache, full, groups)
-        return accepted[where], pending[where], drafted.to(model.context_device), row_steps
+        return accepted[where], pending[where], drafted, row_steps
 
     def _verify_fixed(self, drafted: torch.Tensor, groups: list[RowGroup]) -> tuple[torch.Tensor, torch.Tensor]:
         """`steps.verify_drafts` as the fixed-shape `static.verify_step` (compiled or not) over the slot

@@ -18,6 +18,7 @@ from dataclasses import replace
 import torch
 
 from .engine import FINISH_CANCELLED, DecodeEngine, EngineStats, Event, Request
+from .slots import slot_widths
 from .spec import MODES as MODE_REGISTRY
 from .static import resolve_engine_step
 
@@ -79,13 +80,8 @@ class Scheduler:
         return events
 
     def batch_widths(self) -> list[int]:
-        """The slot widths a slot state of this scheduler can take: powers of two up to (and
-        ending at) `max_batch_size` (`slots.SlotCache`'s capacity policy)."""
-        widths, w = [], 1
-        while w < self.max_batch_size:
-            widths.append(w)
-            w *= 2
-        return [*widths, self.max_batch_size]
+        """The slot widths a slot state of this scheduler can take (`slots.slot_widths`)."""
+        return slot_widths(self.max_batch_size)
 
     def warm_up(self, request: Request) -> list[int]:
         """Decode copies of `request` at every batch width (`batch_widths`), all rows of a width

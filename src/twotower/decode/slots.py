@@ -12,7 +12,8 @@ write is never read, and a claim resets the slot.
 
 Capacity policy (stated, amortized):
 - slots: the first join's row count rounded up to a power of two (at most `max_slots`), doubled
-  when more rows are active than slots (a copy of every row; at most log2(max_slots) times);
+  (at most to `max_slots`) when more rows are active than slots (a copy of every row; at most
+  log2(max_slots) times); so the widths are `slot_widths(max_slots)`;
 - positions: `round_capacity(2 x (prompt + max_new_tokens))` of the longest request seen, doubled
   only when a longer request arrives; when the shared end would pass the capacity, every active
   row is compacted to the front of its slot (one gather of all rows, then at least half the
@@ -34,6 +35,16 @@ from .static import round_capacity
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def slot_widths(max_slots: int) -> list[int]:
+    """Every width (slot count) the capacity policy gives with at most `max_slots` rows: the powers
+    of two below `max_slots`, and `max_slots` itself."""
+    widths, w = [], 1
+    while w < max_slots:
+        widths.append(w)
+        w *= 2
+    return [*widths, max_slots]
 
 
 class SlotCache:
@@ -76,7 +87,10 @@ class SlotCache:
         rows, width = prefilled.batch_size, prefilled.length
         free = [s for s, u in enumerate(self.used) if not u]
         if len(free) < rows:
-            self._grow(slots=max(2 * self.slots, _pow2(self.slots - len(free) + rows)))
+            wanted = max(2 * self.slots, _pow2(self.slots - len(free) + rows))
+            if self.max_slots is not None:
+                wanted = min(wanted, max(self.max_slots, self.slots - len(free) + rows))
+            self._grow(slots=wanted)
             free = [s for s, u in enumerate(self.used) if not u]
         if 2 * longest > self.capacity:  # a longer request: double until it fits
             cap = self.capacity

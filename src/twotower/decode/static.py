@@ -22,6 +22,8 @@ Prefill stays eager (`StaticDecoder.load` copies a prefilled `HybridCache`).
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
 
 import torch
@@ -36,7 +38,6 @@ __all__ = [
     "DECODE_STEPS",
     "Compiled",
     "FixedShapeDenoiser",
-    "FusedDenoiserStep",
     "StaticDecoder",
     "check_decode_step",
     "denoiser_block_step",
@@ -55,9 +56,6 @@ ENGINE_STEP_ENV = "TWOTOWER_ENGINE_STEP"  # what "auto" means, when set (eager, 
 def compiler_available(device: torch.device | str) -> bool:
     """Whether `torch.compile` can build kernels for `device`: Triton for CUDA, a C++ compiler on
     the CPU; False when Dynamo is disabled (TORCHDYNAMO_DISABLE=1)."""
-    import os
-    import shutil
-
     if os.environ.get("TORCHDYNAMO_DISABLE", "") not in ("", "0"):
         return False
     if torch.device(device).type == "cuda":
@@ -77,8 +75,6 @@ def resolve_engine_step(engine_step: str, device: torch.device | str) -> str:
     `device` and "eager" elsewhere. Compiling costs tens of seconds once per shape (a server's or a
     batch job's first blocks) and then runs 1.2-1.3x the eager engine on the bundled model."""
     if engine_step == "auto":
-        import os
-
         engine_step = os.environ.get(ENGINE_STEP_ENV) or ("compiled" if compiler_available(device) else "eager")
     check_decode_step(engine_step)
     return engine_step
@@ -327,13 +323,3 @@ def denoiser_block_step(
         mask_id=mask_id, eos_ids=eos_ids, eos_aware=eos_aware, noise=noise,
     )  # fmt: skip
     return canvas, masked, committed, live, rows_needing_tokens(canvas, masked, eos_ids)
-
-
-class FusedDenoiserStep:
-    """`denoiser_block_step` for `denoise_block(fused_step=...)`, compiled or plain (`Compiled`)."""
-
-    def __init__(self, *, compile: bool) -> None:
-        self._fn = Compiled(denoiser_block_step, compile=compile, what="the diffusion step")
-
-    def __call__(self, model, canvas, masked, context, noise, eos_ids, step, **options):
-        return self._fn(model, canvas, masked, context, noise, eos_ids, step, **options)
