@@ -139,11 +139,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CLIError(f"{loaded.path}: {err}") from None
     print(f"serving {loaded.name} on {server.url}", flush=True)  # the load test waits for this line
     print(f"playground: {server.url}/", flush=True)
-    from ..decode.static import resolve_engine_step
-
-    step = resolve_engine_step(config.engine_step, loaded.model.context_device)
-    compiling = " (the first blocks of each batch shape compile)" if step == "compiled" else ""
-    print(f"engine steps: {step}{compiling}", flush=True)
+    state = server.state
+    warming = " (compiling every batch width first; requests wait until it is done)" if state.worker.warmup else ""
+    print(f"engine steps: {state.engine_step}{warming}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ import hmac
 import json
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..decode.static import resolve_engine_step
-from ..workload import Limits, Options
+from ..workload import Limits, Options, to_request
 from .calls import CallContext, chat_call, completion_call
 from .chat import ChatPrompt
 from .errors import CLIENT_CLOSED, ApiError, from_validation
@@ -64,10 +64,6 @@ def warmup_request(defaults: Options, tokenizer, *, eos_count: int, mask_id: int
     prompt and two blocks to fill (a full block, its commit and the next block; AR: 2 tokens). Its
     EOS set has the size of the real one (the compiled steps see an EOS table of the real shape) but
     holds only the mask id, which the denoiser never predicts, so every row runs its whole budget."""
-    from dataclasses import replace
-
-    from ..workload import to_request
-
     blocks = 2 * defaults.block_size if defaults.mode != "ar" else 2
     prompt = [tokenizer.bos_id if tokenizer.bos_id is not None else 0]
     options = replace(defaults, max_tokens=blocks, stop=())
@@ -85,18 +81,18 @@ class ServerState:
         self.eos_ids = tuple(loaded.model.config.eos_token_ids)
         self.created = int(time.time())
         self.metrics = ServerMetrics()
-        compiled = resolve_engine_step(config.engine_step, loaded.model.context_device) == "compiled"
+        self.engine_step = resolve_engine_step(config.engine_step, loaded.model.context_device)  # "auto" resolved
+        warmup = None
+        if config.warmup and self.engine_step == "compiled":
+            mask_id = loaded.model.mask_token_id
+            warmup = warmup_request(config.defaults, self.tokenizer, eos_count=len(self.eos_ids), mask_id=mask_id)
         self.worker = EngineWorker(
             loaded.model,
             max_batch_size=config.max_batch_size,
             max_queue=config.max_queue,
             metrics=self.metrics,
-            decode_step=config.engine_step,
-            warmup=warmup_request(
-                config.defaults, self.tokenizer, eos_count=len(self.eos_ids), mask_id=loaded.model.mask_token_id
-            )
-            if config.warmup and compiled
-            else None,
+            decode_step=self.engine_step,
+            warmup=warmup,
         )
         w = self.worker
         self.metrics.watch(
