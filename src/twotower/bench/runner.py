@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..decode.batch import normalise_eos
 from ..decode.run import generate
 from ..decode.spec import DecodeSpec
 from . import metrics
@@ -54,8 +55,7 @@ class Setting:
 
     def spec(self, max_new_tokens: int, eos_token_id) -> DecodeSpec:
         """The greedy `DecodeSpec` of this setting (AR-compiled: AR with the compiled step)."""
-        eos = (eos_token_id,) if isinstance(eos_token_id, int) else tuple(eos_token_id or ())
-        common = dict(max_new_tokens=max_new_tokens, temperature=0.0, eos_ids=eos)
+        common = dict(max_new_tokens=max_new_tokens, temperature=0.0, eos_ids=normalise_eos(eos_token_id))
         if self.mode in ("ar", "ar-compiled"):
             return DecodeSpec(mode="ar", decode_step="compiled" if self.mode == "ar-compiled" else "eager", **common)
         block = dict(block_size=self.block_size, confidence_threshold=self.threshold)

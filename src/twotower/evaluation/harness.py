@@ -5,8 +5,8 @@
   likelihood of a string is.
 - `generate_until`: batched generation in the chosen decoding mode (`diffusion`, `ar`, `speculative`,
   `mock-ar`; one `DecodeSpec` through `decode.run.generate`, the library's one dispatch), cut at the
-  first stop string (after generation: the batched loops stop at EOS or the budget); speed statistics (NFE, tokens per forward, tokens/s) accumulate in
-  `speed` across calls.
+  first stop string (after generation: the batched loops stop at EOS or the budget); speed
+  statistics (NFE, tokens per forward, tokens/s) accumulate in `speed` across calls.
 
 Text handling: every context starts with the tokenizer's BOS token (documents were trained as
 `bos ... eos`); trailing spaces of a context move to the front of its continuation, and context and
