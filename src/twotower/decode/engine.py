@@ -322,10 +322,15 @@ class DecodeEngine(SpeculativeRounds):
         """The random streams of rows `idx`, one per row."""
         return RowGenerators([self.rows[i].generator for i in idx])
 
-    def _groups(self, key: Callable[[Row], Hashable], settings: Callable[[Row], object]) -> list[RowGroup]:
-        """The rows as `RowGroup`s by `key`, each with its rows' settings and streams."""
+    def _groups(
+        self, key: Callable[[Row], Hashable], settings: Callable[[Row], object], place: list[int] | None = None
+    ) -> list[RowGroup]:
+        """The rows as `RowGroup`s by `key`, each with its rows' settings and streams; with `place`,
+        the groups index row i as `place[i]` (its slot)."""
         return [
-            RowGroup(idx, settings(self.rows[idx[0]]), self._streams(idx))
+            RowGroup(
+                [place[i] for i in idx] if place is not None else idx, settings(self.rows[idx[0]]), self._streams(idx)
+            )
             for idx in row_groups(self.rows, key).values()
         ]
 

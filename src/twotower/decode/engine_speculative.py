@@ -63,10 +63,7 @@ class SpeculativeRounds:
         drafted = drafted.to(model.context_device)
         where = torch.tensor(place, device=model.context_device)
         full = self.state.spread(drafted, where, fill=model.config.pad_token_id)
-        groups = [
-            RowGroup([place[i] for i in idx], self.rows[idx[0]].request.settings, self._streams(idx))
-            for idx in row_groups(self.rows, sampling_key).values()
-        ]
+        groups = self._groups(sampling_key, lambda row: row.request.settings, place)
         if self.fixed_shape:
             accepted, pending = self._verify_fixed(full, groups)
         else:
