@@ -9,7 +9,8 @@ import torch
 from conftest import randomise_special_params, tiny_config
 
 from twotower.config import NemotronHConfig
-from twotower.layers.moe import MoE, experts_reference, group_by_expert, grouped_linear
+from twotower.layers.grouped import grouped_linear
+from twotower.layers.moe import MoE, experts_reference, group_by_expert
 
 # bf16 outputs are rounded in a different order than the reference's (one rounding per product and
 # per add): a few bf16 ulps of the output's scale

@@ -28,6 +28,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
+
 # Parameters kept in float32 whatever the model's dtype: the MoE selection bias (SPEC pitfall 4).
 # The loaders allocate them so (`stream_load.target_dtype`) and the memory plan counts them so.
 FP32_KEYS = ("e_score_correction_bias",)

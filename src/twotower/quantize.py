@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import NemotronHConfig
-from .layers.mlp import MLP, relu2
-from .layers.moe import ExpertGroups, Experts, MoE, combine, group_by_expert, grouped_linear
+from .layers.grouped import grouped_linear
+from .layers.mlp import MLP, relu2, relu2_
+from .layers.moe import ExpertGroups, Experts, MoE, combine, group_by_expert
 
 QUANTIZE_SCHEMES = ("none", "int8-experts", "fp8-experts")
 INT8_MAX = 127  # symmetric: -128 is never used, so q and -q are both representable
@@ -199,7 +200,7 @@ class Int8Experts(_RefuseStateDict, nn.Module):
         groups = group_by_expert(idx, self.up_proj_q.shape[0])
         touched = touched_experts(groups, self.up_proj_q.shape[0])
         xs = x.index_select(0, groups.token)  # (P, H)
-        hidden = relu2(int8_grouped_linear(xs, self.up_proj_q, self.up_proj_scale, groups, touched))
+        hidden = relu2_(int8_grouped_linear(xs, self.up_proj_q, self.up_proj_scale, groups, touched))
         y = int8_grouped_linear(hidden, self.down_proj_q, self.down_proj_scale, groups, touched)
         return combine(y, groups, weights)
 
@@ -221,7 +222,7 @@ class Fp8Experts(_RefuseStateDict, nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         groups = group_by_expert(idx, self.up_proj_q.shape[0])
         xs = x.index_select(0, groups.token)
-        hidden = relu2(fp8_grouped_linear(xs, self.up_proj_q, self.up_proj_scale, groups.ends, self.kernel))
+        hidden = relu2_(fp8_grouped_linear(xs, self.up_proj_q, self.up_proj_scale, groups.ends, self.kernel))
         y = fp8_grouped_linear(hidden, self.down_proj_q, self.down_proj_scale, groups.ends, self.kernel)
         return combine(y, groups, weights)
 

@@ -15,7 +15,7 @@ Each operator of a part is charged (glossary: W weight bytes, r rows through the
 
 plus `dispatch_s` per operator (`view_dispatch_s` per view, which moves no bytes) and, per group of a
 grouped GEMM, `group_s` (non-empty: slicing, bookkeeping, a small GEMM's launch) or
-`empty_group_s` (this CPU's `grouped_mm` visits every group, even an empty one). gemm_rate(r)
+`empty_group_s` (the grouped kernel visits every group, even an empty one). gemm_rate(r)
 and latency(r) come from a plain `linear` with r rows on cold weights of two sizes (a line through
 the two times); between the measured row counts they are interpolated, past the largest the FLOP
 rate is held. The grouped rates come from one weight size (latency 0: it is in the per-group rate).
@@ -91,10 +91,10 @@ class CpuMachine:
 
     read_bandwidth: stream read (float32 GEMV over a buffer larger than the last-level cache), the
     figure `% BW` columns are fractions of; matmul_peak: a large square matmul; gemm / grouped: the
-    weight-streaming rates by rows of `linear` and of `grouped_mm` (per group); elementwise: bytes
-    in + out per second of a large elementwise op; dispatch_s / view_dispatch_s: one tiny operator /
-    one view, called from Python; group_s / empty_group_s: per group of a `grouped_mm` with tiny
-    weights and one row in every group / in no group."""
+    weight-streaming rates by rows of `linear` and of the experts' `grouped_linear` (per group);
+    elementwise: bytes in + out per second of a large elementwise op; dispatch_s / view_dispatch_s:
+    one tiny operator / one view, called from Python; group_s / empty_group_s: per group of a
+    `grouped_linear` with tiny weights and one row in every group / in no group."""
 
     name: str
     read_bandwidth: float

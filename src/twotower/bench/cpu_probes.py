@@ -8,11 +8,12 @@ fitted to the layer timings that the cost model is then checked against):
 2. matmul peak per dtype: a square matmul that fits in cache;
 3. weight-streaming `linear` per dtype and row count: r rows through a cold weight of two generic
    sizes, giving a fixed latency and a rate per row count (a line through the two times);
-4. `grouped_mm` per dtype and rows per group: a cold (G, K, N) weight, r rows in every group;
+4. the experts' grouped GEMM (`layers.grouped.grouped_linear`: `grouped_mm`, or the CPU float32
+   kernel) per dtype and rows per group: a cold (G, N, K) weight, r rows in every group;
 5. elementwise per dtype: c = a * b of two large tensors, c freshly allocated as the model's
    operators' outputs are (bytes in + out / s);
 6. dispatch: a tiny multiply and a view, each called many times from Python;
-7. grouped-GEMM overhead per group: `grouped_mm` over many groups of a tiny weight, one row in
+7. grouped-GEMM overhead per group: `grouped_linear` over many groups of a tiny weight, one row in
    every group (per dtype), and all rows in the last group (the empty groups' cost).
 
 Each probe keeps its least time over a few calls (other jobs on a shared machine only ever add
@@ -28,6 +29,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..layers.grouped import grouped_linear
 from .costmodel_cpu import CpuMachine, RowRates, latency_and_rate
 
 STREAM_ROW = 4096  # the stream buffer is a (rows, 4096) float32 matrix read by a matrix-vector product
@@ -111,16 +113,14 @@ def grouped_rates(
     rows: Sequence[int] = GROUPED_ROWS,
     repeats: int = 3,
 ) -> RowRates:
-    """Weight bytes/s of `grouped_mm` with r rows in each of G groups, cold weights."""
+    """Weight bytes/s of `grouped_linear` (the layer's kernel) with r rows in each of G groups, cold weights."""
     g, k, n = shape
     w = torch.randn(g, n, k).to(dtype)
     rates = []
     for r in rows:
         x = torch.randn(g * r, k).to(dtype)
         ends = torch.arange(1, g + 1, dtype=torch.int32) * r
-        sec = least_seconds(
-            lambda x=x, ends=ends: F.grouped_mm(x, w.transpose(1, 2), offs=ends), repeats=repeats, before=flusher.read
-        )
+        sec = least_seconds(lambda x=x, ends=ends: grouped_linear(x, w, ends), repeats=repeats, before=flusher.read)
         rates.append(w.numel() * w.element_size() / sec)
     return RowRates(tuple(rows), tuple(rates))
 
@@ -148,13 +148,13 @@ def dispatch_seconds(*, calls: int = DISPATCH_CALLS) -> tuple[float, float]:
 
 
 def group_seconds(dtype: torch.dtype, *, shape: tuple[int, int, int] = OVERHEAD_GROUPS, empty: bool) -> float:
-    """Seconds per group of `grouped_mm` over a tiny (G, K, N) weight: one row in every group, or
+    """Seconds per group of `grouped_linear` over a tiny (G, N, K) weight: one row in every group, or
     (`empty`) G rows all in the last group."""
     g, k, n = shape
     w, x = torch.randn(g, n, k).to(dtype), torch.randn(g, k).to(dtype)
     ends = torch.full((g,), 0, dtype=torch.int32) if empty else torch.arange(1, g + 1, dtype=torch.int32)
     ends[-1] = g
-    return least_seconds(lambda: F.grouped_mm(x, w.transpose(1, 2), offs=ends), repeats=5) / g
+    return least_seconds(lambda: grouped_linear(x, w, ends), repeats=5) / g
 
 
 @torch.inference_mode()

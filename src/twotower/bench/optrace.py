@@ -4,8 +4,8 @@ bytes and FLOPs, grouped by the part of the model it ran in: the work `costmodel
 Records no time. A `TorchDispatchMode` sees each operator after autograd, on real tensors:
 
 - `linear` / `mm` / `addmm` with a parameter operand: a `Gemm` (rows through that weight);
-- `_grouped_mm`: one `Gemm` per non-empty group, its rows read from the group end offsets, and a
-  count of the empty groups;
+- `_grouped_mm` and the CPU kernel `twotower::cpu_grouped_linear` (`layers.grouped`): one `Gemm`
+  per non-empty group, its rows read from the group end offsets, and a count of the empty groups;
 - views (output sharing an input's storage, nothing written): counted, no bytes;
 - any other operator: a `Stream` of its tensor bytes read and written. A parameter read by a
   non-GEMM operator counts at most its output's size (an embedding lookup reads rows, not the
@@ -22,9 +22,11 @@ from collections.abc import Iterable
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..layers import grouped  # noqa: F401  (registers twotower::cpu_grouped_linear)
 from .costmodel_cpu import Gemm, PartWork, Stream
 
 aten = torch.ops.aten
+CPU_GROUPED = torch.ops.twotower.cpu_grouped_linear.default  # weight (G, N, K), `nn.Linear` layout per group
 WEIGHT_GEMMS = {aten.linear.default, aten.mm.default, aten.addmm.default}
 ACTIVATION_MATMULS = {
     aten.linear.default,
@@ -74,8 +76,9 @@ class OpTrace(TorchDispatchMode):
 
     def _record(self, func, args, kwargs, out) -> None:
         work = self.parts.setdefault(self.part, PartWork())
-        if func == aten._grouped_mm.default:
-            self._grouped(work, *args[:3])
+        if func == aten._grouped_mm.default or func == CPU_GROUPED:
+            a, b, offs = args[:3]
+            self._grouped(work, a, b.transpose(1, 2) if func == CPU_GROUPED else b, offs)
             work.ops += 1
             return
         ins, outs = _tensors([*args, *kwargs.values()]), _tensors([out])

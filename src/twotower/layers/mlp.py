@@ -11,6 +11,14 @@ def relu2(x: torch.Tensor) -> torch.Tensor:
     return F.relu(x).square()
 
 
+def relu2_(x: torch.Tensor) -> torch.Tensor:
+    """`relu2` for a temporary the caller no longer needs: computed in x's storage (two fewer large
+    allocations) unless autograd records x, then out of place (the square's backward needs x)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return relu2(x)
+    return F.relu_(x).square_()
+
+
 class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, *, bias: bool = False) -> None:
         super().__init__()

@@ -29,10 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import NemotronHConfig
-from .mlp import MLP, relu2
-
-GROUPED_MM_ALIGN_BYTES = 16  # grouped_mm's layout rule: every non-unit stride a multiple of 16 bytes
-GROUPED_MM_NATIVE = (torch.bfloat16,)  # dtypes grouped_mm's meta function (compile, meta device) accepts
+from .grouped import grouped_linear
+from .mlp import MLP, relu2, relu2_
 
 
 class TopkRouter(nn.Module):
@@ -74,7 +72,8 @@ class ExpertGroups(NamedTuple):
     """The P = N*k (token, expert) pairs of a routing, sorted by expert (stable: ties keep token order).
 
     token (P,) int64: the token of each sorted pair; expert (P,) int64: its expert, non-decreasing;
-    order (P,) int64: where each sorted pair sits in `idx.reshape(-1)`; ends (E,) int32: the END
+    order (P,) int64: where each sorted pair sits in `idx.reshape(-1)`; place (P,) int64 its inverse,
+    where pair p of `idx.reshape(-1)` sits among the sorted ones; ends (E,) int32: the END
     offset of each expert's rows, ends[e] = #pairs with expert <= e (so ends[-1] == P, and an
     expert without tokens repeats the previous end): `grouped_mm`'s `offs`.
     """
@@ -82,6 +81,7 @@ class ExpertGroups(NamedTuple):
     token: torch.Tensor
     expert: torch.Tensor
     order: torch.Tensor
+    place: torch.Tensor
     ends: torch.Tensor
 
 
@@ -91,59 +91,18 @@ def group_by_expert(idx: torch.Tensor, n_experts: int) -> ExpertGroups:
     expert, order = torch.sort(idx.reshape(-1), stable=True)
     all_experts = torch.arange(n_experts, device=idx.device, dtype=expert.dtype)
     ends = torch.searchsorted(expert, all_experts, right=True, out_int32=True)
-    return ExpertGroups(order // k, expert, order, ends)
-
-
-@torch.library.custom_op("twotower::grouped_mm", mutates_args=())
-def _opaque_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """`F.grouped_mm` run eagerly as one opaque graph node. grouped_mm's meta function (used by
-    `torch.compile` and the meta device) accepts bfloat16 only, while its eager kernels also run
-    float32; wrapping it keeps float32 models exact under compilation (same kernel as eager, same
-    output shape) instead of silently computing in bfloat16. Inference only (no autograd formula)."""
-    return F.grouped_mm(a, b, offs=offs).contiguous()
-
-
-@_opaque_grouped_mm.register_fake
-def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return a.new_empty(a.shape[0], b.shape[-1])
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def grouped_linear(a: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """Step 2, one GEMM per group: a (P, K) rows sorted by group, weight (G, N, K) stored like
-    `nn.Linear` (out, in) per group, ends (G,) int32 end offsets with ends[-1] == P -> (P, N) where
-    the rows of group g are a[rows] @ weight[g].T. Same dtype in and out.
-
-    `grouped_mm` takes the weight as (G, K, N): a transposed view, no copy. Its layout rule (every
-    non-unit stride a multiple of 16 bytes, for the backward pass too) holds at the release's widths;
-    for other widths K and N are zero-padded here (a per-call copy of the weight, so only small or
-    odd configs pay it). Rows past ends[-1] would be left uninitialised by grouped_mm: callers pass
-    ends[-1] == P.
-    """
-    K, N = weight.shape[2], weight.shape[1]
-    align = GROUPED_MM_ALIGN_BYTES // a.element_size()
-    K_pad, N_pad = _round_up(K, align), _round_up(N, align)
-    if (K_pad, N_pad) != (K, N):
-        a = F.pad(a, (0, K_pad - K))
-        weight = F.pad(weight, (0, K_pad - K, 0, N_pad - N))
-    b = weight.transpose(1, 2)  # (G, K, N) view
-    if a.dtype in GROUPED_MM_NATIVE or not (torch.compiler.is_compiling() or a.device.type == "meta"):
-        out = F.grouped_mm(a, b, offs=ends)
-    else:
-        out = _opaque_grouped_mm(a, b, ends)
-    return out[:, :N] if N_pad != N else out
+    place = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+    return ExpertGroups(order // k, expert, order, place, ends)
 
 
 def combine(y: torch.Tensor, groups: ExpertGroups, weights: torch.Tensor) -> torch.Tensor:
     """Step 3. y (P, H) outputs of the sorted pairs, weights (N, k) -> (N, H), token n's output
-    sum_j weights[n, j] * (output of pair (n, j)). The pairs go back to (token, choice) order and
-    each token's k outputs are summed by one small batched matmul: deterministic on every device
-    (no atomics, unlike a scatter-add) and rounded once in half precision."""
+    sum_j weights[n, j] * (output of pair (n, j)). The pairs go back to (token, choice) order (a
+    gather: on the CPU several times faster than scattering them) and each token's k outputs are
+    summed by one small batched matmul: deterministic on every device (no atomics, unlike a
+    scatter-add) and rounded once in half precision."""
     N, k = weights.shape
-    unsorted = torch.empty_like(y).index_copy_(0, groups.order, y)  # (P, H), row n*k + j = pair (n, j)
+    unsorted = y.index_select(0, groups.place)  # (P, H), row n*k + j = pair (n, j)
     return (weights[:, None, :] @ unsorted.view(N, k, y.shape[1])).squeeze(1)
 
 
@@ -163,7 +122,7 @@ class Experts(nn.Module):
         No host read: the same graph for every routing of N tokens."""
         groups = group_by_expert(idx, self.up_proj.shape[0])
         xs = x.index_select(0, groups.token)  # (P, H): each pair's token row, grouped by expert
-        hidden = relu2(grouped_linear(xs, self.up_proj, groups.ends))  # (P, I)
+        hidden = relu2_(grouped_linear(xs, self.up_proj, groups.ends))  # (P, I), in place: a temporary
         return combine(grouped_linear(hidden, self.down_proj, groups.ends), groups, weights)
 
 

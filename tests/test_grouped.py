@@ -1,0 +1,111 @@
+"""The grouped GEMM kernels behind the MoE experts against their float64 twin, and their dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from twotower.layers import grouped
+from twotower.layers.grouped import (
+    ONEDNN_LINEAR,
+    cpu_grouped_linear,
+    grouped_linear,
+    grouped_linear_reference,
+    uses_cpu_kernel,
+)
+from twotower.layers.mlp import relu2, relu2_
+from twotower.layers.moe import group_by_expert
+
+needs_onednn = pytest.mark.skipif(ONEDNN_LINEAR is None, reason="this torch build has no oneDNN linear")
+
+# rows per group: empty first, middle and last groups; 1-2 rows (the matrix-vector path) and more
+SIZES = (0, 1, 2, 0, 3, 7, 24, 0)
+
+
+def _operands(sizes, k, n, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ends = torch.tensor(sizes, dtype=torch.int64).cumsum(0).to(torch.int32)
+    a = torch.randn(int(ends[-1]), k, generator=g).to(dtype)
+    weight = torch.randn(len(sizes), n, k, generator=g).to(dtype)
+    return a, weight, ends
+
+
+@needs_onednn
+@torch.no_grad()
+@pytest.mark.parametrize("k,n", [(64, 48), (50, 22)])  # aligned, and widths grouped_mm would pad
+def test_cpu_kernel_equals_the_float64_twin(k, n):
+    a, weight, ends = _operands(SIZES, k, n)
+    got = cpu_grouped_linear(a, weight, ends)
+    assert got.shape == (a.shape[0], n) and got.dtype == torch.float32
+    torch.testing.assert_close(got, grouped_linear_reference(a, weight, ends), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@torch.no_grad()
+def test_cpu_kernel_agrees_with_grouped_mm_to_rounding():
+    a, weight, ends = _operands(SIZES, 64, 48, seed=1)
+    want = F.grouped_mm(a, weight.transpose(1, 2), offs=ends)
+    torch.testing.assert_close(cpu_grouped_linear(a, weight, ends), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_dispatch_float32_cpu_without_gradient_only():
+    a, weight, _ = _operands(SIZES, 16, 16)
+    with torch.no_grad():
+        assert uses_cpu_kernel(a, weight)
+        assert not uses_cpu_kernel(a.bfloat16(), weight.bfloat16())
+        assert not uses_cpu_kernel(a.to("meta"), weight.to("meta"))
+    assert uses_cpu_kernel(a, weight)  # grad mode on, but nothing requires a gradient
+    assert not uses_cpu_kernel(a.requires_grad_(), weight)
+    assert not uses_cpu_kernel(a.detach(), weight.requires_grad_())
+
+
+def test_without_onednn_grouped_mm_runs(monkeypatch):
+    a, weight, ends = _operands(SIZES, 16, 16)
+    monkeypatch.setattr(grouped, "ONEDNN_LINEAR", None)
+    with torch.no_grad():
+        assert not uses_cpu_kernel(a, weight)
+        torch.testing.assert_close(grouped_linear(a, weight, ends), grouped_linear_reference(a, weight, ends))
+
+
+def test_gradients_go_through_grouped_mm():
+    a, weight, ends = _operands(SIZES, 16, 16)
+    a.requires_grad_()
+    weight.requires_grad_()
+    grouped_linear(a, weight, ends).square().sum().backward()
+    a2, w2 = a.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    grouped_linear_reference(a2, w2, ends).square().sum().backward()
+    torch.testing.assert_close(a.grad, a2.grad.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(weight.grad, w2.grad.float(), rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+@torch.no_grad()
+def test_cpu_kernel_compiles_as_one_opaque_node():
+    a, weight, ends = _operands(SIZES, 64, 48)
+    compiled = torch.compile(grouped_linear, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(a, weight, ends), cpu_grouped_linear(a, weight, ends), rtol=0, atol=0)
+
+
+def test_relu2_in_place_only_without_gradient():
+    x = torch.randn(4, 8)
+    want = relu2(x)
+    with torch.no_grad():
+        y = x.clone()
+        got = relu2_(y)
+        assert got.data_ptr() == y.data_ptr()
+        assert torch.equal(got, want)
+    xg = x.clone().requires_grad_()
+    out = relu2_(xg)
+    assert out.data_ptr() != xg.data_ptr() and torch.equal(xg.detach(), x)
+    out.sum().backward()
+    torch.testing.assert_close(xg.grad, 2 * x.clamp(min=0))
+
+
+def test_place_inverts_order():
+    idx = torch.tensor([[3, 1], [1, 0], [3, 2], [0, 1]])
+    groups = group_by_expert(idx, 4)
+    flat = idx.reshape(-1)
+    assert torch.equal(groups.order[groups.place], torch.arange(flat.numel()))
+    assert torch.equal(groups.expert[groups.place], flat)
