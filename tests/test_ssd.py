@@ -75,6 +75,19 @@ def test_effective_chunk(L, chunk_size, want):
     assert effective_chunk(L, chunk_size) == want
 
 
+@pytest.mark.parametrize("L", [16, 40])  # one chunk, and several
+def test_without_the_final_state_y_is_unchanged(L):
+    """`final=False` (the denoiser discards the state): the same y, no state; the input state unwritten."""
+    x, dt, A, B, C, state = _inputs(L=L, seed=3, scale_state=2.0)
+    before = state.clone()
+    y, final = ssd_chunked(x, dt, A, B, C, chunk_size=16, state=state)
+    y_only, none = ssd_chunked(x, dt, A, B, C, chunk_size=16, state=state, final=False)
+    assert none is None and final is not None
+    torch.testing.assert_close(y_only, y, rtol=0, atol=0)
+    assert torch.equal(state, before)
+    assert final.data_ptr() != state.data_ptr()
+
+
 def test_large_seeded_state_stays_finite():
     x, dt, A, B, C, state = _inputs(L=16, scale_state=1e4)
     y, final = ssd_chunked(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), chunk_size=128, state=state)

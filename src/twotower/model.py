@@ -176,7 +176,7 @@ class TwoTowerForCausalLM(nn.Module):
                 shift, scale, gate = modulation(cond, self.scale_shift_tables[i])
                 u = layer.norm(h * (1 + scale) + shift) if is_mixer_first else layer.norm(h) * (1 + scale) + shift
             if layer.kind == "linear_attention":
-                y, _ = layer.mixer(u, context.mamba[i])  # final state discarded: every step restarts from the seed
+                y, _ = layer.mixer(u, context.mamba[i], final_state=False)  # every step restarts from the seed
             elif layer.kind == "full_attention":
                 q, k, v = layer.mixer.qkv(u)
                 y = layer.mixer.attend(q, *context.keys_values(i, k, v), attn_mask)

@@ -149,13 +149,16 @@ class Mamba2Mixer(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         history: list | None = None,
-    ) -> tuple[torch.Tensor, MambaState]:
+        final_state: bool = True,
+    ) -> tuple[torch.Tensor, MambaState | None]:
         """Mix a sequence, starting from `state` (zeros when None).
 
         hidden (b, L, hidden_size); mask (b, L) bool, False at padding: padding contributes nothing
         (its input is zeroed and its dt' is 0, so the SSM state passes through unchanged).
         Returns y (b, L, hidden_size) and the state after the last position. When a list is given
         as `history`, a MambaHistory (the state after every position) is appended to it.
+        `final_state=False`: the caller discards the returned state (the denoiser), which is then None
+        and is not computed.
         """
         b, L, _ = hidden.shape
         if mask is not None:
@@ -180,13 +183,15 @@ class Mamba2Mixer(nn.Module):
             heads_per_group = self.num_heads // self.n_groups
             B = B.repeat_interleave(heads_per_group, dim=2)
             C = C.repeat_interleave(heads_per_group, dim=2)
-            y, ssm = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, state=ssm0)
+            y, ssm = ssd_chunked(x, dt, A, B, C, chunk_size=self.chunk_size, state=ssm0, final=final_state)
         if history is not None:
             start = ssm0 if ssm0 is not None else x.new_zeros(b, self.num_heads, self.head_dim, self.state_size)
             states = ssd_all_states(x, dt, A, B, state=ssm0)
             history.append(MambaHistory(conv_window, torch.cat([start.float()[:, None], states], 1)))
         y = y + x.float() * self.D.float()[:, None]
         y = self.norm(y.reshape(b, L, self.d_inner), z.float())
+        if not final_state:
+            return self.out_proj(y.to(hidden.dtype)), None
         # Returned states must not keep larger tensors alive: the conv state is a slice of the whole
         # (K-1+L)-column window, and a multi-chunk scan's final state a view of every chunk's state.
         # Copy only those (a one-chunk scan, e.g. a 16-token block, already returns a fresh state).
