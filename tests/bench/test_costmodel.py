@@ -256,6 +256,7 @@ def machine(**over) -> ccpu.CpuMachine:
         view_dispatch_s=1e-6,
         group_s={"bfloat16": 3e-6, "float32": 1e-6},
         empty_group_s=0.5e-6,
+        first_touch=4e9,
     )
     return ccpu.CpuMachine(**{**fields, **over})
 
@@ -295,15 +296,17 @@ def test_part_seconds_by_hand():
         ops=10,
         views=4,
         empty_groups=6,
+        fresh_bytes=64e6,
     )
     s = ccpu.part_seconds(m, work)
+    assert s.first_touch == pytest.approx(64e6 / 4e9)
     assert s.gemm == pytest.approx(8e6 / 8e9 + 2e6 / 20e9)  # float64 charged at the float32 rate
     assert s.grouped == pytest.approx(max(5e6 / 5e9, 1e9 / 1e12))
     assert s.stream == pytest.approx(4e6 / 40e9 + 1e6 / 2e11)  # the second is FLOP-bound
     assert s.dispatch == pytest.approx(10 * 2e-6 + 4 * 1e-6 + 3e-6 + 6 * 0.5e-6)
-    assert s.total == pytest.approx(s.gemm + s.grouped + s.stream + s.dispatch)
+    assert s.total == pytest.approx(s.gemm + s.grouped + s.stream + s.dispatch + s.first_touch)
     assert ccpu.forward_seconds(m, {"a": work, "b": work})["total"] == pytest.approx(2 * s.total)
-    assert (work + work).ops == 20 and len((work + work).grouped) == 2
+    assert (work + work).ops == 20 and len((work + work).grouped) == 2 and (work + work).fresh_bytes == 128e6
 
 
 def test_roofline_bound_and_machine_round_trip():
@@ -312,6 +315,9 @@ def test_roofline_bound_and_machine_round_trip():
     assert ccpu.roofline_bandwidth_bound(10e9, 2e12, read_bandwidth=20e9, matmul_peak=1e12) == pytest.approx(0.25)
     m = machine()
     assert ccpu.CpuMachine.from_dict(m.to_dict()) == m
+    older = {k: v for k, v in m.to_dict().items() if k != "first_touch"}  # recorded before it was probed
+    assert ccpu.CpuMachine.from_dict(older).first_touch == float("inf")
+    assert ccpu.CpuMachine.from_dict(machine(first_touch=float("inf")).to_dict()).first_touch == float("inf")
     with pytest.raises(ValueError, match="rates must be > 0"):
         machine(read_bandwidth=0.0)
     with pytest.raises(ValueError, match="no rate for 'int8'"):
@@ -347,9 +353,25 @@ def test_trace_matches_the_analytic_weights():
     assert any(s.flops > 0 for s in parts["moe"].streams)  # the float64 router: activations x a converted copy
 
 
+@torch.inference_mode()
+def test_trace_counts_fresh_large_outputs_once():
+    """Outputs of at least FRESH_MMAP_BYTES in new storage count (once per storage); in-place results,
+    views and small outputs do not."""
+    model = torch.nn.Linear(4, 4)
+    big = ccpu.FRESH_MMAP_BYTES // 4 + 1  # float32 elements: just over the threshold
+    with PartTracer(model, []) as trace:
+        x = torch.ones(big)  # fresh, large
+        x.mul_(2)  # in place
+        x.view(-1, 1)  # a view
+        torch.ones(16)  # small
+        torch.cat([x, x])  # fresh, twice as large
+    assert trace.parts[OTHER].fresh_bytes == 3 * big * 4
+
+
 def test_microbenchmarks_fill_every_field():
     cpu = measure_cpu(Flusher(4 << 20), dtypes=("float32",), quick=True, small=True)
     assert set(cpu.gemm) == set(cpu.grouped) == set(cpu.elementwise) == set(cpu.group_s) == {"float32"}
     assert cpu.read_bandwidth > 0 and cpu.matmul_peak["float32"] > 0
     assert min(cpu.gemm["float32"].bytes_per_s) > 0 and cpu.gemm["float32"].rows[0] == 1
     assert 0 < cpu.dispatch_s < 1e-3 and 0 < cpu.view_dispatch_s < 1e-3 and cpu.empty_group_s > 0
+    assert cpu.first_touch > 0

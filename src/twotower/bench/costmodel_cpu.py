@@ -19,6 +19,11 @@ grouped GEMM, `group_s` (non-empty: slicing, bookkeeping, a small GEMM's launch)
 and latency(r) come from a plain `linear` with r rows on cold weights of two sizes (a line through
 the two times); between the measured row counts they are interpolated, past the largest the FLOP
 rate is held. The grouped rates come from one weight size (latency 0: it is in the per-group rate).
+
+Fresh outputs of at least `FRESH_MMAP_BYTES` are charged once more, at `first_touch` bytes/s: glibc
+serves every allocation that large by a fresh `mmap` (its largest dynamic mmap threshold on a
+64-bit system), so each such tensor's pages fault on first write. On this CPU that write runs at
+about 4 GB/s against 40 GB/s into memory already held: a fresh 46 MiB Mamba state costs ~12 ms.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 DTYPE_FALLBACK = {"float64": "float32", "float16": "bfloat16"}  # rates not probed: the nearest probed one
+FRESH_MMAP_BYTES = 32 << 20  # glibc: DEFAULT_MMAP_THRESHOLD_MAX on 64-bit, so larger blocks are always mmapped
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,9 @@ class CpuMachine:
     weight-streaming rates by rows of `linear` and of the experts' `grouped_linear` (per group);
     elementwise: bytes in + out per second of a large elementwise op; dispatch_s / view_dispatch_s:
     one tiny operator / one view, called from Python; group_s / empty_group_s: per group of a
-    `grouped_linear` with tiny weights and one row in every group / in no group."""
+    `grouped_linear` with tiny weights and one row in every group / in no group; first_touch:
+    bytes/s of the extra time a fresh large allocation's first write takes (page faults; inf:
+    not probed, free)."""
 
     name: str
     read_bandwidth: float
@@ -106,9 +114,10 @@ class CpuMachine:
     view_dispatch_s: float
     group_s: Mapping[str, float]
     empty_group_s: float
+    first_touch: float = math.inf
 
     def __post_init__(self) -> None:
-        rates = [self.read_bandwidth, *self.matmul_peak.values(), *self.elementwise.values()]
+        rates = [self.read_bandwidth, *self.matmul_peak.values(), *self.elementwise.values(), self.first_touch]
         overheads = [self.dispatch_s, self.view_dispatch_s, self.empty_group_s, *self.group_s.values()]
         if min(rates) <= 0 or min(overheads) < 0:
             raise ValueError(f"machine {self.name!r}: rates must be > 0 and dispatch times >= 0")
@@ -132,6 +141,7 @@ class CpuMachine:
             "view_dispatch_s": self.view_dispatch_s,
             "group_s": dict(self.group_s),
             "empty_group_s": self.empty_group_s,
+            "first_touch": self.first_touch if math.isfinite(self.first_touch) else None,
         }
 
     @classmethod
@@ -149,7 +159,10 @@ class CpuMachine:
             "group_s",
             "empty_group_s",
         )
-        return cls(**{k: d[k] for k in plain}, gemm=rows(d["gemm"]), grouped=rows(d["grouped"]))
+        first_touch = d.get("first_touch") or math.inf  # machines recorded before it was probed: free
+        return cls(
+            **{k: d[k] for k in plain}, gemm=rows(d["gemm"]), grouped=rows(d["grouped"]), first_touch=first_touch
+        )
 
 
 # ---- the work of one part ----------------------------------------------------------------------------
@@ -182,6 +195,7 @@ class PartWork:
     ops: int = 0  # every operator but views
     views: int = 0
     empty_groups: int = 0  # groups of grouped GEMMs without rows (each non-empty one is in `grouped`)
+    fresh_bytes: float = 0.0  # outputs of at least FRESH_MMAP_BYTES in fresh storage (first-touch faults)
 
     @property
     def weight_bytes(self) -> float:
@@ -203,6 +217,7 @@ class PartWork:
             self.ops + other.ops,
             self.views + other.views,
             self.empty_groups + other.empty_groups,
+            self.fresh_bytes + other.fresh_bytes,
         )
 
 
@@ -214,10 +229,11 @@ class PartSeconds:
     grouped: float
     stream: float
     dispatch: float
+    first_touch: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.gemm + self.grouped + self.stream + self.dispatch
+        return self.gemm + self.grouped + self.stream + self.dispatch + self.first_touch
 
 
 def gemm_seconds(machine: CpuMachine, g: Gemm, table: Mapping[str, RowRates]) -> float:
@@ -239,6 +255,7 @@ def part_seconds(machine: CpuMachine, work: PartWork) -> PartSeconds:
         grouped=sum(gemm_seconds(machine, g, machine.grouped) for g in work.grouped),
         stream=sum(stream_seconds(machine, s) for s in work.streams),
         dispatch=work.ops * machine.dispatch_s + work.views * machine.view_dispatch_s + group_seconds(machine, work),
+        first_touch=work.fresh_bytes / machine.first_touch,
     )
 
 

@@ -14,7 +14,8 @@ fitted to the layer timings that the cost model is then checked against):
    operators' outputs are (bytes in + out / s);
 6. dispatch: a tiny multiply and a view, each called many times from Python;
 7. grouped-GEMM overhead per group: `grouped_linear` over many groups of a tiny weight, one row in
-   every group (per dtype), and all rows in the last group (the empty groups' cost).
+   every group (per dtype), and all rows in the last group (the empty groups' cost);
+8. first touch: writing a fresh 64 MiB allocation against writing memory already held (page faults).
 
 Each probe keeps its least time over a few calls (other jobs on a shared machine only ever add
 time, so the minimum is the kernel's own cost), taken under `torch.inference_mode` as the timed
@@ -23,6 +24,7 @@ forwards are.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -30,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layers.grouped import grouped_linear
-from .costmodel_cpu import CpuMachine, RowRates, latency_and_rate
+from .costmodel_cpu import FRESH_MMAP_BYTES, CpuMachine, RowRates, latency_and_rate
 
 STREAM_ROW = 4096  # the stream buffer is a (rows, 4096) float32 matrix read by a matrix-vector product
 MATMUL_SIZE = 2048  # square matmul for the peak: large enough for full-speed kernels, fits in cache
@@ -41,6 +43,7 @@ GROUPED_ROWS = (1, 2, 4, 8, 16, 32, 64)
 SMALL_GEMM_SHAPES = ((256, 256), (256, 1024))  # `small=True`: seconds, for tests
 SMALL_GROUPED_SHAPE = (4, 256, 256)
 ELEMENTWISE_BYTES = 16 << 20  # per operand
+FIRST_TOUCH_BYTES = 2 * FRESH_MMAP_BYTES  # a fresh allocation glibc always mmaps
 DISPATCH_CALLS = 2000
 OVERHEAD_GROUPS = (128, 16, 16)  # groups, in, out: tiny weights, so the time is the per-group overhead
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -125,6 +128,17 @@ def grouped_rates(
     return RowRates(tuple(rows), tuple(rates))
 
 
+def first_touch_rate(*, nbytes: int = FIRST_TOUCH_BYTES, repeats: int = 5) -> float:
+    """Bytes/s of the time a fresh allocation of `nbytes` (>= FRESH_MMAP_BYTES, so glibc mmaps it)
+    adds to its first write, over writing the same bytes into memory already held: the page faults
+    (inf where there is no such cost)."""
+    held = torch.empty(nbytes, dtype=torch.uint8)
+    held.fill_(1)
+    reuse = least_seconds(lambda: held.fill_(2), repeats=repeats)
+    fresh = least_seconds(lambda: torch.empty(nbytes, dtype=torch.uint8).fill_(2), repeats=repeats)
+    return nbytes / (fresh - reuse) if fresh > reuse else math.inf
+
+
 def elementwise_rate(dtype: torch.dtype, *, nbytes: int = ELEMENTWISE_BYTES, repeats: int = 5) -> float:
     """Bytes in + out per second of c = a * b over `nbytes` per operand, c allocated by each call."""
     n = nbytes // torch.empty((), dtype=dtype).element_size()
@@ -182,4 +196,5 @@ def measure_cpu(
         view_dispatch_s=views,
         group_s={d: group_seconds(t, empty=False) for d, t in torch_dtypes.items()},
         empty_group_s=group_seconds(torch.float32, empty=True),
+        first_touch=first_touch_rate(nbytes=FRESH_MMAP_BYTES if small else FIRST_TOUCH_BYTES),
     )

@@ -7,6 +7,8 @@ Records no time. A `TorchDispatchMode` sees each operator after autograd, on rea
 - `_grouped_mm` and the CPU kernel `twotower::cpu_grouped_linear` (`layers.grouped`): one `Gemm`
   per non-empty group, its rows read from the group end offsets, and a count of the empty groups;
 - views (output sharing an input's storage, nothing written): counted, no bytes;
+- outputs of at least `FRESH_MMAP_BYTES` in storage of their own: their bytes, once more, as
+  `fresh_bytes` (charged for first-touch page faults);
 - any other operator: a `Stream` of its tensor bytes read and written. A parameter read by a
   non-GEMM operator counts at most its output's size (an embedding lookup reads rows, not the
   table); an indexed write (`index_copy_`, `copy_`, ...) moves its sources, not the whole target;
@@ -23,7 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..layers import grouped  # noqa: F401  (registers twotower::cpu_grouped_linear)
-from .costmodel_cpu import Gemm, PartWork, Stream
+from .costmodel_cpu import FRESH_MMAP_BYTES, Gemm, PartWork, Stream
 
 aten = torch.ops.aten
 CPU_GROUPED = torch.ops.twotower.cpu_grouped_linear.default  # weight (G, N, K), `nn.Linear` layout per group
@@ -54,6 +56,21 @@ def _storage(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def _fresh_bytes(func, inputs: list, out) -> float:
+    """Bytes of the storages `func` allocated for its outputs that are at least FRESH_MMAP_BYTES (not
+    an input's storage: views and in-place results are no new memory)."""
+    if func._schema.is_mutable:
+        return 0.0
+    seen = {_storage(t) for t in _tensors(inputs)}
+    fresh = 0.0
+    for o in _tensors([out]):
+        nbytes = o.untyped_storage().nbytes()
+        if _storage(o) not in seen and nbytes >= FRESH_MMAP_BYTES:
+            seen.add(_storage(o))
+            fresh += nbytes
+    return fresh
+
+
 def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).removeprefix("torch.")
 
@@ -76,6 +93,7 @@ class OpTrace(TorchDispatchMode):
 
     def _record(self, func, args, kwargs, out) -> None:
         work = self.parts.setdefault(self.part, PartWork())
+        work.fresh_bytes += _fresh_bytes(func, [*args, *kwargs.values()], out)
         if func == aten._grouped_mm.default or func == CPU_GROUPED:
             a, b, offs = args[:3]
             self._grouped(work, a, b.transpose(1, 2) if func == CPU_GROUPED else b, offs)
