@@ -136,6 +136,49 @@ def test_generate_until_matches_our_decoding_cut_at_stop_strings(tiny_loaded, mo
         assert speed["tokens_per_forward"] == 1.0
 
 
+@pytest.mark.parametrize("mode", ["diffusion", "ar", "speculative"])
+def test_engine_generation_gives_the_batched_texts_and_stops_rows_at_stop_strings(tiny_loaded, mode):
+    """engine=true: the same greedy texts as the batched path (stop strings cut alike), more
+    requests than rows (continuous batching), and a row whose stop string came stops generating."""
+    options = {"diffusion": DIFFUSION, "ar": {"mode": "ar"}}.get(mode, dict(mode="speculative", block_size=4))
+    prompts = ["Q: 2 + 3 = ?\nA:", "Question: How many legs does a cat have?\nAnswer:", "Q: 10 +"]
+    free = [text_of(tiny_loaded, own_generation(tiny_loaded, "ar" if mode == "speculative" else mode, p, 24))
+            for p in prompts]  # fmt: skip
+    stop = free[1][2:4]
+    requests = [
+        (prompts[0], {"until": [], "max_gen_toks": 24}),
+        (prompts[1], {"until": ["\x00never", stop], "max_gen_toks": 24}),
+        (prompts[2], {"until": "\x00never", "max_gen_toks": 24}),
+        (prompts[0], {"until": [], "max_gen_toks": 3}),
+        (prompts[1], {"until": [stop], "max_gen_toks": 24}),
+    ]
+    batched = TwoTowerLM.from_loaded(tiny_loaded, batch_size=2, **options)
+    engine = TwoTowerLM.from_loaded(tiny_loaded, batch_size=2, engine=True, engine_step="eager", **options)
+    items = [instance("generate_until", r, i) for i, r in enumerate(requests)]
+    want = batched.generate_until(items)
+    got = engine.generate_until(items)
+    assert got == want
+    assert got[1] == got[4] == free[1][: free[1].find(stop)]
+    speed, before = engine.speed.as_dict(), batched.speed.as_dict()
+    assert speed["requests"] == 5 and speed["nfe"] > 0 and speed["seconds"] > 0
+    # the two rows with a stop string early in their text stop generating there: fewer tokens
+    assert speed["generated_tokens"] < before["generated_tokens"]
+    assert engine._scheduler.idle and engine._scheduler.active == 0
+
+
+def test_engine_rejects_modes_it_does_not_serve(tiny_loaded):
+    with pytest.raises(ValueError, match="engine=true serves the modes"):
+        TwoTowerLM.from_loaded(tiny_loaded, mode="mock-ar", engine=True)
+    with pytest.raises(ValueError, match="engine_step must be auto or one of"):
+        TwoTowerLM.from_loaded(tiny_loaded, engine=True, engine_step="fast")
+
+
+def test_engine_warm_up_leaves_no_trace(tiny_loaded):
+    lm = TwoTowerLM.from_loaded(tiny_loaded, **DIFFUSION, batch_size=2, engine=True, engine_step="eager")
+    lm.warm_up()
+    assert lm.speed.requests == 0 and lm._scheduler.idle and lm._scheduler.stats.denoiser_forwards == 0
+
+
 def test_speculative_generation_through_the_adapter_is_the_ar_models(tiny_loaded):
     """`mode=speculative` (offered by `twotower eval --mode`) runs self-speculative decoding: greedy,
     exactly the AR model's text, with the drafts' denoiser forwards counted."""

@@ -129,13 +129,14 @@ def test_diffusion_generation_and_multiple_choice_end_to_end(tiny_checkpoint, ti
     assert results["config"]["twotower"]["mode"] == "diffusion"
 
 
-def test_ar_mode_end_to_end_through_the_cli(tiny_checkpoint, tiny_loaded, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("engine", [[], ["--engine", "--engine-step", "eager"]], ids=["batched", "engine"])
+def test_ar_mode_end_to_end_through_the_cli(tiny_checkpoint, tiny_loaded, tmp_path, monkeypatch, capsys, engine):
     monkeypatch.setattr(cli, "EXTRA_COMMANDS", [eval_cli.register])
     monkeypatch.setattr(cli, "_register_extras", lambda: None)
     out = tmp_path / "eval.json"
     argv = ["eval", "--model", str(tiny_checkpoint), "--tasks", f"{ARITH},{CHOICE}", "--mode", "ar"]
     argv += ["--include-path", str(TASKS_DIR), "--no-builtin-tasks", "--batch-size", "4"]
-    argv += ["--log-samples", "--json", str(out)]
+    argv += ["--log-samples", "--json", str(out), *engine]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert ARITH in printed and CHOICE in printed and "tokens/forward" in printed
@@ -144,6 +145,7 @@ def test_ar_mode_end_to_end_through_the_cli(tiny_checkpoint, tiny_loaded, tmp_pa
     check_choice_samples(tiny_loaded, report["samples"][CHOICE], report["results"][CHOICE])
     assert report["speed"]["mode"] == "ar" and report["speed"]["requests"] == 6
     assert report["speed"]["tokens_per_forward"] == 1.0
+    assert report["config"]["twotower"]["engine"] == bool(engine)
 
 
 @pytest.mark.parametrize(

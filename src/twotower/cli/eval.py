@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..decode.spec import DEFAULT_DRAFT_STEPS, MODES
 from ..evaluation.paper import ROW_KEYS  # plain data: no harness import
-from .options import CLIError, add_model_option, load_model
+from .options import CLIError, add_engine_step_option, add_model_option, load_model
 
 INSTALL_HINT = "the eval command needs lm-evaluation-harness: pip install 'twotower[eval]'"
 EVAL_MODES = tuple(MODES)  # every decoding mode (the harness adapter's, evaluation.harness.MODES)
@@ -100,6 +100,14 @@ def add_eval_options(p: argparse.ArgumentParser) -> None:
         help="every task's token budget at most this: quick runs only, it changes the scores (default: none)",
     )
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--engine",
+        action="store_true",
+        help="generate on the continuous-batching engine (ar, diffusion, speculative): a request stops at its "
+        "first stop string and the next takes its row, instead of decoding to EOS or its budget; greedy texts "
+        "are the same, seeded ones draw per request (default: off, the batched library calls)",
+    )
+    add_engine_step_option(g)
     g = p.add_argument_group("the paper's table (--paper)")
     g.add_argument(
         "--paper",
@@ -161,6 +169,8 @@ def build_adapter(args: argparse.Namespace):
         anchor=args.anchor,
         draft_steps=args.draft_steps,
         eos_aware_commit=args.eos_aware_commit,
+        engine=args.engine,
+        engine_step=args.engine_step,
     )
 
 

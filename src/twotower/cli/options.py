@@ -51,7 +51,7 @@ def add_model_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_engine_step_option(g) -> None:
-    """`--engine-step` for the commands that run the continuous-batching engine (batch, serve)."""
+    """`--engine-step` for the commands that run the continuous-batching engine (batch, serve, eval --engine)."""
     from ..decode.spec import DECODE_STEPS
 
     g.add_argument(

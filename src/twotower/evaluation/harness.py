@@ -5,8 +5,10 @@
   likelihood of a string is.
 - `generate_until`: batched generation in the chosen decoding mode (`diffusion`, `ar`, `speculative`,
   `mock-ar`; one `DecodeSpec` through `decode.run.generate`, the library's one dispatch), cut at the
-  first stop string (after generation: the batched loops stop at EOS or the budget); speed
-  statistics (NFE, tokens per forward, tokens/s) accumulate in `speed` across calls.
+  first stop string (after generation: the batched loops stop at EOS or the budget). With
+  `engine=true` the requests run on the continuous-batching engine instead (`continuous`): a row
+  stops at its first stop string and the next request takes its place. Speed statistics (NFE,
+  tokens per forward, tokens/s) accumulate in `speed` across calls.
 
 Text handling: every context starts with the tokenizer's BOS token (documents were trained as
 `bos ... eos`); trailing spaces of a context move to the front of its continuation, and context and
@@ -30,135 +32,22 @@ from lm_eval.api.registry import model_registry
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from ..decode.engine import Request
 from ..decode.run import generate
 from ..decode.sampling import check_sampling_options
-from ..decode.spec import (
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_CONFIDENCE_THRESHOLD,
-    DEFAULT_DRAFT_STEPS,
-    DEFAULT_STEPS_PER_BLOCK,
-    DecodeSpec,
-)
-from ..decode.spec import MODES as DECODE_MODES
+from ..decode.scheduler import Scheduler
+from ..decode.spec import DEFAULT_DRAFT_STEPS
 from ..dtypes import resolve_dtype
+from .continuous import Generated, Job, generate_continuously
 from .scoring import score_continuations
+from .settings import DEFAULT_MAX_GEN_TOKS, MODES, EvalSettings, SpeedStats, parse_batch_size
+
+__all__ = ["MODEL_NAME", "MODES", "EvalSettings", "SpeedStats", "TwoTowerLM", "parse_batch_size", "register"]
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "twotower"
-MODES = tuple(DECODE_MODES)  # every decoding mode of the library
 DEFAULT_MAX_LENGTH = 4096  # used when the config names no max_position_embeddings
-DEFAULT_MAX_GEN_TOKS = 256
-
-
-# ---- settings ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EvalSettings:
-    """How the adapter decodes and batches. `temperature=None` follows each task's gen_kwargs
-    (`do_sample` false -> greedy); a number overrides every task (e.g. the paper's 0.1)."""
-
-    mode: str = "diffusion"
-    block_size: int = DEFAULT_BLOCK_SIZE
-    steps_per_block: int = DEFAULT_STEPS_PER_BLOCK
-    confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
-    temperature: float | None = None
-    top_k: int | None = None
-    max_gen_toks: int = DEFAULT_MAX_GEN_TOKS
-    max_gen_toks_cap: int | None = None  # every task's budget at most this (quick runs; changes scores)
-    max_length: int | None = None  # None: the config's max_position_embeddings, else DEFAULT_MAX_LENGTH
-    batch_size: int = 1
-    seed: int = 0
-    anchor: bool = False  # diffusion: anchored blocks (docs/decoding.md)
-    draft_steps: int = DEFAULT_DRAFT_STEPS  # speculative: denoiser steps per drafted block
-    eos_aware_commit: bool = False  # diffusion: positions after a committed EOS leave the commit ranking
-
-    def spec(self, *, max_new_tokens: int, temperature: float, seed: int, eos_ids: tuple[int, ...]) -> DecodeSpec:
-        """The `DecodeSpec` of one batched call (its budget, temperature and seed)."""
-        return DecodeSpec(
-            mode=self.mode, max_new_tokens=max_new_tokens, block_size=self.block_size,
-            steps_per_block=self.steps_per_block, confidence_threshold=self.confidence_threshold,
-            temperature=temperature, top_k=self.top_k, seed=seed, anchor=self.anchor, draft_steps=self.draft_steps,
-            eos_ids=eos_ids, eos_aware_commit=self.eos_aware_commit,
-        )  # fmt: skip
-
-    def validate(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("max_gen_toks", "batch_size"):
-            if not _is_int(getattr(self, name), at_least=1):
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.max_gen_toks_cap is not None and not _is_int(self.max_gen_toks_cap, at_least=1):
-            raise ValueError(f"max_gen_toks_cap must be a positive integer, got {self.max_gen_toks_cap!r}")
-        if self.max_length is not None and not _is_int(self.max_length, at_least=2):
-            raise ValueError(f"max_length must be an integer >= 2, got {self.max_length!r}")
-        temperature = 0.0 if self.temperature is None else self.temperature
-        self.spec(max_new_tokens=1, temperature=temperature, seed=self.seed, eos_ids=()).validate()
-
-
-def _is_int(value, *, at_least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= at_least
-
-
-def parse_batch_size(value) -> int:
-    """The harness passes batch sizes as ints or strings; 'auto' is not supported."""
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise ValueError(f"batch_size must be a positive integer (no 'auto' for twotower), got {value!r}")
-
-
-# ---- speed statistics -------------------------------------------------------------------------------
-@dataclass
-class SpeedStats:
-    """Generation cost summed over all `generate_until` calls.
-
-    nfe: batched model forwards (denoiser forwards in diffusion; one per token step in AR/mock-AR).
-    row_forwards: forwards counted per row (a row's own denoiser steps, or its token count in AR),
-    so `tokens_per_forward` is what one sequence gains per forward, independent of batch size.
-    """
-
-    mode: str
-    requests: int = 0
-    generated_tokens: int = 0
-    nfe: int = 0
-    row_forwards: int = 0
-    seconds: float = 0.0
-
-    @property
-    def tokens_per_forward(self) -> float:
-        return self.generated_tokens / self.row_forwards if self.row_forwards else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.generated_tokens / self.seconds if self.seconds > 0 else 0.0
-
-    def add(self, out, seconds: float) -> None:
-        rows = out.new_tokens
-        self.requests += len(rows)
-        self.generated_tokens += sum(len(r) for r in rows)
-        self.nfe += int(out.stats["nfe"])
-        per_row = out.stats.get("denoiser_steps_per_row")  # diffusion; AR spends one forward per token
-        self.row_forwards += sum(per_row) if per_row is not None else sum(len(r) for r in rows)
-        self.seconds += seconds
-
-    def since(self, earlier: SpeedStats) -> SpeedStats:
-        """The cost accumulated after `earlier` (a copy taken with `dataclasses.replace`)."""
-        return SpeedStats(
-            self.mode,
-            requests=self.requests - earlier.requests,
-            generated_tokens=self.generated_tokens - earlier.generated_tokens,
-            nfe=self.nfe - earlier.nfe,
-            row_forwards=self.row_forwards - earlier.row_forwards,
-            seconds=self.seconds - earlier.seconds,
-        )
-
-    def as_dict(self) -> dict:
-        return {
-            **asdict(self),
-            "tokens_per_forward": self.tokens_per_forward,
-            "tokens_per_second": self.tokens_per_second,
-        }
 
 
 # ---- the adapter ------------------------------------------------------------------------------------
@@ -190,7 +79,8 @@ class TwoTowerLM(LM):
     max_gen_toks_cap (every task's budget at most this), max_length,
     batch_size, device, denoiser_device (towers on two devices), dtype (auto|float32|bfloat16|float16; auto = as stored), quantize (none|int8-experts),
     seed, anchor (diffusion: each block's first token from the context tower), draft_steps
-    (speculative), eos_aware_commit (diffusion).
+    (speculative), eos_aware_commit (diffusion), engine (generate_until on the continuous-batching
+    engine: rows stop at their stop strings), engine_step (its steps: auto|eager|static|compiled).
     """
 
     def __init__(
@@ -215,6 +105,8 @@ class TwoTowerLM(LM):
         anchor: bool = False,
         draft_steps: int = DEFAULT_DRAFT_STEPS,
         eos_aware_commit: bool = False,
+        engine: bool = False,
+        engine_step: str = "auto",
         max_batch_size: int | None = None,  # passed by simple_evaluate; unused
         loaded=None,
     ) -> None:
@@ -234,6 +126,8 @@ class TwoTowerLM(LM):
             anchor=anchor,
             draft_steps=draft_steps,
             eos_aware_commit=eos_aware_commit,
+            engine=engine,
+            engine_step=engine_step,
         )
         self.settings.validate()
         if loaded is None:
@@ -252,6 +146,8 @@ class TwoTowerLM(LM):
         self.eos_ids = tuple(self.model.config.eos_token_ids)  # the one EOS set (loading.resolve_special_ids)
         self.speed = SpeedStats(self.settings.mode)
         self._generate_calls = 0
+        self._scheduler: Scheduler | None = None  # engine=true: one for the adapter's life (compiled steps persist)
+        self._engine_requests = 0  # engine=true: requests submitted so far (each row's seed offset)
 
     @classmethod
     def from_loaded(cls, loaded, **settings) -> TwoTowerLM:
@@ -361,6 +257,12 @@ class TwoTowerLM(LM):
         measured throughput."""
         calls = self._generate_calls
         prompt = self._context_ids(text)
+        if self.settings.engine:  # every batch width the engine can take (its compiled steps compile now)
+            spec = self.settings.spec(
+                max_new_tokens=2 * self.settings.block_size, temperature=0.0, seed=0, eos_ids=self.eos_ids
+            )
+            self._engine().warm_up(Request.from_spec(("warm-up",), prompt, spec))
+            return
         self.generate_ids([prompt] * self.settings.batch_size, max_new_tokens=self.settings.block_size, temperature=0.0)
         self._generate_calls = calls
 
@@ -375,6 +277,10 @@ class TwoTowerLM(LM):
         bar = tqdm(
             total=len(gens), desc=f"generate_until ({self.settings.mode})", disable=disable_tqdm or len(gens) < 2
         )
+        if self.settings.engine:
+            self._generate_on_engine(gens, results, bar)
+            bar.close()
+            return results  # type: ignore[return-value]
         for (until, max_gen_toks, temperature), members in groups.items():
             members.sort(key=lambda g: -len(g.prompt))
             for start in range(0, len(members), self.settings.batch_size):
@@ -388,6 +294,41 @@ class TwoTowerLM(LM):
                 bar.update(len(batch))
         bar.close()
         return results  # type: ignore[return-value]
+
+    # ---- engine=true ------------------------------------------------------------------------------
+    def _engine(self) -> Scheduler:
+        if self._scheduler is None:
+            self._scheduler = Scheduler(
+                self.model, max_batch_size=self.settings.batch_size, decode_step=self.settings.engine_step
+            )
+        return self._scheduler
+
+    def _generate_on_engine(self, gens: list[_GenRequest], results: list, bar) -> None:
+        """Every request of a `generate_until` call through the engine, longest prompt first; each
+        row's seed is `seed` + its place in the adapter's request order."""
+        scheduler = self._engine()
+        jobs = []
+        for g in sorted(gens, key=lambda g: -len(g.prompt)):
+            seed = self.settings.seed + self._engine_requests
+            self._engine_requests += 1
+            spec = self.settings.spec(
+                max_new_tokens=g.max_gen_toks, temperature=g.temperature, seed=seed, eos_ids=self.eos_ids
+            )
+            jobs.append(Job(g.index, g.prompt, g.until, spec))
+
+        def done(item: Generated) -> None:
+            results[item.index] = item.text
+            g = gens[item.index]
+            self.cache_hook.add_partial("generate_until", (g.context, g.gen_kwargs), item.text)
+            self.speed.add_row(item)
+            bar.update(1)
+
+        stats, t0 = scheduler.stats, time.perf_counter()
+        before = (stats.denoiser_forwards, stats.context_forwards)
+        generate_continuously(scheduler, self.tokenizer, jobs, eos_ids=self.eos_ids, on_done=done)
+        stats = scheduler.stats
+        nfe = stats.denoiser_forwards - before[0] if self.settings.mode != "ar" else stats.context_forwards - before[1]
+        self.speed.add_run(nfe=nfe, seconds=time.perf_counter() - t0)
 
 
 def register() -> None:
