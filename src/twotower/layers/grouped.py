@@ -26,13 +26,18 @@ GEMV_ROWS = 2  # up to this many rows in a group, MKL's matrix-vector path beats
 
 
 def _onednn_linear():
-    """oneDNN's plain (unpacked-weight) linear, or None where this torch build has none."""
+    """oneDNN's plain (unpacked-weight) linear, or None where this torch build has none or it does
+    not behave as expected (a private operator: one small call checks it against `F.linear`)."""
     if not torch.backends.mkldnn.is_available():
         return None
     try:
-        return torch.ops.mkldnn._linear_pointwise.default
-    except (AttributeError, RuntimeError):
+        op = torch.ops.mkldnn._linear_pointwise.default
+        with torch.no_grad():
+            x, w = torch.linspace(-1, 1, 12).view(3, 4), torch.linspace(1, -1, 20).view(5, 4)
+            ok = torch.allclose(op(x, w, None, "none", [], ""), F.linear(x, w), atol=1e-5)
+    except (AttributeError, RuntimeError, TypeError):
         return None
+    return op if ok else None
 
 
 ONEDNN_LINEAR = _onednn_linear()
