@@ -173,6 +173,21 @@ def test_engine_rejects_modes_it_does_not_serve(tiny_loaded):
         TwoTowerLM.from_loaded(tiny_loaded, engine=True, engine_step="fast")
 
 
+def test_engine_failure_mid_run_leaves_a_usable_adapter(tiny_loaded, monkeypatch):
+    lm = TwoTowerLM.from_loaded(tiny_loaded, **DIFFUSION, batch_size=2, engine=True, engine_step="eager")
+    items = [instance("generate_until", ("Q: 2 + 3 = ?\nA:", {"until": [], "max_gen_toks": 8}), i) for i in range(3)]
+    want = lm.generate_until(items)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm.cache_hook, "add_partial", interrupted)  # stop right after the first row ends
+    with pytest.raises(KeyboardInterrupt):
+        lm.generate_until(items)
+    monkeypatch.undo()
+    assert lm.generate_until(items) == want  # no "already queued" ids from the interrupted run
+
+
 def test_engine_warm_up_leaves_no_trace(tiny_loaded):
     lm = TwoTowerLM.from_loaded(tiny_loaded, **DIFFUSION, batch_size=2, engine=True, engine_step="eager")
     lm.warm_up()

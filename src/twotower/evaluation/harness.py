@@ -325,7 +325,11 @@ class TwoTowerLM(LM):
 
         stats, t0 = scheduler.stats, time.perf_counter()
         before = (stats.denoiser_forwards, stats.context_forwards)
-        generate_continuously(scheduler, self.tokenizer, jobs, eos_ids=self.eos_ids, on_done=done)
+        try:
+            generate_continuously(scheduler, self.tokenizer, jobs, eos_ids=self.eos_ids, on_done=done)
+        except BaseException:
+            self._scheduler = None  # rows may be left in it: the next call starts a fresh one
+            raise
         stats = scheduler.stats
         nfe = stats.denoiser_forwards - before[0] if self.settings.mode != "ar" else stats.context_forwards - before[1]
         self.speed.add_run(nfe=nfe, seconds=time.perf_counter() - t0)

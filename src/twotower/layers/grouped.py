@@ -62,15 +62,16 @@ def cpu_grouped_linear(a: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor
     """CPU kernel of `grouped_linear` (same contract, any widths): a loop over the groups that have
     rows, each through oneDNN's matmul (more than `GEMV_ROWS` rows) or MKL's matrix-vector path.
     Inference only (no autograd formula); needs oneDNN (`ONEDNN_LINEAR`)."""
+    a = a.contiguous()  # (no copy for the layer's operands: they are fresh, contiguous tensors)
     out = a.new_empty(a.shape[0], weight.shape[1])
     start = 0
     for g, end in enumerate(ends.tolist()):
         if end > start:
-            rows = a[start:end]
+            rows, w = a[start:end], weight[g].contiguous()
             if end - start <= GEMV_ROWS:
-                out[start:end] = F.linear(rows, weight[g])
+                out[start:end] = F.linear(rows, w)
             else:
-                out[start:end] = ONEDNN_LINEAR(rows, weight[g], None, "none", [], "")
+                out[start:end] = ONEDNN_LINEAR(rows, w, None, "none", [], "")
         start = end
     return out
 
