@@ -213,3 +213,31 @@ def test_slot_growth_stops_at_the_batch_limit(model):
         seen.append(engine.state.slots)
     assert seen == [1, 2, 4, 4, 6, 6] and set(seen) <= set(slot_widths(6))
     assert slot_widths(6) == [1, 2, 4, 6] and slot_widths(8) == [1, 2, 4, 8] and slot_widths(1) == [1]
+
+
+def test_short_last_blocks_take_the_uncompiled_step(model, monkeypatch):
+    """A row's last block shorter than the block size runs the fused step's plain twin, so compiled
+    graphs stay one per batch width (not one per remaining length ever met); tokens unchanged."""
+    import twotower.decode.engine as engine_module
+
+    seen = {"graph": set(), "plain": set()}
+
+    class Recording(engine_module.Compiled):
+        def __init__(self, fn, *, compile, what):
+            super().__init__(fn, compile=compile, what=what)
+            if what == "the diffusion step":
+                inner = self.plain
+                self.fn = lambda model, canvas, *a, **k: (
+                    seen["graph"].add(canvas.shape[1]),
+                    inner(model, canvas, *a, **k),
+                )[1]
+                self.plain = lambda model, canvas, *a, **k: (
+                    seen["plain"].add(canvas.shape[1]),
+                    inner(model, canvas, *a, **k),
+                )[1]
+
+    monkeypatch.setattr(engine_module, "Compiled", Recording)
+    reqs = diffusion_requests(model)  # budgets 6, 9, 12, 15, 18 at block 4: last blocks of 2, 1, 4, 3, 2
+    check_each_alone(model, reqs, decode_step="static")
+    assert seen["graph"] == {4}, seen
+    assert seen["plain"] and seen["plain"] <= {1, 2, 3}, seen  # (a row that hits EOS first has no short block)

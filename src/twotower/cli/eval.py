@@ -203,6 +203,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     if unknown:
         raise CLIError(f"unknown task(s): {', '.join(unknown)} (see `lm-eval ls tasks`, or pass --include-path)")
     lm = build_adapter(args)
+    if lm.settings.engine and lm.engine_step == "compiled":  # compile every batch width now, not on the clock
+        print(f"warming up the compiled engine steps (batch widths up to {lm.settings.batch_size}) ...", file=sys.stderr)
+        lm.warm_up()
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = lm_eval.simple_evaluate(
         model=lm,

@@ -282,9 +282,14 @@ class DecodeEngine(SpeculativeRounds):
         streams, skip = [None] * width, [True] * width
         for i in idx:
             streams[place[i]], skip[place[i]] = self.rows[i].generator, False
+        fused = self._fused
+        if fused is not None and canvas.shape[1] != self.block_size:
+            # a row's last, short block: the same step uncompiled, so that the compiled graphs stay
+            # one per batch width instead of one per (width, remaining length) ever met
+            fused = fused.plain
         full, steps, forwards = fill_blocks(
             model, context, full, full_masked, [RowGroup(list(range(width)), settings, RowGenerators(streams, skip))],
-            mask_id=model.mask_token_id, eos_ids=eos, eos_aware=eos_aware, fused_step=self._fused,
+            mask_id=model.mask_token_id, eos_ids=eos, eos_aware=eos_aware, fused_step=fused,
             on_step=(lambda group: self._step_reporter(idx, place)) if report else None,
         )  # fmt: skip
         self.stats.denoiser_forwards += forwards

@@ -296,6 +296,11 @@ class TwoTowerLM(LM):
         return results  # type: ignore[return-value]
 
     # ---- engine=true ------------------------------------------------------------------------------
+    @property
+    def engine_step(self) -> str:
+        """The engine's resolved steps (eager, static or compiled) for `engine=true`."""
+        return self._engine().decode_step
+
     def _engine(self) -> Scheduler:
         if self._scheduler is None:
             self._scheduler = Scheduler(
