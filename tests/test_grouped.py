@@ -50,8 +50,13 @@ def test_cpu_kernel_agrees_with_grouped_mm_to_rounding():
 
 
 @needs_onednn
-def test_dispatch_float32_cpu_without_gradient_only():
+def test_dispatch_float32_cpu_without_gradient_only(monkeypatch):
     a, weight, _ = _operands(SIZES, 16, 16)
+    with torch.no_grad():
+        assert not uses_cpu_kernel(a, weight)  # small experts: grouped_mm's own loop is faster
+        big = torch.empty(1, 1024, 2048)  # 8 MiB of float32
+        assert uses_cpu_kernel(torch.empty(1, 2048), big)
+    monkeypatch.setattr(grouped, "CPU_KERNEL_MIN_WEIGHT_BYTES", 0)
     with torch.no_grad():
         assert uses_cpu_kernel(a, weight)
         assert not uses_cpu_kernel(a.bfloat16(), weight.bfloat16())
@@ -82,7 +87,8 @@ def test_gradients_go_through_grouped_mm():
 
 @needs_onednn
 @torch.no_grad()
-def test_cpu_kernel_compiles_as_one_opaque_node():
+def test_cpu_kernel_compiles_as_one_opaque_node(monkeypatch):
+    monkeypatch.setattr(grouped, "CPU_KERNEL_MIN_WEIGHT_BYTES", 0)
     a, weight, ends = _operands(SIZES, 64, 48)
     compiled = torch.compile(grouped_linear, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(a, weight, ends), cpu_grouped_linear(a, weight, ends), rtol=0, atol=0)
@@ -109,3 +115,19 @@ def test_place_inverts_order():
     flat = idx.reshape(-1)
     assert torch.equal(groups.order[groups.place], torch.arange(flat.numel()))
     assert torch.equal(groups.expert[groups.place], flat)
+
+
+@needs_onednn
+@torch.no_grad()
+@pytest.mark.parametrize("n", [1, 4, 23])
+def test_the_moe_through_the_cpu_kernel_equals_reference(monkeypatch, n):
+    """The whole expert path with the CPU kernel on (as at the release's widths), eager and compiled."""
+    from tests.test_moe import _assert_experts_match_reference, _moe
+
+    monkeypatch.setattr(grouped, "CPU_KERNEL_MIN_WEIGHT_BYTES", 0)
+    moe = _moe(torch.float32, n_routed_experts=8, num_experts_per_tok=2, hidden_size=50, moe_intermediate_size=22)
+    x = torch.randn(n, 50, generator=torch.Generator().manual_seed(n))
+    idx, w = moe.gate(x)
+    _assert_experts_match_reference(moe, x, idx, w)
+    compiled = torch.compile(moe, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(x), moe(x), rtol=1e-5, atol=1e-5)

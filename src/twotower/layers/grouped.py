@@ -4,7 +4,8 @@
 
 - `torch.nn.functional.grouped_mm` on every device and dtype (bfloat16 natively; float32 as one
   opaque graph node under `torch.compile`, whose meta function accepts bfloat16 only);
-- on the CPU in float32 without autograd, `cpu_grouped_linear`: torch's CPU `grouped_mm` sends
+- on the CPU in float32 without autograd, for experts of 8 MiB and more (the release's are 19 MiB),
+  `cpu_grouped_linear`: torch's CPU `grouped_mm` sends
   float32 through MKL's GEMM, which streams a cold weight at only 8-9 GB/s for 4-24 rows per group
   on this CPU (a third of its read bandwidth), while oneDNN's matmul on the same rows reads it at
   11-17 GB/s; with 1-2 rows MKL's matrix-vector path is the faster one and is kept. It reads the
@@ -23,6 +24,10 @@ import torch.nn.functional as F
 GROUPED_MM_ALIGN_BYTES = 16  # grouped_mm's layout rule: every non-unit stride a multiple of 16 bytes
 GROUPED_MM_NATIVE = (torch.bfloat16,)  # dtypes grouped_mm's meta function (compile, meta device) accepts
 GEMV_ROWS = 2  # up to this many rows in a group, MKL's matrix-vector path beats oneDNN's matmul (CPU, float32)
+# the CPU kernel pays for experts this large (bytes of one group's weight) and up: below, the weights
+# stay in cache and grouped_mm's own loop is faster (1 thread, 4-16 rows per group: 0.33-0.83x at
+# 0.3-2 MiB per expert, even at 8 MiB, 1.3-1.5x at the release's 19 MiB)
+CPU_KERNEL_MIN_WEIGHT_BYTES = 8 << 20
 
 
 def _onednn_linear():
@@ -87,13 +92,15 @@ def _round_up(n: int, multiple: int) -> int:
 
 def uses_cpu_kernel(a: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `grouped_linear` runs `cpu_grouped_linear` for these operands: float32 on the CPU,
-    oneDNN present, and nothing that needs a gradient (the kernel has no backward)."""
+    oneDNN present, experts of at least CPU_KERNEL_MIN_WEIGHT_BYTES each, and nothing that needs a
+    gradient (the kernel has no backward)."""
     needs_grad = torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad)
     return (
         ONEDNN_LINEAR is not None
         and a.device.type == "cpu"
         and a.dtype == torch.float32
         and weight.dtype == torch.float32
+        and weight.shape[1] * weight.shape[2] * weight.element_size() >= CPU_KERNEL_MIN_WEIGHT_BYTES
         and not needs_grad
     )
 
