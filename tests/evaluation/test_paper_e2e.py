@@ -202,6 +202,36 @@ def test_runner_reports_each_row_as_it_finishes():
     assert seen == [["race"], ["race", "gsm8k"]]
 
 
+def test_runner_generates_on_the_engine_in_the_columns_it_serves(monkeypatch):
+    """engine=True: the AR and diffusion columns generate on the engine (greedy AR: the same texts),
+    mock-AR, which the engine does not serve, keeps the batched calls."""
+    from twotower.evaluation import harness
+
+    calls = []
+    engine_run = harness.generate_continuously
+    monkeypatch.setattr(harness, "generate_continuously", lambda *a, **k: (calls.append(1), engine_run(*a, **k)))
+    columns = [Column("ar"), Column("diffusion", temperature=0.1), Column("mock-ar")]
+    with eval_command():
+        runs = {
+            engine: run_paper(
+                load_for_inference(None),
+                select_rows(["gsm8k"]),
+                columns,
+                manager=TaskManager(include_path=str(STANDINS), include_defaults=False),
+                options=RunOptions(limit=2, batch_size=2, max_gen_toks_cap=8, engine=engine, engine_step="eager"),
+            )
+            for engine in (False, True)
+        }
+    assert len(calls) == 2  # the AR and the diffusion column of the engine run, once each
+    cells = {engine: run.rows[0].cells for engine, run in runs.items()}
+    assert cells[True]["ar"].score == cells[False]["ar"].score
+    assert cells[True]["ar"].generation["requests"] == cells[False]["ar"].generation["requests"] == 2
+    assert cells[True]["mock-ar"].generation == cells[False]["mock-ar"].generation | {
+        "seconds": cells[True]["mock-ar"].generation["seconds"],
+        "tokens_per_second": cells[True]["mock-ar"].generation["tokens_per_second"],
+    }
+
+
 # ---- user errors ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("argv", "message"),

@@ -204,7 +204,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         raise CLIError(f"unknown task(s): {', '.join(unknown)} (see `lm-eval ls tasks`, or pass --include-path)")
     lm = build_adapter(args)
     if lm.settings.engine and lm.engine_step == "compiled":  # compile every batch width now, not on the clock
-        print(f"warming up the compiled engine steps (batch widths up to {lm.settings.batch_size}) ...", file=sys.stderr)
+        print(
+            f"warming up the compiled engine steps (batch widths up to {lm.settings.batch_size}) ...", file=sys.stderr
+        )
         lm.warm_up()
     limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
     results = lm_eval.simple_evaluate(
@@ -298,6 +300,8 @@ def paper_options(args: argparse.Namespace):
         rescore_loglikelihood=args.rescore_loglikelihood,
         confirm_run_unsafe_code=args.confirm_run_unsafe_code,
         log_samples=args.log_samples,
+        engine=args.engine,
+        engine_step=args.engine_step,
     )
 
 

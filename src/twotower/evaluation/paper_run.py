@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..decode.spec import SERVED_MODES
 from .paper import HarnessTasks, PaperRow
 
 LOGLIKELIHOOD_TYPES = frozenset({"loglikelihood", "loglikelihood_rolling", "multiple_choice"})
@@ -117,6 +118,8 @@ class RunOptions:
     rescore_loglikelihood: bool = False
     confirm_run_unsafe_code: bool = False
     log_samples: bool = False
+    engine: bool = False  # generation on the continuous-batching engine, in the columns whose mode it serves
+    engine_step: str = "auto"
 
 
 @dataclass
@@ -265,6 +268,8 @@ def run_paper(
             max_gen_toks_cap=options.max_gen_toks_cap,
             max_length=options.max_length,
             seed=options.seed,
+            engine=options.engine and c.mode in SERVED_MODES,
+            engine_step=options.engine_step,
         )
         for c in columns
     }
