@@ -22,6 +22,7 @@ from dataclasses import replace
 import torch
 from lm_eval.api.instance import Instance
 
+from twotower.decode.spec import DECODE_STEPS
 from twotower.evaluation.harness import TwoTowerLM
 from twotower.loading import load_for_inference
 
@@ -35,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-gen-toks", type=int, default=64, help="token budget of every request (default: 64)")
     p.add_argument("--confidence-threshold", type=float, default=0.9, help="diffusion's gamma (default: 0.9)")
     p.add_argument("--repeats", type=int, default=3, help="passes of each variant, alternating (default: 3)")
-    p.add_argument("--engine-step", default="eager", help="the engine's steps (default: eager)")
+    p.add_argument(
+        "--engine-step", default="eager", choices=("auto", *DECODE_STEPS), help="the engine's steps (default: eager)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the questions (default: 0)")
     p.add_argument("--json", metavar="FILE", help="write the settings and figures as JSON")

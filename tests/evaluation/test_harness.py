@@ -166,6 +166,33 @@ def test_engine_generation_gives_the_batched_texts_and_stops_rows_at_stop_string
     assert engine._scheduler.idle and engine._scheduler.active == 0
 
 
+def test_engine_texts_equal_the_batched_ones_with_tricky_stop_strings(tiny_loaded):
+    """An empty stop string is ignored (it would cut every text to nothing); of overlapping stop
+    strings the earliest occurrence wins on both paths, even when a later-ending one starts first."""
+    prompt = "Question: How many legs does a cat have?\nAnswer:"
+    free = text_of(tiny_loaded, own_generation(tiny_loaded, "diffusion", prompt, 24))
+    late, early = free[3:9], free[5:7]  # "early" completes first, "late" begins first and ends later
+    requests = [
+        (prompt, {"until": ["", "\x00never"], "max_gen_toks": 24}),
+        (prompt, {"until": [early, late], "max_gen_toks": 24}),
+        (prompt, {"until": [""], "max_gen_toks": 24}),
+    ]
+    items = [instance("generate_until", r, i) for i, r in enumerate(requests)]
+    want = TwoTowerLM.from_loaded(tiny_loaded, batch_size=2, **DIFFUSION).generate_until(items)
+    got = TwoTowerLM.from_loaded(tiny_loaded, batch_size=2, engine=True, engine_step="eager", **DIFFUSION)
+    assert got.generate_until(items) == want == [free, free[:3], free]
+
+
+def test_stop_string_rules():
+    from twotower.evaluation.continuous import cut_at_stop, first_stop, settled
+
+    assert first_stop("abcde", ["cd", "bcde", ""]) == 1 and first_stop("abc", ["x"]) is None
+    assert cut_at_stop("abcde", ["cd", "bcde"]) == "a" and cut_at_stop("abc", []) == "abc"
+    assert not settled("abcd", ["cd", "bcde"], 2)  # "bcd" may still become "bcde", which begins earlier
+    assert settled("abcdx", ["cd", "bcde"], 2)
+    assert settled("abcd", ["cd"], 2)
+
+
 def test_engine_rejects_modes_it_does_not_serve(tiny_loaded):
     with pytest.raises(ValueError, match="engine=true serves the modes"):
         TwoTowerLM.from_loaded(tiny_loaded, mode="mock-ar", engine=True)

@@ -15,7 +15,9 @@ Each operator of a part is charged (glossary: W weight bytes, r rows through the
 
 plus `dispatch_s` per operator (`view_dispatch_s` per view, which moves no bytes) and, per group of a
 grouped GEMM, `group_s` (non-empty: slicing, bookkeeping, a small GEMM's launch) or
-`empty_group_s` (the grouped kernel visits every group, even an empty one). gemm_rate(r)
+`empty_group_s` (`grouped_mm` visits every group, even an empty one; the CPU float32 kernel's loop
+skips them, and the trace counts none for it). Both are probed with the kernel the release's
+widths run (the CPU kernel in float32, `grouped_mm` in bf16). gemm_rate(r)
 and latency(r) come from a plain `linear` with r rows on cold weights of two sizes (a line through
 the two times); between the measured row counts they are interpolated, past the largest the FLOP
 rate is held. The grouped rates come from one weight size (latency 0: it is in the per-group rate).

@@ -96,7 +96,8 @@ class OpTrace(TorchDispatchMode):
         work.fresh_bytes += _fresh_bytes(func, [*args, *kwargs.values()], out)
         if func == aten._grouped_mm.default or func == CPU_GROUPED:
             a, b, offs = args[:3]
-            self._grouped(work, a, b.transpose(1, 2) if func == CPU_GROUPED else b, offs)
+            cpu = func == CPU_GROUPED  # its loop skips empty groups (next to free): none are counted
+            self._grouped(work, a, b.transpose(1, 2) if cpu else b, offs, count_empty=not cpu)
             work.ops += 1
             return
         ins, outs = _tensors([*args, *kwargs.values()]), _tensors([out])
@@ -129,7 +130,9 @@ class OpTrace(TorchDispatchMode):
         work.gemms.append(Gemm(_dtype(w), rows, w.numel() * w.element_size(), 2.0 * rows * k * n))
         return True
 
-    def _grouped(self, work: PartWork, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None) -> None:
+    def _grouped(
+        self, work: PartWork, a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor | None, *, count_empty: bool = True
+    ) -> None:
         """b (G, K, N): one Gemm per group with rows (the group ends are read: this call is untimed)."""
         groups, k, n = b.shape
         ends = [a.shape[0]] if offs is None else offs.tolist()
@@ -140,7 +143,7 @@ class OpTrace(TorchDispatchMode):
             start = end
             if rows > 0:
                 work.grouped.append(Gemm(_dtype(b), rows, per_group, 2.0 * rows * k * n))
-            else:
+            elif count_empty:
                 work.empty_groups += 1
 
     def _bytes(self, func, ins: list[torch.Tensor], outs: list[torch.Tensor], mutable: bool) -> float:

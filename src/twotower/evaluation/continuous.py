@@ -1,10 +1,13 @@
-"""Eval generation on the continuous-batching engine (`engine=true`): a row stops at its first stop
-string and frees its place for the next request, instead of decoding to EOS or its budget.
+"""Eval generation on the continuous-batching engine (`engine=true`): a row stops once its text
+holds a stop string that no later token can move, and frees its place for the next request, instead
+of decoding to EOS or its budget.
 
-Texts equal the batched path's for greedy decoding (the engine gives each row the tokens it would
-get alone, and both cut before the earliest stop string); a seeded row draws from its own stream
-(`seed` + its position in the adapter's request order), so sampled texts differ from the batched
-path's, whose rows share one stream per batch.
+Texts equal the batched path's for greedy decoding: the engine gives each row the tokens it would
+get alone, and the final text is cut exactly as the batched path cuts it (`cut_at_stop` over the
+whole text: before the earliest occurrence of any stop string). A row stops early only when no
+stop string could still begin before that cut (`settled`), so stopping never changes the text. A
+seeded row draws from its own stream (the adapter numbers rows as it submits them), so sampled
+texts differ from the batched path's, whose rows share one stream per batch.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from dataclasses import dataclass
 from ..decode.engine import Request
 from ..decode.scheduler import Scheduler
 from ..decode.spec import DecodeSpec
-from ..workload import TextStream
 
 
 @dataclass(frozen=True)
@@ -41,33 +43,51 @@ class Generated:
     row_forwards: int
 
 
+def first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest occurrence of any (non-empty) stop string begins, or None."""
+    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """`text` before the earliest occurrence of any stop string (all of it when none occurs)."""
+    cut = first_stop(text, stops)
+    return text if cut is None else text[:cut]
+
+
+def settled(text: str, stops: Sequence[str], cut: int) -> bool:
+    """Whether more text can no longer move the cut at `cut` earlier: no stop string has a partial
+    match at the end of `text` that begins before `cut`."""
+    return not any(text.endswith(s[:j]) and len(text) - j < cut for s in stops for j in range(1, len(s)))
+
+
 def generate_continuously(
     scheduler: Scheduler,
-    tokenizer,
     jobs: Sequence[Job],
     *,
-    eos_ids: tuple[int, ...],
+    text_of: Callable[[list[int]], str],
     on_done: Callable[[Generated], None],
 ) -> None:
     """Decode `jobs` in this order through `scheduler` (at most its max_batch_size rows at once, and
-    as many waiting); `on_done` sees each job as it finishes (in finishing order)."""
+    as many waiting); `text_of(tokens)` is the text of generated tokens (EOS left out); `on_done`
+    sees each job as it finishes (in finishing order)."""
     todo = deque(jobs)
-    running: dict[int, tuple[TextStream, list[int]]] = {}  # index -> (stream, [tokens, forwards])
+    running: dict[int, tuple[Job, list[int], list[int]]] = {}  # index -> (job, tokens, [forwards])
     while todo or not scheduler.idle:
         while todo and len(scheduler.waiting) < scheduler.max_batch_size:
             job = todo.popleft()
             scheduler.submit(Request.from_spec(job.index, job.prompt, job.spec))
-            running[job.index] = (TextStream(tokenizer, stop=job.until, eos_ids=eos_ids), [0, 0])
+            running[job.index] = (job, [], [0])
         for event in scheduler.step():
-            stream, counts = running[event.request_id]
-            counts[0] += len(event.tokens)
-            counts[1] += event.denoiser_steps
-            stream.feed(event.tokens)
+            job, tokens, forwards = running[event.request_id]
+            tokens += event.tokens
+            forwards[0] += event.denoiser_steps
+            text = text_of(tokens)
+            cut = first_stop(text, job.until)
             finished = event.finished
-            if stream.stopped and not finished:
-                scheduler.cancel(event.request_id)  # its stop string came: free the row now
+            if cut is not None and not finished and settled(text, job.until, cut):
+                scheduler.cancel(event.request_id)  # its stop string came and stays first: free the row
                 finished = True
             if finished:
-                stream.finish()
                 del running[event.request_id]
-                on_done(Generated(event.request_id, stream.text, counts[0], counts[1]))
+                on_done(Generated(job.index, cut_at_stop(text, job.until), len(tokens), forwards[0]))

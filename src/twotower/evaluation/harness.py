@@ -32,13 +32,13 @@ from lm_eval.api.registry import model_registry
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from ..decode.engine import Request
+from ..decode.engine import EngineStats, Request
 from ..decode.run import generate
 from ..decode.sampling import check_sampling_options
 from ..decode.scheduler import Scheduler
 from ..decode.spec import DEFAULT_DRAFT_STEPS
 from ..dtypes import resolve_dtype
-from .continuous import Generated, Job, generate_continuously
+from .continuous import Generated, Job, cut_at_stop, generate_continuously
 from .scoring import score_continuations
 from .settings import DEFAULT_MAX_GEN_TOKS, MODES, EvalSettings, SpeedStats, parse_batch_size
 
@@ -219,6 +219,7 @@ class TwoTowerLM(LM):
         kwargs = dict(gen_kwargs or {})
         until = kwargs.get("until") or ()
         until = (until,) if isinstance(until, str) else tuple(until)
+        until = tuple(s for s in until if s)  # an empty stop string would cut every text to nothing
         max_gen_toks = int(kwargs.get("max_gen_toks", self.settings.max_gen_toks))
         if self.settings.max_gen_toks_cap is not None:
             max_gen_toks = min(max_gen_toks, self.settings.max_gen_toks_cap)
@@ -235,11 +236,13 @@ class TwoTowerLM(LM):
             prompt = [prompt[0], *prompt[len(prompt) - budget + 1 :]] if budget > 1 else prompt[-1:]
         return _GenRequest(index, prompt, until, max_gen_toks, temperature, context, kwargs)
 
+    def _text(self, tokens: list[int]) -> str:
+        """Text of generated tokens, EOS left out."""
+        return self.tokenizer.decode([t for t in tokens if t not in self.eos_ids])
+
     def _decode(self, tokens: list[int], until: tuple[str, ...]) -> str:
         """Text of the generated tokens without EOS, cut before the earliest stop string."""
-        text = self.tokenizer.decode([t for t in tokens if t not in self.eos_ids])
-        cuts = [i for i in (text.find(s) for s in until if s) if i >= 0]
-        return text[: min(cuts)] if cuts else text
+        return cut_at_stop(self._text(tokens), until)
 
     def generate_ids(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float):
         """One batched call of the configured decoding mode; returns its `GenerationOutput`."""
@@ -251,17 +254,26 @@ class TwoTowerLM(LM):
         return generate(self.model, prompts, spec)
 
     def warm_up(self, text: str = "Warm-up") -> None:
-        """One batch of `batch_size` short generations in the configured mode, neither timed nor
-        counted in `speed`, and without moving the sampling seeds of later calls: so that one-off
-        start-up costs (kernel selection, allocator growth, lazy initialisation) stay out of the
-        measured throughput."""
+        """Short generations in the configured mode, neither timed nor counted in `speed`, and
+        without moving the sampling seeds of later calls: so that one-off start-up costs (kernel
+        selection, allocator growth, lazy initialisation, compiling) stay out of the measured
+        throughput. Batched: one batch of `batch_size`. Engine: one request of two blocks, or with
+        compiled steps one at every batch width the engine can take (`Scheduler.warm_up`)."""
         calls = self._generate_calls
         prompt = self._context_ids(text)
-        if self.settings.engine:  # every batch width the engine can take (its compiled steps compile now)
-            spec = self.settings.spec(
-                max_new_tokens=2 * self.settings.block_size, temperature=0.0, seed=0, eos_ids=self.eos_ids
-            )
-            self._engine().warm_up(Request.from_spec(("warm-up",), prompt, spec))
+        if self.settings.engine:
+            # an EOS table of the real shape that is never hit, so that every step compiles
+            eos = (self.model.mask_token_id,) * len(self.eos_ids)
+            spec = self.settings.spec(max_new_tokens=2 * self.settings.block_size, temperature=0.0, seed=0, eos_ids=eos)
+            request = Request.from_spec(("warm-up",), prompt, spec)
+            scheduler = self._engine()
+            if scheduler.decode_step == "compiled":
+                scheduler.warm_up(request)
+                return
+            scheduler.submit(request)
+            while not scheduler.idle:
+                scheduler.step()
+            scheduler.stats = EngineStats()  # the engines (all idle, so gone) took the old counters
             return
         self.generate_ids([prompt] * self.settings.batch_size, max_new_tokens=self.settings.block_size, temperature=0.0)
         self._generate_calls = calls
@@ -331,7 +343,7 @@ class TwoTowerLM(LM):
         stats, t0 = scheduler.stats, time.perf_counter()
         before = (stats.denoiser_forwards, stats.context_forwards)
         try:
-            generate_continuously(scheduler, self.tokenizer, jobs, eos_ids=self.eos_ids, on_done=done)
+            generate_continuously(scheduler, jobs, text_of=self._text, on_done=done)
         except BaseException:
             self._scheduler = None  # rows may be left in it: the next call starts a fresh one
             raise

@@ -157,8 +157,8 @@ class Mamba2Mixer(nn.Module):
         (its input is zeroed and its dt' is 0, so the SSM state passes through unchanged).
         Returns y (b, L, hidden_size) and the state after the last position. When a list is given
         as `history`, a MambaHistory (the state after every position) is appended to it.
-        `final_state=False`: the caller discards the returned state (the denoiser), which is then None
-        and is not computed.
+        `final_state=False`: the caller discards the returned state (the denoiser): None is returned,
+        and a block scan does not compute it (a one-token step still does, on its way to y).
         """
         b, L, _ = hidden.shape
         if mask is not None:
