@@ -23,25 +23,32 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the gpu_check_* helpers, next to this file
 
+from gpu_check_env import (  # noqa: E402
+    SLACK_BYTES,  # noqa: E402, F401  (read by the tests here)
+    Report,
+    environment,
+    free_memory,
+    memory_shortfall,
+    model_bytes,
+    nominal_machine,
+    release,
+    sync,
+    workspace_bytes,
+)
 from gpu_check_modes import BLOCK, Clock, forward_calls, measure_machine  # noqa: E402
 from gpu_check_parity import parity_check  # noqa: E402
 
 from twotower.bench.costmodel import (  # noqa: E402
-    BF16_BYTES,
-    FP32_BYTES,
-    GPUS,
-    STATE_DTYPE_BYTES,
     Forward,
     Machine,
     Precision,
@@ -51,8 +58,6 @@ from twotower.bench.costmodel import (  # noqa: E402
 )
 from twotower.bench.random_model import RoutingRecorder, random_twotower  # noqa: E402
 from twotower.config import preset  # noqa: E402
-from twotower.model import TwoTowerForCausalLM  # noqa: E402
-from twotower.stream_load import target_dtype  # noqa: E402
 
 FULL_PRESET = "nemotron-3-nano-30b-a3b"
 MODES = ("eager", "cuda-graph", "reduce-overhead", "compile")
@@ -63,102 +68,30 @@ TAUS = (2.0, 3.3, 5.0)
 DEFAULT_BUDGET_S = 420  # the whole script; gpu_check.sh kills it at 470 s (the issue allows 8 minutes)
 FIRST_COMPILE_GUESS_S = 150  # time a compiled mode's first batch is assumed to need before one is measured
 EAGER_ROW_GUESS_S = 15
-SLACK_BYTES = 6 << 30  # allocator fragmentation, kernels' workspaces, the probes
-
-
-# ---- the full-shape model ---------------------------------------------------------------------------
-def model_bytes(config, *, tie_towers: bool, dtype: torch.dtype) -> int:
-    """Bytes the model's tensors will take in `dtype` (counted on the meta device: no memory)."""
-    with torch.device("meta"):
-        model = TwoTowerForCausalLM(config)
-    if tie_towers:
-        model.denoiser_tower, model.lm_head = model.context_tower, model.context_lm_head
-    seen, total = set(), 0
-    for key, t in model.state_dict(keep_vars=True).items():
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * torch.empty((), dtype=target_dtype(key, t, dtype)).element_size()
-    return total
-
-
-def workspace_bytes(config, *, batch: int, capacity: int) -> int:
-    """Room for one batch of the bf16 model: two copies of its state (the cache and a fixed-shape
-    decoder), logits of a block forward in float32 and bf16, and slack."""
-    ssm = config.mamba_num_heads * config.mamba_head_dim * config.ssm_state_size
-    ssm *= STATE_DTYPE_BYTES[config.mamba_ssm_cache_dtype]
-    conv = config.mamba_conv_dim * (config.conv_kernel - 1) * BF16_BYTES
-    kv = 2 * config.num_key_value_heads * config.head_dim * capacity * BF16_BYTES
-    kinds = config.layers_block_type
-    per_row = kinds.count("linear_attention") * (ssm + conv) + kinds.count("full_attention") * kv
-    logits = batch * BLOCK * config.vocab_size * (FP32_BYTES + BF16_BYTES)
-    return 2 * batch * per_row + logits + SLACK_BYTES
-
-
-def nominal_machine(device: torch.device) -> Machine | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((m for m in GPUS if m.name in name), None)
-
-
-# ---- the run --------------------------------------------------------------------------------------
-class Report:
-    """The JSON being built; `save()` rewrites it whole (so a killed run still leaves a valid file)."""
-
-    def __init__(self, path: Path, settings: dict) -> None:
-        self.path = path
-        self.data: dict = {"settings": settings, "errors": [], "timings": [], "predictions": [], "ratios": []}
-
-    def error(self, stage: str, err: BaseException) -> None:
-        tail = traceback.format_exception(type(err), err, err.__traceback__)[-3:]
-        self.data["errors"].append({"stage": stage, "error": f"{type(err).__name__}: {err}", "where": "".join(tail)})
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-        tmp.replace(self.path)
-
-
-def environment(device: torch.device) -> dict:
-    env = {"torch": torch.__version__, "device": str(device), "cpu_count": os.cpu_count()}
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        env.update(
-            name=torch.cuda.get_device_name(device),
-            cuda=torch.version.cuda,
-            capability=".".join(map(str, torch.cuda.get_device_capability(device))),
-            memory_free=free,
-            memory_total=total,
-        )
-    return env
-
-
-def free_memory(device: torch.device) -> int | None:
-    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def release(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def time_mode_batch(
-    model, mode: str, *, batch: int, context: int, repeats: int, warmup: int, clock: Clock, seed: int, deadline: float
+    model,
+    mode: str,
+    *,
+    batch: int,
+    context: int,
+    repeats: int,
+    warmup: int,
+    clock: Clock,
+    seed: int,
+    deadline: float,
+    need_s: float = 0.0,
 ):
     """Yield one timing row per forward of `mode` at `batch` (warm-up calls, which compile or capture,
-    are timed apart as `warmup_s`; eager rows also record the distinct experts per MoE layer). Past
-    `deadline` the remaining forwards are yielded as skipped."""
+    are timed apart as `warmup_s`; eager rows also record the distinct experts per MoE layer). A
+    forward that would start with less than `need_s` left before `deadline` is yielded as skipped."""
     device = model.context_device
     calls, before = forward_calls(model, mode, batch=batch, context=context, seed=seed)
     for name, fn in calls.items():
-        if time.monotonic() > deadline:
-            yield {"mode": mode, "forward": name, "batch": batch, "skipped": "time budget"}
+        left = deadline - time.monotonic()
+        if left < need_s:
+            yield {"mode": mode, "forward": name, "batch": batch, "skipped": f"time budget ({left:.0f} s left)"}
             continue
         t0 = time.monotonic()
         for _ in range(warmup):
@@ -183,21 +116,28 @@ def run_timings(model, report: Report, args, *, deadline: float, clock: Clock, m
     budget skips are rows too."""
     device = model.context_device
     first_batch_s: dict[str, float] = {}
+    toolchain = report.data["environment"].get("compile_toolchain", "ok")
     for mode in args.modes:
         if mode in CUDA_ONLY and device.type != "cuda":
             report.data["timings"].append({"mode": mode, "skipped": "needs a CUDA device"})
+            continue
+        if mode in COMPILED and toolchain != "ok":
+            report.data["timings"].append({"mode": mode, "skipped": f"torch.compile cannot build here: {toolchain}"})
             continue
         if mode in COMPILED:
             torch._dynamo.reset()
         for b in args.compiled_batches if mode in COMPILED else args.batches:
             guess = first_batch_s.get(mode, FIRST_COMPILE_GUESS_S if mode in COMPILED else EAGER_ROW_GUESS_S)
             left = deadline - time.monotonic()
-            if left < guess:
-                skip = f"time budget: {left:.0f} s left, about {guess:.0f} s needed"
+            short = memory_shortfall(model, batch=b, context=args.context, graph_pools=mode in CUDA_ONLY)
+            skip = f"time budget: {left:.0f} s left, about {guess:.0f} s needed" if left < guess else short
+            if skip:
                 report.data["timings"].append({"mode": mode, "batch": b, "skipped": skip})
                 report.save()
                 continue
             t0 = time.monotonic()
+            report.data["running"] = {"mode": mode, "batch": b, "since_s": round(t0 - report.start, 1)}
+            report.save()
             try:
                 with torch.inference_mode():
                     for row in time_mode_batch(
@@ -210,6 +150,7 @@ def run_timings(model, report: Report, args, *, deadline: float, clock: Clock, m
                         clock=clock,
                         seed=args.seed,
                         deadline=deadline,
+                        need_s=guess / len(FORWARDS),
                     ):
                         report.data["timings"].append(row)
                         report.save()
@@ -219,8 +160,15 @@ def run_timings(model, report: Report, args, *, deadline: float, clock: Clock, m
                 report.data["timings"].append({"mode": mode, "batch": b, "error": f"{type(err).__name__}: {err}"})
                 print(f"  {mode} batch {b}: {type(err).__name__}: {str(err)[:200]}", flush=True)
             finally:
+                report.data.pop("running", None)
                 release(device)
-                refresh_predictions(report, model.config, args, machines=machines)
+                if mode == "reduce-overhead":  # inductor may silently run without CUDA graphs: count it
+                    skips = torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)
+                    report.data.setdefault("cudagraph_skips", {})[f"batch {b}"] = int(skips)
+                try:
+                    refresh_predictions(report, model.config, args, machines=machines)
+                except Exception as err:
+                    report.error("predictions", err)
                 report.save()
             first_batch_s.setdefault(mode, time.monotonic() - t0)
 
@@ -335,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     report.save()
     clock = Clock(device)
 
+    def stopped(signum, _frame) -> None:  # gpu_check.sh's hard limit: say so in the JSON, then stop
+        report.data["stopped"] = f"signal {signum} at {time.monotonic() - start:.0f} s (the hard limit)"
+        report.save()
+        sys.exit(3)
+
+    signal.signal(signal.SIGTERM, stopped)
+
     print("parity: tiny model on the device against the CPU reference ...", flush=True)
     try:
         report.data["parity"] = parity_check(device, seed=args.seed)
@@ -345,12 +300,16 @@ def main(argv: list[str] | None = None) -> int:
     report.save()
 
     small = args.tiny or device.type != "cuda"
-    machine = measure_machine(
-        device, stream_bytes=(64 if small else 2048) << 20, matmul_size=512 if small else 8192, clock=clock
-    )
-    report.data["machine"] = machine
+    machines: dict[str, Machine] = {}
+    try:
+        machine = measure_machine(
+            device, stream_bytes=(64 if small else 2048) << 20, matmul_size=512 if small else 8192, clock=clock
+        )
+        report.data["machine"] = machine
+        machines["measured"] = Machine("measured", machine["read_bandwidth"], machine["matmul_peak_bf16"])
+    except Exception as err:  # the nominal figures still give predictions
+        report.error("machine", err)
     release(device)
-    machines = {"measured": Machine("measured", machine["read_bandwidth"], machine["matmul_peak_bf16"])}
     nominal = nominal_machine(device)
     if nominal is not None:
         machines[nominal.name] = nominal

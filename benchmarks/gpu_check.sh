@@ -10,11 +10,12 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(dirname "$here")"
 export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
 # the script stops starting rows after --budget-s (420 s); this is the hard stop, under the 8 minutes
-hard_limit_s="${GPU_CHECK_HARD_LIMIT_S:-470}"
+# counted from this script's start (the checks below take seconds), kill 5 s after the TERM
+hard_limit_s="${GPU_CHECK_HARD_LIMIT_S:-465}"
 
 # `import twotower` needs safetensors (checkpoint writing), which this check never uses: when the
 # machine lacks it, a stand-in that refuses to be used goes on the path for this run only.
-if ! python3 -c "import safetensors.torch" 2>/dev/null; then
+if ! python3 -c "import safetensors.torch" 2>/dev/null; then  # (its seconds count against the hard limit)
     stub="$(mktemp -d)"
     trap 'rm -rf "$stub"' EXIT
     mkdir -p "$stub/safetensors"
@@ -37,8 +38,11 @@ if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader >&2 || true
 fi
 status=0
-timeout --signal=TERM --kill-after=10 "$hard_limit_s" python3 "$here/gpu_check.py" "$@" || status=$?
-if [ "$status" -eq 124 ]; then
+left_s=$(( hard_limit_s - SECONDS ))
+timeout --signal=TERM --kill-after=5 "$left_s" python3 "$here/gpu_check.py" "$@" || status=$?
+if [ "$status" -eq 124 ] || [ "$status" -eq 137 ] || [ "$status" -eq 3 ]; then
+    # not 124/137: those read as the device tool's own time-out
     echo "gpu_check.sh: stopped at the hard limit (${hard_limit_s} s); the JSON holds every row finished" >&2
+    exit 3
 fi
 exit "$status"

@@ -1,6 +1,7 @@
 """The GPU check's parity stage (`benchmarks/gpu_check.py`): a tiny random fp32 TwoTower on the
 device against itself on the CPU (logits, greedy AR and mask-diffusion tokens), and a captured CUDA
-graph's AR step against the eager step."""
+graph's AR step of a tiny bf16 TwoTower against its eager step. Each check is recorded on its own
+(a failing one leaves `<name>_error`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from twotower.context import DenoiserContext
 from twotower.decode.static import StaticDecoder, decode_step
 
 PARITY_TOL = 1e-3  # max |logit difference| / max(1, max |logit|), fp32 with TF32 off
+GRAPH_TOL = 2e-2  # the same, bf16: a replayed graph against the eager step on the device
 
 
 def max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -42,23 +44,49 @@ def parity_check(device: torch.device, *, seed: int) -> dict:
         block = torch.randint(FIRST_RANDOM_ID, config.vocab_size, (2, 8), generator=g)
         t = torch.tensor([0.25, 0.75])
         out: dict = {}
-        out["forward_logits"] = max_rel_diff(dev.context_forward(prompt.to(device)), ref.context_forward(prompt))
-        den = []
-        for m, dvc in ((ref, torch.device("cpu")), (dev, device)):
-            cache = m.empty_cache(2, capacity=32)
-            m.extend_context(prompt.to(dvc), cache)
-            den.append(m.denoise(block.to(dvc), t.to(dvc), DenoiserContext.from_cache(cache)))
-        out["denoise_logits"] = max_rel_diff(den[1], den[0])
-        ar = [m.generate_ar(prompt.to(dvc), max_new_tokens=8).sequences for m, dvc in ((ref, "cpu"), (dev, device))]
-        out["ar_tokens_equal"] = bool(torch.equal(ar[0].cpu(), ar[1].cpu()))
-        opts = dict(max_new_tokens=16, block_size=8, steps_per_block=8, confidence_threshold=0.5)
-        diff = [m.generate_mask_diffusion(prompt.to(d), **opts).sequences for m, d in ((ref, "cpu"), (dev, device))]
-        out["diffusion_tokens_equal"] = bool(torch.equal(diff[0].cpu(), diff[1].cpu()))
+
+        def check(key: str, fn) -> None:  # each check on its own: one failure keeps the others' results
+            try:
+                out[key] = fn()
+            except Exception as err:
+                out[f"{key}_error"] = f"{type(err).__name__}: {err}"
+
+        check(
+            "forward_logits", lambda: max_rel_diff(dev.context_forward(prompt.to(device)), ref.context_forward(prompt))
+        )
+
+        def denoise() -> float:
+            den = []
+            for m, dvc in ((ref, torch.device("cpu")), (dev, device)):
+                cache = m.empty_cache(2, capacity=32)
+                m.extend_context(prompt.to(dvc), cache)
+                den.append(m.denoise(block.to(dvc), t.to(dvc), DenoiserContext.from_cache(cache)))
+            return max_rel_diff(den[1], den[0])
+
+        check("denoise_logits", denoise)
+
+        def ar() -> bool:
+            seqs = [m.generate_ar(prompt.to(d), max_new_tokens=8).sequences for m, d in ((ref, "cpu"), (dev, device))]
+            return bool(torch.equal(seqs[0].cpu(), seqs[1].cpu()))
+
+        def diffusion() -> bool:
+            opts = dict(max_new_tokens=16, block_size=8, steps_per_block=8, confidence_threshold=0.5)
+            seqs = [m.generate_mask_diffusion(prompt.to(d), **opts).sequences for m, d in ((ref, "cpu"), (dev, device))]
+            return bool(torch.equal(seqs[0].cpu(), seqs[1].cpu()))
+
+        check("ar_tokens_equal", ar)
+        check("diffusion_tokens_equal", diffusion)
         if device.type == "cuda":
-            out["cuda_graph_ar_step"] = cuda_graph_step_diff(dev, prompt.to(device))
-        close = [v <= PARITY_TOL for k, v in out.items() if isinstance(v, float)]
-        out["passed"] = all(close) and out["ar_tokens_equal"] and out["diffusion_tokens_equal"]
+            # in bf16: float32 grouped_mm on CUDA takes a fallback that reads the group offsets on the
+            # host, which a graph capture refuses (the 30B run is bf16 too)
+            bf16 = random_twotower(config, dtype=torch.bfloat16, device=device, tie_towers=False, seed=seed)
+            check("cuda_graph_ar_step_bf16", lambda: cuda_graph_step_diff(bf16, prompt.to(device)))
+        close = [out.get(k, float("inf")) <= PARITY_TOL for k in ("forward_logits", "denoise_logits")]
+        graph_ok = device.type != "cuda" or out.get("cuda_graph_ar_step_bf16", float("inf")) <= GRAPH_TOL
+        equal = out.get("ar_tokens_equal") is True and out.get("diffusion_tokens_equal") is True
+        out["passed"] = all(close) and equal and graph_ok
         out["tolerance"] = PARITY_TOL
+        out["graph_tolerance"] = GRAPH_TOL
         return out
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32

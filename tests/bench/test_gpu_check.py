@@ -115,3 +115,12 @@ def test_script_runs_without_safetensors(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "safetensors not installed; using a stand-in" in proc.stderr
     assert "--device" in proc.stdout
+
+
+def test_environment_checks_on_the_cpu(gpu_check):
+    """On the CPU nothing needs Triton and no device memory is tracked: no skips from either check."""
+    cpu = torch.device("cpu")
+    assert gpu_check["environment"](cpu)["compile_toolchain"] == "ok"
+    model = torch.nn.Linear(2, 2)
+    model.context_device, model.config = cpu, preset("tiny")
+    assert gpu_check["memory_shortfall"](model, batch=128, context=128, graph_pools=True) is None

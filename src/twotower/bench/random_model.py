@@ -22,6 +22,7 @@ def fill_random_(model: torch.nn.Module, *, seed: int, std: float) -> None:
     and the router's correction bias 0; adaLN tables and t_block as a fresh TwoTower (SPEC 3.2)."""
     devices = {p.device for p in model.parameters()}
     gens = {d: torch.Generator(device=d).manual_seed(seed) for d in devices}
+    cpu_gen = torch.Generator().manual_seed(seed)
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if id(p) in seen:
@@ -33,7 +34,8 @@ def fill_random_(model: torch.nn.Module, *, seed: int, std: float) -> None:
         elif name.endswith(".D") or name.endswith("norm.weight") or name.endswith("norm_f.weight"):
             p.fill_(1.0)
         elif name.endswith("dt_bias"):
-            dt = torch.exp(torch.empty(p.shape, dtype=torch.float32).uniform_(-6.9, -2.3))  # 1e-3 .. 1e-1
+            u = torch.rand(p.shape, generator=cpu_gen)  # seeded: the same routing on every run
+            dt = torch.exp(u * (-2.3 + 6.9) - 6.9)  # 1e-3 .. 1e-1, log-uniform
             p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         elif name.endswith("bias"):
             p.zero_()
