@@ -233,7 +233,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiny", action="store_true", help="the tiny preset instead of the 30B shape (for tests)")
     p.add_argument("--out", help="JSON path (default: $OUT/gpu_check.json, else ./gpu_check.json)")
     p.add_argument("--batches", help="rows per forward (default: 1,8,32,128; --tiny: 1,4)")
-    p.add_argument("--compiled-batches", help="rows for the compiled modes (default: 1,128; --tiny: 1,4)")
+    p.add_argument(
+        "--compiled-batches",
+        help="rows for the compiled modes, in this order (default: 128,1: the batched regime first, since each "
+        "compiled batch compiles three full-depth graphs and the time budget may end before the next; --tiny: 1,4)",
+    )
     p.add_argument("--modes", help=f"comma-separated from {','.join(MODES)} (default: all on cuda, eager on cpu)")
     p.add_argument("--context", type=int, help="prefilled tokens per row (default: 128; --tiny: 16)")
     p.add_argument("--repeats", type=int, help="timed calls per forward (default: 10; --tiny: 3)")
@@ -244,7 +248,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.batches = [int(x) for x in (args.batches or ("1,4" if args.tiny else "1,8,32,128")).split(",") if x]
-        compiled = args.compiled_batches or ("1,4" if args.tiny else "1,128")
+        compiled = args.compiled_batches or ("1,4" if args.tiny else "128,1")
         args.compiled_batches = [int(x) for x in compiled.split(",") if x]
     except ValueError:
         p.error("--batches and --compiled-batches take comma-separated integers")

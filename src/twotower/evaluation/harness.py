@@ -347,9 +347,10 @@ class TwoTowerLM(LM):
         except BaseException:
             self._scheduler = None  # rows may be left in it: the next call starts a fresh one
             raise
-        stats = scheduler.stats
-        nfe = stats.denoiser_forwards - before[0] if self.settings.mode != "ar" else stats.context_forwards - before[1]
-        self.speed.add_run(nfe=nfe, seconds=time.perf_counter() - t0)
+        finally:  # the rows counted so far come with their time and forwards, even when interrupted
+            ar = self.settings.mode == "ar"
+            nfe = stats.context_forwards - before[1] if ar else stats.denoiser_forwards - before[0]
+            self.speed.add_run(nfe=nfe, seconds=time.perf_counter() - t0)
 
 
 def register() -> None:
