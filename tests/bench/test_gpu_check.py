@@ -124,3 +124,20 @@ def test_environment_checks_on_the_cpu(gpu_check):
     model = torch.nn.Linear(2, 2)
     model.context_device, model.config = cpu, preset("tiny")
     assert gpu_check["memory_shortfall"](model, batch=128, context=128, graph_pools=True) is None
+
+
+def test_the_compiled_mode_runs_in_the_cpu_form(tmp_path):
+    """The `compile` rows (torch.compile of the fixed-shape steps) on the tiny model: every forward
+    timed, no error; the CUDA-only modes are recorded as skipped, not failed."""
+    out = tmp_path / "g.json"
+    argv = ["--device", "cpu", "--tiny", "--modes", "compile,cuda-graph", "--compiled-batches", "1"]
+    argv += ["--repeats", "1", "--warmup", "1", "--out", str(out)]
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), *argv], capture_output=True, text=True, env=dict(os.environ), timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["errors"] == [] and "running" not in report
+    rows = [t for t in report["timings"] if t.get("mode") == "compile"]
+    assert [r["forward"] for r in rows] == ["ar_step", "denoise", "commit"] and all(r["ms"] > 0 for r in rows)
+    assert {"mode": "cuda-graph", "skipped": "needs a CUDA device"} in report["timings"]
