@@ -203,6 +203,8 @@ def evaluate(args: argparse.Namespace) -> dict:
     if unknown:
         raise CLIError(f"unknown task(s): {', '.join(unknown)} (see `lm-eval ls tasks`, or pass --include-path)")
     lm = build_adapter(args)
+    if lm.settings.engine:
+        print(f"generation on the engine, engine steps: {lm.engine_step}", file=sys.stderr)
     if lm.settings.engine and lm.engine_step == "compiled":  # compile every batch width now, not on the clock
         print(
             f"warming up the compiled engine steps (batch widths up to {lm.settings.batch_size}) ...", file=sys.stderr
