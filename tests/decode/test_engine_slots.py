@@ -241,3 +241,13 @@ def test_short_last_blocks_take_the_uncompiled_step(model, monkeypatch):
     check_each_alone(model, reqs, decode_step="static")
     assert seen["graph"] == {4}, seen
     assert seen["plain"] and seen["plain"] <= {1, 2, 3}, seen  # (a row that hits EOS first has no short block)
+
+
+def test_slot_capacities_are_few_powers_of_two(model):
+    """Whatever the first request's length, a slot state's capacity is a power of two >= 128, so the
+    compiled steps see a few capacities per width (not one per 128 positions)."""
+    from twotower.decode.slots import SlotCache, slot_capacity
+
+    assert [slot_capacity(n) for n in (1, 128, 129, 600, 1024, 1025)] == [128, 128, 256, 1024, 1024, 2048]
+    caps = {SlotCache.for_requests(model, rows=2, longest=n).capacity for n in (40, 70, 100, 130, 250, 300)}
+    assert caps == {128, 256, 512, 1024}

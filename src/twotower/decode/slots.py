@@ -14,8 +14,9 @@ Capacity policy (stated, amortized):
 - slots: the first join's row count rounded up to a power of two (at most `max_slots`), doubled
   (at most to `max_slots`) when more rows are active than slots (a copy of every row; at most
   log2(max_slots) times); so the widths are `slot_widths(max_slots)`;
-- positions: `round_capacity(2 x (prompt + max_new_tokens))` of the longest request seen, doubled
-  only when a longer request arrives; when the shared end would pass the capacity, every active
+- positions: `slot_capacity(2 x (prompt + max_new_tokens))` of the longest request seen (a power of
+  two, at least 128), doubled only when a longer request arrives, so that every capacity an engine
+  ever takes is one of a few powers of two and the compiled steps stay a few graphs per width; when the shared end would pass the capacity, every active
   row is compacted to the front of its slot (one gather of all rows, then at least half the
   capacity is free again, so this happens at most once per capacity / 2 positions).
 `generation` counts these whole-state reallocations and compactions (the denoiser-side mirror
@@ -30,11 +31,18 @@ from ..cache import HybridCache
 from ..context import DenoiserContext
 from ..layers.attention import AttentionState
 from ..layers.mamba2 import MambaState
-from .static import round_capacity
+from .static import CAPACITY_ROUNDING
 
 
 def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def slot_capacity(n: int) -> int:
+    """Positions of a slot state that must hold `n`: the next power of two, at least CAPACITY_ROUNDING
+    (with multiples of 128 instead, engines started by differently sized first requests would each
+    compile their own graphs: up to one per 128 positions and width, past Dynamo's recompile limit)."""
+    return max(CAPACITY_ROUNDING, _pow2(n))
 
 
 def slot_widths(max_slots: int) -> list[int]:
@@ -77,7 +85,7 @@ class SlotCache:
     def for_requests(cls, model, *, rows: int, longest: int, max_slots: int | None = None) -> SlotCache:
         """The state for a first join of `rows` rows whose longest needs `longest` positions."""
         slots = _pow2(rows) if max_slots is None else min(_pow2(rows), max(max_slots, rows))
-        return cls(model, slots=slots, capacity=round_capacity(2 * longest), max_slots=max_slots)
+        return cls(model, slots=slots, capacity=slot_capacity(2 * longest), max_slots=max_slots)
 
     # ---- joining and leaving ----------------------------------------------------------------------
     @torch.no_grad()
