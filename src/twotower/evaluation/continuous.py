@@ -82,12 +82,13 @@ def generate_continuously(
             job, tokens, forwards = running[event.request_id]
             tokens += event.tokens
             forwards[0] += event.denoiser_steps
-            text = text_of(tokens)
-            cut = first_stop(text, job.until)
             finished = event.finished
-            if cut is not None and not finished and settled(text, job.until, cut):
-                scheduler.cancel(event.request_id)  # its stop string came and stays first: free the row
-                finished = True
+            if job.until and event.tokens and not finished:  # only a row with stop strings reads its text early
+                text = text_of(tokens)
+                cut = first_stop(text, job.until)
+                if cut is not None and settled(text, job.until, cut):
+                    scheduler.cancel(event.request_id)  # its stop string came and stays first: free the row
+                    finished = True
             if finished:
                 del running[event.request_id]
-                on_done(Generated(job.index, cut_at_stop(text, job.until), len(tokens), forwards[0]))
+                on_done(Generated(job.index, cut_at_stop(text_of(tokens), job.until), len(tokens), forwards[0]))
