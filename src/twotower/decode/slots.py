@@ -16,9 +16,10 @@ Capacity policy (stated, amortized):
   log2(max_slots) times); so the widths are `slot_widths(max_slots)`;
 - positions: `slot_capacity(2 x (prompt + max_new_tokens))` of the longest request seen (a power of
   two, at least 128), doubled only when a longer request arrives, so that every capacity an engine
-  ever takes is one of a few powers of two and the compiled steps stay a few graphs per width; when the shared end would pass the capacity, every active
-  row is compacted to the front of its slot (one gather of all rows, then at least half the
-  capacity is free again, so this happens at most once per capacity / 2 positions).
+  ever takes is one of a few powers of two and the compiled steps stay a few graphs per width;
+  when the shared end would pass the capacity, every active row is compacted to the front of its
+  slot (one gather of all rows, then at least half the capacity is free again, so this happens at
+  most once per capacity / 2 positions).
 `generation` counts these whole-state reallocations and compactions (the denoiser-side mirror
 resynchronizes on a change); joins and leaves never change it.
 """

@@ -120,8 +120,9 @@ def _one_chunk_final(
     xc (b, 1, l, h, p) (dt-scaled), Bc (b, 1, l, h, n) -> (b, h, p, n) fp32, a fresh tensor.
 
     The state is the big operand (2 MiB per row and layer at the release's widths, fp32: 64 MiB
-    at batch 32), so it is written once: the decayed copy, then the chunk's input added in place by one batched matmul, instead of
-    a matmul result, a decayed copy and their sum (three fresh state-sized tensors)."""
+    at batch 32), so it is written once: the decayed copy, then the chunk's input added in place by
+    one batched matmul, instead of a matmul result, a decayed copy and their sum (three fresh
+    state-sized tensors)."""
     b, _, l, h, p = xc.shape
     n = Bc.shape[-1]
     new = state.float() * torch.exp(a_total)[..., None, None]  # (b, h, p, n): never the input itself
