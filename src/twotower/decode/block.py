@@ -186,21 +186,24 @@ def denoise_block(
     row_steps = torch.zeros(rows, dtype=torch.long, device=device)
     live = rows_needing_tokens(canvas, masked, eos_ids)
     forwards = 0
+    # the fused step's index lives on the device and counts up there: no host-to-device copy per step
+    step = torch.zeros((), dtype=torch.long, device=device) if fused_step is not None else None
     for k in range(steps):
         live_rows = live.tolist()  # the one host read of a step: it ends the block early, and says who draws
         if not any(live_rows):
             break
-        n_masked = masked.sum(-1)
+        # the fused step takes t from `masked` itself: count here only for the eager step or a listener
+        n_masked = masked.sum(-1) if fused_step is None or on_step is not None else None
         noise = None
         if settings.temperature > 0:
             # per-row streams: a row with nothing left to fill draws nothing, exactly as when decoded alone
             step_gen = generator.only(live_rows) if isinstance(generator, RowGenerators) else generator
             noise = _noise(shape, device, draw, step_gen)
         if fused_step is not None:
-            step = torch.tensor(k, device=device)
             canvas, masked, commit, took_part, live = fused_step(
                 model, canvas, masked, context, noise, eos_ids, step, **options
             )
+            step.add_(1)
         else:
             logits = denoise(canvas, n_masked.float() / size, context, logits_for=masked & live[:, None])
             canvas, masked, commit, took_part = block_commit(
