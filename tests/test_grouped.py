@@ -8,10 +8,12 @@ import torch.nn.functional as F
 
 from twotower.layers import grouped
 from twotower.layers.grouped import (
+    ONEDNN_DTYPES,
     ONEDNN_LINEAR,
     cpu_grouped_linear,
     grouped_linear,
     grouped_linear_reference,
+    swap_rows,
     uses_cpu_kernel,
 )
 from twotower.layers.mlp import relu2, relu2_
@@ -19,8 +21,13 @@ from twotower.layers.moe import group_by_expert
 
 needs_onednn = pytest.mark.skipif(ONEDNN_LINEAR is None, reason="this torch build has no oneDNN linear")
 
-# rows per group: empty first, middle and last groups; 1-2 rows (the matrix-vector path) and more
-SIZES = (0, 1, 2, 0, 3, 7, 24, 0)
+needs_onednn_bf16 = pytest.mark.skipif(
+    torch.bfloat16 not in ONEDNN_DTYPES, reason="this torch build's oneDNN linear does not run bfloat16"
+)
+
+# rows per group: empty first, middle and last groups; 1-2 rows (the matrix-vector path) and more,
+# 16 and up padded to a multiple of 16 in float32 (17, 24, 33) or not (16)
+SIZES = (0, 1, 2, 0, 3, 7, 16, 17, 24, 0, 33, 0)
 
 
 def _operands(sizes, k, n, dtype=torch.float32, seed=0):
@@ -41,6 +48,27 @@ def test_cpu_kernel_equals_the_float64_twin(k, n):
     torch.testing.assert_close(got, grouped_linear_reference(a, weight, ends), rtol=1e-5, atol=1e-5)
 
 
+@needs_onednn_bf16
+@torch.no_grad()
+@pytest.mark.parametrize("k,n", [(64, 48), (50, 22)])
+def test_cpu_kernel_in_bfloat16_agrees_with_grouped_mm(k, n):
+    """bfloat16 accumulates in float32 and rounds once, as grouped_mm does: both are within one
+    rounding of the float64 product, so within two of each other."""
+    a, weight, ends = _operands(SIZES, k, n, dtype=torch.bfloat16, seed=2)
+    got = cpu_grouped_linear(a, weight, ends)
+    assert got.shape == (a.shape[0], n) and got.dtype == torch.bfloat16
+    want = grouped_linear_reference(a, weight, ends)
+    exact = grouped_linear_reference(a.double(), weight.double(), ends)
+    ulp = exact.abs().clamp_min(1e-3) * 2**-8  # bfloat16 keeps 8 significant bits
+    assert ((got.double() - exact).abs() <= ulp).all()
+    assert ((got.double() - want.double()).abs() <= 2 * ulp).all()
+
+
+def test_swap_rows_pads_float32_past_16_rows_only():
+    assert [swap_rows(n, torch.float32) for n in (3, 16, 17, 24, 32, 33)] == [3, 16, 32, 32, 32, 48]
+    assert [swap_rows(n, torch.bfloat16) for n in (3, 17, 33)] == [3, 17, 33]
+
+
 @needs_onednn
 @torch.no_grad()
 def test_cpu_kernel_agrees_with_grouped_mm_to_rounding():
@@ -50,7 +78,7 @@ def test_cpu_kernel_agrees_with_grouped_mm_to_rounding():
 
 
 @needs_onednn
-def test_dispatch_float32_cpu_without_gradient_only(monkeypatch):
+def test_dispatch_cpu_without_gradient_only(monkeypatch):
     a, weight, _ = _operands(SIZES, 16, 16)
     with torch.no_grad():
         assert not uses_cpu_kernel(a, weight)  # small experts: grouped_mm's own loop is faster
@@ -59,7 +87,9 @@ def test_dispatch_float32_cpu_without_gradient_only(monkeypatch):
     monkeypatch.setattr(grouped, "CPU_KERNEL_MIN_WEIGHT_BYTES", 0)
     with torch.no_grad():
         assert uses_cpu_kernel(a, weight)
-        assert not uses_cpu_kernel(a.bfloat16(), weight.bfloat16())
+        assert uses_cpu_kernel(a.bfloat16(), weight.bfloat16()) == (torch.bfloat16 in ONEDNN_DTYPES)
+        assert not uses_cpu_kernel(a.half(), weight.half())
+        assert not uses_cpu_kernel(a.bfloat16(), weight)  # mixed dtypes
         assert not uses_cpu_kernel(a.to("meta"), weight.to("meta"))
     assert uses_cpu_kernel(a, weight)  # grad mode on, but nothing requires a gradient
     assert not uses_cpu_kernel(a.requires_grad_(), weight)
@@ -68,7 +98,8 @@ def test_dispatch_float32_cpu_without_gradient_only(monkeypatch):
 
 def test_without_onednn_grouped_mm_runs(monkeypatch):
     a, weight, ends = _operands(SIZES, 16, 16)
-    monkeypatch.setattr(grouped, "ONEDNN_LINEAR", None)
+    monkeypatch.setattr(grouped, "CPU_KERNEL_MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(grouped, "ONEDNN_DTYPES", ())
     with torch.no_grad():
         assert not uses_cpu_kernel(a, weight)
         torch.testing.assert_close(grouped_linear(a, weight, ends), grouped_linear_reference(a, weight, ends))
@@ -120,14 +151,18 @@ def test_place_inverts_order():
 @needs_onednn
 @torch.no_grad()
 @pytest.mark.parametrize("n", [1, 4, 23])
-def test_the_moe_through_the_cpu_kernel_equals_reference(monkeypatch, n):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_moe_through_the_cpu_kernel_equals_reference(monkeypatch, n, dtype):
     """The whole expert path with the CPU kernel on (as at the release's widths), eager and compiled."""
     from tests.test_moe import _assert_experts_match_reference, _moe
 
+    if dtype not in ONEDNN_DTYPES:
+        pytest.skip(f"this torch build's oneDNN linear does not run {dtype}")
     monkeypatch.setattr(grouped, "CPU_KERNEL_MIN_WEIGHT_BYTES", 0)
-    moe = _moe(torch.float32, n_routed_experts=8, num_experts_per_tok=2, hidden_size=50, moe_intermediate_size=22)
-    x = torch.randn(n, 50, generator=torch.Generator().manual_seed(n))
+    moe = _moe(dtype, n_routed_experts=8, num_experts_per_tok=2, hidden_size=50, moe_intermediate_size=22)
+    x = torch.randn(n, 50, generator=torch.Generator().manual_seed(n)).to(dtype)
     idx, w = moe.gate(x)
     _assert_experts_match_reference(moe, x, idx, w)
     compiled = torch.compile(moe, fullgraph=True, dynamic=False)
-    torch.testing.assert_close(compiled(x), moe(x), rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(compiled(x), moe(x), rtol=tol, atol=tol)

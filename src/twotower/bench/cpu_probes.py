@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..layers.grouped import ONEDNN_LINEAR, cpu_grouped_linear, grouped_linear
+from ..layers.grouped import ONEDNN_DTYPES, cpu_grouped_linear, grouped_linear
 from .costmodel_cpu import FRESH_MMAP_BYTES, CpuMachine, RowRates, latency_and_rate
 
 STREAM_ROW = 4096  # the stream buffer is a (rows, 4096) float32 matrix read by a matrix-vector product
@@ -39,7 +39,7 @@ MATMUL_SIZE = 2048  # square matmul for the peak: large enough for full-speed ke
 GEMM_SHAPES = ((2048, 1024), (2048, 32768))  # (in, out) of the small and large probed weights: 4, 128 MiB bf16
 GEMM_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 GROUPED_SHAPE = (16, 2048, 2048)  # groups, in, out: 8 MiB per group in bf16
-GROUPED_ROWS = (1, 2, 4, 8, 16, 32, 64)
+GROUPED_ROWS = (1, 2, 4, 8, 16, 24, 32, 64)
 SMALL_GEMM_SHAPES = ((256, 256), (256, 1024))  # `small=True`: seconds, for tests
 SMALL_GROUPED_SHAPE = (4, 256, 256)
 ELEMENTWISE_BYTES = 16 << 20  # per operand
@@ -168,8 +168,9 @@ def group_seconds(dtype: torch.dtype, *, shape: tuple[int, int, int] = OVERHEAD_
     w, x = torch.randn(g, n, k).to(dtype), torch.randn(g, k).to(dtype)
     ends = torch.full((g,), 0, dtype=torch.int32) if empty else torch.arange(1, g + 1, dtype=torch.int32)
     ends[-1] = g
-    # the kernel the release's widths run: the CPU kernel in float32 (tiny weights would dispatch to grouped_mm)
-    cpu_kernel = dtype == torch.float32 and ONEDNN_LINEAR is not None
+    # the kernel the release's widths run: the CPU kernel where oneDNN serves the dtype (tiny weights
+    # would dispatch to grouped_mm)
+    cpu_kernel = dtype in ONEDNN_DTYPES
     kernel = cpu_grouped_linear if cpu_kernel else grouped_linear
     return least_seconds(lambda: kernel(x, w, ends), repeats=5) / g
 
@@ -198,6 +199,6 @@ def measure_cpu(
         dispatch_s=ops,
         view_dispatch_s=views,
         group_s={d: group_seconds(t, empty=False) for d, t in torch_dtypes.items()},
-        empty_group_s=group_seconds(torch.bfloat16, empty=True),  # grouped_mm (the release dtype)
+        empty_group_s=group_seconds(torch.bfloat16, empty=True),  # grouped_mm in bf16 (small experts; the CPU kernel skips empty groups)
         first_touch=first_touch_rate(nbytes=FRESH_MMAP_BYTES if small else FIRST_TOUCH_BYTES),
     )

@@ -4,16 +4,21 @@
 
 - `torch.nn.functional.grouped_mm` on every device and dtype (bfloat16 natively; float32 as one
   opaque graph node under `torch.compile`, whose meta function accepts bfloat16 only);
-- on the CPU in float32 without autograd, for experts of 8 MiB and more (the release's are 19 MiB),
-  `cpu_grouped_linear`: torch's CPU `grouped_mm` sends
-  float32 through MKL's GEMM, which streams a cold weight at only 8-9 GB/s for 4-24 rows per group
-  on this CPU (a third of its read bandwidth), while oneDNN's matmul on the same rows reads it at
-  11-17 GB/s; with 1-2 rows MKL's matrix-vector path is the faster one and is kept. It reads the
-  group offsets on the host, which on the CPU is the device: no synchronisation, and to a compiled
-  graph it is one opaque node whose output shape depends only on the input's.
+- on the CPU in float32 or bfloat16 without autograd, for experts of 8 MiB and more (the
+  release's are 19 MiB in float32), `cpu_grouped_linear`. torch's CPU `grouped_mm` sends float32
+  through MKL's GEMM, which streams a cold weight at only 8-9 GB/s for 4-24 rows per group on this
+  CPU (a third of its read bandwidth). oneDNN's matmul does better with the roles swapped (the
+  weight as the wide operand, the group's rows as the narrow one, the product written back
+  transposed). Measured, 2 threads, a cold 1856x2688 expert, against oneDNN's plain order:
+  bfloat16 20-21 vs 16-17 GB/s at 1-16 rows, 16.5 vs 15 at 24-32 and 13 vs 8.5-9.5 past 32 (its
+  plain kernel switches there); float32 18.5 vs 13-15 at 8-16 rows and, padded to a multiple of 16
+  rows, 14 vs 10-12 at 20-32. With 1-2 float32 rows MKL's matrix-vector path is the faster one and
+  is kept. It reads the group offsets on the host, which on the CPU is the device: no
+  synchronisation, and to a compiled graph it is one opaque node whose output shape depends only
+  on the input's.
 
-Every path computes the same products (float32 results agree to rounding; bfloat16 goes through
-`grouped_mm` alone). `grouped_linear_reference` is the plain twin: one float64 matmul per group.
+Every path computes the same products to rounding (float32 and bfloat16 both accumulate in
+float32). `grouped_linear_reference` is the plain twin: one float64 matmul per group.
 """
 
 from __future__ import annotations
@@ -30,22 +35,31 @@ GEMV_ROWS = 2  # up to this many rows in a group, MKL's matrix-vector path beats
 CPU_KERNEL_MIN_WEIGHT_BYTES = 8 << 20
 
 
-def _onednn_linear():
-    """oneDNN's plain (unpacked-weight) linear, or None where this torch build has none or it does
-    not behave as expected (a private operator: one small call checks it against `F.linear`)."""
+def _onednn_linear() -> tuple[object | None, tuple[torch.dtype, ...]]:
+    """oneDNN's plain (unpacked-weight) linear and the dtypes it is used for: those of
+    float32 and bfloat16 for which one small call, in both operand orders, agrees with a float64 product
+    (a private operator; (None, ()) where this torch build has none)."""
     if not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        op = torch.ops.mkldnn._linear_pointwise.default
-        with torch.no_grad():
-            x, w = torch.linspace(-1, 1, 12).view(3, 4), torch.linspace(1, -1, 20).view(5, 4)
-            ok = torch.allclose(op(x, w, None, "none", [], ""), F.linear(x, w), atol=1e-5)
-    except (AttributeError, RuntimeError, TypeError):
-        return None
-    return op if ok else None
+        return None, ()
+    op = getattr(getattr(torch.ops.mkldnn, "_linear_pointwise", None), "default", None)
+    if op is None:
+        return None, ()
+    passed = []
+    x, w = torch.linspace(-1, 1, 12).view(3, 4), torch.linspace(1, -1, 20).view(5, 4)
+    want = F.linear(x.double(), w.double())
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        xd, wd = x.to(dtype), w.to(dtype)
+        try:
+            with torch.no_grad():
+                got = (op(xd, wd, None, "none", [], ""), op(wd, xd, None, "none", [], "").T)
+        except (RuntimeError, TypeError):
+            continue
+        if all(g.dtype == dtype and torch.allclose(g.double(), want, atol=tol, rtol=tol) for g in got):
+            passed.append(dtype)
+    return (op if passed else None), tuple(passed)
 
 
-ONEDNN_LINEAR = _onednn_linear()
+ONEDNN_LINEAR, ONEDNN_DTYPES = _onednn_linear()
 
 
 @torch.library.custom_op("twotower::grouped_mm", mutates_args=())
@@ -65,20 +79,36 @@ def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("twotower::cpu_grouped_linear", mutates_args=())
 def cpu_grouped_linear(a: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """CPU kernel of `grouped_linear` (same contract, any widths): a loop over the groups that have
-    rows, each through oneDNN's matmul (more than `GEMV_ROWS` rows) or MKL's matrix-vector path.
-    Inference only (no autograd formula); needs oneDNN (`ONEDNN_LINEAR`)."""
+    rows. Each group's product is taken transposed, weight @ rows.T through oneDNN's matmul (the
+    rows as its narrow operand), then written back transposed; float32 groups of up to `GEMV_ROWS`
+    rows go through MKL's matrix-vector path, and float32 groups of more than 16 rows are
+    zero-padded to a multiple of 16 (`swap_rows`). Inference only (no autograd formula); needs
+    oneDNN (`ONEDNN_LINEAR`)."""
     a = a.contiguous()  # (no copy for the layer's operands: they are fresh, contiguous tensors)
     out = a.new_empty(a.shape[0], weight.shape[1])
     start = 0
     for g, end in enumerate(ends.tolist()):
-        if end > start:
+        n = end - start
+        if n > 0:
             rows, w = a[start:end], weight[g].contiguous()
-            if end - start <= GEMV_ROWS:
+            if a.dtype == torch.float32 and n <= GEMV_ROWS:
                 out[start:end] = F.linear(rows, w)
             else:
-                out[start:end] = ONEDNN_LINEAR(rows, w, None, "none", [], "")
+                padded = swap_rows(n, a.dtype)
+                if padded > n:
+                    rows = F.pad(rows, (0, 0, 0, padded - n))
+                out[start:end] = ONEDNN_LINEAR(w, rows, None, "none", [], "")[:, :n].T
         start = end
     return out
+
+
+def swap_rows(n: int, dtype: torch.dtype) -> int:
+    """How many rows `cpu_grouped_linear` gives oneDNN for a group of `n`: float32 groups of more
+    than 16 rows go up to a multiple of 16, where its kernel is faster (measured, 2 threads, a cold
+    1856x2688 expert: 20-28 rows 11.4-12.1 GB/s, padded to 32 13.7-14.0 GB/s); bfloat16 as is."""
+    if dtype == torch.float32 and n > 16:
+        return _round_up(n, 16)
+    return n
 
 
 @cpu_grouped_linear.register_fake
@@ -91,15 +121,14 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def uses_cpu_kernel(a: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `grouped_linear` runs `cpu_grouped_linear` for these operands: float32 on the CPU,
+    """Whether `grouped_linear` runs `cpu_grouped_linear` for these operands: float32 or bfloat16 on the CPU,
     oneDNN present, experts of at least CPU_KERNEL_MIN_WEIGHT_BYTES each, and nothing that needs a
     gradient (the kernel has no backward)."""
     needs_grad = torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad)
     return (
-        ONEDNN_LINEAR is not None
-        and a.device.type == "cpu"
-        and a.dtype == torch.float32
-        and weight.dtype == torch.float32
+        a.device.type == "cpu"
+        and a.dtype in ONEDNN_DTYPES
+        and weight.dtype == a.dtype
         and weight.shape[1] * weight.shape[2] * weight.element_size() >= CPU_KERNEL_MIN_WEIGHT_BYTES
         and not needs_grad
     )
