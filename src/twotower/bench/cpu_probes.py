@@ -199,6 +199,8 @@ def measure_cpu(
         dispatch_s=ops,
         view_dispatch_s=views,
         group_s={d: group_seconds(t, empty=False) for d, t in torch_dtypes.items()},
-        empty_group_s=group_seconds(torch.bfloat16, empty=True),  # grouped_mm in bf16 (small experts; the CPU kernel skips empty groups)
+        empty_group_s=group_seconds(
+            torch.bfloat16, empty=True
+        ),  # grouped_mm in bf16 (small experts; the CPU kernel skips empty groups)
         first_touch=first_touch_rate(nbytes=FRESH_MMAP_BYTES if small else FIRST_TOUCH_BYTES),
     )
