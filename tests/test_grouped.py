@@ -11,8 +11,11 @@ from twotower.layers.grouped import (
     ONEDNN_DTYPES,
     ONEDNN_LINEAR,
     cpu_grouped_linear,
+    cpu_grouped_mlp,
     grouped_linear,
     grouped_linear_reference,
+    grouped_mlp,
+    grouped_mlp_reference,
     swap_rows,
     uses_cpu_kernel,
 )
@@ -163,6 +166,60 @@ def test_the_moe_through_the_cpu_kernel_equals_reference(monkeypatch, n, dtype):
     x = torch.randn(n, 50, generator=torch.Generator().manual_seed(n)).to(dtype)
     idx, w = moe.gate(x)
     _assert_experts_match_reference(moe, x, idx, w)
+    if n != 23:  # one compiled shape per dtype: MoE.forward's graphs count against Dynamo's limit of 8
+        return
     compiled = torch.compile(moe, fullgraph=True, dynamic=False)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(compiled(x), moe(x), rtol=tol, atol=tol)
+
+
+def _mlp_operands(sizes, k, i, n, dtype=torch.float32, seed=0):
+    a, up, ends = _operands(sizes, k, i, dtype=dtype, seed=seed)
+    down = torch.randn(len(sizes), n, i, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    return a, up, down, ends
+
+
+@needs_onednn
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cpu_mlp_equals_the_float64_twin(dtype):
+    """Both GEMMs and relu^2 per group (padded float32 groups included) against float64."""
+    if dtype not in ONEDNN_DTYPES:
+        pytest.skip(f"this torch build's oneDNN linear does not run {dtype}")
+    a, up, down, ends = _mlp_operands(SIZES, 50, 22, 36, dtype=dtype)
+    got = cpu_grouped_mlp(a, up, down, ends)
+    assert got.shape == (a.shape[0], 36) and got.dtype == dtype
+    exact = grouped_mlp_reference(a.double(), up.double(), down.double(), ends)
+    scale = exact.abs().max()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bfloat16 rounds the hidden rows once more
+    assert ((got.double() - exact).abs() <= tol * scale).all()
+    # the unfused path (two grouped_mm calls) agrees as closely
+    two = grouped_linear(relu2(grouped_linear(a, up, ends)), down, ends)
+    assert ((got.double() - two.double()).abs() <= 2 * tol * scale).all()
+
+
+@needs_onednn
+def test_grouped_mlp_dispatch(monkeypatch):
+    a, up, down, ends = _mlp_operands(SIZES, 16, 8, 16)
+    calls = []
+    real = grouped.cpu_grouped_mlp
+    monkeypatch.setattr(grouped, "cpu_grouped_mlp", lambda *args: calls.append(1) or real(*args))
+    with torch.no_grad():
+        small = grouped_mlp(a, up, down, ends)  # small experts: two grouped_mm calls
+        assert not calls
+        monkeypatch.setattr(grouped, "CPU_KERNEL_MIN_WEIGHT_BYTES", 0)
+        fused = grouped_mlp(a, up, down, ends)
+        assert calls == [1]
+    torch.testing.assert_close(fused, small, rtol=1e-5, atol=1e-5)
+    a.requires_grad_()
+    grouped_mlp(a, up, down, ends).square().sum().backward()  # a gradient: the unfused path, differentiable
+    assert calls == [1] and a.grad is not None
+
+
+@needs_onednn
+@torch.no_grad()
+def test_fused_cpu_mlp_compiles_as_one_opaque_node(monkeypatch):
+    monkeypatch.setattr(grouped, "CPU_KERNEL_MIN_WEIGHT_BYTES", 0)
+    a, up, down, ends = _mlp_operands(SIZES, 64, 32, 48)
+    compiled = torch.compile(grouped_mlp, fullgraph=True, dynamic=False)
+    torch.testing.assert_close(compiled(a, up, down, ends), cpu_grouped_mlp(a, up, down, ends), rtol=0, atol=0)

@@ -6,6 +6,8 @@ Records no time. A `TorchDispatchMode` sees each operator after autograd, on rea
 - `linear` / `mm` / `addmm` with a parameter operand: a `Gemm` (rows through that weight);
 - `_grouped_mm` and the CPU kernel `twotower::cpu_grouped_linear` (`layers.grouped`): one `Gemm`
   per non-empty group, its rows read from the group end offsets, and a count of the empty groups;
+  the CPU kernel `twotower::cpu_grouped_mlp`: both GEMMs of every non-empty group and the relu^2
+  between (a `Stream` over the hidden rows, read and written in place);
 - views (output sharing an input's storage, nothing written): counted, no bytes;
 - outputs of at least `FRESH_MMAP_BYTES` in storage of their own: their bytes, once more, as
   `fresh_bytes` (charged for first-touch page faults);
@@ -29,6 +31,7 @@ from .costmodel_cpu import FRESH_MMAP_BYTES, Gemm, PartWork, Stream
 
 aten = torch.ops.aten
 CPU_GROUPED = torch.ops.twotower.cpu_grouped_linear.default  # weight (G, N, K), `nn.Linear` layout per group
+CPU_GROUPED_MLP = torch.ops.twotower.cpu_grouped_mlp.default  # up (G, I, K), down (G, N, I)
 WEIGHT_GEMMS = {aten.linear.default, aten.mm.default, aten.addmm.default}
 ACTIVATION_MATMULS = {
     aten.linear.default,
@@ -99,6 +102,14 @@ class OpTrace(TorchDispatchMode):
             cpu = func == CPU_GROUPED  # its loop skips empty groups (next to free): none are counted
             self._grouped(work, a, b.transpose(1, 2) if cpu else b, offs, count_empty=not cpu)
             work.ops += 1
+            return
+        if func == CPU_GROUPED_MLP:
+            a, up, down, offs = args[:4]
+            self._grouped(work, a, up.transpose(1, 2), offs, count_empty=False)
+            hidden_bytes = a.shape[0] * up.shape[1] * a.element_size()
+            work.streams.append(Stream(_dtype(a), 2.0 * hidden_bytes, 0.0))  # relu^2 in place
+            self._grouped(work, a, down.transpose(1, 2), offs, count_empty=False)
+            work.ops += 3
             return
         ins, outs = _tensors([*args, *kwargs.values()]), _tensors([out])
         if func in WEIGHT_GEMMS and self._weight_gemm(work, func, ins):

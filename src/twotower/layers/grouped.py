@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .mlp import relu2, relu2_
+
 GROUPED_MM_ALIGN_BYTES = 16  # grouped_mm's layout rule: every non-unit stride a multiple of 16 bytes
 GROUPED_MM_NATIVE = (torch.bfloat16,)  # dtypes grouped_mm's meta function (compile, meta device) accepts
 GEMV_ROWS = 2  # up to this many rows in a group, MKL's matrix-vector path beats oneDNN's matmul (CPU, float32)
@@ -102,6 +104,38 @@ def cpu_grouped_linear(a: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor
     return out
 
 
+@torch.library.custom_op("twotower::cpu_grouped_mlp", mutates_args=())
+def cpu_grouped_mlp(a: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """CPU kernel of `grouped_mlp` (same contract): both GEMMs of a group back to back, in
+    `cpu_grouped_linear`'s swapped orientation. The up GEMM gives the group's hidden rows transposed,
+    (I, rows); relu^2 runs on them in place; the down GEMM takes them through a transposed view (no
+    copy), and only its output is written back transposed: one transposed copy per group instead of
+    two, and no (P, I) hidden tensor. float32 groups of up to `GEMV_ROWS` rows take MKL's
+    matrix-vector path. Inference only; needs oneDNN."""
+    a = a.contiguous()
+    out = a.new_empty(a.shape[0], down.shape[1])
+    start = 0
+    for g, end in enumerate(ends.tolist()):
+        n = end - start
+        if n > 0:
+            rows, w_up, w_down = a[start:end], up[g].contiguous(), down[g].contiguous()
+            if a.dtype == torch.float32 and n <= GEMV_ROWS:
+                out[start:end] = F.linear(relu2_(F.linear(rows, w_up)), w_down)
+            else:
+                padded = swap_rows(n, a.dtype)
+                if padded > n:
+                    rows = F.pad(rows, (0, 0, 0, padded - n))  # zero rows stay zero through relu^2
+                hidden_t = relu2_(ONEDNN_LINEAR(w_up, rows, None, "none", [], ""))  # (I, padded)
+                out[start:end] = ONEDNN_LINEAR(w_down, hidden_t.t(), None, "none", [], "")[:, :n].T
+        start = end
+    return out
+
+
+@cpu_grouped_mlp.register_fake
+def _(a: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(a.shape[0], down.shape[1])
+
+
 def swap_rows(n: int, dtype: torch.dtype) -> int:
     """How many rows `cpu_grouped_linear` gives oneDNN for a group of `n`: float32 groups of more
     than 16 rows go up to a multiple of 16, where its kernel is faster (measured, 2 threads, a cold
@@ -169,3 +203,18 @@ def grouped_linear_reference(a: torch.Tensor, weight: torch.Tensor, ends: torch.
         out[start:end] = a[start:end].double() @ weight[g].double().T
         start = end
     return out.to(a.dtype)
+
+
+def grouped_mlp(a: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """A relu^2 MLP per group: a (P, K) rows sorted by group, up (G, I, K) and down (G, N, I) stored
+    like `nn.Linear`, ends (G,) int32 -> (P, N) where group g's rows are relu(a @ up[g].T)^2 @
+    down[g].T. On the CPU kernel's terms (`uses_cpu_kernel`) both GEMMs run in `cpu_grouped_mlp`;
+    elsewhere as two `grouped_linear` calls with relu^2 between, in place."""
+    if uses_cpu_kernel(a, up) and uses_cpu_kernel(a, down):
+        return cpu_grouped_mlp(a, up, down, ends)
+    return grouped_linear(relu2_(grouped_linear(a, up, ends)), down, ends)
+
+
+def grouped_mlp_reference(a: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Plain twin of `grouped_mlp`: `grouped_linear_reference` twice, relu^2 between, in a's dtype."""
+    return grouped_linear_reference(relu2(grouped_linear_reference(a, up, ends)), down, ends)

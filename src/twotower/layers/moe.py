@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import NemotronHConfig
-from .grouped import grouped_linear
-from .mlp import MLP, relu2, relu2_
+from .grouped import grouped_mlp
+from .mlp import MLP, relu2
 
 
 class TopkRouter(nn.Module):
@@ -122,8 +122,7 @@ class Experts(nn.Module):
         No host read: the same graph for every routing of N tokens."""
         groups = group_by_expert(idx, self.up_proj.shape[0])
         xs = x.index_select(0, groups.token)  # (P, H): each pair's token row, grouped by expert
-        hidden = relu2_(grouped_linear(xs, self.up_proj, groups.ends))  # (P, I), in place: a temporary
-        return combine(grouped_linear(hidden, self.down_proj, groups.ends), groups, weights)
+        return combine(grouped_mlp(xs, self.up_proj, self.down_proj, groups.ends), groups, weights)
 
 
 def experts_reference(experts: Experts, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
