@@ -38,6 +38,7 @@ from .workload import (
     TextStream,
     encode_prompt,
     finish_reason,
+    lone_surrogate,
     parse_options,
     to_request,
 )
@@ -109,8 +110,14 @@ def parse_line(raw: bytes, number: int, tokenizer, defaults: Options, limits: Li
         return LineError(number, None, "the line is not valid UTF-8")
     except json.JSONDecodeError as err:
         return LineError(number, None, f"the line is not valid JSON: {err.msg} (column {err.colno})")
+    except RecursionError:
+        return LineError(number, None, "the line is not valid JSON: nested too deeply")
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        return LineError(number, None, f"the line is not valid JSON: {err}")
     if not isinstance(record, dict):
         return LineError(number, None, f"the line must be a JSON object, got {type(record).__name__}")
+    if lone_surrogate(record) is not None:  # its output line could not be written as UTF-8
+        return LineError(number, None, "the line holds a lone UTF-16 surrogate escape (\\udXXX), which is not text")
     line_id = record.get("id")
     if not ((isinstance(line_id, str) and line_id) or (isinstance(line_id, int) and not isinstance(line_id, bool))):
         return LineError(number, None, f"id must be a non-empty string or an integer, got {line_id!r}")
@@ -315,21 +322,43 @@ def generate_outputs(
     on_event: Callable[[Event], None] | None = None,
     decode_step: str = "eager",
 ) -> None:
-    """Decode `jobs` with continuous batching (`decode_step`: the engine's steps, see `Scheduler`); after every step, `on_step(finished output records,
-    tokens generated in the step)` (the caller appends the records to its log). `on_event`, if given,
-    sees every engine event first (the Ray predictor counts each row's denoiser forwards from them)."""
-    scheduler = Scheduler(model, max_batch_size=max_batch_size, decode_step=decode_step)
+    """Decode `jobs` with continuous batching (`decode_step`: the engine's steps, see `Scheduler`);
+    after every step, `on_step(finished output records, tokens generated in the step)` (the caller
+    appends the records to its log). `on_event`, if given, sees every engine event first.
+
+    A step that raises (bad data, out of memory) fails only the jobs at fault: each job it held
+    takes one step alone; those that raise again finish with an error record (`error_record`,
+    written like any output, so a resumed run does not retry them), and the others start over in
+    a fresh engine. When no job fails alone (the batch as a whole did not fit), the batch size
+    halves; at one row, the job in it fails."""
+    batch_size = max_batch_size
+    scheduler = Scheduler(model, max_batch_size=batch_size, decode_step=decode_step)
     todo = deque(jobs)
     running: dict[str, tuple[Job, TextStream]] = {}
     forwards: dict[str, int] = {}  # per running job: the forwards its decoding took so far
     while todo or not scheduler.idle:
-        while todo and len(scheduler.waiting) < max_batch_size:
+        while todo and len(scheduler.waiting) < batch_size:
             job = todo.popleft()
             scheduler.submit(to_request(job.key, job.prompt_ids, job.options, eos_ids=eos_ids))
             running[job.key] = (job, TextStream(tokenizer, stop=job.options.stop, eos_ids=eos_ids))
             forwards[job.key] = 0
         finished, new_tokens = [], 0
-        for event in scheduler.step():
+        try:
+            events = scheduler.step()
+        except Exception as err:  # noqa: BLE001  (isolated below; nothing is lost)
+            held = [job for job, _ in running.values()]
+            failed = _failing_alone(model, held, eos_ids, err if batch_size == 1 else None)
+            finished = [error_record(job, message, model_name) for job, message in failed]
+            failed_keys = {job.key for job, _ in failed}
+            todo.extendleft(reversed([job for job in held if job.key not in failed_keys]))  # start over
+            running.clear()
+            forwards.clear()
+            if not failed:
+                batch_size = max(1, batch_size // 2)
+            scheduler = Scheduler(model, max_batch_size=batch_size, decode_step=decode_step)
+            on_step(finished, 0)
+            continue
+        for event in events:
             if on_event is not None:
                 on_event(event)
             job, stream = running[event.request_id]
@@ -346,3 +375,40 @@ def generate_outputs(
                 finished.append(output_record(job, stream, reason, model_name, nfe=forwards.pop(event.request_id)))
                 del running[event.request_id]
         on_step(finished, new_tokens)
+
+
+def _failing_alone(
+    model, held: list[Job], eos_ids: tuple[int, ...], batch_error: Exception | None
+) -> list[tuple[Job, str]]:
+    """The jobs of a failed step that fail on their own (one eager step each), with the error.
+    `batch_error` given (the step held one row): that row's job fails with it, untried."""
+    if batch_error is not None:
+        return [(job, _describe(batch_error)) for job in held]
+    failed = []
+    for job in held:
+        probe = Scheduler(model, max_batch_size=1)
+        try:
+            probe.submit(to_request(job.key, job.prompt_ids, job.options, eos_ids=eos_ids))
+            probe.step()
+        except Exception as err:  # noqa: BLE001
+            failed.append((job, _describe(err)))
+    return failed
+
+
+def _describe(err: BaseException) -> str:
+    return f"decoding failed: {type(err).__name__}: {err}"
+
+
+def error_record(job: Job, message: str, model_name: str) -> dict:
+    """The output line of a job whose decoding failed: no text, finish_reason "error", the reason."""
+    return {
+        "id": job.id,
+        "text": "",
+        "finish_reason": "error",
+        "error": message,
+        "prompt_tokens": len(job.prompt_ids),
+        "completion_tokens": 0,
+        "nfe": 0,
+        "model": model_name,
+        "settings": job.options.as_dict(),
+    }

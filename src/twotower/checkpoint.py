@@ -26,6 +26,7 @@ from .dtypes import resolve_dtype
 from .errors import CheckpointError
 from .keymap import check_sources, map_sources, split_experts
 from .shards import ShardWriter, TensorEntry, TensorReader, read_header
+from .staged_dir import staged_directory
 from .stream_load import DeviceOf, load_into
 
 __all__ = ["CheckpointError", "load_backbone", "load_twotower", "save_backbone", "save_twotower"]
@@ -43,13 +44,22 @@ def read_config_dict(path: str | Path) -> dict:
     cfg = path / "config.json"
     if not cfg.is_file():
         raise CheckpointError(f"{path}: no config.json")
-    try:
-        data = json.loads(cfg.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{cfg}: invalid JSON ({err})") from None
+    data = _read_json(cfg)
     if not isinstance(data, dict):
         raise CheckpointError(f"{cfg}: expected a JSON object")
     return data
+
+
+def _read_json(path: Path):
+    """A JSON file's value; unreadable, non-UTF-8 or malformed files are a CheckpointError naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except (json.JSONDecodeError, RecursionError, ValueError) as err:
+        raise CheckpointError(f"{path}: invalid JSON ({err})") from None
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be read ({err.strerror or err})") from None
 
 
 def checkpoint_entries(path: str | Path) -> dict[str, TensorEntry]:
@@ -59,12 +69,15 @@ def checkpoint_entries(path: str | Path) -> dict[str, TensorEntry]:
     index = path / INDEX_NAME
     weight_map = None
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({err})") from None
+        raw = _read_json(index)
+        weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map object)")
+        for key, name in weight_map.items():
+            if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+                raise CheckpointError(
+                    f"{index}: weight_map names {key} in {name!r}, not a file name in the checkpoint directory"
+                )
         files = sorted(set(weight_map.values()))
     elif (path / WEIGHTS_NAME).is_file():
         files = [WEIGHTS_NAME]
@@ -117,19 +130,25 @@ def write_tensors(
 
 
 def stored_dtype(raw_config: dict, entries: dict[str, TensorEntry]) -> torch.dtype:
-    """What `dtype="auto"` means for a directory: config.json's `torch_dtype`, else the dtype most
-    floating-point bytes in the files have."""
+    """What `dtype="auto"` means for a directory: config.json's `torch_dtype` (unless it is "auto"
+    itself), else the dtype most floating-point bytes in the files have; 8-bit floats (stored
+    quantized weights) are not a model dtype, so they count only when nothing else is stored, and
+    then mean bfloat16."""
     named = raw_config.get("torch_dtype")
     if named is not None:
         try:
-            return resolve_dtype(named)
+            resolved = resolve_dtype(named)
         except ValueError:
             raise CheckpointError(f"config.json: unknown torch_dtype {named!r}") from None
+        if resolved is not None:
+            return resolved
     counts: dict[torch.dtype, int] = {}
     for e in entries.values():
-        if e.dtype.is_floating_point:
+        if e.dtype.is_floating_point and e.dtype.itemsize > 1:
             counts[e.dtype] = counts.get(e.dtype, 0) + e.nbytes
-    return max(counts, key=counts.get) if counts else torch.float32
+    if counts:
+        return max(counts, key=counts.get)
+    return torch.bfloat16 if any(e.dtype.is_floating_point for e in entries.values()) else torch.float32
 
 
 def load_dtype(dtype, raw_config: dict, entries: dict[str, TensorEntry]) -> torch.dtype:
@@ -146,8 +165,9 @@ def build_on_meta(factory: Callable[[], nn.Module]) -> nn.Module:
 def _config(path: Path, raw: dict) -> NemotronHConfig:
     try:
         return NemotronHConfig.from_dict(raw)
-    except ValueError as err:
-        raise CheckpointError(f"{path / 'config.json'}: {err}") from None
+    except (ValueError, TypeError, ZeroDivisionError, KeyError, AttributeError) as err:
+        detail = str(err) if isinstance(err, ValueError) else f"{type(err).__name__}: {err}"
+        raise CheckpointError(f"{path / 'config.json'}: not a valid configuration ({detail})") from None
 
 
 def _device(device) -> torch.device:
@@ -179,8 +199,21 @@ def save_backbone(model, path: str | Path, *, max_shard_bytes: int | None = None
     tensors = {}
     for key, t in model.state_dict().items():
         tensors["model." + key[len("backbone.") :] if key.startswith("backbone.") else key] = t
-    write_tensors(tensors, path, max_shard_bytes=max_shard_bytes)
-    _save_config(model, path, architecture=None)
+    with _staged(path) as tmp:
+        write_tensors(tensors, tmp, max_shard_bytes=max_shard_bytes)
+        _save_config(model, tmp, architecture=None)
+
+
+def _is_checkpoint_file(item: Path) -> bool:
+    return item.suffix == ".safetensors" or item.name in (INDEX_NAME, "config.json")
+
+
+def _staged(path: str | Path):
+    """Where a save writes: a hidden sibling of `path` that replaces it whole once complete
+    (`staged_dir`); the other files of an older `path` (a tokenizer, a README) are kept."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise CheckpointError(f"{path}: exists and is not a directory")
+    return staged_directory(path, carry=lambda item: not _is_checkpoint_file(item))
 
 
 def _save_config(model, path, *, architecture: str | None) -> None:
@@ -319,8 +352,10 @@ def save_twotower(model, path: str | Path, *, max_shard_bytes: int | None = None
     """Write the released layout: per-expert expert weights, `architectures: [NemotronHTwoTowerForCausalLM]`."""
     from .model import TWOTOWER_ARCH
 
-    write_tensors(split_experts(dict(model.state_dict())), path, max_shard_bytes=max_shard_bytes)
-    _save_config(model, path, architecture=TWOTOWER_ARCH)
+    tensors = split_experts(dict(model.state_dict()))
+    with _staged(path) as tmp:
+        write_tensors(tensors, tmp, max_shard_bytes=max_shard_bytes)
+        _save_config(model, tmp, architecture=TWOTOWER_ARCH)
 
 
 def is_twotower_dir(path: str | Path) -> bool:

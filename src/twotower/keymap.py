@@ -48,15 +48,28 @@ def canonical_key(key: str, prefixes: dict[str, str]) -> str:
 def map_sources(entries: dict[str, TensorEntry], prefixes: dict[str, str]) -> dict[str, Source]:
     """Model key -> source: prefixes renamed, per-expert weights gathered into fused tensors."""
     out: dict[str, Source] = {}
+    stored_as: dict[str, str] = {}  # model key (or per-expert slot) -> the file key it came from
     experts: dict[tuple[str, str], dict[int, TensorEntry]] = {}
+
+    def claim(name: str, key: str) -> None:
+        if name in stored_as:
+            raise CheckpointError(f"{name} is stored twice: as {stored_as[name]} and as {key}")
+        stored_as[name] = key
+
     for key, entry in entries.items():
         name = canonical_key(key, prefixes)
         m = _PER_EXPERT.match(name)
         if m:
+            claim(f"{m.group(1)}.{int(m.group(2))}.{m.group(3)}", key)  # experts.01 and experts.1 are one slot
             experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = entry
         else:
+            claim(name, key)
             out[name] = Source((entry,))
     for (base, proj), by_index in experts.items():
+        if f"{base}.{proj}" in out:
+            raise CheckpointError(
+                f"{base}.{proj} is stored twice: fused as {stored_as[f'{base}.{proj}']} and per expert"
+            )
         n = max(by_index) + 1
         gaps = sorted(set(range(n)) - set(by_index))
         if gaps:

@@ -75,6 +75,7 @@ class Limits:
 
     max_prompt_tokens: int = 2048
     max_tokens: int = 1024
+    max_block_size: int = 1024  # each engine row holds K/V for its block: a huge one could exhaust memory
 
 
 DEFAULT_LIMITS = Limits()
@@ -112,6 +113,10 @@ def validate_options(options: Options, *, limits: Limits = DEFAULT_LIMITS) -> No
         options.to_spec().validate()
     except ValueError as err:
         raise OptionError(str(err), str(err).split(" ", 1)[0]) from None
+    if options.block_size > limits.max_block_size:
+        raise OptionError(
+            f"block_size must be between 1 and {limits.max_block_size}, got {options.block_size}", "block_size"
+        )
 
 
 def to_request(request_id: Hashable, prompt_ids: list[int], options: Options, *, eos_ids: tuple[int, ...]) -> Request:
@@ -119,7 +124,8 @@ def to_request(request_id: Hashable, prompt_ids: list[int], options: Options, *,
 
 
 def encode_prompt(tokenizer, text: str, *, limits: Limits = DEFAULT_LIMITS) -> list[int]:
-    """[bos] + ids of `text`; OptionError if it is longer than the limit."""
+    """[bos] + ids of `text`; OptionError if it is longer than the limit or is not text."""
+    check_text("prompt", text)
     ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
     if not ids:
         raise OptionError("the prompt is empty", "prompt")
@@ -128,6 +134,39 @@ def encode_prompt(tokenizer, text: str, *, limits: Limits = DEFAULT_LIMITS) -> l
             f"the prompt has {len(ids)} tokens, more than the limit of {limits.max_prompt_tokens}", "prompt"
         )
     return ids
+
+
+def lone_surrogate(value) -> str | None:
+    """The first string in `value` (a str, or dict keys / values and list items, nested) that is not
+    text: it holds a lone UTF-16 surrogate, which JSON's "\\udXXX" escapes can produce but UTF-8
+    cannot encode. None when every string encodes."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value
+        return None
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        return None
+    for item in items:
+        found = lone_surrogate(item)
+        if found is not None:
+            return found
+    return None
+
+
+def check_text(name: str, value) -> None:
+    """OptionError unless every string in `value` is text (`lone_surrogate`)."""
+    bad = lone_surrogate(value)
+    if bad is not None:
+        at = next(i for i, ch in enumerate(bad) if 0xD800 <= ord(ch) <= 0xDFFF)
+        raise OptionError(
+            f"{name} holds a lone UTF-16 surrogate (\\u{ord(bad[at]):04x} at character {at}), which is not text", name
+        )
 
 
 # ---- field checks ------------------------------------------------------------------------------------

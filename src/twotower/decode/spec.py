@@ -9,6 +9,7 @@ of the bad option, so that callers can point at the field.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -58,9 +59,19 @@ def check_max_new_tokens(max_new_tokens) -> None:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
 
 
+MIN_TEMPERATURE = 1e-6  # below it (but above 0) logits / temperature could overflow float32
+
+
 def check_sampling_options(*, temperature, top_k) -> None:
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+    if (
+        not isinstance(temperature, (int, float))
+        or isinstance(temperature, bool)
+        or not math.isfinite(temperature)
+        or not (temperature == 0 or temperature >= MIN_TEMPERATURE)
+    ):
+        raise ValueError(
+            f"temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}, got {temperature!r}"
+        )
     if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
 

@@ -37,7 +37,6 @@ from dataclasses import replace
 import pyarrow as pa
 
 from ..batch_job import LINE_FIELDS, Job, LineError, derive_seed, generate_outputs, id_key, parse_line
-from ..decode.engine import Event
 from ..workload import Limits, Options, parse_options
 
 REQUEST_COLUMN = "request"
@@ -100,8 +99,8 @@ class TwoTowerPredictor:
         check_columns(columns)
         lines = request_lines(columns)
         jobs, errors = self.parse(lines)
-        records, nfe = self.generate(jobs)
-        return output_table(columns, [j.key if j else None for j in jobs], errors, records, nfe)
+        records = self.generate(jobs)
+        return output_table(columns, [j.key if j else None for j in jobs], errors, records)
 
     def parse(self, lines: list[bytes]) -> tuple[list[Job | None], list[str | None]]:
         """Per row: its Job (seed filled in) or None, and None or why it was rejected."""
@@ -122,18 +121,14 @@ class TwoTowerPredictor:
                 errors.append(None)
         return jobs, errors
 
-    def generate(self, jobs: list[Job | None]) -> tuple[dict[str, dict], dict[str, int]]:
-        """Output records and denoiser forwards by id key, for the valid jobs."""
+    def generate(self, jobs: list[Job | None]) -> dict[str, dict]:
+        """Output records by id key, for the valid jobs (each with its forwards, `nfe`)."""
         todo = [j for j in jobs if j is not None]
         records: dict[str, dict] = {}
-        nfe = dict.fromkeys((j.key for j in todo), 0)
 
         def on_step(finished: list[dict], _new_tokens: int) -> None:
             for record in finished:
                 records[id_key(record["id"])] = record
-
-        def on_event(event: Event) -> None:
-            nfe[event.request_id] += event.denoiser_steps
 
         if todo:
             generate_outputs(
@@ -144,10 +139,9 @@ class TwoTowerPredictor:
                 max_batch_size=self.max_batch_size,
                 eos_ids=self.eos_ids,
                 on_step=on_step,
-                on_event=on_event,
                 decode_step=self.engine_step,
             )
-        return records, nfe
+        return records
 
 
 def default_options(defaults: Options | Mapping | None, limits: Limits) -> Options:
@@ -216,7 +210,6 @@ def output_table(
     keys: list[str | None],
     errors: list[str | None],
     records: dict[str, dict],
-    nfe: dict[str, int],
 ) -> pa.Table:
     """The input's other columns followed by the output columns, one row per input row."""
     out = {name: [] for name in OUTPUT_TYPES}
@@ -224,11 +217,13 @@ def output_table(
         record = records.get(key) if key is not None else None
         if record is None and error is None:
             error = "no output was produced"  # defensive: every valid job finishes in generate_outputs
+        if record is not None and record.get("error"):
+            error = record["error"]  # its decoding failed (`batch_job.error_record`)
         out["record"].append(None if record is None else json.dumps(record, ensure_ascii=False))
         out["error"].append(error)
         for name in ("text", "finish_reason", "prompt_tokens", "completion_tokens"):
             out[name].append(None if record is None else record[name])
-        out["nfe"].append(None if record is None else nfe[key])
+        out["nfe"].append(None if record is None else record["nfe"])
     kept = {name: pa.array(values) for name, values in columns.items() if name != REQUEST_COLUMN}
     outputs = {name: pa.array(values, type=OUTPUT_TYPES[name]) for name, values in out.items()}
     return pa.table({**kept, **outputs})

@@ -19,7 +19,9 @@ import asyncio
 import contextlib
 import hmac
 import json
+import sys
 import time
+import traceback
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,10 +32,10 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..decode.static import resolve_engine_step
-from ..workload import Limits, Options, to_request
+from ..workload import Limits, Options, lone_surrogate, to_request
 from .calls import CallContext, chat_call, completion_call
 from .chat import ChatPrompt
-from .errors import CLIENT_CLOSED, ApiError, from_validation
+from .errors import CLIENT_CLOSED, ApiError, from_validation, server_error
 from .generation import Generation
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .responses import ChatFormat, CompletionFormat, Format, stream
@@ -139,6 +141,7 @@ def create_app(loaded, config: ServerConfig) -> FastAPI:
     app.state.server = state
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _internal_error)
 
     @app.get("/health", response_model=Health)
     async def health() -> JSONResponse:
@@ -221,6 +224,10 @@ async def _generate(state: ServerState, request: Request, schema, to_call, fmt: 
     except ApiError as err:
         finish(err.status)
         raise
+    except Exception as err:  # a bug: answered as a server error, still counted
+        finish(500)
+        traceback.print_exc(file=sys.stderr)
+        raise server_error(f"the request could not be handled ({type(err).__name__})") from None
     if call.stream:
         body = stream(
             gen,
@@ -277,9 +284,20 @@ async def _read_json(request: Request, *, limit: int) -> dict:
         body = json.loads(b"".join(chunks))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ApiError(400, f"the request body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise ApiError(400, f"the request body is not valid JSON: {err}") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    if lone_surrogate(body) is not None:
+        raise ApiError(400, "the request body holds a lone UTF-16 surrogate escape (\\udXXX), which is not text")
     return body
+
+
+async def _internal_error(request: Request, err: Exception) -> JSONResponse:
+    """Anything else that escaped a handler: OpenAI's error shape, not a plain-text page."""
+    return JSONResponse(server_error(f"internal error ({type(err).__name__})").body(), status_code=500)
 
 
 async def _api_error(request: Request, err: ApiError) -> JSONResponse:

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
+from ..staged_dir import commit_directory, fsync_directory
 from .parallel import Engine
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -76,8 +77,15 @@ class TrainerState:
             raise ValueError(f"{where}: not a {FORMAT} file")
         if record.get("version") != VERSION:
             raise ValueError(f"{where}: checkpoint version {record.get('version')}, this code reads {VERSION}")
-        return cls(int(record["step"]), list(record["log"]), dict(record["settings"]),
-                   int(record["world_size"]), str(record["mode"]))  # fmt: skip
+        fields = {"step": int, "log": list, "settings": dict, "world_size": int, "mode": str}
+        missing = [k for k in fields if k not in record]
+        if missing:
+            raise ValueError(f"{where}: a damaged trainer state (no {', '.join(missing)})")
+        wrong = [k for k, kind in fields.items() if not isinstance(record[k], kind) or isinstance(record[k], bool)]
+        if wrong or record["step"] < 0:
+            bad = wrong[0] if wrong else "step"
+            raise ValueError(f"{where}: a damaged trainer state ({bad} = {record[bad]!r})")
+        return cls(**{k: record[k] for k in fields})
 
 
 def step_dir_name(step: int) -> str:
@@ -143,7 +151,7 @@ def save_checkpoint(
     d.barrier()
     if d.is_main:
         _write_atomically(tmp / STATE_NAME, state.to_json())
-        _commit(tmp, final)
+        commit_directory(tmp, final)
         _write_atomically(root / LATEST_NAME, final.name + "\n")
         _prune(root, current=final, keep=keep)
     d.barrier()
@@ -186,7 +194,7 @@ def export_pretrained(engine: Engine, path: str | Path) -> None:
         tmp = path.with_name(f".{path.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp)
-        _commit(tmp, path)
+        commit_directory(tmp, path)
     engine.dist.barrier()
 
 
@@ -227,18 +235,7 @@ def _write_atomically(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _commit(tmp: Path, final: Path) -> None:
-    """Rename the finished `tmp` directory to `final`, replacing an older `final` if there is one."""
-    old = final.with_name(f".{final.name}.old")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
+    fsync_directory(path.parent)
 
 
 def _prune(root: Path, *, current: Path, keep: int) -> None:
@@ -247,11 +244,3 @@ def _prune(root: Path, *, current: Path, keep: int) -> None:
     done = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in done[: max(done.index(current) + 1 - keep, 0)] + done[done.index(current) + 1 :]:
         shutil.rmtree(old)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
