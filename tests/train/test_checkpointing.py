@@ -119,14 +119,14 @@ def _crash_at_step_4(monkeypatch, where: str) -> None:
 
         monkeypatch.setattr(checkpointing, "_write_atomically", write)
     else:
-        original_commit = checkpointing._commit
+        original_commit = checkpointing.commit_directory
 
         def commit(tmp: Path, final: Path) -> None:
             if final.name == "step-00000004":
                 raise Crash(where)
             original_commit(tmp, final)
 
-        monkeypatch.setattr(checkpointing, "_commit", commit)
+        monkeypatch.setattr(checkpointing, "commit_directory", commit)
 
 
 @pytest.mark.parametrize("where", ["tensors", "state", "rename", "pointer"])
