@@ -140,6 +140,11 @@ def test_bad_lines_go_to_the_errors_file_and_the_job_continues(tmp_path, model_d
     src, out = write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
     with open(src, "ab") as f:
         f.write(b'{"id": 11, "prompt": "\xff\xfe"}\n')
+        f.write(b'{"id": 13, "prompt": "x\\ud800"}\n')  # valid JSON, not text: a lone surrogate
+        f.write(b'{"id": "\\udc00", "prompt": "x"}\n')  # its output line could not be written
+        f.write(b"[" * 5000 + b"]" * 5000 + b"\n")
+        f.write(b'{"id": 14, "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}\n")
+        f.write(b'{"id": 15, "prompt": "x", "block_size": 100000}\n')
     assert run_batch("--input", src, "--output", out, "--model", model_dir, "--max-prompt-tokens", "20", *FAST) == 0
     assert [r["id"] for r in outputs(out)] == [1, 10]
     errors = {e["line"]: e for e in outputs(tmp_path / "out.jsonl.errors.jsonl")}
@@ -158,6 +163,11 @@ def test_bad_lines_go_to_the_errors_file_and_the_job_continues(tmp_path, model_d
         14: "confidence_threshold must be in [0, 1]",
         16: "draft_steps must be a positive integer",
         17: "not valid UTF-8",
+        18: "lone UTF-16 surrogate",
+        19: "lone UTF-16 surrogate",
+        20: "nested too deeply",
+        21: "not valid JSON",
+        22: "block_size must be between 1 and 1024",
     }
     assert sorted(errors) == sorted(expected)
     for line, message in expected.items():
@@ -271,3 +281,75 @@ def test_engine_step_static_gives_the_same_records(tmp_path, model_dir):
         assert run_batch("--input", src, "--output", out, "--model", model_dir, "--engine-step", step, *FAST) == 0
         records[step] = outputs(out)
     assert records["static"] == records["eager"] and len(records["eager"]) == 3
+
+
+# ---- a step that raises fails only the jobs at fault -------------------------------------------------
+def _jobs_and_reference(model_dir):
+    from twotower import batch_job
+    from twotower.workload import Limits
+
+    loaded = load_for_inference(str(model_dir))
+    defaults = Options(block_size=4, steps_per_block=4, confidence_threshold=0.5, max_tokens=12)
+    lines = [{"id": i, "prompt": p} for i, p in enumerate(["one", "two two", "three", "four four four", "five"])]
+    jobs = [
+        batch_job.parse_line(json.dumps(x).encode(), n, loaded.tokenizer, defaults, Limits())
+        for n, x in enumerate(lines, 1)
+    ]
+    return loaded, jobs, _generate(loaded, jobs)
+
+
+def _generate(loaded, jobs, *, max_batch_size=4) -> dict:
+    from twotower.batch_job import generate_outputs
+
+    records = {}
+    generate_outputs(
+        loaded.model, loaded.tokenizer, jobs, model_name="m", max_batch_size=max_batch_size, eos_ids=(),
+        on_step=lambda finished, _n: records.update({r["id"]: r for r in finished}),
+    )  # fmt: skip
+    return records
+
+
+def _faulty_scheduler(fails):
+    """A Scheduler whose step raises when `fails(ids of the rows the step would decode)` is true."""
+    from twotower.decode.scheduler import Scheduler
+
+    class Faulty(Scheduler):
+        def step(self):
+            rows = {i for e in self.engines.values() for i in e.request_ids}
+            rows |= {r.id for r in list(self.waiting)[: self.max_batch_size - self.active]}
+            if fails(rows):
+                for _ in range(min(len(self.waiting), self.max_batch_size - self.active)):
+                    self.waiting.popleft()  # as a real step does: the joining rows leave the queue first
+                raise RuntimeError(f"cannot decode {sorted(rows)}")
+            return super().step()
+
+    return Faulty
+
+
+def test_a_job_that_fails_alone_gets_an_error_record_and_the_rest_their_outputs(model_dir, monkeypatch):
+    from twotower import batch_job
+
+    loaded, jobs, want = _jobs_and_reference(model_dir)
+    bad = jobs[1].key
+    monkeypatch.setattr(batch_job, "Scheduler", _faulty_scheduler(lambda rows: bad in rows))
+    got = _generate(loaded, jobs)
+    assert sorted(got) == sorted(want)  # every job finished once
+    assert got[1]["finish_reason"] == "error" and "cannot decode" in got[1]["error"] and got[1]["text"] == ""
+    assert got[1]["prompt_tokens"] == want[1]["prompt_tokens"] and got[1]["completion_tokens"] == 0
+    for key, record in want.items():
+        if key != 1:
+            assert got[key] == record  # started over in a fresh engine: the same text and forwards
+
+
+def test_a_batch_that_fails_as_a_whole_is_retried_in_smaller_batches(model_dir, monkeypatch):
+    from twotower import batch_job
+
+    loaded, jobs, want = _jobs_and_reference(model_dir)
+    sizes = []
+    faulty = _faulty_scheduler(lambda rows: sizes.append(len(rows)) or len(rows) > 1)  # only one row fits
+    monkeypatch.setattr(batch_job, "Scheduler", faulty)
+    got = _generate(loaded, jobs)
+    assert got == want and max(sizes) > 1  # the batch halved down to one row; nothing failed
+    monkeypatch.setattr(batch_job, "Scheduler", _faulty_scheduler(lambda rows: True))  # nothing ever fits
+    failed = _generate(loaded, jobs)
+    assert sorted(failed) == sorted(want) and all(r["finish_reason"] == "error" for r in failed.values())

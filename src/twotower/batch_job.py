@@ -346,11 +346,14 @@ def generate_outputs(
         try:
             events = scheduler.step()
         except Exception as err:  # noqa: BLE001  (isolated below; nothing is lost)
+            waiting = {r.id for r in scheduler.waiting}  # never started: not at fault
             held = [job for job, _ in running.values()]
-            failed = _failing_alone(model, held, eos_ids, err if batch_size == 1 else None)
+            started = [job for job in held if job.key not in waiting] or held  # (none started: try them all)
+            failed = _failing_alone(model, started, eos_ids, err if batch_size == 1 else None)
             finished = [error_record(job, message, model_name) for job, message in failed]
             failed_keys = {job.key for job, _ in failed}
-            todo.extendleft(reversed([job for job in held if job.key not in failed_keys]))  # start over
+            again = [job for job in held if job.key not in failed_keys]
+            todo.extendleft(reversed(again))  # start over, in their order
             running.clear()
             forwards.clear()
             if not failed:
@@ -380,8 +383,8 @@ def generate_outputs(
 def _failing_alone(
     model, held: list[Job], eos_ids: tuple[int, ...], batch_error: Exception | None
 ) -> list[tuple[Job, str]]:
-    """The jobs of a failed step that fail on their own (one eager step each), with the error.
-    `batch_error` given (the step held one row): that row's job fails with it, untried."""
+    """The jobs a failed step had started that fail on their own (one eager step each), with the
+    error. `batch_error` given (the step held one row): that row's job fails with it, untried."""
     if batch_error is not None:
         return [(job, _describe(batch_error)) for job in held]
     failed = []

@@ -49,7 +49,7 @@ def test_model_args_string_through_the_registry(tiny_checkpoint):
         ({"batch_size": "auto"}, "no 'auto'"),
         ({"block_size": 0}, "block_size must be a positive integer"),
         ({"confidence_threshold": 1.5}, "confidence_threshold must be in"),
-        ({"temperature": -1.0}, "temperature must be >= 0"),
+        ({"temperature": -1.0}, r"temperature must be 0 \(greedy\) or a finite number >= 1e-06"),
         ({"max_gen_toks": 0}, "max_gen_toks must be a positive integer"),
         ({"max_length": 1}, "max_length must be an integer >= 2"),
         ({"mode": "ar", "anchor": True}, "anchor applies to mode diffusion only"),

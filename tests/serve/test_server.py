@@ -194,12 +194,41 @@ def test_stop_string_and_seeded_sampling(server, loaded):
         (b'{"prompt": [1, 99999]}', 400, "prompt token ids must be in [0, "),
         (b'{"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}', 400, "stop takes at most 4 strings"),
         (b'{"prompt": "a", "model": "gpt-4"}', 404, "model 'gpt-4' does not exist"),
+        (b"[" * 5000 + b"]" * 5000, 400, "nested too deeply"),
+        (b'{"prompt": "a", "max_tokens": ' + b"1" * 5000 + b"}", 400, "not valid JSON"),
+        (b'{"prompt": "a\\ud800"}', 400, "lone UTF-16 surrogate"),
+        (b'{"prompt": "a", "stop": ["\\udc00"]}', 400, "lone UTF-16 surrogate"),
+        (b'{"prompt": "a", "block_size": 2000000}', 400, "block_size must be between 1 and 1024"),
+        (b'{"prompt": "a", "temperature": NaN}', 400, "temperature must be a number, got nan"),
+        (b'{"prompt": "a", "temperature": 1e-39}', 400, "temperature must be 0 (greedy) or a finite number"),
     ],
 )
 def test_bad_requests_get_a_clear_4xx(server, body, status, message):
     got_status, got = raw_post(server, "/v1/completions", body)
     assert got_status == status
     assert message in got["error"]["message"]
+
+
+def test_chat_messages_that_are_not_text_get_a_400(server, loaded):
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud83d"}]}' % loaded.name.encode()
+    status, got = raw_post(server, "/v1/chat/completions", body)
+    assert status == 400 and "lone UTF-16 surrogate" in got["error"]["message"]
+
+
+def test_an_internal_error_is_a_json_500_and_the_server_keeps_serving(server, loaded, monkeypatch):
+    from twotower.serve import app as app_module
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug")
+
+    before = metric(server, "twotower_requests_total", endpoint="completions", mode="none", status="500")
+    monkeypatch.setattr(app_module, "completion_call", broken)
+    status, got = raw_post(server, "/v1/completions", b'{"prompt": "a"}')
+    assert status == 500 and got["error"]["type"] == "server_error" and "TypeError" in got["error"]["message"]
+    assert metric(server, "twotower_requests_total", endpoint="completions", mode="none", status="500") == before + 1
+    monkeypatch.undo()
+    out = client(server).completions.create(model=loaded.name, prompt="still there", max_tokens=4)
+    assert out.usage.completion_tokens >= 1
 
 
 def test_errors_through_the_client_and_the_server_keeps_serving(server, loaded):
