@@ -299,7 +299,7 @@ def _jobs_and_reference(model_dir):
 
 
 def _generate(loaded, jobs, *, max_batch_size=4) -> dict:
-    from twotower.batch_job import generate_outputs
+    from twotower.batch_generate import generate_outputs
 
     records = {}
     generate_outputs(
@@ -327,11 +327,11 @@ def _faulty_scheduler(fails):
 
 
 def test_a_job_that_fails_alone_gets_an_error_record_and_the_rest_their_outputs(model_dir, monkeypatch):
-    from twotower import batch_job
+    from twotower import batch_generate
 
     loaded, jobs, want = _jobs_and_reference(model_dir)
     bad = jobs[1].key
-    monkeypatch.setattr(batch_job, "Scheduler", _faulty_scheduler(lambda rows: bad in rows))
+    monkeypatch.setattr(batch_generate, "Scheduler", _faulty_scheduler(lambda rows: bad in rows))
     got = _generate(loaded, jobs)
     assert sorted(got) == sorted(want)  # every job finished once
     assert got[1]["finish_reason"] == "error" and "cannot decode" in got[1]["error"] and got[1]["text"] == ""
@@ -342,14 +342,14 @@ def test_a_job_that_fails_alone_gets_an_error_record_and_the_rest_their_outputs(
 
 
 def test_a_batch_that_fails_as_a_whole_is_retried_in_smaller_batches(model_dir, monkeypatch):
-    from twotower import batch_job
+    from twotower import batch_generate
 
     loaded, jobs, want = _jobs_and_reference(model_dir)
     sizes = []
     faulty = _faulty_scheduler(lambda rows: sizes.append(len(rows)) or len(rows) > 1)  # only one row fits
-    monkeypatch.setattr(batch_job, "Scheduler", faulty)
+    monkeypatch.setattr(batch_generate, "Scheduler", faulty)
     got = _generate(loaded, jobs)
     assert got == want and max(sizes) > 1  # the batch halved down to one row; nothing failed
-    monkeypatch.setattr(batch_job, "Scheduler", _faulty_scheduler(lambda rows: True))  # nothing ever fits
+    monkeypatch.setattr(batch_generate, "Scheduler", _faulty_scheduler(lambda rows: True))  # nothing ever fits
     failed = _generate(loaded, jobs)
     assert sorted(failed) == sorted(want) and all(r["finish_reason"] == "error" for r in failed.values())

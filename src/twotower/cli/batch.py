@@ -131,7 +131,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 def run_with_progress(loaded, todo, log, *, total: int, args: argparse.Namespace, rank: int, world: int) -> None:
     from tqdm import tqdm
 
-    from ..batch_job import generate_outputs
+    from ..batch_generate import generate_outputs
 
     desc = "batch" if world == 1 else f"batch rank {rank}"
     bar = tqdm(total=total, initial=total - len(todo), desc=desc, unit="req", position=rank, disable=args.no_progress)

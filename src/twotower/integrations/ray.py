@@ -36,7 +36,8 @@ from dataclasses import replace
 
 import pyarrow as pa
 
-from ..batch_job import LINE_FIELDS, Job, LineError, derive_seed, generate_outputs, id_key, parse_line
+from ..batch_generate import generate_outputs
+from ..batch_job import LINE_FIELDS, Job, LineError, derive_seed, id_key, parse_line
 from ..workload import Limits, Options, parse_options
 
 REQUEST_COLUMN = "request"
@@ -218,7 +219,7 @@ def output_table(
         if record is None and error is None:
             error = "no output was produced"  # defensive: every valid job finishes in generate_outputs
         if record is not None and record.get("error"):
-            error = record["error"]  # its decoding failed (`batch_job.error_record`)
+            error = record["error"]  # its decoding failed (`batch_generate.error_record`)
         out["record"].append(None if record is None else json.dumps(record, ensure_ascii=False))
         out["error"].append(error)
         for name in ("text", "finish_reason", "prompt_tokens", "completion_tokens"):

@@ -155,9 +155,12 @@ def _round_up(n: int, multiple: int) -> int:
 
 
 def uses_cpu_kernel(a: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `grouped_linear` runs `cpu_grouped_linear` for these operands: float32 or bfloat16 on the CPU,
-    oneDNN present, experts of at least CPU_KERNEL_MIN_WEIGHT_BYTES each, and nothing that needs a
-    gradient (the kernel has no backward)."""
+    """Whether `grouped_linear` runs `cpu_grouped_linear` for these operands: float32 or bfloat16 on
+    the CPU, oneDNN present for the dtype, experts of at least CPU_KERNEL_MIN_WEIGHT_BYTES each, and
+    nothing that needs a gradient (the kernel has no backward). In float32, not when the rows average
+    at most GEMV_ROWS per group: there every group takes MKL's matrix-vector path either way, and
+    `grouped_mm` calls it without the kernel's per-group Python (the release's experts at 16
+    tokens, 68 of 128 touched: 107.7 vs 113.6 ms, `benchmarks/moe_kernels.py`)."""
     needs_grad = torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad)
     return (
         a.device.type == "cpu"
@@ -165,6 +168,7 @@ def uses_cpu_kernel(a: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == a.dtype
         and weight.shape[1] * weight.shape[2] * weight.element_size() >= CPU_KERNEL_MIN_WEIGHT_BYTES
         and not needs_grad
+        and not (a.dtype == torch.float32 and a.shape[0] <= GEMV_ROWS * weight.shape[0])
     )
 
 
