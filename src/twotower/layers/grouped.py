@@ -86,22 +86,16 @@ def cpu_grouped_linear(a: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor
     rows go through MKL's matrix-vector path, and float32 groups of more than 16 rows are
     zero-padded to a multiple of 16 (`swap_rows`). Inference only (no autograd formula); needs
     oneDNN (`ONEDNN_LINEAR`)."""
-    a = a.contiguous()  # (no copy for the layer's operands: they are fresh, contiguous tensors)
-    out = a.new_empty(a.shape[0], weight.shape[1])
-    start = 0
-    for g, end in enumerate(ends.tolist()):
-        n = end - start
-        if n > 0:
-            rows, w = a[start:end], weight[g].contiguous()
-            if a.dtype == torch.float32 and n <= GEMV_ROWS:
-                out[start:end] = F.linear(rows, w)
-            else:
-                padded = swap_rows(n, a.dtype)
-                if padded > n:
-                    rows = F.pad(rows, (0, 0, 0, padded - n))
-                out[start:end] = ONEDNN_LINEAR(w, rows, None, "none", [], "")[:, :n].T
-        start = end
-    return out
+    pieces = []
+    for rows, w, n in _groups(a, ends, weight):
+        if a.dtype == torch.float32 and n <= GEMV_ROWS:
+            pieces.append(F.linear(rows, w))
+            continue
+        padded = swap_rows(n, a.dtype)
+        if padded > n:
+            rows = F.pad(rows, (0, 0, 0, padded - n))
+        pieces.append(ONEDNN_LINEAR(w, rows, None, "none", [], "")[:, :n].t())
+    return _stack(pieces, a, weight.shape[1])
 
 
 @torch.library.custom_op("twotower::cpu_grouped_mlp", mutates_args=())
@@ -112,23 +106,34 @@ def cpu_grouped_mlp(a: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends:
     copy), and only its output is written back transposed: one transposed copy per group instead of
     two, and no (P, I) hidden tensor. float32 groups of up to `GEMV_ROWS` rows take MKL's
     matrix-vector path. Inference only; needs oneDNN."""
-    a = a.contiguous()
-    out = a.new_empty(a.shape[0], down.shape[1])
-    start = 0
-    for g, end in enumerate(ends.tolist()):
-        n = end - start
+    pieces = []
+    for rows, w_up, w_down, n in _groups(a, ends, up, down):
+        if a.dtype == torch.float32 and n <= GEMV_ROWS:
+            pieces.append(F.linear(relu2_(F.linear(rows, w_up)), w_down))
+            continue
+        padded = swap_rows(n, a.dtype)
+        if padded > n:
+            rows = F.pad(rows, (0, 0, 0, padded - n))  # zero rows stay zero through relu^2
+        hidden_t = relu2_(ONEDNN_LINEAR(w_up, rows, None, "none", [], ""))  # (I, padded)
+        pieces.append(ONEDNN_LINEAR(w_down, hidden_t.t(), None, "none", [], "")[:, :n].t())
+    return _stack(pieces, a, down.shape[1])
+
+
+def _groups(a: torch.Tensor, ends: torch.Tensor, *weights: torch.Tensor):
+    """(rows, each weight's group matrix..., n) for every group with rows: views, taken in a few
+    calls for all groups (the per-group Python is most of a small group's time)."""
+    bounds = ends.tolist()
+    sizes = [end - start for start, end in zip([0, *bounds[:-1]], bounds, strict=True)]
+    per_group = [w.contiguous().unbind(0) for w in weights]
+    for rows, *mats, n in zip(a.contiguous().split(sizes), *per_group, sizes, strict=True):
         if n > 0:
-            rows, w_up, w_down = a[start:end], up[g].contiguous(), down[g].contiguous()
-            if a.dtype == torch.float32 and n <= GEMV_ROWS:
-                out[start:end] = F.linear(relu2_(F.linear(rows, w_up)), w_down)
-            else:
-                padded = swap_rows(n, a.dtype)
-                if padded > n:
-                    rows = F.pad(rows, (0, 0, 0, padded - n))  # zero rows stay zero through relu^2
-                hidden_t = relu2_(ONEDNN_LINEAR(w_up, rows, None, "none", [], ""))  # (I, padded)
-                out[start:end] = ONEDNN_LINEAR(w_down, hidden_t.t(), None, "none", [], "")[:, :n].T
-        start = end
-    return out
+            yield rows, *mats, n
+
+
+def _stack(pieces: list[torch.Tensor], a: torch.Tensor, width: int) -> torch.Tensor:
+    """The groups' outputs, in order, as one (P, width) tensor: one `cat` writes them all (the
+    transposed ones read through their views), rather than one indexed copy per group."""
+    return torch.cat(pieces) if pieces else a.new_zeros(a.shape[0], width)
 
 
 @cpu_grouped_mlp.register_fake
