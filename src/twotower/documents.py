@@ -93,11 +93,17 @@ def _parse_jsonl_line(raw: bytes) -> tuple[str, str | None]:
         record = json.loads(raw)
     except ValueError as err:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
         return "", f"{type(err).__name__}: {err}"
+    except RecursionError:
+        return "", "nested too deeply"
     if not isinstance(record, dict):
         return "", f"expected an object, got {type(record).__name__}"
     text = record.get("text")
     if not isinstance(text, str):
         return "", 'no string "text" field'
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone "\udXXX" escape: valid JSON, not text
+        return "", f"the text holds a lone UTF-16 surrogate at character {err.start}"
     return text, None
 
 

@@ -227,9 +227,16 @@ def _texts(source: Iterable[str] | os.PathLike | Sequence[os.PathLike]) -> Itera
         raise ValueError("train_tokenizer got no training text")
     if isinstance(first, os.PathLike):
         paths = [first, *items]
-        from .documents import iter_documents
+        from .documents import ReadStats, iter_documents
 
-        yield from (doc.text for doc in iter_documents(paths))
+        stats = ReadStats()
+        for doc in iter_documents(paths, stats=stats):
+            yield doc.text
+        if stats.documents == 0:
+            raise ValueError(
+                f"train_tokenizer found no training text in {', '.join(map(str, paths))}: {stats.empty} empty, "
+                f"{stats.malformed_lines} malformed JSONL lines, {stats.unreadable_files} unreadable files"
+            )
         return
     if not isinstance(first, str):
         raise ValueError(f"train_tokenizer expects texts or Paths, got {type(first).__name__}")

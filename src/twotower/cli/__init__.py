@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")  # as parse_args does
     try:
         return args.func(args)
-    except (CLIError, CheckpointError, ValueError, FileNotFoundError) as err:
+    except (CLIError, CheckpointError, ValueError, OSError) as err:  # OSError: paths (exists, not a directory, ...)
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,22 +6,24 @@ from __future__ import annotations
 import argparse
 import json
 
+from .options import output_dir
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="build a corpus, train a tokenizer, pack tokens").add_subparsers(
         dest="what", required=True
     )
     p = data.add_parser("corpus", help="build the offline three-part corpus (prose, code, math)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--prose-bytes", type=int, default=20_000_000)
-    p.add_argument("--code-bytes", type=int, default=14_000_000)
-    p.add_argument("--math-bytes", type=int, default=8_000_000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, type=output_dir, help="a new (or empty) directory for the corpus")
+    p.add_argument("--prose-bytes", type=int, default=20_000_000, help="prose text budget in bytes (default: 20 MB)")
+    p.add_argument("--code-bytes", type=int, default=14_000_000, help="code text budget in bytes (default: 14 MB)")
+    p.add_argument("--math-bytes", type=int, default=8_000_000, help="math text budget in bytes (default: 8 MB)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated parts (default: 0)")
     p.set_defaults(func=cmd_data_corpus)
     p = data.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
     p.add_argument("inputs", nargs="+", help="corpus directories, .jsonl or .txt files")
-    p.add_argument("--out", required=True)
-    p.add_argument("--vocab-size", type=int, default=4096)
+    p.add_argument("--out", required=True, type=output_dir, help="directory to write tokenizer.json into")
+    p.add_argument("--vocab-size", type=int, default=4096, help="tokens, special tokens included (default: 4096)")
     p.add_argument(
         "--split-digits",
         action="store_true",
@@ -29,10 +31,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=cmd_data_tokenizer)
     p = data.add_parser("pack", help="tokenize and pack documents into train/heldout token files")
-    p.add_argument("inputs", nargs="+")
-    p.add_argument("--tokenizer", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--holdout-percent", type=float, default=1.0)
+    p.add_argument("inputs", nargs="+", help='corpus directories, .jsonl (a "text" field per line) or .txt files')
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (holding tokenizer.json)")
+    p.add_argument(
+        "--out", required=True, type=output_dir, help="directory for train.bin / heldout.bin and their .json"
+    )
+    p.add_argument(
+        "--holdout-percent",
+        type=float,
+        default=1.0,
+        help="percent (0-100) of documents held out, chosen by a hash of their text (default: 1)",
+    )
     p.set_defaults(func=cmd_data_pack)
 
     p = data.add_parser(
@@ -45,7 +54,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", required=True, help="the AR NemotronH checkpoint (the context tower)")
     p.add_argument("--data", required=True, help="packed data directory to draw prefixes from")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory of that data")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, type=output_dir, help="output directory")
     p.add_argument("--rows", type=int, default=8192, help="training rows (default: 8192)")
     p.add_argument(
         "--heldout-rows", type=int, default=256, help="held-out rows, from the held-out split (default: 256)"
@@ -59,8 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="prefixes are 1..N blocks long (default: 6, at most the row's blocks minus one)",
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prefix draws (default: 0)")
+    p.add_argument("--device", default="cpu", help="device of the AR model (default: cpu)")
     p.set_defaults(func=cmd_data_distill)
 
 
@@ -86,11 +95,13 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_data_pack(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from ..tokenizer import Tokenizer
     from ..train.data import pack_tokens
 
     stats = pack_tokens(args.inputs, Tokenizer.load(args.tokenizer), args.out, holdout_percent=args.holdout_percent)
-    print(stats)
+    print(json.dumps(asdict(stats)))
     return 0
 
 

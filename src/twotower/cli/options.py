@@ -12,6 +12,20 @@ class CLIError(Exception):
     """An error the user can fix; reported without a traceback."""
 
 
+def output_dir(path: str) -> str:
+    """An argparse type for an output directory: refused at once (not after the work) when the path
+    is an existing file, or its parent is one."""
+    from pathlib import Path
+
+    target = Path(path)
+    for p in (target, *target.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise argparse.ArgumentTypeError(f"{p} exists and is not a directory")
+            break
+    return path
+
+
 def add_model_option(p: argparse.ArgumentParser) -> None:
     """The options of every command that loads a model: where it is, its dtype, where it goes."""
     from ..dtypes import DTYPE_CHOICES

@@ -11,7 +11,9 @@ from .options import CLIError
 def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train a backbone or a denoiser").add_subparsers(dest="what", required=True)
     p = train.add_parser("backbone", help="AR pretraining of a small NemotronH model")
-    p.add_argument("--preset", default="tiny", help="architecture preset (default: tiny)")
+    p.add_argument(
+        "--preset", default="tiny", help="architecture preset: tiny or nemotron-3-nano-30b-a3b (default: tiny)"
+    )
     p.add_argument("--config", default=None, help="a NemotronH config.json instead of a preset")
     p.add_argument("--data", required=True, help="packed data directory (train.bin, heldout.bin)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory to ship with the model")
@@ -22,9 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = train.add_parser("denoiser", help="train the denoiser tower of a TwoTower (SPEC section 4)")
     p.add_argument("--backbone", default=None, help="AR NemotronH checkpoint to start from")
     p.add_argument("--twotower", default=None, help="TwoTower checkpoint to continue")
-    p.add_argument("--data", required=True)
-    p.add_argument("--tokenizer", default=None)
-    p.add_argument("--out", required=True)
+    p.add_argument("--data", required=True, help="packed data directory (train.bin, heldout.bin)")
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer directory to ship with the model (default: the backbone's)"
+    )
+    p.add_argument("--out", required=True, help="output directory (checkpoint, log, exported model/)")
     p.add_argument("--block-size", type=int, default=16, help="block size S (after any curriculum) (default: 16)")
     p.add_argument(
         "--curriculum",
@@ -39,17 +43,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def add_train_settings(p: argparse.ArgumentParser, *, lr: float) -> None:
     g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=1000)
+    g.add_argument("--steps", type=int, default=1000, help="optimiser steps (default: 1000)")
     g.add_argument("--batch-size", type=int, default=16, help="global batch (sequences per step)")
     g.add_argument("--micro-batch", type=int, default=16, help="sequences per forward (gradient accumulation)")
-    g.add_argument("--seq-len", type=int, default=256)
-    g.add_argument("--lr", type=float, default=lr)
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per training sequence (default: 256)")
+    g.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default: {lr:g})")
     g.add_argument("--min-lr", type=float, default=None, help="end of the decay (default: lr / 100)")
-    g.add_argument("--warmup-steps", type=int, default=30)
+    g.add_argument("--warmup-steps", type=int, default=30, help="linear warm-up steps (default: 30)")
     g.add_argument("--decay-fraction", type=float, default=0.25, help="WSD: fraction of steps spent decaying")
-    g.add_argument("--weight-decay", type=float, default=0.1)
-    g.add_argument("--eval-every", type=int, default=100)
-    g.add_argument("--save-every", type=int, default=50)
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
+    g.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations (default: 100)")
+    g.add_argument("--save-every", type=int, default=50, help="steps between resumable checkpoints (default: 50)")
     g.add_argument("--seed", type=int, default=0, help="seeds the data order, the noise and every new parameter")
     g.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master weights and reductions")
     g.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun, each rank takes cuda:LOCAL_RANK)")
@@ -134,6 +138,7 @@ def cmd_train_backbone(args: argparse.Namespace) -> int:
     from ..train.recipes import pretrain_backbone
 
     config = NemotronHConfig.from_json_file(args.config) if args.config else preset(args.preset)
+    _check_tokenizer_option(args.tokenizer)
     _log_training()
     pretrain_backbone(config, args.data, args.out, train_settings(args), device=args.device)
     _copy_tokenizer(args.data, args.tokenizer, args.out)
@@ -145,6 +150,7 @@ def cmd_train_denoiser(args: argparse.Namespace) -> int:
 
     if bool(args.backbone) == bool(args.twotower):
         raise CLIError("give exactly one of --backbone PATH (AR model) or --twotower PATH (continue a TwoTower)")
+    _check_tokenizer_option(args.tokenizer)
     _log_training()
     settings = train_settings(args)
     model = _denoiser_model(args, settings)
@@ -190,6 +196,14 @@ def _curriculum_phase(text: str) -> tuple[int, int]:
     if not sep or not size.strip().isdigit() or not steps.strip().isdigit():
         raise CLIError(f"--curriculum takes SIZE:STEPS phases like 32:1000, got {text!r}")
     return int(size), int(steps)
+
+
+def _check_tokenizer_option(tokenizer_dir) -> None:
+    """A --tokenizer given must hold one (checked before training, not silently skipped after it)."""
+    from pathlib import Path
+
+    if tokenizer_dir is not None and not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+        raise CLIError(f"--tokenizer {tokenizer_dir}: no tokenizer.json there")
 
 
 def _copy_tokenizer(data_dir, tokenizer_dir, out_dir) -> None:

@@ -43,6 +43,32 @@ __all__ = [
 ]
 
 
+def _read_metadata(path: Path) -> dict:
+    """A packed split's metadata (`pack_tokens` writes it), checked: a clear ValueError naming the
+    file when it is unreadable, damaged, or of another format."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: not a packed-tokens metadata file ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a packed-tokens metadata file (not a JSON object)")
+    if "format" in meta and meta["format"] != FORMAT_NAME:
+        raise ValueError(f"{path}: format {meta['format']!r}, expected {FORMAT_NAME!r}")
+    if "version" in meta and meta["version"] != FORMAT_VERSION:
+        raise ValueError(f"{path}: version {meta['version']!r}; this code reads version {FORMAT_VERSION}")
+    missing = [k for k in ("dtype", "tokens") if k not in meta]
+    if missing:
+        raise ValueError(f"{path}: a damaged packed-tokens metadata file (no {', '.join(missing)})")
+    try:
+        dtype = np.dtype(meta["dtype"])
+    except TypeError:
+        raise ValueError(f"{path}: unknown token dtype {meta['dtype']!r}") from None
+    tokens = meta["tokens"]
+    if dtype.kind not in "ui" or not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ValueError(f"{path}: a damaged packed-tokens metadata file (dtype {meta['dtype']!r}, tokens {tokens!r})")
+    return meta
+
+
 class PackedTokens:
     """Read-only view of one packed split: `tokens` is an `np.memmap` of shape (n_tokens,).
 
@@ -55,7 +81,7 @@ class PackedTokens:
         meta_path = self.bin_path.with_suffix(".json")
         if not self.bin_path.is_file() or not meta_path.is_file():
             raise ValueError(f"packed tokens need both {self.bin_path} and {meta_path}")
-        self.metadata = json.loads(meta_path.read_text(encoding="utf-8"))
+        self.metadata = _read_metadata(meta_path)
         dtype = np.dtype(self.metadata["dtype"])
         count = int(self.metadata["tokens"])
         if self.bin_path.stat().st_size != count * dtype.itemsize:

@@ -135,6 +135,13 @@ def pack_tokens(
         for writer in writers.values():
             writer.abandon()
         raise
+    if sum(writer.documents for writer in writers.values()) == 0:
+        for writer in writers.values():
+            writer.abandon()
+        raise ValueError(
+            f"no documents to pack in {', '.join(map(str, sources))}: {read.empty} empty, "
+            f"{read.malformed_lines} malformed JSONL lines, {read.unreadable_files} unreadable files"
+        )
     metadata = _metadata(sources, tokenizer, dtype=dtype, holdout_percent=holdout_percent, read=read)
     splits = {split: writer.finish(metadata) for split, writer in writers.items()}
     return PackStats(splits=splits, dtype=dtype.name, read=read, seconds=time.perf_counter() - started)

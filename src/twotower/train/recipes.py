@@ -38,6 +38,18 @@ class DataPaths:
         return cls(train, heldout if heldout.is_file() else None)
 
 
+def check_vocab(data: PackedTokens, vocab_size: int) -> None:
+    """ValueError when `data` was packed with a tokenizer of more ids than the model has: such
+    tokens would index past its embedding (a crash at the first step, or, for a model only a
+    little smaller, silently wrong training)."""
+    packed = data.metadata.get("vocab_size")
+    if isinstance(packed, int) and packed > vocab_size:
+        raise ValueError(
+            f"{data.bin_path} was packed with a tokenizer of {packed} tokens; the model has {vocab_size}: "
+            "pack the data with the model's tokenizer"
+        )
+
+
 def heldout_tokens(paths: DataPaths, *, seq_len: int, announce: bool = True) -> PackedTokens | None:
     """The held-out split if it holds at least one `seq_len` window; else None, with a warning (when
     `announce`) that training runs without evaluation (decided before the first step, not after the last)."""
@@ -96,6 +108,7 @@ def pretrain_backbone(
     device = dist_info.device(device)
     paths = DataPaths.from_dir(data_dir)
     train = PackedTokens(paths.train)
+    check_vocab(train, config.vocab_size)
     heldout = heldout_tokens(paths, seq_len=settings.seq_len, announce=dist_info.is_main)
     torch.manual_seed(settings.seed)
     model = NemotronHForCausalLM(config).to(device).train()
@@ -192,6 +205,7 @@ def train_denoiser(
     heldout = heldout_tokens(paths, seq_len=settings.seq_len, announce=dist_info.is_main)
     root = model if is_sharded(model) else None
     model = root.model if root is not None else model.to(device)
+    check_vocab(train, model.config.vocab_size)
     model.config.extra["block_size"] = block_size
     model.config.extra.setdefault("mask_token_id", model.mask_token_id)
     model.train()
