@@ -100,6 +100,32 @@ def test_building_twice_gives_identical_bytes(inputs, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+def test_an_interrupted_build_leaves_no_partial_corpus(inputs, tmp_path, monkeypatch):
+    """Built in a hidden sibling: a build stopped in its second category leaves nothing at --out,
+    and the same command then builds the corpus."""
+    from twotower.train import corpus
+
+    sources, code = inputs
+    real, calls = corpus._write_category, []
+
+    def stop_in_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    base = tmp_path / "built"
+    base.mkdir()
+    monkeypatch.setattr(corpus, "_write_category", stop_in_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        _build(base / "out", sources, code)
+    assert list(base.iterdir()) == []  # neither a partial corpus nor the staging directory
+    monkeypatch.undo()
+    manifest = _build(base / "out", sources, code)
+    assert (base / "out" / "manifest.json").is_file() and manifest["categories"]
+    assert sorted(p.name for p in base.iterdir()) == ["out"]
+
+
 def test_categories_respect_budgets_and_records_are_well_formed(inputs, tmp_path):
     sources, code = inputs
     manifest = _build(tmp_path / "c", sources, code)

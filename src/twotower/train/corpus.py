@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..staged_dir import staged_directory
 from .arithmetic import (
     EVAL_HOLDOUT_BUCKETS,
     HOLDOUT_BUCKETS,
@@ -278,7 +279,7 @@ def build_corpus(
     with a positive budget and no input at all raises ValueError, as do bad options. `code_root`
     defaults to the running interpreter's standard library.
     """
-    out = _prepare_out_dir(Path(out_dir))
+    final = _check_out_dir(Path(out_dir))
     budgets = _check_budgets(max_bytes_per_category)
     if max_document_bytes < MIN_DOCUMENT_BYTES or shard_bytes < 1:
         raise ValueError(f"max_document_bytes must be >= {MIN_DOCUMENT_BYTES} and shard_bytes >= 1")
@@ -289,19 +290,22 @@ def build_corpus(
     streams = _category_streams(present, code, seed=seed, max_document_bytes=max_document_bytes)
     stats = {category: _CategoryStats(max_bytes=budgets[category]) for category in CATEGORIES}
     files: dict[str, str] = {}
-    for category in CATEGORIES:
-        writer = _ShardWriter(out, category, shard_bytes=shard_bytes)
-        _write_category(streams[category], writer, stats[category], files)
-    call = _call_text(budgets, seed=seed, max_document_bytes=max_document_bytes, shard_bytes=shard_bytes)
-    manifest = _manifest(stats, files, sources, present, code, seed=seed, call=call)
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    # built in a hidden sibling, renamed into place when complete: an interrupted build leaves no
+    # partial corpus at `out_dir` (which a rerun would refuse and `data pack` would read)
+    with staged_directory(final) as out:
+        for category in CATEGORIES:
+            writer = _ShardWriter(out, category, shard_bytes=shard_bytes)
+            _write_category(streams[category], writer, stats[category], files)
+        call = _call_text(budgets, seed=seed, max_document_bytes=max_document_bytes, shard_bytes=shard_bytes)
+        manifest = _manifest(stats, files, sources, present, code, seed=seed, call=call)
+        text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+        (out / MANIFEST_FILE).write_text(text, encoding="utf-8")
     return manifest
 
 
-def _prepare_out_dir(out: Path) -> Path:
+def _check_out_dir(out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"corpus output {out} exists and is not an empty directory; remove it first")
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
