@@ -90,6 +90,32 @@ def test_a_killed_build_resumes_without_loss_or_duplicates(setup, tmp_path):
         build_distill_set(model, source, tok, part, SETTINGS)
 
 
+def test_a_killed_build_is_refused_for_training_until_finished(setup, tmp_path, monkeypatch):
+    from twotower.train import distill
+    from twotower.train.data import PackedTokens
+
+    tok, source, model = setup
+    real, calls = distill.continue_greedily, []
+
+    def killed_in_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "continue_greedily", killed_in_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        build_distill_set(model, source, tok, tmp_path / "d", SETTINGS, progress=False)
+    meta = json.loads((tmp_path / "d" / "train.json").read_text())
+    assert meta["complete"] is False and 0 < meta["rows"] < meta["rows_asked"] == SETTINGS.rows
+    with pytest.raises(ValueError, match=rf"incomplete \({meta['rows']} of {SETTINGS.rows} rows\)"):
+        PackedTokens(tmp_path / "d" / "train.bin")
+    monkeypatch.undo()
+    build_distill_set(model, source, tok, tmp_path / "d", SETTINGS, progress=False)
+    assert json.loads((tmp_path / "d" / "train.json").read_text())["complete"] is True
+    assert len(PackedTokens(tmp_path / "d" / "train.bin")) == SETTINGS.rows * SETTINGS.row_len
+
+
 def test_everything_after_the_first_eos_becomes_eos():
     class Fixed(torch.nn.Module):  # "generates" a fixed continuation
         def __init__(self, cont):

@@ -124,6 +124,8 @@ def cmd_data_distill(args: argparse.Namespace) -> int:
         plan.append(("heldout", paths.heldout, args.heldout_rows, args.seed + 1))
     for split, path, rows, seed in plan:
         settings = DistillSettings(rows=rows, seed=seed, **common)
-        build_distill_set(model, PackedTokens(path), tokenizer, args.out, settings, split=split)
-        print(f"{split}: {rows} rows of {args.row_len} tokens in {args.out}")
+        out = build_distill_set(model, PackedTokens(path), tokenizer, args.out, settings, split=split)
+        held = json.loads((out / f"{split}.json").read_text())["rows"]
+        kept = f" (more than the {rows} asked for: kept from an earlier run)" if held > rows else ""
+        print(f"{split}: {held} rows of {args.row_len} tokens in {args.out}{kept}")
     return 0

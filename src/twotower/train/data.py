@@ -82,6 +82,11 @@ class PackedTokens:
         if not self.bin_path.is_file() or not meta_path.is_file():
             raise ValueError(f"packed tokens need both {self.bin_path} and {meta_path}")
         self.metadata = _read_metadata(meta_path)
+        if self.metadata.get("complete") is False:  # a distillation build that was stopped
+            raise ValueError(
+                f"{meta_path}: incomplete ({self.metadata.get('rows')} of {self.metadata.get('rows_asked')} rows); "
+                "rerun the command that builds it to finish"
+            )
         dtype = np.dtype(self.metadata["dtype"])
         count = int(self.metadata["tokens"])
         if self.bin_path.stat().st_size != count * dtype.itemsize:

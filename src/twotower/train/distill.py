@@ -169,10 +169,17 @@ def build_distill_set(
             fh.flush()
             os.fsync(fh.fileno())
             done_rows += len(rows)
-            _write_json(meta_path, {**meta, "tokens": done_rows * settings.row_len, "rows": done_rows})
+            _write_json(meta_path, _progress(meta, done_rows, settings, complete=False))
             bar.update(len(rows))
     bar.close()
+    # only now is the split complete (a killed build stays marked incomplete: training refuses it)
+    _write_json(meta_path, _progress(meta, done_rows, settings, complete=True))
     return out
+
+
+def _progress(meta: dict, rows: int, settings: DistillSettings, *, complete: bool) -> dict:
+    """The split's metadata after `rows` rows: `complete` once every asked-for row is written."""
+    return {**meta, "tokens": rows * settings.row_len, "rows": rows, "rows_asked": settings.rows, "complete": complete}
 
 
 def _metadata(source: PackedTokens, tokenizer, settings: DistillSettings, dtype: np.dtype) -> dict:
