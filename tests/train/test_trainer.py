@@ -103,6 +103,20 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path):
     assert [json.loads(x)["step"] for x in lines] == list(range(6))
 
 
+def test_resuming_on_other_data_is_refused(tmp_path):
+    data = write_packed(tmp_path / "data")
+    settings = TrainSettings(steps=2, **SMALL)
+    train_denoiser(twotower_model(), data, tmp_path / "run", settings, block_size=16, progress=False)
+    other = write_packed(tmp_path / "other", seed=1)
+    longer = TrainSettings(**{**settings.__dict__, "steps": 4})
+    with pytest.raises(ValueError, match="written for other training data"):
+        train_denoiser(twotower_model(), other, tmp_path / "run", longer, block_size=16, progress=False)
+    moved = tmp_path / "moved"
+    data.rename(moved)  # the same data elsewhere: resumes
+    log = train_denoiser(twotower_model(), moved, tmp_path / "run", longer, block_size=16, progress=False)
+    assert [r["step"] for r in log] == [0, 1, 2, 3]
+
+
 def test_backbone_pretraining_lowers_heldout_loss(tmp_path):
     write_packed(tmp_path / "one", n_tokens=40)
     torch.manual_seed(0)

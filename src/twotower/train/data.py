@@ -7,6 +7,7 @@ public names are re-exported here, so `twotower.train.data` stays the one place 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -41,6 +42,9 @@ __all__ = [
     "pack_tokens",
     "token_dtype",
 ]
+
+
+IDENTITY_SAMPLE_BYTES = 1 << 20
 
 
 def _read_metadata(path: Path) -> dict:
@@ -99,6 +103,18 @@ class PackedTokens:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    def identity(self) -> dict:
+        """What tells this split from another wherever it is stored, not its path: its token count
+        and a digest of its metadata (tokenizer, sources, settings) and of its first and last MiB
+        of tokens (cheap at any size)."""
+        digest = hashlib.sha256(json.dumps(self.metadata, sort_keys=True).encode())
+        with open(self.bin_path, "rb") as f:
+            digest.update(f.read(IDENTITY_SAMPLE_BYTES))
+            size = self.bin_path.stat().st_size
+            f.seek(max(size - IDENTITY_SAMPLE_BYTES, 0))
+            digest.update(f.read(IDENTITY_SAMPLE_BYTES))
+        return {"tokens": len(self), "sha256": digest.hexdigest()}
 
     def window_starts(self, step: int, *, global_batch_size: int, seq_len: int, seed: int) -> np.ndarray:
         """Start offsets (global_batch_size,) of the global batch at `step`: uniform over valid starts.

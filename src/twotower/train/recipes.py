@@ -143,6 +143,7 @@ def pretrain_backbone(
         flops_per_token=ar_train_flops(config, seq_len=settings.seq_len).per_token,
         peak=peak_flops(device, bf16=settings.bf16, tflops=settings.peak_tflops),
         progress=progress,
+        data=train.identity(),
     )
     return trainer.run()
 
@@ -249,5 +250,6 @@ def train_denoiser(
         flops_per_token=denoiser_train_flops(model.config, seq_len=settings.seq_len, block_size=block_size).per_token,
         peak=peak_flops(device, bf16=settings.bf16, tflops=settings.peak_tflops),
         progress=progress,
+        data=train.identity(),
     )
     return trainer.run()

@@ -136,8 +136,10 @@ class Trainer:
         flops_per_token: float | None = None,
         peak: Peak | None = None,
         progress: bool | None = None,
+        data: dict | None = None,
     ) -> None:
         self.settings = settings
+        self.data = data  # what identifies the training data (`PackedTokens.identity`), checked on resume
         self.dist = dist_info or Dist()
         settings.validate(self.dist.world_size)
         self.prepare = prepare
@@ -168,7 +170,7 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------------------
     def save(self) -> None:
         state = checkpointing.TrainerState(
-            self.step, self.log, asdict(self.settings), self.dist.world_size, self.engine.mode
+            self.step, self.log, {**asdict(self.settings), "data": self.data}, self.dist.world_size, self.engine.mode
         )
         checkpointing.save_checkpoint(
             self.out_dir,
@@ -190,6 +192,8 @@ class Trainer:
                     f"{path} was written with {name}={saved.get(name)}, this run has {getattr(self.settings, name)}; "
                     "use a fresh --out"
                 )
+        if saved.get("data") is not None and self.data is not None and saved["data"] != self.data:
+            raise ValueError(f"{path} was written for other training data ({saved['data']}); use a fresh --out")
         state = checkpointing.load_checkpoint(path, engine=self.engine, optimizer=self.optimizer)
         self.step = state.step
         self.log = list(state.log)
