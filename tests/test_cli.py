@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.serve.models import save_model_dir
 from twotower.cli import main
@@ -86,6 +87,11 @@ def test_show_steps_renders_the_unmasking(model_dir, capsys):
             "--decode-step 'compiled' is not implemented for mode speculative",
         ),
         (["generate", "x", "--mode", "ar", "--anchor"], "--anchor applies to mode diffusion only"),
+        # options are checked before the model loads: the bad option is named, not the bad path
+        (["generate", "x", "--model", "/definitely/missing", "--block-size", "0"], "--block-size must be"),
+        (["generate", "x", "--device", "gpu"], "device 'gpu' is not a device name"),
+        (["generate", "x", "--denoiser-device", "auto"], "--denoiser-device auto is not a choice"),
+        (["generate", "x", "--device", "cpu:notanumber"], "is not a device name"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(model_dir, capsys, argv, msg):
@@ -96,17 +102,44 @@ def test_user_errors_exit_2_with_one_line(model_dir, capsys, argv, msg):
     assert len(err) == 1 and err[0].startswith("error:") and msg in err[0]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA devices")
+@pytest.mark.parametrize("option", ["--device", "--denoiser-device"])
+def test_a_device_this_machine_lacks_is_one_line(model_dir, capsys, option):
+    assert main(["generate", "x", option, "cuda:3", "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: device 'cuda:3': this machine (or torch build) has no cuda device"]
+
+
+def test_running_out_of_memory_is_one_line(model_dir, capsys, monkeypatch):
+    from twotower.decode import run
+
+    def allocate(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: 384 GB")
+
+    monkeypatch.setattr(run, "generate", allocate)
+    assert main(["generate", "x", "--model", str(model_dir)]) == 2
+    assert capsys.readouterr().err.startswith("error: out of memory: [enforce fail")
+    monkeypatch.setattr(run, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # any other RuntimeError keeps its traceback
+        main(["generate", "x", "--model", str(model_dir)])
+
+
 def test_score_jsonl(model_dir, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
-    src.write_text('{"id": "a", "text": "the lazy dog"}\nnot json\n{"ids": [1, 5, 6]}\n')
+    bad = ['not json', '{"ids": []}', '{"ids": "156"}', '{"ids": [1, true]}', '{"ids": [1, 99999]}',
+           '{"text": "a \\ud800"}']  # fmt: skip
+    src.write_text("\n".join(['{"id": "a", "text": "the lazy dog"}', *bad, '{"ids": [1, 5, 6]}']) + "\n")
     out = tmp_path / "out.jsonl"
-    assert main(["score", str(src), "--output", str(out), "--model", str(model_dir)]) == 1  # one bad line
+    assert main(["score", str(src), "--output", str(out), "--model", str(model_dir)]) == 1  # bad lines
     rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r.get("id") for r in rows] == ["a", None]
+    assert [r.get("id") for r in rows] == ["a", None]  # a bad line stops only itself
     loaded = load_for_inference(str(model_dir))
     ids = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode("the lazy dog")]
     assert rows[0]["logprobs"] == pytest.approx(loaded.model.score([ids])[0], abs=1e-6)
-    assert "line 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    for number, message in zip(range(2, 8), ["line 2", "at least one token", "list of integers",
+                                              "list of integers", "outside the vocabulary", "surrogate"]):  # fmt: skip
+        assert f"line {number}: " in err and message in err
 
 
 def test_every_command_stops_at_any_id_of_the_configs_eos_list(model_dir, tmp_path, capsys):

@@ -171,7 +171,26 @@ def _config(path: Path, raw: dict) -> NemotronHConfig:
 
 
 def _device(device) -> torch.device:
-    return torch.device(device if device is not None else "cpu")
+    """`device` as a torch.device that exists here; a CheckpointError (before anything is read)
+    for a malformed name, a device type this torch build or machine does not have, or an index
+    past the devices present."""
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        try:
+            dev = torch.device(device if device is not None else "cpu")
+        except (RuntimeError, TypeError) as err:
+            raise CheckpointError(f"device {device!r} is not a device name ({err})") from None
+    if dev.type in ("cpu", "meta"):
+        return dev
+    module = getattr(torch, dev.type, None)
+    available = module is not None and getattr(module, "is_available", lambda: False)()
+    if not available:
+        raise CheckpointError(f"device {str(dev)!r}: this machine (or torch build) has no {dev.type} device")
+    count = module.device_count() if hasattr(module, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise CheckpointError(f"device {str(dev)!r}: there are {count} {dev.type} device(s) here")
+    return dev
 
 
 # ---- the NemotronH causal LM ------------------------------------------------------------------------
@@ -234,7 +253,9 @@ AR_HINT = (
 
 def tower_devices(device=None, denoiser_device=None) -> DeviceOf:
     """Context tower + AR head on `device`; denoiser, its head and the adaLN parts on `denoiser_device`."""
-    if device == "auto" or denoiser_device == "auto":
+    if denoiser_device == "auto":
+        raise CheckpointError("--denoiser-device auto is not a choice: give --device auto to place both towers")
+    if device == "auto":
         raise ValueError("device 'auto' must be resolved first (auto_devices)")
     ctx = _device(device)
     den = _device(denoiser_device) if denoiser_device is not None else ctx

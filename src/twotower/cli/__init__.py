@@ -91,3 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        if not _out_of_memory(err):
+            raise  # a bug: its traceback is the report
+        print(f"error: out of memory: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+def _out_of_memory(err: RuntimeError) -> bool:
+    """CUDA's OutOfMemoryError, or the CPU allocator's failure (a RuntimeError saying so)."""
+    import torch
+
+    return (
+        isinstance(err, torch.OutOfMemoryError)
+        or "can't allocate memory" in str(err)
+        or ("DefaultCPUAllocator" in str(err))
+    )

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    generation_spec(args, ())  # the options are checked before a (possibly 118 GiB) model loads
+    if args.show_steps and args.mode != "diffusion":
+        raise CLIError("--show-steps shows the diffusion process; use it with --mode diffusion")
     loaded = load_model(args)
     tok = loaded.tokenizer
     ids = [tok.bos_id, *tok.encode(args.prompt)] if tok.bos_id is not None else tok.encode(args.prompt)
@@ -36,8 +39,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     spec = generation_spec(args, eos_ids)
     callback = None
     if args.show_steps:
-        if args.mode != "diffusion":
-            raise CLIError("--show-steps shows the diffusion process; use it with --mode diffusion")
         callback = StepPrinter(tok, loaded.model.mask_token_id)
     from ..decode.run import generate
 
@@ -45,7 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out = generate(loaded.model, [ids], spec, step_callback=callback)
     seconds = time.perf_counter() - t0
     new = out.new_tokens[0]
-    text = tok.decode([t for t in new if t not in eos_ids])
+    text = tok.decode([t for t in new if t not in spec.eos_ids])  # --no-eos: nothing is an end, all is text
     stats = {
         "mode": args.mode,
         "tokens": len(new),

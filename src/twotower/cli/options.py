@@ -91,7 +91,7 @@ def load_model(args: argparse.Namespace):
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--mode", choices=MODES, default="diffusion", help="decoding mode (default: diffusion)")
-    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default: 64)")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default: 64)")
     g.add_argument("--block-size", type=int, default=16, help="diffusion block size S (default: 16)")
     g.add_argument("--steps-per-block", type=int, default=16, help="max denoiser steps per block T (default: 16)")
     g.add_argument(

@@ -35,23 +35,38 @@ def cmd_score(args: argparse.Namespace) -> int:
                 continue
             try:
                 item = json.loads(line)
-                if not isinstance(item, dict) or ("text" in item) == ("ids" in item):
-                    raise ValueError('each line needs exactly one of "text" or "ids"')
-                if "text" in item:
-                    if not isinstance(item["text"], str):
-                        raise ValueError('"text" must be a string')
-                    ids = [tok.bos_id, *tok.encode(item["text"])]
-                else:
-                    ids = [int(t) for t in item["ids"]]
-                    if any(not 0 <= t < loaded.model.config.vocab_size for t in ids):
-                        raise ValueError("ids outside the vocabulary")
-            except (ValueError, TypeError) as err:
-                errors += 1
-                print(f"error: line {number}: {err}", file=sys.stderr)
+                ids = _line_ids(item, tok, loaded.model.config.vocab_size)
+                logprobs = loaded.model.score([ids])[0]
+            except (ValueError, TypeError, RecursionError) as err:
+                errors += 1  # this line only: the others are still scored
+                print(f"error: line {number}: {err or type(err).__name__}", file=sys.stderr)
                 continue
-            logprobs = loaded.model.score([ids])[0]
             record = {"logprobs": logprobs, "tokens": ids[1:], "sum_logprob": sum(logprobs)}
             if "id" in item:
                 record = {"id": item["id"], **record}
             dst.write(json.dumps(record) + "\n")
     return 1 if errors else 0
+
+
+def _line_ids(item, tok, vocab_size: int) -> list[int]:
+    """The token ids one input line asks to score; ValueError saying what is wrong with it."""
+    if not isinstance(item, dict) or ("text" in item) == ("ids" in item):
+        raise ValueError('each line needs exactly one of "text" or "ids"')
+    if "text" in item:
+        text = item["text"]
+        if not isinstance(text, str):
+            raise ValueError('"text" must be a string')
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError('"text" holds a lone UTF-16 surrogate escape, which is not text') from None
+        ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text)
+    else:
+        ids = item["ids"]
+        if not isinstance(ids, list) or any(not isinstance(t, int) or isinstance(t, bool) for t in ids):
+            raise ValueError('"ids" must be a list of integers')
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise ValueError(f"ids outside the vocabulary [0, {vocab_size})")
+    if not ids:
+        raise ValueError("a line needs at least one token")
+    return ids

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..cache import HybridCache
-from .batch import GenerationOutput, cut_at_eos, left_pad, normalise_eos
+from .batch import GenerationOutput, cut_at_eos, left_pad, normalise_eos, prompt_shape
 from .sampling import choose_tokens, make_generator
 from .spec import DEFAULT_MAX_NEW_TOKENS, DecodeStats, check_decode_step, check_max_new_tokens, check_sampling_options
 
@@ -33,13 +33,14 @@ def decode_ar(
     attention_mask: torch.Tensor | None = None,
     step_callback: Callable[[dict], None] | None = None,
     mode: str = "ar",
+    vocab_size: int | None = None,
 ) -> GenerationOutput:
     """Prefill the prompts in one forward, then one token per forward until every row ended.
     `mode` names the mode in the statistics (AR and mock-AR share this loop)."""
     check_max_new_tokens(max_new_tokens)
     check_sampling_options(temperature=temperature, top_k=top_k)
     eos = normalise_eos(eos_token_id)
-    batch = left_pad(prompts, pad_id=pad_id, device=device, attention_mask=attention_mask)
+    batch = left_pad(prompts, pad_id=pad_id, device=device, attention_mask=attention_mask, vocab_size=vocab_size)
     b = batch.ids.shape[0]
     gen = make_generator(seed, device)
     out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -95,11 +96,11 @@ def generate(
     def eager(ids: torch.Tensor, cache: HybridCache, mask: torch.Tensor | None) -> torch.Tensor:
         return model(ids, cache=cache, attention_mask=mask, logits_to_keep=1).logits[:, -1]
 
+    check_max_new_tokens(max_new_tokens)  # before a cache is sized by it
     step = with_decode_step(eager, decode_step, model.backbone, model.lm_head, max_new_tokens=max_new_tokens)
-    pad_id = model.config.pad_token_id
-    batch_size = 1 if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 1 else len(input_ids)
-    width = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) else max(len(p) for p in input_ids)
+    batch_size, width = prompt_shape(input_ids)
     cache = model.empty_cache(batch_size, capacity=width + (max_new_tokens if decode_step == "eager" else 0))
     return decode_ar(
-        step, cache, input_ids, device=model.device, pad_id=pad_id, max_new_tokens=max_new_tokens, **options
-    )
+        step, cache, input_ids, device=model.device, pad_id=model.config.pad_token_id, max_new_tokens=max_new_tokens,
+        vocab_size=model.config.vocab_size, **options,
+    )  # fmt: skip

@@ -25,8 +25,12 @@ def left_pad(
     pad_id: int,
     device: torch.device,
     attention_mask: torch.Tensor | None = None,
+    vocab_size: int | None = None,
 ) -> PromptBatch:
-    """Accept a (b, P) tensor (optionally with its attention mask, padding on the left) or lists of ids."""
+    """Accept a (b, P) tensor (optionally with its attention mask, padding on the left) or lists of
+    ids. With `vocab_size`, every id of a prompt must lie in [0, vocab_size) (ValueError)."""
+    if isinstance(prompts, Sequence) and not isinstance(prompts, str) and prompts and isinstance(prompts[0], int):
+        raise ValueError("input_ids must be a batch of prompts (lists of ids): wrap a single prompt as [[...]]")
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() == 1:
             prompts = prompts[None]
@@ -56,7 +60,18 @@ def left_pad(
         raise ValueError("no prompts given")
     if min(lengths) == 0:
         raise ValueError("every prompt needs at least one token (e.g. the BOS token)")
+    if vocab_size is not None:
+        check_token_ids(ids[mask], vocab_size)
     return PromptBatch(ids.to(device), mask.to(device), lengths)
+
+
+def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int) -> None:
+    """ValueError unless every id lies in [0, vocab_size) (an id past the embedding would fail deep
+    inside a forward, and in a shared batch take the other rows with it)."""
+    ids = torch.as_tensor(ids)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 @dataclass
@@ -91,3 +106,12 @@ def normalise_eos(eos_token_id: int | Sequence[int] | None) -> tuple[int, ...]:
     if isinstance(eos_token_id, int):
         return (eos_token_id,)
     return tuple(int(e) for e in eos_token_id)
+
+
+def prompt_shape(input_ids) -> tuple[int, int]:
+    """(batch, widest prompt) of a tensor or a list of id lists."""
+    if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], int):
+        raise ValueError("input_ids must be a batch of prompts (lists of ids): wrap a single prompt as [[...]]")
+    if isinstance(input_ids, torch.Tensor):
+        return (1, input_ids.shape[0]) if input_ids.dim() == 1 else tuple(input_ids.shape)
+    return len(input_ids), max((len(p) for p in input_ids), default=0)

@@ -181,7 +181,10 @@ def diffusion_loop(model, input_ids, spec: DecodeSpec, *, attention_mask=None, s
     settings = spec.diffusion
     mask_id = model.mask_token_id if spec.mask_token_id is None else spec.mask_token_id
     pad_id = model.config.pad_token_id
-    batch = left_pad(input_ids, pad_id=pad_id, device=model.context_device, attention_mask=attention_mask)
+    batch = left_pad(
+        input_ids, pad_id=pad_id, device=model.context_device, attention_mask=attention_mask,
+        vocab_size=model.config.vocab_size,
+    )  # fmt: skip
     b = batch.ids.shape[0]
     gen = make_generator(spec.seed, model.denoiser_device)
     state = _ContextState(model, batch, max_new_tokens=max_new_tokens, decode_step=spec.decode_step)

@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import torch
 
+from .batch import check_token_ids
 from .engine import FINISH_CANCELLED, DecodeEngine, EngineStats, Event, Request
 from .slots import slot_widths
 from .spec import MODES as MODE_REGISTRY
@@ -56,6 +57,7 @@ class Scheduler:
         """Queue a request; it joins the batch at the next step with room. Raises ValueError for a
         bad request or an id already queued or running."""
         request.validate()
+        check_token_ids(request.prompt, self.model.config.vocab_size)  # else it fails the batch it joins
         if request.id in self._ids():
             raise ValueError(f"request id {request.id!r} is already queued or running")
         self.waiting.append(request)

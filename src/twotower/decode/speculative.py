@@ -77,7 +77,9 @@ def speculative_loop(model, input_ids, spec: DecodeSpec, *, attention_mask=None,
     eos, max_new_tokens, block_size = spec.eos_ids, spec.max_new_tokens, spec.block_size
     pad_id = model.config.pad_token_id
     ctx_device = model.context_device
-    batch = left_pad(input_ids, pad_id=pad_id, device=ctx_device, attention_mask=attention_mask)
+    batch = left_pad(
+        input_ids, pad_id=pad_id, device=ctx_device, attention_mask=attention_mask, vocab_size=model.config.vocab_size
+    )
     b = batch.ids.shape[0]
     gen = make_generator(spec.seed, ctx_device)
 

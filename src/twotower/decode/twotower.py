@@ -6,16 +6,9 @@ import torch
 
 from ..cache import HybridCache
 from .ar import decode_ar, with_decode_step
-from .batch import GenerationOutput, left_pad
-from .spec import DEFAULT_MAX_NEW_TOKENS
+from .batch import GenerationOutput, left_pad, prompt_shape
+from .spec import DEFAULT_MAX_NEW_TOKENS, check_max_new_tokens
 from .steps import ar_logits
-
-
-def prompt_shape(input_ids) -> tuple[int, int]:
-    """(batch, widest prompt) of a tensor or a list of id lists."""
-    if isinstance(input_ids, torch.Tensor):
-        return (1, input_ids.shape[0]) if input_ids.dim() == 1 else tuple(input_ids.shape)
-    return len(input_ids), max((len(p) for p in input_ids), default=0)
 
 
 def decode_one_token_per_step(
@@ -23,6 +16,7 @@ def decode_one_token_per_step(
 ) -> GenerationOutput:
     """`decode_ar` with a step function over a fresh context cache sized for the whole generation
     (shared by AR and mock-AR mode)."""
+    check_max_new_tokens(max_new_tokens)  # before a cache is sized by it
     b, width = prompt_shape(input_ids)
     cache = model.empty_cache(b, capacity=cache_capacity or width + max_new_tokens)
     return decode_ar(
@@ -32,6 +26,7 @@ def decode_one_token_per_step(
         device=model.context_device,
         pad_id=model.config.pad_token_id,
         max_new_tokens=max_new_tokens,
+        vocab_size=model.config.vocab_size,
         **options,
     )
 
