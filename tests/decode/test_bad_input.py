@@ -54,3 +54,15 @@ def test_a_request_with_bad_ids_is_refused_and_the_batch_goes_on(model):
         events += scheduler.step()
     alone = generate_mask_diffusion(model, [[5, 6, 7]], max_new_tokens=8).new_tokens[0]
     assert [t for e in events if e.request_id == "good" for t in e.tokens] == alone
+
+
+def test_the_block_size_warning_names_the_caller_and_only_real_blocks(model, monkeypatch):
+    import warnings
+
+    monkeypatch.setitem(model.config.extra, "block_size", 4)
+    with pytest.warns(UserWarning, match="block_size 8 exceeds the trained block size 4") as caught:
+        generate_mask_diffusion(model, [[5, 6]], max_new_tokens=8, block_size=8)
+    assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 3 new tokens: the one block it decodes is 3 long, not 8
+        generate_mask_diffusion(model, [[5, 6]], max_new_tokens=3, block_size=8)

@@ -166,10 +166,10 @@ def generate_mask_diffusion(
         mask_token_id=mask_token_id,
     ).validate()  # fmt: skip
     trained = model.trained_block_size
-    if trained is not None and block_size > trained:
+    if trained is not None and min(block_size, max_new_tokens) > trained:  # the blocks it really decodes
         warnings.warn(
             f"block_size {block_size} exceeds the trained block size {trained}; quality collapses (SPEC 4)",
-            stacklevel=2,
+            stacklevel=3,  # the caller (past the no_grad wrapper)
         )
     return diffusion_loop(model, input_ids, spec, attention_mask=attention_mask, step_callback=step_callback)
 

@@ -10,6 +10,7 @@ of the bad option, so that callers can point at the field.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -64,7 +65,7 @@ MIN_TEMPERATURE = 1e-6  # below it (but above 0) logits / temperature could over
 
 def check_sampling_options(*, temperature, top_k) -> None:
     if (
-        not isinstance(temperature, (int, float))
+        not isinstance(temperature, numbers.Real)  # numpy's floats too
         or isinstance(temperature, bool)
         or not math.isfinite(temperature)
         or not (temperature == 0 or temperature >= MIN_TEMPERATURE)
@@ -103,7 +104,7 @@ class DiffusionSettings:
         check_positive_int("block_size", self.block_size)
         check_positive_int("steps_per_block", self.steps_per_block)
         gamma = self.confidence_threshold
-        if not isinstance(gamma, (int, float)) or isinstance(gamma, bool) or not 0.0 <= gamma <= 1.0:
+        if not isinstance(gamma, numbers.Real) or isinstance(gamma, bool) or not 0.0 <= gamma <= 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {gamma!r}")
         check_sampling_options(temperature=self.temperature, top_k=self.top_k)
 
