@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from .options import output_dir
 
@@ -88,8 +89,9 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
     from ..tokenizer import train_tokenizer
 
     tok = train_tokenizer(
-        [Path(p) for p in args.inputs], args.out, vocab_size=args.vocab_size, split_digits=args.split_digits
-    )
+        [Path(p) for p in args.inputs], args.out, vocab_size=args.vocab_size, split_digits=args.split_digits,
+        show_progress=sys.stderr.isatty(),
+    )  # fmt: skip
     print(f"tokenizer with {tok.vocab_size} tokens written to {args.out}")
     return 0
 

@@ -28,6 +28,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..staged_dir import staged_directory
 from .arithmetic import (
     EVAL_HOLDOUT_BUCKETS,
@@ -271,8 +273,10 @@ def build_corpus(
     code_root: str | os.PathLike | None = None,
     max_document_bytes: int = DEFAULT_MAX_DOCUMENT_BYTES,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: bool | None = None,
 ) -> dict:
     """Build the corpus into `out_dir` (which must be empty or absent) and return the manifest.
+    `progress`: a bar of text bytes per category (None: only when stderr is a terminal).
 
     `max_bytes_per_category` bounds each category's UTF-8 text bytes (keys: CATEGORIES). Prose
     sources whose root is missing are skipped with a warning and listed in the manifest; a category
@@ -293,14 +297,22 @@ def build_corpus(
     # built in a hidden sibling, renamed into place when complete: an interrupted build leaves no
     # partial corpus at `out_dir` (which a rerun would refuse and `data pack` would read)
     with staged_directory(final) as out:
+        show = sys.stderr.isatty() if progress is None else progress
         for category in CATEGORIES:
             writer = _ShardWriter(out, category, shard_bytes=shard_bytes)
-            _write_category(streams[category], writer, stats[category], files)
+            with tqdm(total=budgets[category], unit="B", unit_scale=True, desc=category, disable=not show) as bar:
+                _write_category(_counted(streams[category], bar), writer, stats[category], files)
         call = _call_text(budgets, seed=seed, max_document_bytes=max_document_bytes, shard_bytes=shard_bytes)
         manifest = _manifest(stats, files, sources, present, code, seed=seed, call=call)
         text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
         (out / MANIFEST_FILE).write_text(text, encoding="utf-8")
     return manifest
+
+
+def _counted(documents: Iterable[_Doc], bar) -> Iterator[_Doc]:
+    for document in documents:
+        yield document
+        bar.update(len(document.text.encode("utf-8")))
 
 
 def _check_out_dir(out: Path) -> Path:
