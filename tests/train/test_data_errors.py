@@ -101,3 +101,15 @@ def test_a_mistyped_tokenizer_option_fails_before_training(tmp_path, packed, cap
                  "--out", str(tmp_path / "run"), "--steps", "1"])  # fmt: skip
     assert code == 2 and "no tokenizer.json there" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_sequence_longer_than_the_data_names_what_it_needs(tmp_path):
+    from tests.conftest import tiny_config
+    from tests.train.test_trainer import write_packed
+    from twotower.train.recipes import pretrain_backbone
+    from twotower.train.trainer import TrainSettings
+
+    data = write_packed(tmp_path / "data", n_tokens=7)
+    settings = TrainSettings(steps=1, global_batch=1, micro_batch=1, seq_len=7)
+    with pytest.raises(ValueError, match="seq_len 7 needs rows of 8 tokens .* holds 7"):
+        pretrain_backbone(tiny_config("M*E", chunk_size=4), data, tmp_path / "out", settings, progress=False)

@@ -109,6 +109,11 @@ def pretrain_backbone(
     paths = DataPaths.from_dir(data_dir)
     train = PackedTokens(paths.train)
     check_vocab(train, config.vocab_size)
+    if settings.seq_len + 1 > len(train):
+        raise ValueError(
+            f"seq_len {settings.seq_len} needs rows of {settings.seq_len + 1} tokens (inputs and their next-token "
+            f"targets); {paths.train} holds {len(train)}"
+        )
     heldout = heldout_tokens(paths, seq_len=settings.seq_len, announce=dist_info.is_main)
     torch.manual_seed(settings.seed)
     model = NemotronHForCausalLM(config).to(device).train()
