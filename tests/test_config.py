@@ -63,6 +63,13 @@ def test_invalid_configs_name_the_field(change, field):
         NemotronHConfig.from_dict(raw)
 
 
+@pytest.mark.parametrize("raw", [{}, {"num_hidden_layers": 52, "vocab_size": 64}])
+def test_a_config_without_a_layer_pattern_is_refused(raw):
+    """Not the dataclass's 4-layer default standing in for the model's real layers."""
+    with pytest.raises(ValueError, match="no layer pattern"):
+        NemotronHConfig.from_dict(raw)
+
+
 def test_presets():
     assert preset("nemotron-3-nano-30b-a3b").mamba_conv_dim == 6144
     with pytest.raises(ValueError, match="unknown preset"):

@@ -122,8 +122,10 @@ def test_help_explains(capsys):
         assert needle in text
 
 
-def test_auto_dtype_follows_the_loader_when_the_config_names_none(capsys, tmp_path):
-    """A bf16 checkpoint whose config.json has no torch_dtype: auto plans bf16, as the loader loads it."""
+@pytest.mark.parametrize("named", [None, "auto"])
+def test_auto_dtype_follows_the_loader_when_the_config_names_none(capsys, tmp_path, named):
+    """A bf16 checkpoint whose config.json has no torch_dtype (or "auto"): auto plans bf16, as the
+    loader loads it."""
     import torch
 
     from tests.conftest import tiny_config
@@ -132,7 +134,17 @@ def test_auto_dtype_follows_the_loader_when_the_config_names_none(capsys, tmp_pa
     TwoTowerForCausalLM(tiny_config("M*E")).to(torch.bfloat16).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["torch_dtype"]
+    if named is not None:
+        config["torch_dtype"] = named
     (tmp_path / "config.json").write_text(json.dumps(config))
     out = run_json(capsys, "--model", str(tmp_path))
     assert out["dtype"] == "bfloat16" and "stored" in out["dtype_source"]
     assert TwoTowerForCausalLM.from_pretrained(tmp_path).lm_head.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("value", ["abc", 2.7, 0, -4])
+def test_a_bad_block_size_in_the_config_names_it(tmp_path, capsys, value):
+    config = json.loads((bundled_model_path() / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "block_size": value}))
+    assert cli.main(["info", "--model", str(tmp_path)]) == 2
+    assert f"config.json: block_size must be a positive integer, got {value!r}" in capsys.readouterr().err

@@ -234,6 +234,10 @@ def test_parse_devices():
         ("cuda:0=1GB,cuda:0=2GB", "twice"),
         ("not a device=1GB", "torch device"),
         ("", "NAME=SIZE"),
+        ("cpu=80GB,cpu:0=80GB", "names a device twice: cpu"),  # one device under two names
+        ("cuda=80GB,cuda:0=80GB", "names a device twice: cuda:0"),
+        ("cuda:0=0GB", "capacity above 0"),
+        ("meta=1TB", "meta device holds no memory"),
     ],
 )
 def test_parse_devices_errors(text, message):
@@ -296,3 +300,19 @@ def test_memory_plan_report_is_json_serialisable():
     assert data["weights"][-1]["quantize"] == "int8-experts"
     assert set(data["placements"]) == {f"2 x {gpu}" for gpu in dp.KNOWN_GPUS}
     assert data["parameters"]["total"]["parameters"] == mp.count_parameters(preset("tiny")).total.parameters
+
+
+def test_int8_experts_count_the_copy_one_forward_makes():
+    """`int8_grouped_linear` gathers the touched experts' int8 rows and converts them: at 30B, all 128
+    experts of one projection, 1 + 2 bytes per weight in bf16 (~1.78 GiB), nothing without int8."""
+    import torch
+
+    config = preset("nemotron-3-nano-30b-a3b")
+    per_weight = config.n_routed_experts * config.moe_intermediate_size * config.hidden_size
+    assert dp.expert_copy_bytes(config, dtype=torch.bfloat16, quantize="int8-experts") == 3 * per_weight
+    assert dp.expert_copy_bytes(config, dtype=torch.float16, quantize="int8-experts") == 5 * per_weight
+    assert dp.expert_copy_bytes(config, dtype=torch.bfloat16, quantize="none") == 0
+    assert 1.7 * mp.GiB < 3 * per_weight < 1.8 * mp.GiB
+    base = dp.device_use(config, dp.DeviceSpec("cuda:0", 80 * 10**9), holds=dp.BOTH, dtype="bfloat16", batch=1,
+                         max_len=512, quantize="int8-experts")  # fmt: skip
+    assert base.expert_copies == 3 * per_weight and base.needed > base.reserve + base.weights + base.per_row

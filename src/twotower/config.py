@@ -194,8 +194,10 @@ class NemotronHConfig:
             if not isinstance(types, (list, tuple)):
                 raise ValueError(f"layers_block_type: must be a list of strings, got {type(types).__name__}")
             data["layers_block_type"] = tuple(_LEGACY_TYPES.get(t, t) for t in types)
+        if types is None:  # the default pattern would silently stand for a model's real layers
+            raise ValueError("no layer pattern: config.json needs hybrid_override_pattern or layers_block_type")
         n_layers = data.pop("num_hidden_layers", None)
-        if n_layers is not None and "layers_block_type" in data and n_layers != len(data["layers_block_type"]):
+        if n_layers is not None and n_layers != len(data["layers_block_type"]):
             raise ValueError(
                 f"num_hidden_layers ({n_layers}) disagrees with the layer pattern "
                 f"({len(data['layers_block_type'])} layers)"

@@ -63,6 +63,13 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+def _canonical(dev: torch.device) -> str:
+    """One name per device: `cuda` is `cuda:0` (the current device); `cpu:0` is `cpu`, `mps:0` is `mps`."""
+    if dev.type in ("cpu", "mps") and dev.index in (None, 0):
+        return dev.type
+    return f"{dev.type}:{dev.index if dev.index is not None else 0}"
+
+
 def parse_devices(text: str) -> tuple[DeviceSpec, ...]:
     """'cuda:0=141GB,cuda:1=h100-80gb,cpu=256GB' or bare GPU names ('h200,h200': cuda:0, cuda:1)."""
     specs: list[DeviceSpec] = []
@@ -80,10 +87,15 @@ def parse_devices(text: str) -> tuple[DeviceSpec, ...]:
             specs.append(DeviceSpec("", KNOWN_GPUS[name.lower()]))
             continue
         try:
-            torch.device(name)
+            dev = torch.device(name)
         except (RuntimeError, ValueError):
             raise ValueError(f"--devices entry {item!r}: {name!r} is not a torch device name") from None
-        specs.append(DeviceSpec(name, parse_size(size)))
+        if dev.type == "meta":
+            raise ValueError(f"--devices entry {item!r}: the meta device holds no memory")
+        capacity = parse_size(size)
+        if capacity <= 0:
+            raise ValueError(f"--devices entry {item!r}: a device needs a capacity above 0")
+        specs.append(DeviceSpec(_canonical(dev), capacity))
     taken = {s.name for s in specs}
     index = 0
     for pos in bare:
@@ -116,6 +128,7 @@ class DeviceUse:
     cache: int
     copies: int
     workspace: int
+    expert_copies: int = 0  # int8 experts: one layer's touched experts, gathered and converted per forward
 
     @property
     def per_row(self) -> int:
@@ -123,7 +136,7 @@ class DeviceUse:
 
     @property
     def needed(self) -> int:
-        return self.reserve + self.weights + self.batch * self.per_row
+        return self.reserve + self.weights + self.expert_copies + self.batch * self.per_row
 
     @property
     def headroom(self) -> int:
@@ -133,7 +146,7 @@ class DeviceUse:
     @property
     def left_for_state(self) -> int:
         """Bytes left after the reserve and the weights: what cache, copies and workspace may use."""
-        return self.device.capacity - self.reserve - self.weights
+        return self.device.capacity - self.reserve - self.weights - self.expert_copies
 
     @property
     def fits(self) -> bool:
@@ -190,6 +203,7 @@ class _Needs:
     workspace: Workspace
     joined: int  # the denoiser's [past ; block] K/V buffers per row (DenoiserContext.keys_values)
     moved: int  # per row, what `DenoiserContext.to` copies to another device: past K/V and Mamba states
+    expert_copies: int = 0  # see DeviceUse
 
     def use(self, device: DeviceSpec, holds: str) -> DeviceUse:
         """weights, cache, copies and workspace of `holds` (BOTH, CONTEXT or DENOISER) on `device`."""
@@ -198,7 +212,18 @@ class _Needs:
             CONTEXT: (self.weights.context, self.cache, 0, self.workspace.retained + self.workspace.prefill),
             DENOISER: (self.weights.denoiser, 0, self.moved + self.joined, self.workspace.block),
         }[holds]
-        return DeviceUse(device, holds, self.batch, DEVICE_RESERVE_BYTES, *parts)
+        return DeviceUse(device, holds, self.batch, DEVICE_RESERVE_BYTES, *parts, expert_copies=self.expert_copies)
+
+
+def trained_block_size(config) -> int:
+    """The config's trained block size (`block_size` in config.json), else 16; ValueError naming the
+    config for a value that is not a positive integer."""
+    value = config.extra.get("block_size")
+    if value is None:
+        return DEFAULT_BLOCK_SIZE
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"config.json: block_size must be a positive integer, got {value!r}")
+    return value
 
 
 def _needs(config, *, dtype, batch, max_len, quantize, block_size) -> _Needs:
@@ -213,7 +238,19 @@ def _needs(config, *, dtype, batch, max_len, quantize, block_size) -> _Needs:
         workspace=workspace_bytes(config, dtype=dtype, max_len=max_len, block_size=block_size),
         joined=cache.kv_per_token * (max_len + block_size),
         moved=cache.kv_per_token * max_len + cache.mamba_state,
+        expert_copies=expert_copy_bytes(config, dtype=dtype, quantize=quantize),
     )
+
+
+def expert_copy_bytes(config, *, dtype: torch.dtype, quantize: str) -> int:
+    """What int8 experts allocate per MoE forward on top of their weights (`int8_grouped_linear`):
+    the touched experts' int8 rows gathered (at most all of them, as a prefill touches) and
+    converted to the model's dtype (float32 for float16 models), one projection at a time. fp8 experts
+    run the fused scaled GEMM on their own bytes: nothing."""
+    if quantize != "int8-experts" or not config.n_routed_experts:
+        return 0
+    converted = 4 if dtype == torch.float16 else dtype.itemsize
+    return config.n_routed_experts * config.moe_intermediate_size * config.hidden_size * (1 + converted)
 
 
 def device_use(
@@ -228,7 +265,7 @@ def device_use(
     block_size: int | None = None,
 ) -> DeviceUse:
     """What `device` would hold with `holds` = BOTH, CONTEXT or DENOISER (see `plan_device_map`)."""
-    block_size = block_size or int(config.extra.get("block_size") or DEFAULT_BLOCK_SIZE)
+    block_size = block_size or trained_block_size(config)
     common = dict(batch=batch, max_len=max_len, quantize=quantize, block_size=block_size)
     return _needs(config, dtype=dtype_of(dtype), **common).use(device, holds)
 
@@ -252,7 +289,7 @@ def plan_device_map(
     specs = parse_devices(devices) if isinstance(devices, str) else tuple(devices)
     if not specs:
         raise ValueError("plan_device_map needs at least one device")
-    block_size = block_size or int(config.extra.get("block_size") or DEFAULT_BLOCK_SIZE)
+    block_size = block_size or trained_block_size(config)
     needs = _needs(config, dtype=dtype, batch=batch, max_len=max_len, quantize=quantize, block_size=block_size)
     singles = [needs.use(d, BOTH) for d in specs]
     for use in singles:
@@ -348,7 +385,7 @@ def memory_plan(
     """The full plan. With `devices`, one placement over them (label "auto"); without, each known
     GPU alone in the fit table (named by its kind) and one placement per pair of a known GPU."""
     dtype = dtype_of(dtype)
-    block_size = block_size or int(config.extra.get("block_size") or DEFAULT_BLOCK_SIZE)
+    block_size = block_size or trained_block_size(config)
     common = dict(dtype=dtype, batch=batch, max_len=max_len, quantize=quantize, block_size=block_size)
     needs = _needs(config, **common)
     if devices is not None:

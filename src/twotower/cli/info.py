@@ -111,6 +111,8 @@ def plan_dtype(config: NemotronHConfig, option: str, *, path=None) -> tuple[str,
     if resolve_dtype(option) is not None:
         return dtype_name(mp.dtype_of(option)), "--dtype"
     stored = config.extra.get("torch_dtype")
+    if stored == "auto":  # as the loader reads it: no dtype named, the tensors decide
+        stored = None
     if stored is None and path is not None:
         try:
             stored = dtype_name(stored_dtype(read_config_dict(path), checkpoint_entries(path)))
