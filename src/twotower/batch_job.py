@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .staged_dir import write_text_atomically
 from .workload import (
     DEFAULT_LIMITS,
     OPTION_NAMES,
@@ -235,24 +236,9 @@ def locked(path: Path, *, shared: bool = False):
         os.close(fd)
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text`: a reader (or a crash) sees the old file or the new, never a mix."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_errors(output: Path, errors: list[LineError]) -> Path:
     path = errors_path(output)
-    write_atomically(path, "".join(json.dumps(e.as_dict(), ensure_ascii=False) + "\n" for e in errors))
+    write_text_atomically(path, "".join(json.dumps(e.as_dict(), ensure_ascii=False) + "\n" for e in errors))
     return path
 
 
@@ -274,7 +260,7 @@ def finalize(output: Path, jobs: list[Job]) -> bool:
             return False
         try:
             ordered = [done.pop(job.key) for job in jobs] + list(done.values())
-            write_atomically(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+            write_text_atomically(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
         finally:
             writer.close()
         for path in part_paths(output):

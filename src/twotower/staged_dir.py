@@ -1,5 +1,5 @@
-"""Directories replaced whole: a save writes into a hidden sibling and renames it into place once
-complete, so a crash at any point leaves either the old directory or the new one, never a mix.
+"""Directories and files replaced whole: a save writes into a hidden sibling and renames it into
+place once complete, so a crash at any point leaves either the old one or the new one, never a mix.
 
 `staged_directory(final)` yields the sibling to write into; on success the files of an older
 `final` that the new one does not hold and that `carry` accepts (a tokenizer, a README) are copied
@@ -62,3 +62,22 @@ def fsync_directory(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Replace the file `path` with `text`: a reader (or a crash) sees the old file or the new one,
+    never a part. A directory at `path` is an IsADirectoryError, before anything is written."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)

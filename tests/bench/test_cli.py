@@ -78,6 +78,8 @@ def test_speculative_rows_skipped_with_a_note_when_unavailable(model_dir, capsys
         (["--batch-sizes", "0"], "--batch-sizes must be >= 1"),
         (["--repeats", "0"], "--repeats must be >= 1"),
         (["--json", "/nonexistent-dir/x.json"], "--json: the folder"),
+        (["--json", "/tmp"], "--json: /tmp is a directory"),  # refused before the run, not after it
+        (["--plot", "/tmp/plot.txt"], "--plot: /tmp/plot.txt needs one of the suffixes .png, .svg, .pdf"),
         (["--evalset", "/nonexistent.jsonl"], "not found"),
         (["--model", "/nonexistent-model"], "does not exist"),
         (["--speculative", "--block-sizes", "1"], "block sizes >= 2"),

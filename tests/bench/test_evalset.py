@@ -70,6 +70,13 @@ def test_select_and_errors(tmp_path, items):
         E.load_evalset(bad)
     with pytest.raises(FileNotFoundError):
         E.load_evalset(tmp_path / "missing.jsonl")
+    first = json.loads(E.dumps(items[:1]))
+    bad.write_text(json.dumps({**first, "max_new_tokens": "16"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: not an eval item .*max_new_tokens must be an integer"):
+        E.load_evalset(bad)
+    bad.write_text(json.dumps(first) + "\n" + json.dumps({**first, "prompt": "another"}) + "\n")
+    with pytest.raises(ValueError, match=f"bad.jsonl:2: id '{first['id']}' is used twice"):
+        E.load_evalset(bad)  # outputs are matched by id: a second item would take the first's
 
 
 def test_save_load_round_trip(tmp_path, items):

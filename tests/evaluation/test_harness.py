@@ -56,6 +56,7 @@ def test_model_args_string_through_the_registry(tiny_checkpoint):
         ({"anchor": "yes"}, "anchor must be true or false"),
         ({"mode": "speculative", "block_size": 1}, "block_size must be at least 2 for speculative"),
         ({"mode": "speculative", "draft_steps": 0}, "draft_steps must be a positive integer"),
+        ({"engine": "no"}, "engine must be true or false"),  # a non-empty string would turn it on
     ],
 )
 def test_bad_model_args_raise_clear_errors(tiny_loaded, options, message):
@@ -293,3 +294,19 @@ def test_speed_since_is_the_difference():
     delta = total.since(earlier)
     assert (delta.requests, delta.generated_tokens, delta.nfe, delta.row_forwards) == (3, 40, 12, 15)
     assert delta.seconds == pytest.approx(1.5) and delta.tokens_per_forward == pytest.approx(40 / 15)
+
+
+@pytest.mark.parametrize(
+    "gen_kwargs, message",
+    [
+        ({"until": 5}, "until must be a string or a list of strings"),
+        ({"until": [1]}, "until must be a string or a list of strings"),
+        ({"max_gen_toks": "abc"}, "max_gen_toks must be a positive integer"),
+        ({"max_gen_toks": 2.7}, "max_gen_toks must be a positive integer"),
+        ({"max_gen_toks": 0}, "max_gen_toks must be a positive integer"),
+    ],
+)
+def test_bad_generation_requests_are_clear_errors_before_decoding(tiny_loaded, gen_kwargs, message):
+    lm = TwoTowerLM.from_loaded(tiny_loaded, **DIFFUSION)
+    with pytest.raises(ValueError, match=f"request 0: {message}"):
+        lm.generate_until([instance("generate_until", ("Q: 1 + 1 = ?\nA:", gen_kwargs), 0)])

@@ -155,6 +155,10 @@ def test_ar_mode_end_to_end_through_the_cli(tiny_checkpoint, tiny_loaded, tmp_pa
         (["--tasks", ARITH, "--include-path", "/nonexistent/tasks"], "is not a directory"),
         (["--tasks", ARITH, "--no-builtin-tasks"], "needs at least one --include-path"),
         (["--tasks", ARITH, "--include-path", str(TASKS_DIR), "--no-builtin-tasks", "--batch-size", "0"], "batch_size"),
+        (
+            ["--tasks", ARITH, "--include-path", str(TASKS_DIR), "--no-builtin-tasks", "--json", "/tmp"],
+            "is a directory",
+        ),
     ],
 )
 def test_cli_user_errors_are_one_line(tiny_checkpoint, monkeypatch, capsys, extra, message):

@@ -96,9 +96,13 @@ def load_evalset(
             continue
         try:
             item = EvalItem(**json.loads(line))
+            if not isinstance(item.max_new_tokens, int) or isinstance(item.max_new_tokens, bool):
+                raise TypeError(f"max_new_tokens must be an integer, got {item.max_new_tokens!r}")
+            item.validate()
         except (ValueError, TypeError) as err:
             raise ValueError(f"{path}:{lineno}: not an eval item ({err})") from None
-        item.validate()
+        if any(item.id == other.id for other in items):
+            raise ValueError(f"{path}:{lineno}: id {item.id!r} is used twice (outputs are matched by id)")
         items.append(item)
     return select(items, categories=categories, limit=limit)
 

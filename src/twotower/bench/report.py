@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from ..staged_dir import write_text_atomically
 from .runner import PAPER_POINT, BenchResult, SettingResult
 
 METRIC_NOTES = (
@@ -147,7 +148,7 @@ def to_json(result: BenchResult) -> dict:
 
 
 def write_json(result: BenchResult, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_json(result), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomically(path, json.dumps(to_json(result), indent=2, ensure_ascii=False) + "\n")
 
 
 def write_plot(result: BenchResult, path: str | Path) -> bool:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .options import CLIError, add_model_option, load_model
+from .options import CLIError, add_model_option, check_output_file, load_model
 
 DEFAULT_THRESHOLDS = (0.9, 0.8, 0.7, 0.5)
 DEFAULT_BLOCK_SIZES = (16,)
@@ -125,9 +125,12 @@ def check_arguments(args: argparse.Namespace) -> None:
     if args.speculative and min(args.block_sizes) < 2:
         raise CLIError("--speculative needs block sizes >= 2 (one pending token plus drafts)")
     for name in ("json", "plot"):
-        value = getattr(args, name)
-        if value is not None and not Path(value).resolve().parent.is_dir():
-            raise CLIError(f"--{name}: the folder of {value} does not exist")
+        check_output_file(getattr(args, name), f"--{name}")
+    if args.plot is not None and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
+        raise CLIError(f"--plot: {args.plot} needs one of the suffixes {', '.join(PLOT_SUFFIXES)}")
+
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

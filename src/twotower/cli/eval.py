@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 from ..decode.spec import DEFAULT_DRAFT_STEPS, MODES
 from ..evaluation.paper import ROW_KEYS  # plain data: no harness import
-from .options import CLIError, add_engine_step_option, add_model_option, load_model
+from ..staged_dir import write_text_atomically
+from .options import CLIError, add_engine_step_option, add_model_option, check_output_file, load_model
 
 INSTALL_HINT = "the eval command needs lm-evaluation-harness: pip install 'twotower[eval]'"
 EVAL_MODES = tuple(MODES)  # every decoding mode (the harness adapter's, evaluation.harness.MODES)
@@ -246,6 +246,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise CLIError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} with --paper only")
     single_value(args.block_size, DEFAULT_BLOCK_SIZE, "--block-size")  # before the task index is built
     single_value(args.threshold, DEFAULT_THRESHOLD, "--threshold")
+    check_output_file(args.json, "--json")  # before the evaluation, not after it
     results = evaluate(args)
     from lm_eval.utils import handle_non_serializable, make_table
 
@@ -256,7 +257,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "config", "speed", "samples")
         payload = {k: results[k] for k in keep if k in results}
-        Path(args.json).write_text(json.dumps(payload, indent=2, default=handle_non_serializable) + "\n")
+        write_text_atomically(args.json, json.dumps(payload, indent=2, default=handle_non_serializable) + "\n")
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
@@ -311,9 +312,7 @@ def write_json(path: str, payload: dict) -> None:
     """Atomically, so that an interrupted run leaves the last complete file."""
     from lm_eval.utils import handle_non_serializable
 
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=handle_non_serializable) + "\n")
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(payload, indent=2, default=handle_non_serializable) + "\n")
 
 
 def cmd_paper(args: argparse.Namespace) -> int:
@@ -333,6 +332,7 @@ def cmd_paper(args: argparse.Namespace) -> int:
     rows = select_rows(keys)
     options = paper_options(args)
     check_task_folders(args)
+    check_output_file(args.json, "--json")
     if args.plot:
         from ..evaluation.paper_plot import PLOT_HINT
 

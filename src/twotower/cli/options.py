@@ -26,6 +26,19 @@ def output_dir(path: str) -> str:
     return path
 
 
+def check_output_file(path: str | None, option: str) -> None:
+    """CLIError now, not after the work, when `path` (an output file) cannot be written: its folder
+    is missing, or it is a directory."""
+    from pathlib import Path
+
+    if path is None:
+        return
+    if not Path(path).resolve().parent.is_dir():
+        raise CLIError(f"{option}: the folder of {path} does not exist")
+    if Path(path).is_dir():
+        raise CLIError(f"{option}: {path} is a directory; give a file name")
+
+
 def add_model_option(p: argparse.ArgumentParser) -> None:
     """The options of every command that loads a model: where it is, its dtype, where it goes."""
     from ..dtypes import DTYPE_CHOICES

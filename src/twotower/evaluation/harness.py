@@ -218,9 +218,13 @@ class TwoTowerLM(LM):
     def _gen_request(self, index: int, context: str, gen_kwargs: dict) -> _GenRequest:
         kwargs = dict(gen_kwargs or {})
         until = kwargs.get("until") or ()
-        until = (until,) if isinstance(until, str) else tuple(until)
+        until = (until,) if isinstance(until, str) else until
+        if not isinstance(until, (list, tuple)) or not all(isinstance(u, str) for u in until):
+            raise ValueError(f"request {index}: until must be a string or a list of strings, got {until!r}")
         until = tuple(s for s in until if s)  # an empty stop string would cut every text to nothing
-        max_gen_toks = int(kwargs.get("max_gen_toks", self.settings.max_gen_toks))
+        max_gen_toks = kwargs.get("max_gen_toks", self.settings.max_gen_toks)
+        if not isinstance(max_gen_toks, int) or isinstance(max_gen_toks, bool) or max_gen_toks < 1:
+            raise ValueError(f"request {index}: max_gen_toks must be a positive integer, got {max_gen_toks!r}")
         if self.settings.max_gen_toks_cap is not None:
             max_gen_toks = min(max_gen_toks, self.settings.max_gen_toks_cap)
         if self.settings.temperature is not None:

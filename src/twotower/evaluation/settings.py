@@ -65,6 +65,9 @@ class EvalSettings:
             raise ValueError(f"max_length must be an integer >= 2, got {self.max_length!r}")
         temperature = 0.0 if self.temperature is None else self.temperature
         self.spec(max_new_tokens=1, temperature=temperature, seed=self.seed, eos_ids=()).validate()
+        for name in ("engine", "eos_aware_commit"):  # ("engine=no" is a non-empty string: it would be on)
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.engine and self.mode not in SERVED_MODES:
             raise ValueError(f"engine=true serves the modes {', '.join(SERVED_MODES)}, not {self.mode!r}")
         if self.engine_step not in ("auto", *DECODE_STEPS):

@@ -27,7 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..batch_job import JobError, LineError, id_key, parse_line, read_records, write_atomically
+from ..batch_job import JobError, LineError, id_key, parse_line, read_records
+from ..staged_dir import write_text_atomically
 from ..workload import Limits, Options
 
 INPUT_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet"}
@@ -183,13 +184,13 @@ def write_block(output: Path, name: str, keys: list[str], new: dict[str, dict]) 
     records = {id_key(r["id"]): r for r in read_records(path)}
     records.update(new)
     ordered = [records.pop(k) for k in keys if k in records] + list(records.values())
-    write_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+    write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     return path
 
 
 def write_errors(output: Path, errors: list[SourceError]) -> Path:
     path = output / ERRORS_NAME
-    write_atomically(path, "".join(json.dumps(e.as_dict(), ensure_ascii=False) + "\n" for e in errors))
+    write_text_atomically(path, "".join(json.dumps(e.as_dict(), ensure_ascii=False) + "\n" for e in errors))
     return path
 
 
