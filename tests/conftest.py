@@ -103,3 +103,16 @@ def perturbed_twotower(pattern: str = "M*E-", *, vocab_size: int = 96, seed: int
     randomise_special_params(backbone, seed=seed)
     model = TwoTowerForCausalLM.from_backbone(backbone).eval()
     return perturb_denoiser(model, seed=seed + 1, sharpness=sharpness)
+
+
+def interrupted_at_call(fn, n: int):
+    """`fn`, except that its `n`-th call raises KeyboardInterrupt (a Ctrl-C or kill mid-job)."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+
+    return wrapper

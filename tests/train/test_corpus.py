@@ -103,17 +103,11 @@ def test_building_twice_gives_identical_bytes(inputs, tmp_path):
 def test_an_interrupted_build_leaves_no_partial_corpus(inputs, tmp_path, monkeypatch):
     """Built in a hidden sibling: a build stopped in its second category leaves nothing at --out,
     and the same command then builds the corpus."""
+    from tests.conftest import interrupted_at_call
     from twotower.train import corpus
 
     sources, code = inputs
-    real, calls = corpus._write_category, []
-
-    def stop_in_the_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
+    stop_in_the_second = interrupted_at_call(corpus._write_category, 2)
     base = tmp_path / "built"
     base.mkdir()
     monkeypatch.setattr(corpus, "_write_category", stop_in_the_second)

@@ -91,19 +91,12 @@ def test_a_killed_build_resumes_without_loss_or_duplicates(setup, tmp_path):
 
 
 def test_a_killed_build_is_refused_for_training_until_finished(setup, tmp_path, monkeypatch):
+    from tests.conftest import interrupted_at_call
     from twotower.train import distill
     from twotower.train.data import PackedTokens
 
     tok, source, model = setup
-    real, calls = distill.continue_greedily, []
-
-    def killed_in_the_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(distill, "continue_greedily", killed_in_the_second_batch)
+    monkeypatch.setattr(distill, "continue_greedily", interrupted_at_call(distill.continue_greedily, 2))
     with pytest.raises(KeyboardInterrupt):
         build_distill_set(model, source, tok, tmp_path / "d", SETTINGS, progress=False)
     meta = json.loads((tmp_path / "d" / "train.json").read_text())
