@@ -193,8 +193,10 @@ def test_denoiser_copies_equal_what_the_context_view_moves():
     with torch.no_grad():
         model.extend_context(torch.randint(0, config.vocab_size, (batch, length)), cache)
     moved = DenoiserContext.from_cache(cache).to(torch.device("meta"))
-    copied = sum(t.nbytes for kv in moved.kv if kv for t in kv) + sum(
-        t.nbytes for s in moved.mamba if s for t in (s.conv, s.ssm)
+    copied = (
+        sum(t.nbytes for kv in moved.kv if kv for t in kv)
+        + sum(t.nbytes for s in moved.mamba if s for t in (s.conv, s.ssm))
+        + moved.key_valid.nbytes
     )
     with torch.no_grad():
         joined = 0
@@ -296,8 +298,8 @@ def test_max_batch_is_the_largest_batch_that_fits():
 def test_memory_plan_report_is_json_serialisable():
     plan = dp.memory_plan(preset("tiny"), dtype="float32", max_len=64)
     data = json.loads(json.dumps(plan.as_dict()))
-    assert [w["dtype"] for w in data["weights"]] == ["float32", "bfloat16", "float16", "float32"]
-    assert data["weights"][-1]["quantize"] == "int8-experts"
+    assert [w["dtype"] for w in data["weights"]] == ["float32", "bfloat16", "float16", "float32", "float32"]
+    assert [w["quantize"] for w in data["weights"][-2:]] == ["int8-experts", "fp8-experts"]
     assert set(data["placements"]) == {f"2 x {gpu}" for gpu in dp.KNOWN_GPUS}
     assert data["parameters"]["total"]["parameters"] == mp.count_parameters(preset("tiny")).total.parameters
 

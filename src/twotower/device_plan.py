@@ -202,7 +202,7 @@ class _Needs:
     cache: int
     workspace: Workspace
     joined: int  # the denoiser's [past ; block] K/V buffers per row (DenoiserContext.keys_values)
-    moved: int  # per row, what `DenoiserContext.to` copies to another device: past K/V and Mamba states
+    moved: int  # per row, what `DenoiserContext.to` copies to another device: past K/V, Mamba states, key mask
     expert_copies: int = 0  # see DeviceUse
 
     def use(self, device: DeviceSpec, holds: str) -> DeviceUse:
@@ -237,7 +237,7 @@ def _needs(config, *, dtype, batch, max_len, quantize, block_size) -> _Needs:
         cache=cache.per_sequence(max_len),
         workspace=workspace_bytes(config, dtype=dtype, max_len=max_len, block_size=block_size),
         joined=cache.kv_per_token * (max_len + block_size),
-        moved=cache.kv_per_token * max_len + cache.mamba_state,
+        moved=cache.kv_per_token * max_len + cache.mamba_state + max_len,  # + the 1-byte validity mask
         expert_copies=expert_copy_bytes(config, dtype=dtype, quantize=quantize),
     )
 
@@ -328,7 +328,7 @@ TOWERS = ("context", "denoiser", "total")
 @dataclass(frozen=True)
 class MemoryPlan:
     """Everything `twotower info` shows, for one model dtype, quantisation, batch and length:
-    `weights` has one row per dtype (no quantisation) plus the int8-experts row at `dtype`;
+    `weights` has one row per dtype (no quantisation) plus the int8- and fp8-experts rows at `dtype`;
     `devices` is each device holding both towers; `placements` maps a label to an auto placement."""
 
     dtype: str
@@ -395,7 +395,7 @@ def memory_plan(
         specs = tuple(DeviceSpec(gpu, size) for gpu, size in KNOWN_GPUS.items())
         groups = default_devices()
     weights = [tower_bytes(config, dtype=d) for d in DTYPES.values()]
-    weights.append(tower_bytes(config, dtype=dtype, quantize="int8-experts"))
+    weights += [tower_bytes(config, dtype=dtype, quantize=q) for q in ("int8-experts", "fp8-experts")]
     return MemoryPlan(
         dtype=dtype_name(dtype),
         quantize=quantize,

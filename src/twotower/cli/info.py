@@ -192,7 +192,7 @@ def _parameters(plan: dp.MemoryPlan) -> list[str]:
 def _weights(plan: dp.MemoryPlan) -> list[str]:
     rows = [
         (
-            w.dtype + (" + int8 experts" if w.quantize != "none" else ""),
+            w.dtype + (f" + {w.quantize.removesuffix('-experts')} experts" if w.quantize != "none" else ""),
             *map(fmt_bytes, (w.context, w.denoiser, w.total)),
         )
         for w in plan.weights
