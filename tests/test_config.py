@@ -70,6 +70,13 @@ def test_a_config_without_a_layer_pattern_is_refused(raw):
         NemotronHConfig.from_dict(raw)
 
 
+def test_a_missing_head_dim_is_the_transformers_default():
+    raw = {"hybrid_override_pattern": "M*E-", "vocab_size": 64, "hidden_size": 2688, "num_attention_heads": 32}
+    assert NemotronHConfig.from_dict(raw).head_dim == 128  # not 2688 // 32 = 84
+    transformers = pytest.importorskip("transformers")
+    assert transformers.NemotronHConfig().head_dim == 128
+
+
 def test_presets():
     assert preset("nemotron-3-nano-30b-a3b").mamba_conv_dim == 6144
     with pytest.raises(ValueError, match="unknown preset"):

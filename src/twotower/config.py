@@ -202,8 +202,8 @@ class NemotronHConfig:
                 f"num_hidden_layers ({n_layers}) disagrees with the layer pattern "
                 f"({len(data['layers_block_type'])} layers)"
             )
-        if data.get("head_dim") is None and "num_attention_heads" in data and "hidden_size" in data:
-            data["head_dim"] = data["hidden_size"] // data["num_attention_heads"]
+        # a missing head_dim is the class default (128), as in `transformers`' NemotronHConfig: not
+        # hidden_size / heads (84 at the release's widths, whose q_proj is 4096 = 32 x 128 wide)
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names and v is not None}
         extra = {k: v for k, v in data.items() if k not in names}

@@ -66,3 +66,12 @@ def test_the_block_size_warning_names_the_caller_and_only_real_blocks(model, mon
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 3 new tokens: the one block it decodes is 3 long, not 8
         generate_mask_diffusion(model, [[5, 6]], max_new_tokens=3, block_size=8)
+
+
+@pytest.mark.parametrize("generate", GENERATORS)
+@pytest.mark.parametrize("eos", [10_000, -1])
+def test_eos_ids_outside_the_vocabulary_are_refused(model, generate, eos):
+    with pytest.raises(ValueError, match=f"EOS id {eos} is outside the vocabulary"):
+        generate(model, [[5, 6]], max_new_tokens=4, eos_token_id=eos)
+    with pytest.raises(ValueError, match=f"EOS id {eos} is outside the vocabulary"):
+        Scheduler(model).submit(Request("r", [5, 6], max_new_tokens=4, eos_ids=(eos,)))

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..cache import HybridCache
-from .batch import GenerationOutput, cut_at_eos, left_pad, normalise_eos, prompt_shape
+from .batch import GenerationOutput, check_token_ids, cut_at_eos, left_pad, normalise_eos, prompt_shape
 from .sampling import choose_tokens, make_generator
 from .spec import DEFAULT_MAX_NEW_TOKENS, DecodeStats, check_decode_step, check_max_new_tokens, check_sampling_options
 
@@ -40,6 +40,8 @@ def decode_ar(
     check_max_new_tokens(max_new_tokens)
     check_sampling_options(temperature=temperature, top_k=top_k)
     eos = normalise_eos(eos_token_id)
+    if vocab_size is not None:
+        check_token_ids(eos, vocab_size, what="EOS id")
     batch = left_pad(prompts, pad_id=pad_id, device=device, attention_mask=attention_mask, vocab_size=vocab_size)
     b = batch.ids.shape[0]
     gen = make_generator(seed, device)

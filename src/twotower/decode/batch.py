@@ -65,13 +65,14 @@ def left_pad(
     return PromptBatch(ids.to(device), mask.to(device), lengths)
 
 
-def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int) -> None:
+def check_token_ids(ids: torch.Tensor | Sequence[int], vocab_size: int, *, what: str = "token id") -> None:
     """ValueError unless every id lies in [0, vocab_size) (an id past the embedding would fail deep
-    inside a forward, and in a shared batch take the other rows with it)."""
-    ids = torch.as_tensor(ids)
+    inside a forward, and in a shared batch take the other rows with it; an EOS id past it would
+    silently never stop a row)."""
+    ids = torch.as_tensor(ids, dtype=torch.long)
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
-        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+        raise ValueError(f"{what} {bad} is outside the vocabulary [0, {vocab_size})")
 
 
 @dataclass

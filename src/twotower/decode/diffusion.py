@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..context import DenoiserContext
-from .batch import GenerationOutput, cut_at_eos, left_pad, normalise_eos
+from .batch import GenerationOutput, check_token_ids, cut_at_eos, left_pad, normalise_eos
 from .block import (
     RowGroup,
     anchored_canvas,
@@ -165,6 +165,7 @@ def generate_mask_diffusion(
         eos_ids=normalise_eos(eos_token_id), eos_aware_commit=eos_aware_commit, decode_step=decode_step,
         mask_token_id=mask_token_id,
     ).validate()  # fmt: skip
+    check_token_ids(spec.eos_ids, model.config.vocab_size, what="EOS id")
     trained = model.trained_block_size
     if trained is not None and min(block_size, max_new_tokens) > trained:  # the blocks it really decodes
         warnings.warn(

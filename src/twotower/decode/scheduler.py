@@ -58,6 +58,7 @@ class Scheduler:
         bad request or an id already queued or running."""
         request.validate()
         check_token_ids(request.prompt, self.model.config.vocab_size)  # else it fails the batch it joins
+        check_token_ids(request.eos_ids, self.model.config.vocab_size, what="EOS id")
         if request.id in self._ids():
             raise ValueError(f"request id {request.id!r} is already queued or running")
         self.waiting.append(request)

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .batch import GenerationOutput, cut_at_eos, left_pad, normalise_eos
+from .batch import GenerationOutput, check_token_ids, cut_at_eos, left_pad, normalise_eos
 from .block import RowGroup
 from .sampling import choose_tokens, make_generator
 from .spec import (
@@ -67,6 +67,7 @@ def generate_speculative(
         confidence_threshold=confidence_threshold, temperature=temperature, top_k=top_k, seed=seed,
         eos_ids=normalise_eos(eos_token_id), mask_token_id=mask_token_id,
     ).validate()  # fmt: skip
+    check_token_ids(spec.eos_ids, model.config.vocab_size, what="EOS id")
     return speculative_loop(model, input_ids, spec, attention_mask=attention_mask, step_callback=step_callback)
 
 
