@@ -17,6 +17,7 @@ from .decode.spec import (
     DecodeSpec,
     DiffusionSettings,
 )
+from .stops import REPLACEMENT, first_stop, settled
 
 DEFAULT_MAX_TOKENS = 16  # as in the OpenAI completions API (the library's default is 128)
 
@@ -227,7 +228,7 @@ class TextStream:
     `feed(tokens)` returns the new text that is safe to show; `finish()` the rest. EOS is not text.
     """
 
-    REPLACEMENT = "\ufffd"  # what the decoder shows for an incomplete byte sequence
+    REPLACEMENT = REPLACEMENT
 
     def __init__(self, tokenizer, *, stop: Iterable[str] = (), eos_ids: Iterable[int] = ()) -> None:
         self.tokenizer = tokenizer
@@ -246,12 +247,14 @@ class TextStream:
             return ""
         self.ids += [t for t in tokens if t not in self.eos_ids]
         full = self.tokenizer.decode(self.ids)
-        cut = self._first_stop(full)
-        if cut is not None:
+        cut = first_stop(full, self.stop)
+        if cut is not None and settled(full, self.stop, cut):
             self.stopped = True
             return self._emit(full[:cut])
-        end = len(full.rstrip(self.REPLACEMENT))
-        for s in self.stop:  # a tail that may grow into a stop string waits for the next tokens
+        # the text before a stop string that could still begin earlier (stops "abc" and "b" at "xab"),
+        # and before any tail that may grow into one, waits for the next tokens
+        end = len(full.rstrip(self.REPLACEMENT)) if cut is None else cut
+        for s in self.stop:
             for k in range(min(len(s) - 1, end), 0, -1):
                 if full[:end].endswith(s[:k]):
                     end -= k
@@ -259,14 +262,14 @@ class TextStream:
         return self._emit(full[:end])
 
     def finish(self) -> str:
-        """The text held back, at the end of generation."""
+        """The text held back, at the end of generation (cut at a stop string that was still
+        waiting to settle)."""
         if self.stopped:
             return ""
-        return self._emit(self.tokenizer.decode(self.ids))
-
-    def _first_stop(self, full: str) -> int | None:
-        hits = [i for i in (full.find(s) for s in self.stop) if i >= 0]
-        return min(hits) if hits else None
+        full = self.tokenizer.decode(self.ids)
+        cut = first_stop(full, self.stop)
+        self.stopped = cut is not None
+        return self._emit(full if cut is None else full[:cut])
 
     def _emit(self, upto: str) -> str:
         if len(upto) <= len(self.text):

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from ..decode.engine import Request
 from ..decode.scheduler import Scheduler
 from ..decode.spec import DecodeSpec
+from ..stops import cut_at_stop, first_stop, settled
+
+__all__ = ["Generated", "Job", "cut_at_stop", "first_stop", "generate_continuously", "settled"]
 
 
 @dataclass(frozen=True)
@@ -41,24 +44,6 @@ class Generated:
     text: str
     tokens: int
     row_forwards: int
-
-
-def first_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Where the earliest occurrence of any (non-empty) stop string begins, or None."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else None
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    """`text` before the earliest occurrence of any stop string (all of it when none occurs)."""
-    cut = first_stop(text, stops)
-    return text if cut is None else text[:cut]
-
-
-def settled(text: str, stops: Sequence[str], cut: int) -> bool:
-    """Whether more text can no longer move the cut at `cut` earlier: no stop string has a partial
-    match at the end of `text` that begins before `cut`."""
-    return not any(text.endswith(s[:j]) and len(text) - j < cut for s in stops for j in range(1, len(s)))
 
 
 def generate_continuously(
