@@ -185,7 +185,7 @@ def test_engine_texts_equal_the_batched_ones_with_tricky_stop_strings(tiny_loade
 
 
 def test_stop_string_rules():
-    from twotower.evaluation.continuous import cut_at_stop, first_stop, settled
+    from twotower.stops import cut_at_stop, first_stop, settled
 
     assert first_stop("abcde", ["cd", "bcde", ""]) == 1 and first_stop("abc", ["x"]) is None
     assert cut_at_stop("abcde", ["cd", "bcde"]) == "a" and cut_at_stop("abc", []) == "abc"

@@ -111,6 +111,9 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
 def check_arguments(args: argparse.Namespace) -> None:
 
     if any(not 0.0 <= g <= 1.0 for g in args.thresholds):
@@ -128,9 +131,6 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_output_file(getattr(args, name), f"--{name}")
     if args.plot is not None and Path(args.plot).suffix.lower() not in PLOT_SUFFIXES:
         raise CLIError(f"--plot: {args.plot} needs one of the suffixes {', '.join(PLOT_SUFFIXES)}")
-
-
-PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

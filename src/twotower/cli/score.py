@@ -50,16 +50,16 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def _line_ids(item, tok, vocab_size: int) -> list[int]:
     """The token ids one input line asks to score; ValueError saying what is wrong with it."""
+    from ..workload import lone_surrogate
+
     if not isinstance(item, dict) or ("text" in item) == ("ids" in item):
         raise ValueError('each line needs exactly one of "text" or "ids"')
     if "text" in item:
         text = item["text"]
         if not isinstance(text, str):
             raise ValueError('"text" must be a string')
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError('"text" holds a lone UTF-16 surrogate escape, which is not text') from None
+        if lone_surrogate(text) is not None:
+            raise ValueError('"text" holds a lone UTF-16 surrogate escape, which is not text')
         ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text)
     else:
         ids = item["ids"]

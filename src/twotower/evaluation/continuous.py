@@ -21,8 +21,6 @@ from ..decode.scheduler import Scheduler
 from ..decode.spec import DecodeSpec
 from ..stops import cut_at_stop, first_stop, settled
 
-__all__ = ["Generated", "Job", "cut_at_stop", "first_stop", "generate_continuously", "settled"]
-
 
 @dataclass(frozen=True)
 class Job:

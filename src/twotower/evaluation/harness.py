@@ -38,7 +38,8 @@ from ..decode.sampling import check_sampling_options
 from ..decode.scheduler import Scheduler
 from ..decode.spec import DEFAULT_DRAFT_STEPS
 from ..dtypes import resolve_dtype
-from .continuous import Generated, Job, cut_at_stop, generate_continuously
+from ..stops import cut_at_stop
+from .continuous import Generated, Job, generate_continuously
 from .scoring import score_continuations
 from .settings import DEFAULT_MAX_GEN_TOKS, MODES, EvalSettings, SpeedStats, parse_batch_size
 

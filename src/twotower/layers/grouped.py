@@ -91,10 +91,7 @@ def cpu_grouped_linear(a: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor
         if a.dtype == torch.float32 and n <= GEMV_ROWS:
             pieces.append(F.linear(rows, w))
             continue
-        padded = swap_rows(n, a.dtype)
-        if padded > n:
-            rows = F.pad(rows, (0, 0, 0, padded - n))
-        pieces.append(ONEDNN_LINEAR(w, rows, None, "none", [], "")[:, :n].t())
+        pieces.append(ONEDNN_LINEAR(w, _padded(rows, n), None, "none", [], "")[:, :n].t())
     return _stack(pieces, a, weight.shape[1])
 
 
@@ -111,10 +108,7 @@ def cpu_grouped_mlp(a: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends:
         if a.dtype == torch.float32 and n <= GEMV_ROWS:
             pieces.append(F.linear(relu2_(F.linear(rows, w_up)), w_down))
             continue
-        padded = swap_rows(n, a.dtype)
-        if padded > n:
-            rows = F.pad(rows, (0, 0, 0, padded - n))  # zero rows stay zero through relu^2
-        hidden_t = relu2_(ONEDNN_LINEAR(w_up, rows, None, "none", [], ""))  # (I, padded)
+        hidden_t = relu2_(ONEDNN_LINEAR(w_up, _padded(rows, n), None, "none", [], ""))  # (I, padded); pad rows stay 0
         pieces.append(ONEDNN_LINEAR(w_down, hidden_t.t(), None, "none", [], "")[:, :n].t())
     return _stack(pieces, a, down.shape[1])
 
@@ -128,6 +122,12 @@ def _groups(a: torch.Tensor, ends: torch.Tensor, *weights: torch.Tensor):
     for rows, *mats, n in zip(a.contiguous().split(sizes), *per_group, sizes, strict=True):
         if n > 0:
             yield rows, *mats, n
+
+
+def _padded(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """The group's `n` rows zero-padded to `swap_rows(n)` (the same tensor when no padding is due)."""
+    padded = swap_rows(n, rows.dtype)
+    return F.pad(rows, (0, 0, 0, padded - n)) if padded > n else rows
 
 
 def _stack(pieces: list[torch.Tensor], a: torch.Tensor, width: int) -> torch.Tensor:
