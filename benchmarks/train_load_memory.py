@@ -120,8 +120,18 @@ def launch(args, method: str, path: Path) -> list[dict]:
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode:
         raise SystemExit(done.stderr[-3000:])
-    rows = [json.loads(x.split(" ", 1)[1]) for x in done.stdout.splitlines() if x.startswith("RESULT ")]
-    return sorted(rows, key=lambda r: r["rank"])
+    return sorted(results(done.stdout), key=lambda r: r["rank"])
+
+
+def results(stdout: str) -> list[dict]:
+    """Every `RESULT {...}` record the ranks printed. The ranks share one stdout, so two records can
+    land on one line: each is decoded where it starts, not line by line."""
+    decoder, rows, at = json.JSONDecoder(), [], stdout.find("RESULT ")
+    while at >= 0:
+        row, end = decoder.raw_decode(stdout, at + len("RESULT "))
+        rows.append(row)
+        at = stdout.find("RESULT ", end)
+    return rows
 
 
 def main() -> None:
