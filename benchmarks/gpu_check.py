@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the gpu_check_* help
 from gpu_check_env import (  # noqa: E402
     SLACK_BYTES,  # noqa: E402, F401  (read by the tests here)
     Report,
+    batch_need,
     environment,
     free_memory,
     memory_shortfall,
@@ -43,6 +44,7 @@ from gpu_check_env import (  # noqa: E402
     nominal_machine,
     release,
     sync,
+    tie_towers,
     workspace_bytes,
 )
 from gpu_check_modes import BLOCK, Clock, forward_calls, measure_machine  # noqa: E402
@@ -65,7 +67,7 @@ CUDA_ONLY = ("cuda-graph", "reduce-overhead")  # CUDA graphs need a CUDA device
 COMPILED = ("reduce-overhead", "compile")
 FORWARDS = ("ar_step", "denoise", "commit")
 TAUS = (2.0, 3.3, 5.0)
-DEFAULT_BUDGET_S = 420  # the whole script; gpu_check.sh kills it at 470 s (the issue allows 8 minutes)
+DEFAULT_BUDGET_S = 420  # the whole script; gpu_check.sh kills it at 465 s (the issue allows 8 minutes)
 FIRST_COMPILE_GUESS_S = 150  # time a compiled mode's first batch is assumed to need before one is measured
 EAGER_ROW_GUESS_S = 15
 
@@ -116,6 +118,7 @@ def run_timings(model, report: Report, args, *, deadline: float, clock: Clock, m
     budget skips are rows too."""
     device = model.context_device
     first_batch_s: dict[str, float] = {}
+    skips_before = 0  # inductor's cudagraph_skips counter only grows: each batch records its own
     toolchain = report.data["environment"].get("compile_toolchain", "ok")
     for mode in args.modes:
         if mode in CUDA_ONLY and device.type != "cuda":
@@ -125,7 +128,8 @@ def run_timings(model, report: Report, args, *, deadline: float, clock: Clock, m
             report.data["timings"].append({"mode": mode, "skipped": f"torch.compile cannot build here: {toolchain}"})
             continue
         if mode in COMPILED:
-            torch._dynamo.reset()
+            torch._dynamo.reset()  # frees the previous mode's graphs and their CUDA-graph pools
+            release(device)
         for b in args.compiled_batches if mode in COMPILED else args.batches:
             guess = first_batch_s.get(mode, FIRST_COMPILE_GUESS_S if mode in COMPILED else EAGER_ROW_GUESS_S)
             left = deadline - time.monotonic()
@@ -163,14 +167,16 @@ def run_timings(model, report: Report, args, *, deadline: float, clock: Clock, m
                 report.data.pop("running", None)
                 release(device)
                 if mode == "reduce-overhead":  # inductor may silently run without CUDA graphs: count it
-                    skips = torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0)
-                    report.data.setdefault("cudagraph_skips", {})[f"batch {b}"] = int(skips)
+                    skips = int(torch._dynamo.utils.counters["inductor"].get("cudagraph_skips", 0))
+                    report.data.setdefault("cudagraph_skips", {})[f"batch {b}"] = skips - skips_before
+                    skips_before = skips
                 try:
                     refresh_predictions(report, model.config, args, machines=machines)
                 except Exception as err:
                     report.error("predictions", err)
                 report.save()
-            first_batch_s.setdefault(mode, time.monotonic() - t0)
+            if any(r.get("mode") == mode and r.get("batch") == b and "ms" in r for r in report.data["timings"]):
+                first_batch_s.setdefault(mode, time.monotonic() - t0)  # a failed batch says nothing of the time
 
 
 def refresh_predictions(report: Report, config, args, *, machines: dict[str, Machine]) -> None:
@@ -235,8 +241,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", help="rows per forward (default: 1,8,32,128; --tiny: 1,4)")
     p.add_argument(
         "--compiled-batches",
-        help="rows for the compiled modes, in this order (default: 128,1: the batched regime first, since each "
-        "compiled batch compiles three full-depth graphs and the time budget may end before the next; --tiny: 1,4)",
+        help="rows for the compiled modes, in this order (default: 128, the batched regime: each compiled batch "
+        "compiles three full-depth graphs, minutes on a cold cache, and the time budget ends before a second; "
+        "--tiny: 1,4)",
     )
     p.add_argument("--modes", help=f"comma-separated from {','.join(MODES)} (default: all on cuda, eager on cpu)")
     p.add_argument("--context", type=int, help="prefilled tokens per row (default: 128; --tiny: 16)")
@@ -248,7 +255,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.batches = [int(x) for x in (args.batches or ("1,4" if args.tiny else "1,8,32,128")).split(",") if x]
-        compiled = args.compiled_batches or ("1,4" if args.tiny else "128,1")
+        compiled = args.compiled_batches or ("1,4" if args.tiny else "128")
         args.compiled_batches = [int(x) for x in compiled.split(",") if x]
     except ValueError:
         p.error("--batches and --compiled-batches take comma-separated integers")
@@ -321,15 +328,22 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16
     both = model_bytes(config, tie_towers=False, dtype=dtype)
     one = model_bytes(config, tie_towers=True, dtype=dtype)
-    need = workspace_bytes(config, batch=max(args.batches + args.compiled_batches), capacity=args.context + BLOCK + 1)
+    capacity = args.context + BLOCK + 1
+    need = workspace_bytes(config, batch=max(args.batches + args.compiled_batches), capacity=capacity)
+    graph_modes = any(m in CUDA_ONLY for m in args.modes)
+    need_max = max(
+        batch_need(config, batch=b, capacity=capacity, graph_pools=graph_modes)
+        for b in args.batches + args.compiled_batches
+    )
     free = free_memory(device)
-    tie = args.towers == "one" or (args.towers == "auto" and free is not None and both + need > free)
+    tie = tie_towers(args.towers, both=both, need=need_max, free=free)
     report.data["model"] = {
         "preset": "tiny" if args.tiny else FULL_PRESET,
         "dtype": "bfloat16",
         "bytes_both_towers": both,
         "bytes_one_tower": one,
         "workspace_bytes": need,
+        "largest_batch_need_bytes": need_max,
         "free_bytes": free,
         "towers": 1 if tie else 2,
     }

@@ -2,7 +2,9 @@
 # GPU check (issue 19 item 6), one command for a lent H100/H200: random bf16 weights at the 30B shape
 # built on the GPU, forwards timed eager / CUDA graph / torch.compile, a tiny CPU-vs-GPU parity check,
 # the cost model's prediction alongside; one JSON (default $OUT/gpu_check.json). Needs python3 with
-# torch; nothing is downloaded. Options are gpu_check.py's (--help); the test suite runs
+# torch; nothing is downloaded. The CUDA-graph modes need an sm90/sm100 GPU (H100/H200/B200): elsewhere
+# bf16 grouped_mm reads its group offsets on the host, which graph capture refuses (those rows then
+# record the error). Options are gpu_check.py's (--help); the test suite runs
 #     benchmarks/gpu_check.sh --device cpu --tiny --out FILE
 set -euo pipefail
 

@@ -87,6 +87,7 @@ def environment(device: torch.device) -> dict:
             capability=".".join(map(str, torch.cuda.get_device_capability(device))),
             memory_free=free,
             memory_total=total,
+            cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         )
     return env
 
@@ -107,16 +108,29 @@ def compile_toolchain(device: torch.device) -> str:
     return "ok"
 
 
+def batch_need(config, *, batch: int, capacity: int, graph_pools: bool) -> int:
+    """Bytes one batch needs next to the weights: its decode state and activations
+    (`workspace_bytes`), and with `graph_pools` the same again less the slack (a captured CUDA graph
+    keeps a private memory pool)."""
+    one = workspace_bytes(config, batch=batch, capacity=capacity)
+    return one + (one - SLACK_BYTES if graph_pools else 0)
+
+
+def tie_towers(choice: str, *, both: int, need: int, free: int | None) -> bool:
+    """Whether the denoiser shares the context tower's tensors (same shapes, same costs, half the
+    memory): `choice` "one", or "auto" when both towers and the largest row's `need` (CUDA-graph
+    pools included where those modes run) do not fit in `free` bytes; never without a free figure
+    (the CPU)."""
+    return choice == "one" or (choice == "auto" and free is not None and both + need > free)
+
+
 def memory_shortfall(model, *, batch: int, context: int, graph_pools: bool) -> str | None:
-    """Why one batch would not fit in the device's free memory (None when it fits): its decode state
-    and activations (`workspace_bytes`), twice over with `graph_pools` (a captured CUDA graph keeps
-    a private memory pool)."""
+    """Why one batch would not fit in the device's free memory (None when it fits): `batch_need`."""
     device = model.context_device
     free = free_memory(device)
     if free is None:
         return None
-    one = workspace_bytes(model.config, batch=batch, capacity=context + BLOCK + 1)
-    need = one + (one - SLACK_BYTES if graph_pools else 0)
+    need = batch_need(model.config, batch=batch, capacity=context + BLOCK + 1, graph_pools=graph_pools)
     if need <= free:
         return None
     return f"memory: about {need / 2**30:.1f} GiB needed, {free / 2**30:.1f} GiB free"

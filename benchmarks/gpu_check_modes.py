@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 
 from twotower.context import DenoiserContext
-from twotower.decode.static import StaticDecoder, decode_step
+from twotower.decode.static import StaticDecoder, block_forward, decode_step
 
 BLOCK = 16
 FIRST_RANDOM_ID = 4  # ids below are special (pad, bos, eos, mask)
@@ -110,7 +110,9 @@ def prefilled_cache(model, *, batch: int, context: int, capacity: int, seed: int
 
 def forward_calls(model, mode: str, *, batch: int, context: int, seed: int) -> tuple[dict, Callable[[], None]]:
     """For one mode and batch: {forward: callable} and a `before` hook that rewinds the state, so
-    every call starts from the same `context` tokens (outside the timed region)."""
+    every call starts at the same `context` positions (outside the timed region). Eagerly the
+    rewind resets the length and key mask, not the Mamba states: each call does the same work on
+    whatever state the previous one left (shapes, not values, set the cost)."""
     device = model.context_device
     g = torch.Generator().manual_seed(seed + batch)
     ids = torch.randint(FIRST_RANDOM_ID, model.config.vocab_size, (batch, BLOCK), generator=g).to(device)
@@ -135,24 +137,25 @@ def forward_calls(model, mode: str, *, batch: int, context: int, seed: int) -> t
     ctx = decoder.denoiser_context()
     d = decoder
 
-    def step(tokens: torch.Tensor) -> torch.Tensor:
-        return decode_step(d.body, d.head, tokens, d.position, d.kv, d.conv, d.ssm, d.valid)
-
+    # the commit is the tower alone, as eagerly (`extend_context`) and in the cost model: no head
     if mode == "cuda-graph":
         calls = {
-            "ar_step": capture_cuda_graph(lambda: step(ids[:, :1])),
+            "ar_step": capture_cuda_graph(
+                lambda: decode_step(d.body, d.head, ids[:, :1], d.position, d.kv, d.conv, d.ssm, d.valid)
+            ),
             "denoise": capture_cuda_graph(lambda: denoise_logits(model, ids, t, ctx)),
-            "commit": capture_cuda_graph(lambda: step(ids)),
+            "commit": capture_cuda_graph(lambda: block_forward(d.body, ids, d.position, d.kv, d.conv, d.ssm, d.valid)),
         }
     else:
         if mode == "reduce-overhead":
             mark_static(decoder)
         compiled_step = compile_fn(decode_step, mode=mode)
+        compiled_block = compile_fn(block_forward, mode=mode)
         den = compile_fn(denoise_logits, mode=mode)
         calls = {
             "ar_step": lambda: compiled_step(d.body, d.head, ids[:, :1], d.position, d.kv, d.conv, d.ssm, d.valid),
             "denoise": lambda: den(model, ids, t, ctx),
-            "commit": lambda: compiled_step(d.body, d.head, ids, d.position, d.kv, d.conv, d.ssm, d.valid),
+            "commit": lambda: compiled_block(d.body, ids, d.position, d.kv, d.conv, d.ssm, d.valid),
         }
     # the fixed-shape step writes at `position` and never moves it: every call is the same step
     return calls, lambda: None

@@ -153,6 +153,20 @@ def test_fp8_experts_with_the_plain_kernel_equal_the_reference():
     assert (got - want).abs().max() <= 0.1 * want.abs().max()
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("scheme", ["int8", "fp8"])
+def test_quantized_experts_take_no_tokens(scheme):
+    """An empty batch gives an empty output (fp8 used to take the row amax of an empty tensor)."""
+    moe = _moe(torch.bfloat16)
+    if scheme == "int8":
+        quantized = Int8Experts(moe.experts)
+    else:
+        quantized = Fp8Experts(moe.experts, kernel=fp8_grouped_mm_reference)
+    x = torch.randn(0, 48, dtype=torch.bfloat16)
+    idx, w = moe.gate(x)
+    assert quantized(x, idx, w).shape == (0, 48)
+
+
 @pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0), reason="needs a CUDA sm90 GPU"
 )

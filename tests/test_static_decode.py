@@ -156,6 +156,30 @@ def test_appending_a_block_equals_the_eager_forward_and_later_steps_agree():
 
 
 @torch.no_grad()
+def test_block_forward_is_decode_step_without_the_head():
+    """`block_forward` leaves the same state as `decode_step` and returns the hidden states whose
+    last position the head turns into decode_step's logits."""
+    from twotower.decode.static import block_forward, decode_step
+
+    model = _model("M*E-ME")
+    prompts = torch.randint(4, 96, (2, 5), generator=torch.Generator().manual_seed(7))
+    cache = model.empty_cache(2, capacity=5)
+    model(prompts, cache=cache)
+    block = torch.randint(4, 96, (2, 6), generator=torch.Generator().manual_seed(8))
+    a, b = (StaticDecoder(model.backbone, model.lm_head, 2, 16) for _ in range(2))
+    for d in (a, b):
+        d.load(cache)
+    logits = decode_step(a.body, a.head, block, a.position, a.kv, a.conv, a.ssm, a.valid)
+    hidden = block_forward(b.body, block, b.position, b.kv, b.conv, b.ssm, b.valid)
+    assert hidden.shape == (2, 6, model.config.hidden_size)
+    torch.testing.assert_close(b.head(b.body.norm_f(hidden[:, -1])).float(), logits, rtol=0, atol=0)
+    for name in ("conv", "ssm", "kv"):
+        for i in getattr(a, name):
+            torch.testing.assert_close(getattr(b, name)[i], getattr(a, name)[i], rtol=0, atol=0)
+    assert torch.equal(a.valid, b.valid)
+
+
+@torch.no_grad()
 def test_denoiser_over_the_fixed_buffers_equals_denoiser_over_the_cache():
     from twotower.context import DenoiserContext
     from twotower.decode.static import FixedShapeDenoiser

@@ -220,6 +220,9 @@ class Fp8Experts(_RefuseStateDict, nn.Module):
             self.register_buffer(f"{name}_scale", scale)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (N, H), idx/weights (N, k) -> (N, H) in x's dtype; no host read (see `Experts.forward`)."""
+        if idx.numel() == 0:  # no rows to scale (the row amax of an empty tensor is an error)
+            return torch.zeros_like(x)
         groups = group_by_expert(idx, self.up_proj_q.shape[0])
         xs = x.index_select(0, groups.token)
         hidden = relu2_(fp8_grouped_linear(xs, self.up_proj_q, self.up_proj_scale, groups.ends, self.kernel))

@@ -81,6 +81,22 @@ def test_workspace_grows_with_batch_and_one_tower_is_half(gpu_check):
     assert 0.49 < one / both < 0.51
 
 
+def test_on_an_h200_graph_modes_tie_the_towers_so_batch_128_fits(gpu_check):
+    """139.5 GiB free: both towers (117.7 GiB) fit next to batch 128's eager need (19.4 GiB) but not
+    next to its CUDA-graph need (32.8 GiB), which would then skip the graph rows for memory."""
+    config = preset("nemotron-3-nano-30b-a3b")
+    both = gpu_check["model_bytes"](config, tie_towers=False, dtype=torch.bfloat16)
+    free = int(139.5 * 2**30)
+    eager = gpu_check["batch_need"](config, batch=128, capacity=145, graph_pools=False)
+    graphs = gpu_check["batch_need"](config, batch=128, capacity=145, graph_pools=True)
+    assert graphs == 2 * eager - gpu_check["SLACK_BYTES"]
+    tie = gpu_check["tie_towers"]
+    assert not tie("auto", both=both, need=eager, free=free)
+    assert tie("auto", both=both, need=graphs, free=free)
+    assert tie("one", both=both, need=0, free=None) and not tie("both", both=both, need=graphs, free=free)
+    assert not tie("auto", both=both, need=graphs, free=None)  # no free figure (the CPU): both towers
+
+
 def test_report_keeps_errors_and_stays_valid_json(gpu_check, tmp_path):
     report = gpu_check["Report"](tmp_path / "sub" / "r.json", {"device": "cpu"})
     try:

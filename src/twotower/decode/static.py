@@ -174,6 +174,13 @@ def decode_step(body, head, tokens, position, kv, conv, ssm, valid) -> torch.Ten
     return head(body.norm_f(h[:, -1])).float()
 
 
+def block_forward(body, tokens, position, kv, conv, ssm, valid) -> torch.Tensor:
+    """`decode_step` without the head: the tokens (b, L) through every layer, the fixed-shape state
+    updated in place (not `position`); the last hidden states (b, L, H). What committing a block
+    costs when nothing reads its logits (the cost model's commit)."""
+    return _fixed_forward(body, tokens, position, kv, conv, ssm, valid)
+
+
 def verify_step(body, head, tokens, position, kv, conv, ssm, valid):
     """A speculative verify over the fixed-shape state: `decode_step`'s forward of the S drafted
     tokens per row (b, S), with the head at every position and each Mamba layer's per-position
