@@ -34,12 +34,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # profile_forwards, next to this file
+from profile_forwards import median_ms  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASELINE = "e3110fa"
@@ -203,15 +204,6 @@ class Version:
 
 def progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def _logits(out) -> torch.Tensor:
