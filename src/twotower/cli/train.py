@@ -4,6 +4,7 @@ torchrun for data parallelism."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .options import CLIError
 
@@ -140,7 +141,8 @@ def cmd_train_backbone(args: argparse.Namespace) -> int:
     config = NemotronHConfig.from_json_file(args.config) if args.config else preset(args.preset)
     _check_tokenizer_option(args.tokenizer)
     _log_training()
-    pretrain_backbone(config, args.data, args.out, train_settings(args), device=args.device)
+    with _training_outcome():
+        pretrain_backbone(config, args.data, args.out, train_settings(args), device=args.device)
     _copy_tokenizer(args.data, args.tokenizer, args.out)
     return 0
 
@@ -150,21 +152,43 @@ def cmd_train_denoiser(args: argparse.Namespace) -> int:
 
     if bool(args.backbone) == bool(args.twotower):
         raise CLIError("give exactly one of --backbone PATH (AR model) or --twotower PATH (continue a TwoTower)")
+    from ..train.parallel import Dist
+    from ..train.recipes import check_denoiser_options
+
     _check_tokenizer_option(args.tokenizer)
     _log_training()
     settings = train_settings(args)
+    curriculum = [_curriculum_phase(x) for x in args.curriculum]
+    world = Dist.from_env(device=args.device).world_size
+    check_denoiser_options(settings, block_size=args.block_size, curriculum=curriculum, world_size=world)  # pre-load
     model = _denoiser_model(args, settings)
-    train_denoiser(
-        model,
-        args.data,
-        args.out,
-        settings,
-        block_size=args.block_size,
-        curriculum=[_curriculum_phase(x) for x in args.curriculum],
-        device=args.device,
-    )
+    with _training_outcome():
+        train_denoiser(
+            model, args.data, args.out, settings, block_size=args.block_size, curriculum=curriculum, device=args.device
+        )
     _copy_tokenizer(args.data, args.tokenizer or args.backbone or args.twotower, args.out)
     return 0
+
+
+def _training_outcome():
+    """The trainer's two planned ends, as one line and an exit status instead of a traceback: a
+    signal (the step saved; 128 + the signal) and too many non-finite steps (1)."""
+    import contextlib
+
+    from ..train.trainer import NonFiniteLossError, TrainingInterrupted
+
+    @contextlib.contextmanager
+    def outcome():
+        try:
+            yield
+        except TrainingInterrupted as stop:
+            print(f"twotower train: {stop}", file=sys.stderr)
+            raise SystemExit(128 + stop.signum) from None
+        except NonFiniteLossError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
+
+    return outcome()
 
 
 def _denoiser_model(args: argparse.Namespace, settings):
@@ -208,10 +232,12 @@ def _check_tokenizer_option(tokenizer_dir) -> None:
 
 def _copy_tokenizer(data_dir, tokenizer_dir, out_dir) -> None:
     """Put the tokenizer next to the exported weights so the model directory is self-contained."""
+    import os
     from pathlib import Path
 
     from ..tokenizer import Tokenizer
 
     if tokenizer_dir is None or not (Path(tokenizer_dir) / "tokenizer.json").is_file():
         return
-    Tokenizer.load(tokenizer_dir).save(Path(out_dir) / "model")
+    if os.environ.get("RANK", "0") == "0":  # one writer under torchrun
+        Tokenizer.load(tokenizer_dir).save(Path(out_dir) / "model")

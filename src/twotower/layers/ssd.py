@@ -13,10 +13,27 @@ and return y (b, L, h, p) WITHOUT the D skip term, plus the final state. Everyth
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 CHUNK_MULTIPLE = 8  # effective chunks are rounded up to this many positions (padding is exact, see ssd_chunks_of)
+
+
+def fp32_scan(fn):
+    """Run a scan with autocast off on its first input's device. The scans cast to float32 on
+    purpose (SPEC pitfall 2), and under autocast (mixed-precision training) their einsum and bmm
+    would run in bfloat16 all the same. Without autocast on, nothing is entered (no cost)."""
+
+    @functools.wraps(fn)
+    def scan(x: torch.Tensor, *args, **kwargs):
+        if not torch.is_autocast_enabled(x.device.type):
+            return fn(x, *args, **kwargs)
+        with torch.autocast(x.device.type, enabled=False):
+            return fn(x, *args, **kwargs)
+
+    return scan
 
 
 def _segsum(a: torch.Tensor) -> torch.Tensor:
@@ -56,6 +73,7 @@ def ssd_chunked(
     return ssd_chunks_of(x, dt, A, B, C, chunk=chunk, state=state, final=final)
 
 
+@fp32_scan
 def ssd_chunks_of(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -133,6 +151,7 @@ def _one_chunk_final(
     return new
 
 
+@fp32_scan
 def ssd_step(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,6 +175,7 @@ def ssd_step(
     return y, new
 
 
+@fp32_scan
 def ssd_naive(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -176,6 +196,7 @@ def ssd_naive(
     return torch.stack(ys, dim=1), state
 
 
+@fp32_scan
 def ssd_all_states(
     x: torch.Tensor,
     dt: torch.Tensor,

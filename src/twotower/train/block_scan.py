@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..layers.ssd import fp32_scan
+
 
 @dataclass
 class BoundaryScan:
@@ -83,6 +85,7 @@ def carry_states_reference(
     return torch.stack(starts, dim=1), state
 
 
+@fp32_scan
 def chunk_scan_with_states(
     x: torch.Tensor,
     dt: torch.Tensor,

@@ -138,7 +138,10 @@ def save_checkpoint(
     if d.is_main:
         root.mkdir(parents=True, exist_ok=True)
         for stale in [*root.glob(".*.tmp"), *root.glob(".*.old")]:  # left by a crash: never complete
-            shutil.rmtree(stale)
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale)
+            else:  # a half-written `latest` (write_text_atomically's temporary file)
+                stale.unlink(missing_ok=True)
         tmp.mkdir()
     d.barrier()
     sd = _state_dicts(engine, optimizer)

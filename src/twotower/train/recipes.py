@@ -149,6 +149,7 @@ def pretrain_backbone(
         peak=peak_flops(device, bf16=settings.bf16, tflops=settings.peak_tflops),
         progress=progress,
         data=train.identity(),
+        objective={"kind": "backbone", "config": config.to_dict()},
     )
     return trainer.run()
 
@@ -174,6 +175,35 @@ def block_size_schedule(block_size: int, curriculum: Sequence[tuple[int, int]] =
     return block_at
 
 
+def context_identity(model: TwoTowerForCausalLM) -> dict:
+    """What identifies the frozen context tower a denoiser is trained against, alike on every rank
+    and without reading its weights: a digest of its config and its parameter count (another
+    architecture is caught; the same architecture with other weights is not)."""
+    import hashlib
+    import json
+
+    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    count = sum(p.numel() for part in (model.context_tower, model.context_lm_head) for p in part.parameters())
+    return {"config_sha256": hashlib.sha256(config.encode()).hexdigest()[:16], "parameters": count}
+
+
+def check_denoiser_options(
+    settings: TrainSettings, *, block_size: int, curriculum: Sequence[tuple[int, int]], world_size: int = 1
+) -> None:
+    """ValueError for settings `train_denoiser` cannot run, before any model is loaded: the
+    trainer's (`TrainSettings.validate`), a curriculum that leaves no steps at `block_size`, block
+    sizes that do not divide `seq_len`."""
+    settings.validate(world_size)
+    if curriculum and sum(steps for _, steps in curriculum) >= settings.steps:
+        raise ValueError(
+            f"the curriculum's {sum(steps for _, steps in curriculum)} steps leave none of the {settings.steps} "
+            f"for block_size {block_size}, which the saved model would claim it was trained at"
+        )
+    for size in {block_size, *(b for b, _ in curriculum)}:
+        if size < 1 or settings.seq_len % size:
+            raise ValueError(f"seq_len {settings.seq_len} must be a multiple of block size {size}")
+
+
 def train_denoiser(
     model: TwoTowerForCausalLM | LossModule,
     data_dir: str | Path,
@@ -195,15 +225,8 @@ def train_denoiser(
     `model` is a whole TwoTower (identical on every rank), or the sharded root that
     `rank_load.load_sharded_twotower` built on this rank's device (fsdp only).
     """
+    check_denoiser_options(settings, block_size=block_size, curriculum=curriculum)
     block_at = block_size_schedule(block_size, curriculum)
-    if curriculum and sum(steps for _, steps in curriculum) >= settings.steps:
-        raise ValueError(
-            f"the curriculum's {sum(steps for _, steps in curriculum)} steps leave none of the {settings.steps} "
-            f"for block_size {block_size}, which the saved model would claim it was trained at"
-        )
-    for size in {block_size, *(b for b, _ in curriculum)}:
-        if settings.seq_len % size:
-            raise ValueError(f"seq_len {settings.seq_len} must be a multiple of block size {size}")
     dist_info = Dist.from_env(device=device)
     device = dist_info.device(device)
     paths = DataPaths.from_dir(data_dir)
@@ -256,5 +279,11 @@ def train_denoiser(
         peak=peak_flops(device, bf16=settings.bf16, tflops=settings.peak_tflops),
         progress=progress,
         data=train.identity(),
+        objective={
+            "kind": "denoiser",
+            "block_size": block_size,
+            "curriculum": [list(phase) for phase in curriculum],
+            "context_tower": context_identity(model),
+        },
     )
     return trainer.run()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,7 +35,52 @@ EXPORT_DIR = "model"
 RESUME_MUST_MATCH = ("seed", "global_batch", "seq_len")  # what defines the data stream
 logger = logging.getLogger("twotower.train")
 
-__all__ = ["Dist", "StepBatch", "TrainSettings", "Trainer", "wsd_lr"]
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or SIGINT arrived: the step in progress was finished and saved, then the run stopped
+    (resume it with the same command). `signum` is the signal."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"stopped by signal {signum} after step {step}, which is saved: rerun to resume")
+        self.signum, self.step = signum, step
+
+
+class _StopRequests:
+    """SIGTERM / SIGINT handlers that only note the request (a second one acts as usual), for the
+    main thread; elsewhere signals cannot be handled here and nothing is installed."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict = {}
+
+    def __enter__(self) -> _StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum, _frame) -> None:
+        if self.signum:  # the second request: as if no handler were here
+            self.__exit__()
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        logger.warning("signal %d: finishing this step, saving, then stopping (again to stop at once)", signum)
+
+    def __exit__(self, *_exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm; nothing was saved
+    after the last finite one."""
+
+
+__all__ = ["Dist", "NonFiniteLossError", "StepBatch", "TrainSettings", "Trainer", "TrainingInterrupted", "wsd_lr"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +107,9 @@ class TrainSettings:
     parallel: str = "auto"  # auto | none | ddp | fsdp
     activation_checkpointing: bool = False
     peak_tflops: float | None = None  # per device, for MFU (None: a known GPU's data sheet, else no MFU)
+    # a step whose loss or gradient norm is not finite is skipped (weights and optimizer state left as
+    # they were); this many in a row stop the run, before anything is saved (0: stop at the first)
+    max_nonfinite_steps: int = 3
 
     def validate(self, world_size: int) -> None:
         for name in ("steps", "global_batch", "micro_batch", "seq_len", "eval_every", "save_every",
@@ -77,6 +127,15 @@ class TrainSettings:
             raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.warmup_steps < 0 or self.eval_batches < 1 or self.max_nonfinite_steps < 0:
+            raise ValueError(
+                f"need warmup_steps >= 0, eval_batches >= 1 and max_nonfinite_steps >= 0, got "
+                f"{self.warmup_steps}, {self.eval_batches}, {self.max_nonfinite_steps}"
+            )
+        if not self.grad_clip > 0:  # also refuses NaN; 0 would zero every gradient
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         ParallelSettings(mode=self.parallel).resolve(world_size)
 
     @property
@@ -137,9 +196,11 @@ class Trainer:
         peak: Peak | None = None,
         progress: bool | None = None,
         data: dict | None = None,
+        objective: dict | None = None,
     ) -> None:
         self.settings = settings
         self.data = data  # what identifies the training data (`PackedTokens.identity`), checked on resume
+        self.objective = objective  # what else defines the run (block sizes, the frozen tower), checked too
         self.dist = dist_info or Dist()
         settings.validate(self.dist.world_size)
         self.prepare = prepare
@@ -155,6 +216,7 @@ class Trainer:
         )
         self.step = 0
         self.log: list[dict] = []
+        self.nonfinite_in_a_row = 0
 
     @property
     def model(self) -> nn.Module:
@@ -170,7 +232,11 @@ class Trainer:
     # ---- checkpoints --------------------------------------------------------------------------------
     def save(self) -> None:
         state = checkpointing.TrainerState(
-            self.step, self.log, {**asdict(self.settings), "data": self.data}, self.dist.world_size, self.engine.mode
+            self.step,
+            self.log,
+            {**asdict(self.settings), "data": self.data, "objective": self.objective},
+            self.dist.world_size,
+            self.engine.mode,
         )
         checkpointing.save_checkpoint(
             self.out_dir,
@@ -194,6 +260,14 @@ class Trainer:
                 )
         if saved.get("data") is not None and self.data is not None and saved["data"] != self.data:
             raise ValueError(f"{path} was written for other training data ({saved['data']}); use a fresh --out")
+        if saved.get("objective") is not None and self.objective is not None and saved["objective"] != self.objective:
+            changed = sorted(k for k in {*saved["objective"], *self.objective}
+                             if saved["objective"].get(k) != self.objective.get(k))  # fmt: skip
+            raise ValueError(
+                f"{path} was written with other {', '.join(changed)} ("
+                + ", ".join(f"{k}={saved['objective'].get(k)!r}, now {self.objective.get(k)!r}" for k in changed)
+                + "); use a fresh --out"
+            )
         state = checkpointing.load_checkpoint(path, engine=self.engine, optimizer=self.optimizer)
         self.step = state.step
         self.log = list(state.log)
@@ -219,10 +293,25 @@ class Trainer:
                 loss.backward()
             total += float(loss.detach())
         grad_norm = self.engine.clip_grad_norm_(s.grad_clip)
-        self.optimizer.step()
         device = self.engine.params[0].device
-        loss_sum = self.dist.sum_(torch.tensor([total], dtype=torch.float64, device=device))
-        return {"step": self.step, "loss": float(loss_sum), "lr": lr, "grad_norm": grad_norm}
+        loss_sum = float(self.dist.sum_(torch.tensor([total], dtype=torch.float64, device=device)))
+        record = {"step": self.step, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm}
+        # both figures are global (summed, or the norm over every shard): every rank decides alike
+        if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.nonfinite_in_a_row = 0
+            return record
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row > s.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"step {self.step}: loss {loss_sum}, gradient norm {grad_norm}: {self.nonfinite_in_a_row} "
+                f"non-finite step(s) in a row (max_nonfinite_steps={s.max_nonfinite_steps}); nothing was saved "
+                f"after the last finite one: lower the learning rate or check the data, then resume"
+            )
+        logger.warning("step %d: non-finite loss %s or gradient norm %s; skipped (weights unchanged)",
+                       self.step, loss_sum, grad_norm)  # fmt: skip
+        return {**record, "skipped": "non-finite loss or gradient norm"}
 
     def _throughput(self, seconds: float) -> dict:
         tokens_per_s = self.settings.tokens_per_step / max(seconds, 1e-9)
@@ -242,6 +331,9 @@ class Trainer:
                         self.peak.note if self.peak else "no peak FLOP/s: MFU omitted")  # fmt: skip
         if self.evaluate is None:
             logger.warning("no held-out set: training without evaluation")
+        if s.warmup_steps > s.steps:
+            logger.warning("warmup_steps %d > steps %d: the learning rate never reaches its peak %g",
+                           s.warmup_steps, s.steps, s.lr)  # fmt: skip
 
     def run(self) -> list[dict]:
         s = self.settings
@@ -255,29 +347,49 @@ class Trainer:
             desc="resumed" if resumed else "train",
             dynamic_ncols=True,
         )
-        while self.step < s.steps:
-            started = time.perf_counter()
-            record = self.train_step()
-            _synchronize(self.engine.params[0].device)
-            record.update(self._throughput(time.perf_counter() - started))
-            self.step += 1
-            if self.evaluate is not None and (self.step % s.eval_every == 0 or self.step == s.steps):
-                record["heldout_loss"] = self.evaluate(self.engine)
-            self.log.append(record)
-            if self.dist.is_main:
-                self._append_log(record)
-            shown = {"loss": f"{record['loss']:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
-            if "mfu" in record:
-                shown["mfu"] = f"{record['mfu']:.1%}"
-            bar.set_postfix(shown)
-            bar.update(1)
-            if self.step % s.save_every == 0 or self.step == s.steps:
-                self.save()
+        with _StopRequests() as stop:
+            while self.step < s.steps:
+                self._one_step(bar)
+                signum = self._stop_requested(stop) if self.step < s.steps else 0  # the last step ends anyway
+                if signum:
+                    if self.step % s.save_every:  # not saved by the step itself
+                        self.save()
+                    bar.close()
+                    raise TrainingInterrupted(signum, self.step)
         bar.close()
         checkpointing.export_pretrained(self.engine, self.out_dir / EXPORT_DIR)
         if self.dist.is_main:
             self._summary()
         return self.log
+
+    def _one_step(self, bar) -> None:
+        s = self.settings
+        started = time.perf_counter()
+        record = self.train_step()
+        _synchronize(self.engine.params[0].device)
+        record.update(self._throughput(time.perf_counter() - started))
+        self.step += 1
+        if self.evaluate is not None and (self.step % s.eval_every == 0 or self.step == s.steps):
+            record["heldout_loss"] = self.evaluate(self.engine)
+        self.log.append(record)
+        if self.dist.is_main:
+            self._append_log(record)
+        shown = {"loss": f"{record['loss']:.3f}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+        if "mfu" in record:
+            shown["mfu"] = f"{record['mfu']:.1%}"
+        bar.set_postfix(shown)
+        bar.update(1)
+        if self.step % s.save_every == 0 or self.step == s.steps:
+            self.save()
+
+    def _stop_requested(self, stop: _StopRequests) -> int:
+        """The signal if any rank was asked to stop, else 0; agreed by all ranks (one all-reduce of
+        a flag per step), so that they all save the same step."""
+        if not self.dist.is_distributed:
+            return stop.signum
+        flag = torch.tensor([float(stop.signum > 0)], dtype=torch.float64, device=self.engine.params[0].device)
+        self.dist.sum_(flag)
+        return (stop.signum or int(signal.SIGTERM)) if float(flag) > 0 else 0
 
     def _summary(self) -> None:
         timed = [r for r in self.log if "step_time_s" in r][1:]  # the first step includes warm-up

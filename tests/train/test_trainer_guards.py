@@ -1,0 +1,181 @@
+"""What stops a long run from losing finished work: a non-finite step is skipped (and too many stop
+the run before anything bad is saved), SIGTERM/SIGINT save the step in progress and stop, a
+half-written `latest` left by a crash does not block later saves, a resume with another block size
+or curriculum is refused, bad settings are refused before a model is loaded, and the Mamba scans
+stay float32 under autocast."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.train.test_trainer import SMALL, twotower_model, write_packed
+from twotower.cli import main as cli_main
+from twotower.train import checkpointing
+from twotower.train.recipes import train_denoiser
+from twotower.train.trainer import NonFiniteLossError, StepBatch, Trainer, TrainingInterrupted, TrainSettings
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(4, 4)
+
+    def save_pretrained(self, path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def _trainer(out: Path, *, bad_steps=(), on_step=None, **settings) -> tuple[Trainer, Tiny]:
+    model = Tiny()
+
+    def prepare(step, _dist):
+        if on_step is not None:
+            on_step(step)
+        return StepBatch([step], 1)
+
+    def loss_fn(m, step, _count):
+        loss = m.lin(torch.ones(1, 4)).square().sum()
+        return loss * float("nan") if step in bad_steps else loss
+
+    base = dict(steps=6, global_batch=1, micro_batch=1, seq_len=1, warmup_steps=1, save_every=2, eval_every=100)
+    s = TrainSettings(**{**base, **settings})
+    return Trainer(model, list(model.parameters()), prepare=prepare, loss_fn=loss_fn, settings=s, out_dir=out,
+                   progress=False), model  # fmt: skip
+
+
+def test_a_non_finite_step_is_skipped_and_the_weights_stay_finite(tmp_path):
+    snapshots = {}
+    trainer, model = _trainer(
+        tmp_path,
+        bad_steps={3},
+        on_step=lambda step: snapshots.setdefault(step, [p.clone() for p in model.parameters()]),
+    )
+    log = trainer.run()
+    assert [r.get("skipped") is not None for r in log] == [False, False, False, True, False, False]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for before, after in zip(snapshots[3], snapshots[4], strict=True):  # step 3 changed nothing
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+    for before, after in zip(snapshots[4], snapshots[5], strict=True):  # step 4 trained again
+        assert not torch.equal(after, before)
+    assert [json.loads(x).get("skipped") is not None for x in (tmp_path / "log.jsonl").read_text().splitlines()][3]
+
+
+def test_too_many_non_finite_steps_stop_before_a_bad_save(tmp_path):
+    trainer, _ = _trainer(tmp_path, bad_steps={3, 4}, max_nonfinite_steps=1)
+    with pytest.raises(NonFiniteLossError, match="2 non-finite step"):
+        trainer.run()
+    latest = checkpointing.latest_checkpoint(tmp_path)  # step 4: after the skipped step 3, before the raise
+    assert latest is not None and checkpointing.read_state(latest).step == 4
+    tensors = {}
+    for f in latest.glob("*.safetensors"):
+        tensors.update(load_file(f))
+    assert tensors and all(torch.isfinite(t).all() for t in tensors.values())  # weights and AdamW state
+    trainer, _ = _trainer(tmp_path / "zero", bad_steps={1}, max_nonfinite_steps=0)
+    with pytest.raises(NonFiniteLossError):
+        trainer.run()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_the_step_in_progress_and_a_rerun_resumes_exactly(tmp_path, sig):
+    uninterrupted, _ = _trainer(tmp_path / "full")
+    full = [r["loss"] for r in uninterrupted.run()]
+
+    def send(step):
+        if step == 2:  # arrives mid-step 2 (0-based): steps 0..2 are done and saved at 3
+            signal.raise_signal(sig)
+
+    trainer, _ = _trainer(tmp_path / "run", on_step=send)
+    handler = signal.getsignal(sig)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.run()
+    assert stopped.value.signum == sig and stopped.value.step == 3
+    assert checkpointing.read_state(checkpointing.latest_checkpoint(tmp_path / "run")).step == 3
+    assert signal.getsignal(sig) is handler  # the handlers are put back
+    resumed, _ = _trainer(tmp_path / "run")
+    log = resumed.run()
+    assert [r["loss"] for r in log] == full
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(6))  # each step once
+
+
+def test_a_half_written_latest_left_by_a_crash_does_not_block_saves(tmp_path):
+    trainer, _ = _trainer(tmp_path, steps=2)
+    trainer.run()
+    (tmp_path / checkpointing.CHECKPOINTS_DIR / ".latest.12345.tmp").write_text("step-")
+    again, _ = _trainer(tmp_path, steps=4)
+    again.run()
+    assert checkpointing.read_state(checkpointing.latest_checkpoint(tmp_path)).step == 4
+    assert not list((tmp_path / checkpointing.CHECKPOINTS_DIR).glob(".*.tmp"))
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [({"block_size": 8}, "block_size"), ({"curriculum": [(8, 1)]}, "curriculum")],
+)
+def test_resuming_with_another_block_size_or_curriculum_is_refused(tmp_path, changes, named):
+    data = write_packed(tmp_path / "data")
+    settings = TrainSettings(steps=2, **SMALL)
+    train_denoiser(twotower_model(), data, tmp_path / "run", settings, block_size=16, progress=False)
+    longer = TrainSettings(**{**settings.__dict__, "steps": 4})
+    options = {"block_size": 16, **changes}
+    with pytest.raises(ValueError, match=f"other {named}"):
+        train_denoiser(twotower_model(), data, tmp_path / "run", longer, progress=False, **options)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"grad_clip": 0.0}, "grad_clip must be > 0"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+        ({"warmup_steps": -1}, "warmup_steps >= 0"),
+    ],
+)
+def test_bad_settings_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainSettings(**settings).validate(1)
+
+
+def test_the_cli_checks_its_settings_before_loading_a_model(tmp_path, capsys):
+    """A bad --seq-len (not a multiple of the block size) is named at once: the backbone path does
+    not even exist, so any load would have failed first."""
+    data = write_packed(tmp_path / "data")
+    rc = cli_main(["train", "denoiser", "--backbone", str(tmp_path / "missing"), "--data", str(data),
+                   "--out", str(tmp_path / "out"), "--seq-len", "30", "--block-size", "16"])  # fmt: skip
+    assert rc == 2
+    assert "seq_len 30 must be a multiple of block size 16" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("final", [True, False])
+def test_the_scans_stay_float32_under_autocast(final):
+    from twotower.layers.ssd import ssd_all_states, ssd_chunked, ssd_step
+    from twotower.train.block_scan import chunk_scan_with_states
+
+    g = torch.Generator().manual_seed(0)
+    b, L, h, p, n = 2, 32, 4, 8, 16
+    x, B, C = (torch.randn(b, L, h, d, generator=g) for d in (p, n, n))
+    dt, A = torch.rand(b, L, h, generator=g) * 0.1, -torch.rand(h, generator=g)
+    s0 = torch.randn(b, h, p, n, generator=g)
+
+    def run():
+        return (
+            *ssd_chunked(x, dt, A, B, C, chunk_size=16, state=s0, final=final),
+            chunk_scan_with_states(x, dt, A, B, C, chunk=16, state=s0).y,
+            ssd_all_states(x[:, :8], dt[:, :8], A, B[:, :8], state=s0),
+            *ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], s0),
+        )
+
+    want = run()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run()
+    for w, o in zip(want, got, strict=True):
+        if w is None:
+            assert o is None
+            continue
+        assert o.dtype == torch.float32
+        torch.testing.assert_close(o, w, rtol=0, atol=0)
