@@ -116,6 +116,7 @@ def runs(tmp_path_factory):
         {"name": "units", "call": "tests.train.test_parallel:unit_facts", "settings": {"parallel": "fsdp"}},
         {"name": "ar_fsdp", "call": "tests.train.test_parallel:ar_job", "out": str(tmp / "ar_fsdp"), "data": data,
          "settings": {"steps": 2, "parallel": "fsdp"}},
+        {"name": "sigterm", "call": "tests.train.test_trainer_guards:signal_job", "out": str(tmp / "sigterm")},
     ]  # fmt: skip
     results = torchrun(jobs, tmp)
     torch.set_num_threads(1)
@@ -177,6 +178,15 @@ def test_fsdp_bf16_mixed_precision_trains_with_float32_master_weights(runs):
 def test_ranks_that_built_different_weights_are_refused(runs):
     _, results = runs
     assert "t_embedder" in results["unseeded"]["error"] and "differs between ranks" in results["unseeded"]["error"]
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_saved_step(runs):
+    """SIGTERM reaches rank 0 only (during step 2): the ranks agree through the per-step flag, so
+    both finish step 2, save step 3 once and stop; neither hangs in a collective."""
+    _, results = runs
+    got = results["sigterm"]
+    assert got["ranks"] == [{"stopped": 3, "signum": 15}, {"stopped": 3, "signum": 15}]
+    assert got["saved_step"] == 3
 
 
 def ar_job(job: dict) -> dict:

@@ -31,7 +31,7 @@ class Tiny(torch.nn.Module):
         Path(path).mkdir(parents=True, exist_ok=True)
 
 
-def _trainer(out: Path, *, bad_steps=(), on_step=None, **settings) -> tuple[Trainer, Tiny]:
+def _trainer(out: Path, *, bad_steps=(), on_step=None, dist_info=None, **settings) -> tuple[Trainer, Tiny]:
     model = Tiny()
 
     def prepare(step, _dist):
@@ -46,7 +46,7 @@ def _trainer(out: Path, *, bad_steps=(), on_step=None, **settings) -> tuple[Trai
     base = dict(steps=6, global_batch=1, micro_batch=1, seq_len=1, warmup_steps=1, save_every=2, eval_every=100)
     s = TrainSettings(**{**base, **settings})
     return Trainer(model, list(model.parameters()), prepare=prepare, loss_fn=loss_fn, settings=s, out_dir=out,
-                   progress=False), model  # fmt: skip
+                   progress=False, dist_info=dist_info), model  # fmt: skip
 
 
 def test_a_non_finite_step_is_skipped_and_the_weights_stay_finite(tmp_path):
@@ -179,3 +179,28 @@ def test_the_scans_stay_float32_under_autocast(final):
             continue
         assert o.dtype == torch.float32
         torch.testing.assert_close(o, w, rtol=0, atol=0)
+
+
+def signal_job(job: dict) -> dict:
+    """Under torchrun (tests/train/test_parallel.py): only rank 0 gets SIGTERM, during step 2; every
+    rank must stop after the same step, saved once. Each rank writes what it saw; rank 0 returns all."""
+    import os
+
+    import torch.distributed as dist
+
+    from twotower.train.parallel import Dist
+
+    rank = int(os.environ.get("RANK", "0"))
+    out = Path(job["out"])
+    on_step = (lambda step: signal.raise_signal(signal.SIGTERM) if step == 2 else None) if rank == 0 else None
+    trainer, _ = _trainer(out, on_step=on_step, parallel="ddp", global_batch=2, dist_info=Dist.from_env())
+    try:
+        trainer.run()
+        seen = {"stopped": None}
+    except TrainingInterrupted as stop:
+        seen = {"stopped": stop.step, "signum": stop.signum}
+    (out / f"rank{rank}.json").write_text(json.dumps(seen))
+    dist.barrier()
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(dist.get_world_size())]
+    latest = checkpointing.latest_checkpoint(out)
+    return {"ranks": ranks, "saved_step": checkpointing.read_state(latest).step if latest else None}
