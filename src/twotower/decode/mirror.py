@@ -71,8 +71,9 @@ class DenoiserMirror:
         """Fresh buffers shaped like `src` on the mirror's device (after a reallocation or compaction)."""
         layers = []
         for st in src.layers:
-            if isinstance(st, AttentionState):
-                layers.append(AttentionState(*(torch.empty_like(t, device=self.device) for t in (st.k, st.v))))
+            if isinstance(st, AttentionState):  # zeros: the fixed-shape denoiser reads every position under
+                # the key mask, and a masked NaN left in fresh memory still turns its output into NaN
+                layers.append(AttentionState(*(torch.zeros_like(t, device=self.device) for t in (st.k, st.v))))
             elif isinstance(st, MambaState):
                 layers.append(MambaState(*(torch.empty_like(t, device=self.device) for t in (st.conv, st.ssm))))
             else:
