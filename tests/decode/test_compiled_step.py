@@ -99,3 +99,23 @@ def test_the_fixed_shape_verify_compiles_fullgraph_and_equals_the_eager_forward(
         ref = eager_cache.pending.histories[i].state_after(keep)
         torch.testing.assert_close(got.conv, ref.conv)
         torch.testing.assert_close(got.ssm, ref.ssm, rtol=1e-5, atol=1e-5)
+
+
+def test_one_compiled_graph_serves_every_threshold_temperature_and_step_count(setup):
+    """A server's clients choose these per request: given as 0-d tensors they are graph inputs, not
+    constants, so no new value recompiles (as Python numbers each value compiled its own graph),
+    and each result equals the eager step with the plain numbers."""
+    model, context = setup
+    canvas, masked, noise, eos = _inputs(model)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    step = torch.compile(denoiser_block_step, fullgraph=True, dynamic=False, backend=counter)
+    for steps, threshold, temperature in ((4, 0.5, 0.8), (16, 0.9, 0.3), (8, 0.05, 1.7)):
+        plain = dict(steps=steps, threshold=threshold, temperature=temperature, top_k=None, mask_id=model.mask_token_id)
+        eager = denoiser_block_step(model, canvas, masked, context, noise, eos, 1, **plain)
+        tensors = dict(plain, steps=torch.tensor(steps), threshold=torch.tensor(threshold),
+                       temperature=torch.tensor(temperature), sampled=True)  # fmt: skip
+        got = step(model, canvas, masked, context, noise, eos, torch.tensor(1), **tensors)
+        for a, b in zip(got, eager, strict=True):
+            assert torch.equal(a, b)
+    assert counter.frame_count == 1

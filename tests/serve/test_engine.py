@@ -38,7 +38,10 @@ def alone(model, req: Request) -> list[int]:
     if req.mode == "speculative":
         spec = dict(block_size=s.block_size, draft_steps=req.draft_steps, confidence_threshold=s.confidence_threshold)
         return model.generate_speculative([list(req.prompt)], **spec, **common).new_tokens[0]
-    diffusion = dict(block_size=s.block_size, steps_per_block=s.steps_per_block, anchor=req.anchor)
+    diffusion = dict(
+        block_size=s.block_size, steps_per_block=s.steps_per_block, anchor=req.anchor,
+        eos_aware_commit=req.eos_aware_commit,
+    )  # fmt: skip
     out = model.generate_mask_diffusion(
         [list(req.prompt)], confidence_threshold=s.confidence_threshold, **diffusion, **common
     )

@@ -84,19 +84,23 @@ def block_commit(
     masked: torch.Tensor,
     *,
     step: int | torch.Tensor,
-    steps: int,
-    threshold: float,
-    temperature: float,
+    steps: int | torch.Tensor,
+    threshold: float | torch.Tensor,
+    temperature: float | torch.Tensor,
     top_k: int | None = None,
     mask_id: int,
     eos_ids: torch.Tensor | None = None,
     eos_aware: bool = False,
     noise: torch.Tensor | None = None,
+    sampled: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Steps 2-3 of one denoiser step, on the device with no host read. logits (b, S, V) float32,
     canvas (b, S) long, masked (b, S) bool; `noise` (b, S, V) Gumbel noise (needed when temperature
     > 0). top-k restricts the prediction; the confidence is the untruncated probability. Rows with
     nothing left before their first EOS commit nothing.
+
+    `steps`, `threshold` and `temperature` may be 0-d tensors (a compiled step then serves every
+    value with one graph); `sampled` (temperature > 0) must then be given, as a Python bool.
 
     `eos_aware`: only positions before the row's first committed EOS are ranked and counted.
     Returns (canvas, masked, committed (b, S) bool, live (b,) bool: the row took part in this step).
@@ -104,7 +108,9 @@ def block_commit(
     logits = logits.float().clone()
     logits[..., mask_id] = float("-inf")
     kept = apply_top_k(logits, top_k)
-    if temperature == 0:
+    if sampled is None:
+        sampled = temperature > 0
+    if not sampled:
         pred = kept.argmax(-1)
     else:
         pred = (torch.log_softmax(kept / temperature, dim=-1) + noise).argmax(-1)
@@ -182,6 +188,14 @@ def denoise_block(
         steps=steps, threshold=settings.confidence_threshold, temperature=settings.temperature, top_k=settings.top_k,
         mask_id=mask_id, eos_aware=eos_aware,
     )  # fmt: skip
+    if fused_step is not None:  # the values as 0-d tensors: one compiled graph for every setting
+        fused_options = dict(
+            options,
+            steps=torch.tensor(steps, device=device),
+            threshold=torch.tensor(float(settings.confidence_threshold), device=device),
+            temperature=torch.tensor(float(settings.temperature), device=device),
+            sampled=settings.temperature > 0,
+        )
     shape = torch.Size((rows, size, model.config.vocab_size))
     row_steps = torch.zeros(rows, dtype=torch.long, device=device)
     live = rows_needing_tokens(canvas, masked, eos_ids)
@@ -201,7 +215,7 @@ def denoise_block(
             noise = _noise(shape, device, draw, step_gen)
         if fused_step is not None:
             canvas, masked, commit, took_part, live = fused_step(
-                model, canvas, masked, context, noise, eos_ids, step, **options
+                model, canvas, masked, context, noise, eos_ids, step, **fused_options
             )
             step.add_(1)
         else:

@@ -26,8 +26,10 @@ every denoiser step as `static.denoiser_block_step` (forward, head and commit ru
 read inside; the loop reads which rows are live once per step). `slots=False` is the plain
 reference twin: a packed cache, rows merged in on joining (`HybridCache.merge`, right-aligned) and
 selected on leaving, eager steps.
-A row decoded here, greedy or seeded, produces exactly what `generate_mask_diffusion` /
-`generate_ar` / `generate_speculative` produce for its prompt alone.
+A row decoded here, greedy or seeded, produces what `generate_mask_diffusion` / `generate_ar` /
+`generate_speculative` produce for its prompt alone: token for token in float32 (tested). Batch
+shape changes matmul rounding (a left-padded prefill moves logits by ~3e-6), so in bfloat16 a
+near-tie between the top two tokens (one bf16 step apart) can go the other way.
 A diffusion request with `on_step` is told its block's canvas after every denoiser step (`StepTrace`).
 """
 
@@ -76,8 +78,8 @@ __all__ = [
 class DecodeEngine(SpeculativeRounds):
     """Active rows of one (mode, block size) and their context state; see the module docstring.
 
-    `decode_step`: "eager" (default), "static" or "compiled" (AR and diffusion only). `slots`: the
-    slot-based state (default; speculative always uses the packed one). `max_rows`: the most slots
+    `decode_step`: "eager" (default), "static" or "compiled". `slots`: the slot-based state
+    (default, every mode) or the packed twin (False). `max_rows`: the most slots
     to allocate (the scheduler's batch limit; None: grow as needed). `mirror`: keep a denoiser-side
     copy of the context state (None: when the towers are on different devices; True forces it, e.g.
     to count the bytes it moves on one device).

@@ -1,6 +1,8 @@
 """Self-speculative decoding: the denoiser drafts a block, the frozen context tower verifies it in
 one causal forward, so the output is exactly the AR model's (greedy: token for token; sampled: in
-distribution).
+distribution). "Exactly" is up to float rounding: the verify forward over S tokens rounds its
+matmuls differently from S one-token steps, so in bfloat16 a near-tie between the AR model's top
+two tokens (one bf16 step apart) can be resolved the other way; in float32 the tests find none.
 
 One round, per row (batched, every row on its own):
   1. the block's first position holds the `pending` token (already decided by the AR model) and the

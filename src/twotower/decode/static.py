@@ -308,18 +308,21 @@ def denoiser_block_step(
     eos_ids: torch.Tensor | None,
     step: int | torch.Tensor,
     *,
-    steps: int,
-    threshold: float,
-    temperature: float,
+    steps: int | torch.Tensor,
+    threshold: float | torch.Tensor,
+    temperature: float | torch.Tensor,
     top_k: int | None,
     mask_id: int,
     eos_aware: bool = False,
+    sampled: bool | None = None,
 ):
     """One whole diffusion step with no host read: t = masked fraction, the denoiser body and head over
     every position (no value-dependent selection), then `block.block_commit` (prediction, confidence,
     commit rule, EOS bookkeeping). canvas/masked (b, S); `context` fixed-shape
     (`StaticDecoder.denoiser_context`); noise (b, S, V) Gumbel noise drawn on the device by each row's
-    generator (temperature > 0); `step` the 0-based step (a tensor: one compiled graph for every step).
+    generator (temperature > 0); `step` the 0-based step (a tensor: one compiled graph for every step);
+    `steps`, `threshold`, `temperature` likewise may be 0-d tensors, with `sampled` given (one graph
+    for every value: a server's clients choose them per request).
     Compiles with `fullgraph=True` (tests/decode/test_compiled_step.py).
     Returns block_commit's (canvas, masked, committed, live) and the rows still live after it (b,)
     bool: a masked position left before their first committed EOS (the loop's next host read)."""
@@ -327,6 +330,6 @@ def denoiser_block_step(
     logits = model.denoiser_logits(model.denoise_hidden(canvas, t, context))
     canvas, masked, committed, live = block_commit(
         logits, canvas, masked, step=step, steps=steps, threshold=threshold, temperature=temperature, top_k=top_k,
-        mask_id=mask_id, eos_ids=eos_ids, eos_aware=eos_aware, noise=noise,
+        mask_id=mask_id, eos_ids=eos_ids, eos_aware=eos_aware, noise=noise, sampled=sampled,
     )  # fmt: skip
     return canvas, masked, committed, live, rows_needing_tokens(canvas, masked, eos_ids)
