@@ -61,6 +61,65 @@ def test_diffusion_rows_in_slots_equal_each_alone(model, decode_step, seed):
     check_each_alone(model, diffusion_requests(model, seed=seed), decode_step=decode_step)
 
 
+def mixed_settings_requests(model) -> list[Request]:
+    """Rows whose steps, thresholds and temperatures all differ (greedy and sampled side by side):
+    one denoiser loop fills all their blocks."""
+    kinds = [(4, 0.9, 0.0), (2, 0.5, 0.8), (4, 0.2, 1.3), (1, 0.0, 0.0), (3, 0.7, 0.5), (4, 0.95, 0.0)]
+    ps = prompts(3, 9, 1, 6, 5, 4, seed=17)
+    reqs = [
+        Request(i, p, max_new_tokens=6 + 2 * i, settings=DiffusionSettings(4, steps, th, temperature=temp),
+                seed=100 + i if temp > 0 else None)
+        for i, (p, (steps, th, temp)) in enumerate(zip(ps, kinds, strict=True))
+    ]  # fmt: skip
+    eos = rare_token(model, reqs)
+    return [replace(r, eos_ids=(eos,)) for r in reqs]
+
+
+MIXED_WAVES = [[0, 1, 2], [3], [], [4, 5]]
+
+
+@pytest.mark.parametrize("engine", [dict(decode_step="eager"), dict(decode_step="static"), dict(slots=False)])
+def test_rows_with_different_settings_share_each_denoiser_forward_and_equal_each_alone(model, engine):
+    reqs = mixed_settings_requests(model)
+    scheduler = Scheduler(model, max_batch_size=6, **engine)
+    tokens, _ = run(scheduler, [[reqs[i] for i in wave] for wave in MIXED_WAVES])
+    for r in reqs:
+        assert tokens[r.id] == alone(model, r), r.id
+
+
+def test_one_block_of_rows_with_different_settings_takes_the_longest_row_s_forwards(model):
+    """Three rows of one block each, joining together, thresholds and temperatures all different:
+    the block takes as many denoiser forwards as its slowest row alone (one loop for all), not
+    their sum (one loop per setting, as before)."""
+    ps = prompts(5, 5, 5, seed=3)
+    kinds = [(0.95, 0.0), (0.3, 0.0), (0.6, 0.9)]
+    reqs = [
+        Request(i, p, max_new_tokens=4, settings=DiffusionSettings(4, 4, th, temperature=temp), seed=7 + i)
+        for i, (p, (th, temp)) in enumerate(zip(ps, kinds, strict=True))
+    ]
+    scheduler = Scheduler(model, max_batch_size=3)
+    tokens, _ = run(scheduler, [reqs])
+    nfe = []
+    for r in reqs:
+        assert tokens[r.id] == alone(model, r), r.id
+        out = model.generate_mask_diffusion(
+            [list(r.prompt)], max_new_tokens=4, block_size=4, steps_per_block=4,
+            confidence_threshold=r.settings.confidence_threshold, temperature=r.settings.temperature, seed=r.seed,
+        )  # fmt: skip
+        nfe.append(out.stats.nfe)
+    assert scheduler.stats.denoiser_forwards == max(nfe) < sum(nfe)
+
+
+def test_rows_of_one_loop_must_share_top_k():
+    from twotower.decode.block import SettingsTable
+
+    rows = [DiffusionSettings(4, 4, 0.9, temperature=0.5, top_k=k) for k in (None, 5)]
+    with pytest.raises(ValueError, match="share top_k"):
+        SettingsTable.of(rows, 2, torch.device("cpu"))
+    same = SettingsTable.of([rows[0], rows[0]], 2, torch.device("cpu"))
+    assert same.options["threshold"] == 0.9  # equal settings take the one-setting path
+
+
 @pytest.mark.parametrize("decode_step", ["eager", "static"])
 def test_ar_rows_in_slots_equal_each_alone(model, decode_step):
     ps = prompts(4, 1, 7, 2, 5, seed=9)

@@ -27,7 +27,7 @@ from .spec import DiffusionSettings
 
 
 def commit_counts(
-    n_masked: torch.Tensor, n_confident: torch.Tensor, step: int | torch.Tensor, steps: int
+    n_masked: torch.Tensor, n_confident: torch.Tensor, step: int | torch.Tensor, steps: int | torch.Tensor
 ) -> torch.Tensor:
     """How many positions each row commits at 0-based `step` of `steps` (SPEC 3.4 step 3).
 
@@ -35,7 +35,10 @@ def commit_counts(
     Rows with nothing masked commit 0. One formula covers both (at the last step ceil(n / 1) = n), so
     `step` may be a tensor (a compiled step takes it as one, so every step shares one graph).
     """
-    floor = torch.div(n_masked + (steps - step) - 1, steps - step, rounding_mode="floor")  # ceil(n / (T-k))
+    left = steps - step  # steps may be per row (b,): a row past its last step has nothing masked
+    if isinstance(left, torch.Tensor):
+        left = left.clamp(min=1)
+    floor = torch.div(n_masked + left - 1, left, rounding_mode="floor")  # ceil(n / (T-k))
     c = torch.maximum(torch.maximum(n_confident, torch.ones_like(n_confident)), floor)
     return torch.minimum(c, n_masked)
 
@@ -100,7 +103,8 @@ def block_commit(
     nothing left before their first EOS commit nothing.
 
     `steps`, `threshold` and `temperature` may be 0-d tensors (a compiled step then serves every
-    value with one graph); `sampled` (temperature > 0) must then be given, as a Python bool.
+    value with one graph), or (b,) tensors, one value per row (rows with other settings share the
+    step); `sampled` (temperature > 0) must then be given: a Python bool, or (b,) bool per row.
 
     `eos_aware`: only positions before the row's first committed EOS are ranked and counted.
     Returns (canvas, masked, committed (b, S) bool, live (b,) bool: the row took part in this step).
@@ -110,18 +114,32 @@ def block_commit(
     kept = apply_top_k(logits, top_k)
     if sampled is None:
         sampled = temperature > 0
-    if not sampled:
+    if isinstance(sampled, torch.Tensor):  # per row: greedy rows take the argmax, the others draw
+        pred = kept.argmax(-1)
+        if noise is not None:
+            per_row = torch.where(sampled, temperature, torch.ones_like(temperature))[:, None, None]
+            drawn = (torch.log_softmax(kept / per_row, dim=-1) + noise).argmax(-1)
+            pred = torch.where(sampled[:, None], drawn, pred)
+    elif not sampled:
         pred = kept.argmax(-1)
     else:
-        pred = (torch.log_softmax(kept / temperature, dim=-1) + noise).argmax(-1)
+        pred = (torch.log_softmax(kept / _per_row(temperature, 3), dim=-1) + noise).argmax(-1)
     confidence = torch.softmax(logits, dim=-1).gather(-1, pred[..., None])[..., 0]
     ahead = masked & before_first_eos(canvas, masked, eos_ids)
     live = ahead.any(-1)
     ranked = ahead if eos_aware else masked
-    n_confident = (ranked & (confidence > threshold)).sum(-1)
+    n_confident = (ranked & (confidence > _per_row(threshold, 2))).sum(-1)
     commit = select_commits(confidence, ranked, commit_counts(ranked.sum(-1), n_confident, step, steps))
     commit &= live[:, None]
     return torch.where(commit, pred, canvas), masked & ~commit, commit, live
+
+
+def _per_row(value: float | torch.Tensor, dims: int) -> float | torch.Tensor:
+    """A setting as given (a number, a 0-d tensor), or a (b,) tensor of one value per row shaped
+    to broadcast against a (b, ...) tensor of `dims` dimensions."""
+    if isinstance(value, torch.Tensor) and value.dim() == 1:
+        return value.view(-1, *([1] * (dims - 1)))
+    return value
 
 
 def choose_rows(
@@ -151,7 +169,7 @@ def denoise_block(
     *,
     rows: int,
     size: int,
-    settings: DiffusionSettings,
+    settings: DiffusionSettings | Sequence[DiffusionSettings],
     mask_id: int,
     generator: torch.Generator | RowGenerators | None,
     on_step: Callable[[dict], None] | None = None,
@@ -183,19 +201,11 @@ def denoise_block(
     if canvas is None:
         canvas = torch.full((rows, size), mask_id, dtype=torch.long, device=device)
         masked = torch.ones(rows, size, dtype=torch.bool, device=device)
-    steps = settings.steps_per_block
-    options = dict(
-        steps=steps, threshold=settings.confidence_threshold, temperature=settings.temperature, top_k=settings.top_k,
-        mask_id=mask_id, eos_aware=eos_aware,
-    )  # fmt: skip
-    if fused_step is not None:  # the values as 0-d tensors: one compiled graph for every setting
-        fused_options = dict(
-            options,
-            steps=torch.tensor(steps, device=device),
-            threshold=torch.tensor(float(settings.confidence_threshold), device=device),
-            temperature=torch.tensor(float(settings.temperature), device=device),
-            sampled=settings.temperature > 0,
-        )
+    table = SettingsTable.of(settings, rows, device)
+    steps = table.steps
+    options = dict(table.options, mask_id=mask_id, eos_aware=eos_aware)
+    if fused_step is not None:  # the values as tensors: one compiled graph for every setting
+        fused_options = dict(table.tensors, mask_id=mask_id, eos_aware=eos_aware)
     shape = torch.Size((rows, size, model.config.vocab_size))
     row_steps = torch.zeros(rows, dtype=torch.long, device=device)
     live = rows_needing_tokens(canvas, masked, eos_ids)
@@ -209,9 +219,11 @@ def denoise_block(
         # the fused step takes t from `masked` itself: count here only for the eager step or a listener
         n_masked = masked.sum(-1) if fused_step is None or on_step is not None else None
         noise = None
-        if settings.temperature > 0:
-            # per-row streams: a row with nothing left to fill draws nothing, exactly as when decoded alone
-            step_gen = generator.only(live_rows) if isinstance(generator, RowGenerators) else generator
+        if table.any_sampled:
+            # per-row streams: a row with nothing left to fill (or decoding greedily) draws nothing,
+            # exactly as when decoded alone
+            drawing = [live and sampled for live, sampled in zip(live_rows, table.sampled_rows, strict=True)]
+            step_gen = generator.only(drawing) if isinstance(generator, RowGenerators) else generator
             noise = _noise(shape, device, draw, step_gen)
         if fused_step is not None:
             canvas, masked, commit, took_part, live = fused_step(
@@ -264,12 +276,62 @@ def anchored_canvas(
 
 
 @dataclass(frozen=True)
+class SettingsTable:
+    """The diffusion settings of one `denoise_block` loop's rows: one `DiffusionSettings` for all,
+    or one per row. Rows that differ in threshold, temperature or steps share the loop and every
+    denoiser forward (a row past its own last step has nothing left and sits idle); top_k must
+    agree (it shapes the kernel). `options` are `block_commit`'s settings for the eager step
+    (numbers, or (b,) tensors), `tensors` the same as tensors for the fused step (one compiled
+    graph for every value), `steps` the loop's length."""
+
+    steps: int
+    options: dict
+    tensors: dict
+    sampled_rows: list[bool]
+    any_sampled: bool
+
+    @classmethod
+    def of(
+        cls, settings: DiffusionSettings | Sequence[DiffusionSettings], rows: int, device: torch.device
+    ) -> SettingsTable:
+        if not isinstance(settings, DiffusionSettings) and len(set(settings)) == 1:
+            settings = settings[0]
+        if isinstance(settings, DiffusionSettings):
+            s, sampled = settings, settings.temperature > 0
+            options = dict(steps=s.steps_per_block, threshold=s.confidence_threshold, temperature=s.temperature,
+                           top_k=s.top_k)  # fmt: skip
+            tensors = dict(
+                options,
+                steps=torch.tensor(s.steps_per_block, device=device),
+                threshold=torch.tensor(float(s.confidence_threshold), device=device),
+                temperature=torch.tensor(float(s.temperature), device=device),
+                sampled=sampled,
+            )
+            return cls(s.steps_per_block, options, tensors, [sampled] * rows, sampled)
+        if len(settings) != rows:
+            raise ValueError(f"{len(settings)} settings for {rows} rows")
+        top_k = {s.top_k for s in settings}
+        if len(top_k) > 1:
+            raise ValueError(f"the rows of one denoiser loop must share top_k, got {sorted(top_k, key=str)}")
+        sampled_rows = [s.temperature > 0 for s in settings]
+        per_row = dict(
+            steps=torch.tensor([s.steps_per_block for s in settings], dtype=torch.long, device=device),
+            threshold=torch.tensor([float(s.confidence_threshold) for s in settings], device=device),
+            temperature=torch.tensor([float(s.temperature) for s in settings], device=device),
+            top_k=top_k.pop(),
+            sampled=torch.tensor(sampled_rows, device=device),
+        )
+        return cls(max(s.steps_per_block for s in settings), per_row, per_row, sampled_rows, any(sampled_rows))
+
+
+@dataclass(frozen=True)
 class RowGroup:
-    """Rows of a batch filled by one `denoise_block` call: their indices, settings and random
-    stream(s) (one shared generator, or a `RowGenerators` with one stream per row of the group)."""
+    """Rows of a batch filled by one `denoise_block` call: their indices, settings (one for all, or
+    one per row, see `SettingsTable`) and random stream(s) (one shared generator, or a
+    `RowGenerators` with one stream per row of the group)."""
 
     rows: list[int]
-    settings: DiffusionSettings
+    settings: DiffusionSettings | Sequence[DiffusionSettings]
     generator: torch.Generator | RowGenerators | None
 
 

@@ -62,7 +62,7 @@ from .rows import compact, row_groups, sample_rows, sampling_key
 from .sampling import RowGenerators, make_generator
 from .slots import SlotCache
 from .spec import MODES as MODE_REGISTRY
-from .spec import check_decode_step, check_seed
+from .spec import DiffusionSettings, check_decode_step, check_seed
 from .static import Compiled, denoiser_block_step, verify_step
 from .static import decode_step as fixed_shape_step
 from .steps import ar_logits
@@ -239,7 +239,8 @@ class DecodeEngine(SpeculativeRounds):
         for i, row in enumerate(self.rows):
             eos_sets[place[i]] = row.request.eos_ids
         eos = eos_table(eos_sets, device=device)
-        for (size, settings, anchor, eos_aware), idx in self._block_groups().items():
+        for (size, _top_k, anchor, eos_aware), idx in self._block_groups().items():
+            settings = [self.rows[i].request.settings for i in idx]  # each row's own: one loop for all
             if anchor:
                 first = self.pending[torch.tensor(idx, device=self.pending.device)]
                 mine, mine_masked = anchored_canvas(first, size=size, mask_id=model.mask_token_id, device=device)
@@ -265,7 +266,7 @@ class DecodeEngine(SpeculativeRounds):
         idx: list[int],
         canvas: torch.Tensor,
         masked: torch.Tensor,
-        settings,
+        settings: DiffusionSettings | list[DiffusionSettings],
         *,
         eos: torch.Tensor | None = None,
         eos_aware: bool = False,
@@ -284,6 +285,11 @@ class DecodeEngine(SpeculativeRounds):
         streams, skip = [None] * width, [True] * width
         for i in idx:
             streams[place[i]], skip[place[i]] = self.rows[i].generator, False
+        if not isinstance(settings, DiffusionSettings):  # one per row of idx: spread over the slots
+            per_slot = [settings[0]] * width  # idle slots: nothing masked, any settings
+            for j, i in enumerate(idx):
+                per_slot[place[i]] = settings[j]
+            settings = per_slot
         fused = self._fused
         if fused is not None and canvas.shape[1] != self.block_size:
             # a row's last, short block: the same step uncompiled, so that the compiled graphs stay
@@ -370,11 +376,13 @@ class DecodeEngine(SpeculativeRounds):
         return out
 
     def _block_groups(self) -> dict[tuple, list[int]]:
-        """Row indices by (this block's size, settings, anchored, EOS-aware): one `fill_blocks` call per group."""
+        """Row indices by (this block's size, top_k, anchored, EOS-aware): one `fill_blocks` call per
+        group. Rows whose threshold, temperature or steps differ share it (`block.SettingsTable`):
+        every denoiser forward covers them all."""
         return row_groups(
             self.rows,
             lambda row: (
-                min(self.block_size, row.remaining), row.request.settings, row.request.anchor,
+                min(self.block_size, row.remaining), row.request.settings.top_k, row.request.anchor,
                 row.request.eos_aware_commit,
             ),
         )  # fmt: skip
