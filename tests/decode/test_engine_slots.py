@@ -110,6 +110,25 @@ def test_one_block_of_rows_with_different_settings_takes_the_longest_row_s_forwa
     assert scheduler.stats.denoiser_forwards == max(nfe) < sum(nfe)
 
 
+@pytest.mark.parametrize("slots", [True, False])
+def test_speculative_rows_with_different_draft_settings_draft_in_one_loop(model, slots):
+    """Draft steps 1, 2 and 3 and three thresholds: a round's drafts take at most 3 denoiser
+    forwards for all rows (one loop), where one loop per setting took up to 1 + 2 + 3; the tokens
+    still equal each request alone."""
+    ps = prompts(6, 6, 6, seed=5)
+    reqs = [
+        Request(i, p, mode="speculative", max_new_tokens=12, draft_steps=i + 1,
+                settings=DiffusionSettings(4, 4, (0.9, 0.5, 0.1)[i], temperature=0.0))
+        for i, p in enumerate(ps)
+    ]  # fmt: skip
+    scheduler = Scheduler(model, max_batch_size=3, slots=slots)
+    tokens, _ = run(scheduler, [reqs])
+    for r in reqs:
+        assert tokens[r.id] == alone(model, r), r.id
+    rounds = scheduler.stats.context_forwards - 1  # the prefill, then one verify per round
+    assert scheduler.stats.denoiser_forwards <= 3 * rounds
+
+
 def test_rows_of_one_loop_must_share_top_k():
     from twotower.decode.block import SettingsTable
 

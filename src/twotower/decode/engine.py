@@ -336,13 +336,21 @@ class DecodeEngine(SpeculativeRounds):
         return RowGenerators([self.rows[i].generator for i in idx])
 
     def _groups(
-        self, key: Callable[[Row], Hashable], settings: Callable[[Row], object], place: list[int] | None = None
+        self,
+        key: Callable[[Row], Hashable],
+        settings: Callable[[Row], object],
+        place: list[int] | None = None,
+        *,
+        per_row: bool = False,
     ) -> list[RowGroup]:
-        """The rows as `RowGroup`s by `key`, each with its rows' settings and streams; with `place`,
-        the groups index row i as `place[i]` (its slot)."""
+        """The rows as `RowGroup`s by `key`, each with its rows' settings (the first row's, or with
+        `per_row` each row's own) and streams; with `place`, the groups index row i as `place[i]`
+        (its slot)."""
         return [
             RowGroup(
-                [place[i] for i in idx] if place is not None else idx, settings(self.rows[idx[0]]), self._streams(idx)
+                [place[i] for i in idx] if place is not None else idx,
+                [settings(self.rows[i]) for i in idx] if per_row else settings(self.rows[idx[0]]),
+                self._streams(idx),
             )
             for idx in row_groups(self.rows, key).values()
         ]

@@ -19,14 +19,17 @@ class SpeculativeRounds:
     `_layout`, `_denoiser_context`, `_fill_group`, `_groups`, `_streams`, `_commit` and `_keep`)."""
 
     def _step_speculative(self) -> list[Event]:
-        """`steps.speculative_round` for every row: draft groups by draft settings, verify groups by
-        sampling settings, each row with its own stream. Slot state: each draft group fills its
+        """`steps.speculative_round` for every row: draft groups by top_k only (each row drafts with
+        its own steps, threshold and temperature in one loop, `block.SettingsTable`), verify groups
+        by sampling settings, each row with its own stream. Slot state: each draft group fills its
         rows over all slots at once (`_fill_group`), ONE verify forward covers every slot (free
         slots verify a pad block and accept nothing)."""
         if not self.use_slots:
             r = speculative_round(
                 self.model, self.cache, self.pending, size=self.block_size, mask_id=self.model.mask_token_id,
-                draft_groups=self._groups(lambda row: row.request.draft_settings, lambda row: row.request.draft_settings),
+                draft_groups=self._groups(
+                    lambda row: row.request.draft_settings.top_k, lambda row: row.request.draft_settings, per_row=True
+                ),
                 verify_groups=self._groups(sampling_key, lambda row: row.request.settings),
             )  # fmt: skip
             self.stats.denoiser_forwards += r.forwards
@@ -53,12 +56,12 @@ class SpeculativeRounds:
         context = self._denoiser_context()
         drafted = torch.empty(len(self.rows), size, dtype=torch.long, device=device)
         row_steps = torch.zeros(len(self.rows), dtype=torch.long, device=device)
-        for idx in row_groups(self.rows, lambda row: row.request.draft_settings).values():
+        for idx in row_groups(self.rows, lambda row: row.request.draft_settings.top_k).values():
             index = torch.tensor(idx, device=device)
             first = self.pending[index.to(self.pending.device)]
             canvas, masked = anchored_canvas(first, size=size, mask_id=mask_id, device=device)
             drafted[index], row_steps[index] = self._fill_group(
-                context, idx, canvas, masked, self.rows[idx[0]].request.draft_settings, report=False
+                context, idx, canvas, masked, [self.rows[i].request.draft_settings for i in idx], report=False
             )
         drafted = drafted.to(model.context_device)
         where = torch.tensor(place, device=model.context_device)
