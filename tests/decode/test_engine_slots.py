@@ -135,8 +135,10 @@ def test_rows_of_one_loop_must_share_top_k():
     rows = [DiffusionSettings(4, 4, 0.9, temperature=0.5, top_k=k) for k in (None, 5)]
     with pytest.raises(ValueError, match="share top_k"):
         SettingsTable.of(rows, 2, torch.device("cpu"))
-    same = SettingsTable.of([rows[0], rows[0]], 2, torch.device("cpu"))
-    assert same.options["threshold"] == 0.9  # equal settings take the one-setting path
+    same = SettingsTable.of([rows[0], rows[0]], 2, torch.device("cpu"))  # kept per row: one graph for both
+    assert same.options["threshold"].tolist() == pytest.approx([0.9, 0.9]) and same.steps == 4
+    one = SettingsTable.of(rows[0], 2, torch.device("cpu"))
+    assert one.options["threshold"] == 0.9 and one.sampled_rows == [True, True]
 
 
 @pytest.mark.parametrize("decode_step", ["eager", "static"])

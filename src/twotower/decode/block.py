@@ -278,9 +278,9 @@ def anchored_canvas(
 @dataclass(frozen=True)
 class SettingsTable:
     """The diffusion settings of one `denoise_block` loop's rows: one `DiffusionSettings` for all,
-    or one per row. Rows that differ in threshold, temperature or steps share the loop and every
-    denoiser forward (a row past its own last step has nothing left and sits idle); top_k must
-    agree (it shapes the kernel). `options` are `block_commit`'s settings for the eager step
+    or one per row (always kept per row, equal or not: one compiled graph serves both). Rows that
+    differ in threshold, temperature or steps share the loop and every denoiser forward (a row
+    past its own last step has nothing left and sits idle); top_k must agree (it shapes the kernel). `options` are `block_commit`'s settings for the eager step
     (numbers, or (b,) tensors), `tensors` the same as tensors for the fused step (one compiled
     graph for every value), `steps` the loop's length."""
 
@@ -294,8 +294,6 @@ class SettingsTable:
     def of(
         cls, settings: DiffusionSettings | Sequence[DiffusionSettings], rows: int, device: torch.device
     ) -> SettingsTable:
-        if not isinstance(settings, DiffusionSettings) and len(set(settings)) == 1:
-            settings = settings[0]
         if isinstance(settings, DiffusionSettings):
             s, sampled = settings, settings.temperature > 0
             options = dict(steps=s.steps_per_block, threshold=s.confidence_threshold, temperature=s.temperature,
