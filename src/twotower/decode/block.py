@@ -280,9 +280,10 @@ class SettingsTable:
     """The diffusion settings of one `denoise_block` loop's rows: one `DiffusionSettings` for all,
     or one per row (always kept per row, equal or not: one compiled graph serves both). Rows that
     differ in threshold, temperature or steps share the loop and every denoiser forward (a row
-    past its own last step has nothing left and sits idle); top_k must agree (it shapes the kernel). `options` are `block_commit`'s settings for the eager step
-    (numbers, or (b,) tensors), `tensors` the same as tensors for the fused step (one compiled
-    graph for every value), `steps` the loop's length."""
+    past its own last step has nothing left and sits idle); top_k must agree (it shapes the
+    kernel). `options` are `block_commit`'s settings for the eager step (numbers, or (b,)
+    tensors), `tensors` the same as tensors for the fused step (one compiled graph for every
+    value), `steps` the loop's length."""
 
     steps: int
     options: dict

@@ -76,8 +76,8 @@ class _StopRequests:
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient norm; nothing was saved
-    after the last finite one."""
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm. Skipped steps
+    change no weights, so every checkpoint holds finite weights (the last finite step's at most)."""
 
 
 __all__ = ["Dist", "NonFiniteLossError", "StepBatch", "TrainSettings", "Trainer", "TrainingInterrupted", "wsd_lr"]
@@ -306,8 +306,8 @@ class Trainer:
         if self.nonfinite_in_a_row > s.max_nonfinite_steps:
             raise NonFiniteLossError(
                 f"step {self.step}: loss {loss_sum}, gradient norm {grad_norm}: {self.nonfinite_in_a_row} "
-                f"non-finite step(s) in a row (max_nonfinite_steps={s.max_nonfinite_steps}); nothing was saved "
-                f"after the last finite one: lower the learning rate or check the data, then resume"
+                f"non-finite step(s) in a row (max_nonfinite_steps={s.max_nonfinite_steps}); the weights saved "
+                f"since are the last finite step's: lower the learning rate or check the data, then resume"
             )
         logger.warning("step %d: non-finite loss %s or gradient norm %s; skipped (weights unchanged)",
                        self.step, loss_sum, grad_norm)  # fmt: skip
