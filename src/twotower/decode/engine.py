@@ -160,7 +160,10 @@ class DecodeEngine(SpeculativeRounds):
         batch = left_pad([r.prompt for r in joining], pad_id=model.config.pad_token_id, device=model.context_device)
         cache = model.empty_cache(len(joining), capacity=batch.ids.shape[1])
         mask = None if batch.all_valid else batch.mask
-        rows = [Row(r, make_generator(r.seed, model.denoiser_device)) for r in joining]
+        # each row's stream on the device its mode's lone `generate_*` seeds it on (CPU and CUDA
+        # streams differ): AR and speculative sample on the context tower's, diffusion on the denoiser's
+        stream_device = model.context_device if self.mode in ("ar", "speculative") else model.denoiser_device
+        rows = [Row(r, make_generator(r.seed, stream_device)) for r in joining]
         if self.mode == "ar":
             new_logits = ar_logits(model, batch.ids, cache, mask)
             self.logits = new_logits if self.logits is None else torch.cat([self.logits, new_logits])
