@@ -351,3 +351,19 @@ def test_slot_capacities_are_few_powers_of_two(model):
     assert [slot_capacity(n) for n in (1, 128, 129, 600, 1024, 1025)] == [128, 128, 256, 1024, 1024, 2048]
     caps = {SlotCache.for_requests(model, rows=2, longest=n).capacity for n in (40, 70, 100, 130, 250, 300)}
     assert caps == {128, 256, 512, 1024}
+
+
+@pytest.mark.parametrize(("mode", "kinds"), [("diffusion", {0.0, 1.0}), ("speculative", {0.0, 1.0}), ("ar", {0.0})])
+def test_warm_up_runs_greedy_and_sampled_copies_where_the_denoiser_steps(model, mode, kinds):
+    """The compiled denoiser step is two graphs, greedy and sampled (every value of threshold,
+    temperature and steps shares them): warm-up decodes both kinds at every width; AR one."""
+    from twotower.decode.engine import EngineStats
+
+    scheduler = Scheduler(model, max_batch_size=2)
+    seen = []
+    submit = scheduler.submit
+    scheduler.submit = lambda r: (seen.append(r.settings.temperature), submit(r))[1]
+    request = Request("w", [1], mode=mode, max_new_tokens=8, settings=DiffusionSettings(4, 4, 0.9))
+    widths = scheduler.warm_up(request)
+    assert set(seen) == kinds and len(seen) == len(kinds) * sum(widths)
+    assert scheduler.idle and scheduler.stats == EngineStats()

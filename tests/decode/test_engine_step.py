@@ -50,8 +50,8 @@ def test_the_scheduler_resolves_auto(no_override, monkeypatch):
 
 def test_warm_up_runs_every_batch_width_and_leaves_a_clean_scheduler(monkeypatch):
     """`Scheduler.warm_up` decodes copies of a request at widths 1, 2, 4, ... up to the batch limit,
-    each width's rows joining at once (one slot state of that width each), then starts its
-    statistics afresh; requests after it decode exactly as before."""
+    each width's rows joining at once (one slot state of that width each), greedy and then
+    sampled, then starts its statistics afresh; requests after it decode exactly as before."""
     from dataclasses import replace
 
     from tests.serve.test_engine import BLOCK4, alone, prompts
@@ -72,7 +72,8 @@ def test_warm_up_runs_every_batch_width_and_leaves_a_clean_scheduler(monkeypatch
     assert scheduler.batch_widths() == [1, 2, 4, 6]
     warm = Request("w", (5,), max_new_tokens=8, settings=BLOCK4)
     assert scheduler.warm_up(warm) == [1, 2, 4, 6]
-    assert widths == [1, 2, 4, 6] and scheduler.idle and scheduler.stats.generated_tokens == 0
+    # greedy copies at each width, then sampled ones (the denoiser step's two graphs)
+    assert widths == [1, 2, 4, 6] * 2 and scheduler.idle and scheduler.stats.generated_tokens == 0
     req = replace(warm, id="real", prompt=prompts(5, seed=4)[0])
     scheduler.submit(req)
     tokens = []

@@ -90,15 +90,18 @@ class Scheduler:
         """Decode copies of `request` at every batch width (`batch_widths`), all rows of a width
         joining at once, so that compiled steps compile before real requests come; the statistics
         start afresh after it. Returns the widths run. Make `request` like the traffic (its mode,
-        block size and a budget of two blocks: a full block, its commit and the next block)."""
+        block size and a budget of two blocks: a full block, its commit and the next block). With a
+        denoiser (diffusion, speculative) it runs greedy and sampled copies both: their denoiser
+        steps are two graphs (every threshold, temperature and step count share them)."""
         if not self.idle:
             raise RuntimeError("warm up an idle scheduler")
         widths = self.batch_widths()
-        for w in widths:
-            for i in range(w):
-                self.submit(replace(request, id=("warm-up", w, i), on_step=None))
-            while not self.idle:
-                self.step()
+        for variant in _sampling_variants(request):
+            for w in widths:
+                for i in range(w):
+                    self.submit(replace(variant, id=("warm-up", variant.settings.temperature, w, i), on_step=None))
+                while not self.idle:
+                    self.step()
         self.stats = EngineStats()
         return widths
 
@@ -127,3 +130,13 @@ class Scheduler:
         for engine in self.engines.values():
             ids.update(engine.request_ids)
         return ids
+
+
+def _sampling_variants(request: Request) -> list[Request]:
+    """`request`, and where the denoiser fills blocks a copy of the other sampling kind (greedy or
+    sampled, seeded): the two graphs of the compiled denoiser step."""
+    if request.mode not in ("diffusion", "speculative"):
+        return [request]
+    sampled = request.settings.temperature > 0
+    other = replace(request.settings, temperature=0.0 if sampled else 1.0)
+    return [request, replace(request, settings=other, seed=request.seed if request.seed is not None else 0)]
