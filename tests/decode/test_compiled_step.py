@@ -119,3 +119,12 @@ def test_one_compiled_graph_serves_every_threshold_temperature_and_step_count(se
         for a, b in zip(got, eager, strict=True):
             assert torch.equal(a, b)
     assert counter.frame_count == 1
+
+
+def test_a_tensor_temperature_needs_to_say_whether_it_samples(setup):
+    model, _ = setup
+    canvas, masked, noise, eos = _inputs(model)
+    logits = torch.randn(3, S, V, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="sampled="):
+        block_commit(logits, canvas, masked, step=0, steps=4, threshold=0.5, temperature=torch.tensor(0.8),
+                     mask_id=model.mask_token_id, noise=noise)  # fmt: skip

@@ -104,6 +104,38 @@ def test_a_signal_saves_the_step_in_progress_and_a_rerun_resumes_exactly(tmp_pat
     assert steps == list(range(6))  # each step once
 
 
+def test_a_repeated_sigterm_still_saves_and_an_ignored_signal_stays_ignored(tmp_path):
+    """torchrun forwards its SIGTERM while a cluster may signal the worker too: two in a row still
+    finish and save the step. A signal the process ignores is not taken over."""
+
+    def twice(step):
+        if step == 1:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+
+    trainer, _ = _trainer(tmp_path / "twice", on_step=twice)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.run()
+    assert stopped.value.step == 2
+    assert checkpointing.read_state(checkpointing.latest_checkpoint(tmp_path / "twice")).step == 2
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        trainer, _ = _trainer(tmp_path / "ignored", on_step=lambda step: signal.raise_signal(signal.SIGINT))
+        assert len(trainer.run()) == 6  # every step ran: the ignored Ctrl-C stopped nothing
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_the_per_process_batch_is_checked_against_the_real_world_size():
+    from twotower.train.recipes import check_denoiser_options
+
+    settings = TrainSettings(steps=2, global_batch=12, micro_batch=8, seq_len=32)
+    check_denoiser_options(settings, block_size=16, curriculum=(), world_size=3)  # 4 per process: fine
+    with pytest.raises(ValueError, match="per-process batch 12"):
+        check_denoiser_options(settings, block_size=16, curriculum=(), world_size=1)
+
+
 def test_a_half_written_latest_left_by_a_crash_does_not_block_saves(tmp_path):
     trainer, _ = _trainer(tmp_path, steps=2)
     trainer.run()
@@ -124,8 +156,9 @@ def test_resuming_with_another_block_size_or_curriculum_is_refused(tmp_path, cha
     train_denoiser(twotower_model(), data, tmp_path / "run", settings, block_size=16, progress=False)
     longer = TrainSettings(**{**settings.__dict__, "steps": 4})
     options = {"block_size": 16, **changes}
-    with pytest.raises(ValueError, match=f"other {named}"):
+    with pytest.raises(ValueError, match=f"other {named} ") as refused:
         train_denoiser(twotower_model(), data, tmp_path / "run", longer, progress=False, **options)
+    assert "context_tower" not in str(refused.value)  # the frozen tower did not change
 
 
 @pytest.mark.parametrize(

@@ -113,6 +113,8 @@ def block_commit(
     logits[..., mask_id] = float("-inf")
     kept = apply_top_k(logits, top_k)
     if sampled is None:
+        if isinstance(temperature, torch.Tensor):
+            raise ValueError("block_commit: with a tensor temperature, say whether it samples (sampled=)")
         sampled = temperature > 0
     if isinstance(sampled, torch.Tensor):  # per row: greedy rows take the argmax, the others draw
         pred = kept.argmax(-1)
@@ -122,7 +124,9 @@ def block_commit(
             pred = torch.where(sampled[:, None], drawn, pred)
     elif not sampled:
         pred = kept.argmax(-1)
-    else:
+    else:  # a number as a tensor too: CUDA divides by a Python float as a multiply by its reciprocal
+        # (a bit off true division), so every path divides the same way as the tensor-settings ones
+        temperature = torch.as_tensor(temperature, dtype=kept.dtype, device=kept.device)
         pred = (torch.log_softmax(kept / _per_row(temperature, 3), dim=-1) + noise).argmax(-1)
     confidence = torch.softmax(logits, dim=-1).gather(-1, pred[..., None])[..., 0]
     ahead = masked & before_first_eos(canvas, masked, eos_ids)

@@ -182,7 +182,10 @@ def context_identity(model: TwoTowerForCausalLM) -> dict:
     import hashlib
     import json
 
-    config = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    fields = model.config.to_dict()
+    for key in ("block_size", "mask_token_id"):  # the run's own settings, not the tower's (checked apart)
+        fields.pop(key, None)
+    config = json.dumps(fields, sort_keys=True, default=str)
     count = sum(p.numel() for part in (model.context_tower, model.context_lm_head) for p in part.parameters())
     return {"config_sha256": hashlib.sha256(config.encode()).hexdigest()[:16], "parameters": count}
 
@@ -225,9 +228,9 @@ def train_denoiser(
     `model` is a whole TwoTower (identical on every rank), or the sharded root that
     `rank_load.load_sharded_twotower` built on this rank's device (fsdp only).
     """
-    check_denoiser_options(settings, block_size=block_size, curriculum=curriculum)
-    block_at = block_size_schedule(block_size, curriculum)
     dist_info = Dist.from_env(device=device)
+    check_denoiser_options(settings, block_size=block_size, curriculum=curriculum, world_size=dist_info.world_size)
+    block_at = block_size_schedule(block_size, curriculum)
     device = dist_info.device(device)
     paths = DataPaths.from_dir(data_dir)
     train = PackedTokens(paths.train)

@@ -46,8 +46,12 @@ class TrainingInterrupted(Exception):
 
 
 class _StopRequests:
-    """SIGTERM / SIGINT handlers that only note the request (a second one acts as usual), for the
-    main thread; elsewhere signals cannot be handled here and nothing is installed."""
+    """SIGTERM / SIGINT handlers that only note the request, for the main thread (elsewhere signals
+    cannot be handled here and nothing is installed); a signal that was ignored stays ignored.
+    A second Ctrl-C (SIGINT) stops at once, as if no handler were here. Repeated SIGTERMs are
+    only noted: torchrun forwards the one it gets while a cluster (Slurm) may signal the workers
+    too, so a worker can see two within milliseconds. (torchrun kills its workers outright after
+    `--shutdown-timeout`, 30 s by default: the step and its save must fit in it.)"""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -58,16 +62,21 @@ class _StopRequests:
     def __enter__(self) -> _StopRequests:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._note)
+                if signal.getsignal(sig) is signal.SIG_IGN:
+                    continue
+                previous = signal.signal(sig, self._note)
+                self._previous[sig] = signal.SIG_DFL if previous is None else previous  # None: set from C
         return self
 
     def _note(self, signum, _frame) -> None:
-        if self.signum:  # the second request: as if no handler were here
+        if self.signum and signum == signal.SIGINT:  # Ctrl-C again: as if no handler were here
             self.__exit__()
             signal.raise_signal(signum)
             return
-        self.signum = signum
-        logger.warning("signal %d: finishing this step, saving, then stopping (again to stop at once)", signum)
+        if not self.signum:
+            self.signum = signum
+            logger.warning("signal %d: finishing this step, saving, then stopping (Ctrl-C again stops at once)",
+                           signum)  # fmt: skip
 
     def __exit__(self, *_exc) -> None:
         for sig, handler in self._previous.items():
