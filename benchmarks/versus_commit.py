@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[float, float]:
+def _check_options(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[float, float]:
+    """Exit with a usage error on a bad option; the peer ratio as (LOW, HIGH)."""
     for name in ("chunk_size", "context", "block_size", "new_tokens", "repeats", "rounds", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -363,7 +364,7 @@ def _positive(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[flo
 def main(argv: list[str] | None = None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    peer_ratio = _positive(p, args)
+    peer_ratio = _check_options(p, args)
     if args.json:
         from twotower.cli.options import CLIError, check_output_file
 

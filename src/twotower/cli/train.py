@@ -4,6 +4,7 @@ torchrun for data parallelism."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from .options import CLIError
@@ -170,25 +171,20 @@ def cmd_train_denoiser(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
 def _training_outcome():
     """The trainer's two planned ends, as one line and an exit status instead of a traceback: a
     signal (the step saved; 128 + the signal) and too many non-finite steps (1)."""
-    import contextlib
-
     from ..train.trainer import NonFiniteLossError, TrainingInterrupted
 
-    @contextlib.contextmanager
-    def outcome():
-        try:
-            yield
-        except TrainingInterrupted as stop:
-            print(f"twotower train: {stop}", file=sys.stderr)
-            raise SystemExit(128 + stop.signum) from None
-        except NonFiniteLossError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
-
-    return outcome()
+    try:
+        yield
+    except TrainingInterrupted as stop:
+        print(f"twotower train: {stop}", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
+    except NonFiniteLossError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _denoiser_model(args: argparse.Namespace, settings):

@@ -127,23 +127,21 @@ def block_commit(
     else:  # a number as a tensor too: CUDA divides by a Python float as a multiply by its reciprocal
         # (a bit off true division), so every path divides the same way as the tensor-settings ones
         temperature = torch.as_tensor(temperature, dtype=kept.dtype, device=kept.device)
-        pred = (torch.log_softmax(kept / _per_row(temperature, 3), dim=-1) + noise).argmax(-1)
+        pred = (torch.log_softmax(kept / temperature, dim=-1) + noise).argmax(-1)
     confidence = torch.softmax(logits, dim=-1).gather(-1, pred[..., None])[..., 0]
     ahead = masked & before_first_eos(canvas, masked, eos_ids)
     live = ahead.any(-1)
     ranked = ahead if eos_aware else masked
-    n_confident = (ranked & (confidence > _per_row(threshold, 2))).sum(-1)
+    n_confident = (ranked & (confidence > _column(threshold))).sum(-1)
     commit = select_commits(confidence, ranked, commit_counts(ranked.sum(-1), n_confident, step, steps))
     commit &= live[:, None]
     return torch.where(commit, pred, canvas), masked & ~commit, commit, live
 
 
-def _per_row(value: float | torch.Tensor, dims: int) -> float | torch.Tensor:
-    """A setting as given (a number, a 0-d tensor), or a (b,) tensor of one value per row shaped
-    to broadcast against a (b, ...) tensor of `dims` dimensions."""
-    if isinstance(value, torch.Tensor) and value.dim() == 1:
-        return value.view(-1, *([1] * (dims - 1)))
-    return value
+def _column(value: float | torch.Tensor) -> float | torch.Tensor:
+    """A setting as given (a number, a 0-d tensor), or a (b,) tensor of one value per row as a
+    (b, 1) column, to compare against (b, S)."""
+    return value[:, None] if isinstance(value, torch.Tensor) and value.dim() == 1 else value
 
 
 def choose_rows(
@@ -209,7 +207,7 @@ def denoise_block(
     steps = table.steps
     options = dict(table.options, mask_id=mask_id, eos_aware=eos_aware)
     if fused_step is not None:  # the values as tensors: one compiled graph for every setting
-        fused_options = dict(table.tensors, mask_id=mask_id, eos_aware=eos_aware)
+        fused_options = dict(table.tensors(), mask_id=mask_id, eos_aware=eos_aware)
     shape = torch.Size((rows, size, model.config.vocab_size))
     row_steps = torch.zeros(rows, dtype=torch.long, device=device)
     live = rows_needing_tokens(canvas, masked, eos_ids)
@@ -286,31 +284,40 @@ class SettingsTable:
     differ in threshold, temperature or steps share the loop and every denoiser forward (a row
     past its own last step has nothing left and sits idle); top_k must agree (it shapes the
     kernel). `options` are `block_commit`'s settings for the eager step (numbers, or (b,)
-    tensors), `tensors` the same as tensors for the fused step (one compiled graph for every
-    value), `steps` the loop's length."""
+    tensors), `steps` the loop's length."""
 
     steps: int
     options: dict
-    tensors: dict
     sampled_rows: list[bool]
-    any_sampled: bool
+    device: torch.device
+
+    @property
+    def any_sampled(self) -> bool:
+        return any(self.sampled_rows)
+
+    def tensors(self) -> dict:
+        """`options` as tensors for the fused step (one compiled graph for every value): 0-d for
+        one setting, as given per row; with `sampled` said."""
+        if not isinstance(self.options["steps"], int):
+            return self.options
+        o, device = self.options, self.device
+        return dict(
+            o,
+            steps=torch.tensor(o["steps"], device=device),
+            threshold=torch.tensor(float(o["threshold"]), device=device),
+            temperature=torch.tensor(float(o["temperature"]), device=device),
+            sampled=self.sampled_rows[0],
+        )
 
     @classmethod
     def of(
         cls, settings: DiffusionSettings | Sequence[DiffusionSettings], rows: int, device: torch.device
     ) -> SettingsTable:
         if isinstance(settings, DiffusionSettings):
-            s, sampled = settings, settings.temperature > 0
+            s = settings
             options = dict(steps=s.steps_per_block, threshold=s.confidence_threshold, temperature=s.temperature,
                            top_k=s.top_k)  # fmt: skip
-            tensors = dict(
-                options,
-                steps=torch.tensor(s.steps_per_block, device=device),
-                threshold=torch.tensor(float(s.confidence_threshold), device=device),
-                temperature=torch.tensor(float(s.temperature), device=device),
-                sampled=sampled,
-            )
-            return cls(s.steps_per_block, options, tensors, [sampled] * rows, sampled)
+            return cls(s.steps_per_block, options, [s.temperature > 0] * rows, device)
         if len(settings) != rows:
             raise ValueError(f"{len(settings)} settings for {rows} rows")
         top_k = {s.top_k for s in settings}
@@ -324,7 +331,7 @@ class SettingsTable:
             top_k=top_k.pop(),
             sampled=torch.tensor(sampled_rows, device=device),
         )
-        return cls(max(s.steps_per_block for s in settings), per_row, per_row, sampled_rows, any(sampled_rows))
+        return cls(max(s.steps_per_block for s in settings), per_row, sampled_rows, device)
 
 
 @dataclass(frozen=True)

@@ -269,13 +269,14 @@ class DecodeEngine(SpeculativeRounds):
         idx: list[int],
         canvas: torch.Tensor,
         masked: torch.Tensor,
-        settings: DiffusionSettings | list[DiffusionSettings],
+        settings: list[DiffusionSettings],
         *,
         eos: torch.Tensor | None = None,
         eos_aware: bool = False,
         report: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fill the blocks (len(idx), size) of rows `idx` over every row of the state at once (the
+        """Fill the blocks (len(idx), size) of rows `idx`, each by its own `settings` (one per row of
+        `idx`), over every row of the state at once (the
         others idle: nothing masked, no random draws, so no context is copied out). Returns their
         canvases (len(idx), size) and denoiser steps (len(idx),), on the denoiser's device."""
         model = self.model
@@ -288,18 +289,16 @@ class DecodeEngine(SpeculativeRounds):
         streams, skip = [None] * width, [True] * width
         for i in idx:
             streams[place[i]], skip[place[i]] = self.rows[i].generator, False
-        if not isinstance(settings, DiffusionSettings):  # one per row of idx: spread over the slots
-            per_slot = [settings[0]] * width  # idle slots: nothing masked, any settings
-            for j, i in enumerate(idx):
-                per_slot[place[i]] = settings[j]
-            settings = per_slot
+        per_slot = [settings[0]] * width  # each row's settings at its slot; idle slots: nothing masked, any
+        for j, i in enumerate(idx):
+            per_slot[place[i]] = settings[j]
         fused = self._fused
         if fused is not None and canvas.shape[1] != self.block_size:
             # a row's last, short block: the same step uncompiled, so that the compiled graphs stay
             # one per batch width instead of one per (width, remaining length) ever met
             fused = fused.plain
         full, steps, forwards = fill_blocks(
-            model, context, full, full_masked, [RowGroup(list(range(width)), settings, RowGenerators(streams, skip))],
+            model, context, full, full_masked, [RowGroup(list(range(width)), per_slot, RowGenerators(streams, skip))],
             mask_id=model.mask_token_id, eos_ids=eos, eos_aware=eos_aware, fused_step=fused,
             on_step=(lambda group: self._step_reporter(idx, place)) if report else None,
         )  # fmt: skip

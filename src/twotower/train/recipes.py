@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -179,9 +181,6 @@ def context_identity(model: TwoTowerForCausalLM) -> dict:
     """What identifies the frozen context tower a denoiser is trained against, alike on every rank
     and without reading its weights: a digest of its config and its parameter count (another
     architecture is caught; the same architecture with other weights is not)."""
-    import hashlib
-    import json
-
     fields = model.config.to_dict()
     for key in ("block_size", "mask_token_id"):  # the run's own settings, not the tower's (checked apart)
         fields.pop(key, None)
