@@ -5,7 +5,8 @@ is extracted from this repository's history with `git archive` into a temporary 
 imported under another name (`twotower_at_<rev>`; the model code imports itself relatively). One
 random-weight TwoTower is built by this code, written with `save_pretrained` and read back by the
 baseline's `from_pretrained`, so both run the same weights. Before anything is timed, the two must
-agree: the denoiser's and the commit's logits to a tolerance, and greedy diffusion token for token.
+agree: the denoiser's and the commit's logits to a tolerance, and greedy diffusion in as many
+denoiser forwards (its tokens are reported: a random model's near-flat logits can tie).
 Then, batch 1, the two versions interleaved call by call, medians of `--repeats` calls per round
 and the median over `--rounds` rounds:
 
@@ -212,8 +213,8 @@ def _logits(out) -> torch.Tensor:
 
 def check_agreement(new: Version, old: Version, new_tokens: int, *, compiled: bool) -> dict[str, float | bool]:
     """The versions compute the same thing: the logits of each forward (and of each compiled
-    forward, against this code's eager one) within LOGIT_TOL, the same greedy diffusion tokens
-    eagerly, and as many denoiser forwards compiled. Raises AssertionError otherwise, before anything is timed."""
+    forward, against this code's eager one) within LOGIT_TOL, and as many denoiser forwards in greedy
+    diffusion, eager and compiled (whether the tokens are equal is reported). Raises AssertionError otherwise, before anything is timed."""
     out: dict[str, float | bool] = {}
     pairs = [(name, getattr(new, name), getattr(old, name)) for name in ("denoise", "commit")]
     if compiled:
@@ -227,11 +228,21 @@ def check_agreement(new: Version, old: Version, new_tokens: int, *, compiled: bo
         if not diff <= LOGIT_TOL:
             raise AssertionError(f"{name}: logits differ by {diff:.3g} (> {LOGIT_TOL})")
         out[f"{name}: max logit difference"] = diff
+    # A random model's logits are near-flat (top probabilities ~1e-3 at the default size), so no
+    # position reaches the threshold and each forward commits its most confident one: which one can
+    # turn on a last-bit difference between two correct scans. The logits above are the check that
+    # both compute the same thing; here the tokens are reported and the work must match.
     want = new.diffusion_eager(new_tokens)
-    if not torch.equal(old.diffusion_eager(new_tokens).sequences, want.sequences):
-        raise AssertionError("greedy diffusion: the versions generate different tokens")
-    out["diffusion tokens equal"] = True
-    if compiled:  # a random model's near-flat logits let rounding pick other tokens; the work must match
+    got = old.diffusion_eager(new_tokens)
+    differ = (got.sequences != want.sequences).nonzero()
+    out["diffusion tokens equal"] = not len(differ)
+    if len(differ):
+        out["diffusion first differing position"] = int(differ[0, -1])
+        progress(f"note: greedy diffusion tokens differ from position {int(differ[0, -1])} (a near-tie; see the logits)")
+    if _nfe(got) != _nfe(want):
+        raise AssertionError(f"greedy diffusion: {_nfe(got)} denoiser forwards against {_nfe(want)}")
+    out["diffusion forwards equal"] = True
+    if compiled:
         for version in (new, old):
             nfe = _nfe(version.diffusion_compiled(new_tokens))
             if nfe != _nfe(want):

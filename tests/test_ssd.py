@@ -15,6 +15,7 @@ from twotower.layers.ssd import (
     ssd_chunked,
     ssd_chunks_of,
     ssd_naive,
+    ssd_one_chunk,
     ssd_step,
 )
 
@@ -88,6 +89,59 @@ def test_without_the_final_state_y_is_unchanged(L):
     assert final.data_ptr() != state.data_ptr()
 
 
+def _grouped(B, C, groups):
+    """Per-group B, C (b, L, g, n) and their per-head copies (b, L, h, n), as the mixer expands them."""
+    h = B.shape[2]
+    Bg, Cg = B[:, :, :groups], C[:, :, :groups]
+    return Bg, Cg, Bg.repeat_interleave(h // groups, 2), Cg.repeat_interleave(h // groups, 2)
+
+
+@pytest.mark.parametrize("L", [1, 5, 16, 37])
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_one_chunk_scan_equals_naive(L, groups, with_state):
+    """`ssd_one_chunk` (per-group B and C, never copied to heads) == the per-token recurrence;
+    without the final state y is the same; the input state is never written."""
+    x, dt, A, B, C, state = _inputs(L=L, seed=L + groups, scale_state=2.0)
+    Bg, Cg, Bh, Ch = _grouped(B, C, groups)
+    s0 = state if with_state else None
+    before = state.clone()
+    y_ref, final_ref = ssd_naive(x, dt, A, Bh, Ch, state=s0)
+    y, final = ssd_one_chunk(x, dt, A, Bg, Cg, state=s0)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(final, final_ref, rtol=1e-4, atol=1e-4)
+    y_only, none = ssd_one_chunk(x, dt, A, Bg, Cg, state=s0, final=False)
+    assert none is None
+    torch.testing.assert_close(y_only, y, rtol=0, atol=0)
+    assert torch.equal(state, before) and final.data_ptr() != state.data_ptr()
+
+
+@pytest.mark.parametrize("steep", [False, True])
+def test_one_chunk_scan_gradients_equal_the_chunked_scan_and_stay_finite(steep):
+    """Training runs through it: gradients for every input equal `ssd_chunks_of`'s; with steep
+    decays (where exp of the upper triangle would overflow to inf) both passes stay finite."""
+    x, dt, A, B, C, state = _inputs(L=16, seed=9)
+    if steep:
+        dt = dt * torch.linspace(1, 60, 16)[None, :, None]  # cumulative decays down to about -2e3
+    Bg, Cg, _, _ = _grouped(B, C, 2)
+
+    def grads(fast: bool):
+        leaves = [t.clone().requires_grad_() for t in (x, dt, A, Bg, Cg, state)]
+        xs, dts, As, Bs, Cs, s0 = leaves
+        if fast:
+            y, final = ssd_one_chunk(xs, dts, As, Bs, Cs, state=s0)
+        else:
+            Bh, Ch = (t.repeat_interleave(2, 2) for t in (Bs, Cs))
+            y, final = ssd_chunks_of(xs, dts, As, Bh, Ch, chunk=16, state=s0)
+        (y.square().sum() + final.sin().sum()).backward()
+        return [t.grad for t in leaves]
+
+    for got, want in zip(grads(True), grads(False)):
+        assert torch.isfinite(got).all()
+        if not steep:  # (steep gradients reach 1e5 and sum with cancellation: finiteness is the point)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_large_seeded_state_stays_finite():
     x, dt, A, B, C, state = _inputs(L=16, scale_state=1e4)
     y, final = ssd_chunked(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), chunk_size=128, state=state)
@@ -149,18 +203,19 @@ def test_short_conv_equals_conv1d(K, L):
         torch.randn(10, K, generator=g),
         torch.randn(10, generator=g),
     )
-    want = F.conv1d(window, weight[:, None], bias, groups=10)
-    torch.testing.assert_close(short_depthwise_conv(window, weight, bias), want, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(short_depthwise_conv(window, weight, None), want - bias[:, None], atol=1e-6, rtol=1e-5)
+    want = F.conv1d(window, weight[:, None], bias, groups=10).transpose(1, 2)  # (b, L, C)
+    channels_last = window.transpose(1, 2).contiguous()  # (b, K-1+L, C)
+    torch.testing.assert_close(short_depthwise_conv(channels_last, weight, bias), want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(short_depthwise_conv(channels_last, weight, None), want - bias, atol=1e-6, rtol=1e-5)
 
 
 def test_short_conv_in_bfloat16_rounds_once():
     g = torch.Generator().manual_seed(5)
     window, weight, bias = (torch.randn(*shape, generator=g).bfloat16() for shape in ((2, 8, 19), (8, 4), (8,)))
-    exact = F.conv1d(window.double(), weight.double()[:, None], bias.double(), groups=8)
-    got = short_depthwise_conv(window, weight, bias)
-    assert got.dtype == torch.bfloat16
-    assert torch.equal(got, exact.bfloat16())  # fp32 accumulation of 4 products, then one rounding
+    exact = F.conv1d(window.double(), weight.double()[:, None], bias.double(), groups=8).transpose(1, 2)
+    got = short_depthwise_conv(window.transpose(1, 2), weight, bias)
+    assert got.dtype == torch.float32  # accumulated in fp32; the caller rounds once
+    assert torch.equal(got.bfloat16(), exact.bfloat16())  # 4 products summed in fp32, then one rounding
 
 
 def test_one_token_step_matches_the_recurrence_and_leaves_its_input_alone():

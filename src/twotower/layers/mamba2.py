@@ -19,7 +19,7 @@ from torch import nn
 from ..config import NemotronHConfig
 from ..dtypes import DTYPES
 from .norm import GatedRMSNorm
-from .ssd import ssd_all_states, ssd_chunked, ssd_step
+from .ssd import ssd_all_states, ssd_chunked, ssd_one_chunk, ssd_step
 
 
 @dataclass
@@ -59,18 +59,20 @@ SHORT_CONV = 64  # up to this many positions the causal conv is K shifted multip
 
 
 def short_depthwise_conv(window: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Causal depthwise conv as K multiply-adds: window (b, C, K-1+L), weight (C, K), bias (C,) ->
-    (b, C, L) in window's dtype. Equals `F.conv1d(window, weight[:, None], bias, groups=C)` (the
-    plain twin); the sum is accumulated in float32, so half-precision inputs round once, at the end."""
+    """Causal depthwise conv as K multiply-adds over a channels-last window: window (b, K-1+L, C),
+    weight (C, K), bias (C,) -> (b, L, C) float32. Equals `F.conv1d(window.transpose(1, 2),
+    weight[:, None], bias, groups=C).transpose(1, 2)` (the plain twin) with the sum accumulated in
+    float32, so half-precision inputs round once, where the caller casts. Channels last, every term
+    is a contiguous (L, C) slab of the window times a row of weights (no strided time slices)."""
     K = weight.shape[1]
-    L = window.shape[-1] - (K - 1)
-    x, w = window.float(), weight.float()
-    out = x[..., :L] * w[:, :1]
+    L = window.shape[1] - (K - 1)
+    x, w = window.float(), weight.float().t()  # w (K, C)
+    out = x[:, :L] * w[0]
     for k in range(1, K):
-        out = out + x[..., k : k + L] * w[:, k : k + 1]
+        out = out.addcmul_(x[:, k : k + L], w[k])  # autograd-safe: a product's output is not kept
     if bias is not None:
-        out = out + bias.float()[:, None]
-    return out.to(window.dtype)
+        out = out + bias.float()
+    return out
 
 
 class Mamba2Mixer(nn.Module):
@@ -121,16 +123,18 @@ class Mamba2Mixer(nn.Module):
         """Causal depthwise conv over time. xbc (b, L, C) -> (silu(conv) (b, L, C), the whole input
         window (b, C, K-1+L): its last K-1 columns are the new conv state)."""
         b, L, _ = xbc.shape
-        xt = xbc.transpose(1, 2)  # (b, C, L)
         if conv_state is None:
-            conv_state = xt.new_zeros(b, self.conv_dim, self.kernel - 1)
-        window = torch.cat([conv_state.to(xt.dtype), xt], dim=-1)  # (b, C, K-1+L)
+            conv_state = xbc.new_zeros(b, self.conv_dim, self.kernel - 1)
         w = self.conv1d.weight
+        if 1 < L <= SHORT_CONV:  # a block: K shifted multiply-adds, channels last, beat a conv1d call
+            window = torch.cat([conv_state.to(xbc.dtype).transpose(1, 2), xbc], dim=1)  # (b, K-1+L, C)
+            out = short_depthwise_conv(window.to(w.dtype), w[:, 0], self.conv1d.bias)  # (b, L, C)
+            return F.silu(out).to(xbc.dtype), window.transpose(1, 2)
+        xt = xbc.transpose(1, 2)  # (b, C, L)
+        window = torch.cat([conv_state.to(xt.dtype), xt], dim=-1)  # (b, C, K-1+L)
         if L == 1:  # decode step: a multiply-sum is ~10x cheaper than a conv1d call for one position
             out = (window.to(w.dtype) * w[:, 0]).sum(-1, keepdim=True)
             out = out + self.conv1d.bias[:, None] if self.conv1d.bias is not None else out
-        elif L <= SHORT_CONV:  # a block: K shifted multiply-adds beat the conv1d call (and compile)
-            out = short_depthwise_conv(window.to(w.dtype), w[:, 0], self.conv1d.bias)
         else:
             out = F.conv1d(window.to(w.dtype), w, self.conv1d.bias, groups=self.conv_dim)  # (b, C, L)
         return F.silu(out).transpose(1, 2).to(xbc.dtype), window
@@ -179,6 +183,8 @@ class Mamba2Mixer(nn.Module):
         if L == 1 and ssm0 is not None and history is None:
             y, ssm = ssd_step(x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], ssm0)  # groups broadcast, no copies
             y = y[:, None]
+        elif L <= self.chunk_size and history is None:  # a block: one chunk, groups never copied to heads
+            y, ssm = ssd_one_chunk(x, dt, A, B, C, state=ssm0, final=final_state)
         else:
             heads_per_group = self.num_heads // self.n_groups
             B = B.repeat_interleave(heads_per_group, dim=2)
@@ -195,8 +201,8 @@ class Mamba2Mixer(nn.Module):
         # Returned states must not keep larger tensors alive: the conv state is a slice of the whole
         # (K-1+L)-column window, and a multi-chunk scan's final state a view of every chunk's state.
         # Copy only those (a one-chunk scan, e.g. a 16-token block, already returns a fresh state).
-        if L > 1:
-            conv_state = conv_state.clone()
+        if L > 1:  # a fresh, contiguous (b, C, K-1) copy, whatever the window's layout
+            conv_state = conv_state.clone(memory_format=torch.contiguous_format)
         # (Under torch.compile the fixed-shape steps write their states into buffers: no views survive.)
         if not torch.compiler.is_compiling() and ssm.untyped_storage().nbytes() > ssm.nbytes:
             ssm = ssm.clone()

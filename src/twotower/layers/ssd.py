@@ -152,6 +152,57 @@ def _one_chunk_final(
 
 
 @fp32_scan
+def ssd_one_chunk(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    *,
+    state: torch.Tensor | None = None,
+    final: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The scan over all L positions as one chunk: `ssd_chunks_of` with chunk = L, in fewer and
+    smaller operations, for the blocks a decoder runs (a denoiser block, a commit: L up to
+    `chunk_size`; the cost is L x L per head, so long inputs belong to `ssd_chunked`).
+
+    B, C (b, L, g, n) per group, g dividing h (g = h allowed), as in `ssd_step`: the heads of a
+    group share them, so C.B is one (L x L) product per group, not per head, and they are never
+    copied out to the heads. Other shapes as in `ssd_chunked`; returns y (b, L, h, p), a view, and
+    the final state (None when `final=False`).
+
+    Autograd-safe (the denoiser trains through it): every in-place step writes a result that its
+    producer did not keep for the backward pass."""
+    b, L, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    hg = h // g
+    x, dt, B, C = x.float(), dt.float(), B.float(), C.float()
+    cs = torch.cumsum(dt * A.float(), dim=1).transpose(1, 2)  # (b, h, L), non-increasing (dt >= 0 > A)
+    # decay[l, s] = exp(cs_l - cs_s) for s <= l. Above the diagonal the difference is clamped to 0
+    # (its exp to 1, nothing overflows in either pass) and the product is zeroed after it.
+    seg = (cs[..., :, None] - cs[..., None, :]).clamp_(max=0.0)  # (b, h, l, s)
+    Cg, Bg = C.transpose(1, 2), B.transpose(1, 2)  # (b, g, L, n)
+    CB = torch.matmul(Cg, Bg.transpose(-1, -2))  # (b, g, l, s)
+    scores = (torch.exp(seg).view(b, g, hg, L, L) * CB[:, :, None]).tril_().view(b, h, L, L)
+    xdt = (x * dt[..., None]).transpose(1, 2).contiguous()  # (b, h, L, p)
+    y = torch.matmul(scores, xdt)  # (b, h, l, p): the inputs within the block
+    if state is not None:  # and the state it starts from, decayed to each position
+        start = state.float().view(b, g, hg * p, n)
+        y_state = torch.matmul(Cg, start.transpose(-1, -2)).view(b, g, L, hg, p).transpose(2, 3)
+        y.addcmul_(y_state.reshape(b, h, L, p), torch.exp(cs)[..., None])
+    if not final:
+        return y.transpose(1, 2), None
+    last = cs[..., -1:]  # (b, h, 1): the whole block's decay
+    xw = (xdt * torch.exp(last - cs)[..., None]).view(b * g, hg, L, p).transpose(2, 3).reshape(b * g, hg * p, L)
+    if state is None:
+        new = torch.bmm(xw, Bg.reshape(b * g, L, n))
+    else:  # one state-sized write: the decayed copy, the block's input added in place
+        new = state.float() * torch.exp(last)[..., None]  # (b, h, p, n): never the input itself
+        new.view(b * g, hg * p, n).baddbmm_(xw, Bg.reshape(b * g, L, n))
+    return y.transpose(1, 2), new.view(b, h, p, n)
+
+
+@fp32_scan
 def ssd_step(
     x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, state: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
