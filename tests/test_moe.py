@@ -194,3 +194,9 @@ def test_fused_norms_equal_the_plain_formula():
     h = (x * torch.nn.functional.silu(z)).unflatten(-1, (4, 12))
     want = gated.weight * rms_norm_reference(h, None, 1e-5).flatten(-2)
     torch.testing.assert_close(gated(x, z), want)
+    with torch.no_grad():  # the in-place path decoding takes: the same arithmetic
+        torch.testing.assert_close(gated(x, z), want)
+        xb, zb = x.bfloat16(), z.bfloat16()
+        with torch.enable_grad():
+            plain = gated.bfloat16()(xb, zb)
+        assert torch.equal(gated(xb, zb), plain) and plain.dtype == torch.bfloat16

@@ -19,7 +19,7 @@ from torch import nn
 
 from .backbone import NemotronHForCausalLM, NemotronHModel, init_weights
 from .cache import HybridCache
-from .conditioning import TimestepEmbedder, modulation
+from .conditioning import TimestepEmbedder, layer_modulations
 from .config import NemotronHConfig
 from .context import DenoiserContext
 from .layers.attention import full_mask
@@ -168,13 +168,14 @@ class TwoTowerForCausalLM(nn.Module):
         if block_valid is None:
             block_valid = torch.ones(b, S, dtype=torch.bool, device=block_ids.device)
         attn_mask = full_mask(torch.cat([context.key_valid, block_valid], dim=1), S)
+        mods = layer_modulations(cond, self.scale_shift_tables) if cond is not None else None
         for i, layer in enumerate(self.denoiser_tower.layers):
             is_mixer_first = layer.kind in ("linear_attention", "full_attention")
-            if cond is None:
+            if mods is None:
                 u = layer.norm(h)
-            else:
-                shift, scale, gate = modulation(cond, self.scale_shift_tables[i])
-                u = layer.norm(h * (1 + scale) + shift) if is_mixer_first else layer.norm(h) * (1 + scale) + shift
+            else:  # h * (1 + scale) + shift, before or after the norm, as one fused multiply-add
+                shift, scale1, gate = mods[i]
+                u = layer.norm(torch.addcmul(shift, h, scale1)) if is_mixer_first else torch.addcmul(shift, layer.norm(h), scale1)
             if layer.kind == "linear_attention":
                 y, _ = layer.mixer(u, context.mamba[i], final_state=False)  # every step restarts from the seed
             elif layer.kind == "full_attention":
@@ -182,7 +183,7 @@ class TwoTowerForCausalLM(nn.Module):
                 y = layer.mixer.attend(q, *context.keys_values(i, k, v), attn_mask)
             else:
                 y = layer.mixer(u)
-            h = h + (y if cond is None else gate * y)
+            h = h + y if mods is None else torch.addcmul(h, gate, y)
         return h
 
     def denoiser_logits(self, h: torch.Tensor, logits_for: torch.Tensor | None = None) -> torch.Tensor:

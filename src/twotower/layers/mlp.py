@@ -26,4 +26,4 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(relu2(self.up_proj(x)))
+        return self.down_proj(relu2_(self.up_proj(x)))  # the up projection is a temporary
