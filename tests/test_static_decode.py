@@ -134,6 +134,22 @@ def test_past_the_recompile_limit_a_decoder_runs_uncompiled():
     assert decoder.length == twin.length == 5
 
 
+def test_compiled_steps_warn_and_run_plain_past_dynamos_real_recompile_limit():
+    """Not a faked exception: with fullgraph=True, Dynamo itself raises at its recompile limit (it
+    does not fall back silently), and `Compiled` turns that into a warning and the plain function."""
+    from twotower.decode.static import Compiled
+
+    def affine(x):
+        return x * 2 + 1
+
+    step = Compiled(affine, compile=True, what="the test step")
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert torch.equal(step(torch.ones(3)), torch.full((3,), 3.0))
+        with pytest.warns(RuntimeWarning, match="uncompiled"):
+            got = step(torch.ones(4))  # a second shape: past the limit of one graph
+    assert torch.equal(got, torch.full((4,), 3.0)) and step.fn is affine
+
+
 # ---- the multi-token step and fixed-shape diffusion ----------------------------------------------------
 @torch.no_grad()
 def test_appending_a_block_equals_the_eager_forward_and_later_steps_agree():
