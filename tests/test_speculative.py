@@ -66,6 +66,22 @@ def test_greedy_equals_ar_with_eos_and_a_perfect_drafter(monkeypatch):
     assert spec.stats["mean_accepted"] >= 4.0  # S - 1 = 5 accepted per round, bar the rounds cut short
 
 
+def test_a_row_its_first_token_finishes_takes_no_round():
+    """One token asked for, or a first token that is an EOS: the AR token from the prefill is the
+    whole output, and no draft or verify forward runs for that row (still AR's output)."""
+    model = _model()
+    one = model.generate_speculative(PROMPTS, max_new_tokens=1, block_size=4)
+    assert torch.equal(one.sequences, model.generate_ar(PROMPTS, max_new_tokens=1).sequences)
+    assert one.stats.nfe == 0 and one.stats.context_forwards == 1
+    ar = model.generate_ar(PROMPTS, max_new_tokens=12)
+    eos = ar.new_tokens[2][0]  # row 2's first token, and no other row's
+    assert all(eos != row[0] for i, row in enumerate(ar.new_tokens) if i != 2)
+    spec = model.generate_speculative(PROMPTS, max_new_tokens=12, block_size=4, eos_token_id=eos)
+    assert spec.new_tokens == model.generate_ar(PROMPTS, max_new_tokens=12, eos_token_id=eos).new_tokens
+    assert spec.new_tokens[2] == [eos] and spec.stats.denoiser_steps_per_row[2] == 0
+    assert min(spec.stats.denoiser_steps_per_row[i] for i in (0, 1, 3)) > 0
+
+
 def test_verify_greedy_accepts_the_agreeing_prefix():
     draft = torch.tensor([[9, 1, 2, 3, 4], [9, 1, 7, 3, 4], [9, 5, 2, 3, 4]])
     target_next = torch.tensor([1, 2, 3, 4, 6])  # AR's tokens for positions 1..5

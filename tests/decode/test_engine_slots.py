@@ -168,6 +168,30 @@ def test_speculative_rows_in_slots_equal_each_alone(model, decode_step, seed):
     check_each_alone(model, speculative_requests(model, seed=seed), decode_step=decode_step)
 
 
+@pytest.mark.parametrize("slots", [True, False])
+def test_speculative_rows_that_one_token_finishes_take_no_round(model, slots):
+    """A speculative request for one token, and one whose first token is its EOS, finish at the
+    first step on the prefill's AR token, with no denoiser forward, beside rows that go on; every
+    row still equals its prompt alone."""
+    a, b, c = prompts(4, 6, 3, seed=21)
+    first_of_c = alone(model, Request("probe", c, mode="speculative", max_new_tokens=1, settings=BLOCK4))[0]
+    reqs = [
+        Request("one", a, mode="speculative", max_new_tokens=1, settings=BLOCK4),
+        Request("long", b, mode="speculative", max_new_tokens=9, settings=BLOCK4),
+        Request("eos first", c, mode="speculative", max_new_tokens=9, settings=BLOCK4, eos_ids=(first_of_c,)),
+    ]
+    scheduler = Scheduler(model, max_batch_size=4, slots=slots)
+    tokens, reasons = run(scheduler, [reqs[:1], reqs[1:]])
+    for r in reqs:
+        assert tokens[r.id] == alone(model, r), r.id
+    assert tokens["eos first"] == [first_of_c] and reasons["eos first"] == "eos" and reasons["one"] == "length"
+    alone_engine = DecodeEngine(model, mode="speculative", block_size=4, max_rows=2, slots=slots)
+    alone_engine.add([reqs[0]])
+    events = alone_engine.step()
+    assert [e.tokens for e in events] == [tokens["one"]] and events[0].finished
+    assert alone_engine.stats.denoiser_forwards == 0 and alone_engine.stats.draft_rounds == 0
+
+
 @pytest.mark.parametrize("seed", [None, 100])
 def test_speculative_slots_equal_the_packed_twin_with_a_mirror(model, seed):
     """The packed cache (slots=False) is the plain twin; the slot state with a denoiser-side mirror

@@ -23,7 +23,11 @@ class SpeculativeRounds:
         its own steps, threshold and temperature in one loop, `block.SettingsTable`), verify groups
         by sampling settings, each row with its own stream. Slot state: each draft group fills its
         rows over all slots at once (`_fill_group`), ONE verify forward covers every slot (free
-        slots verify a pad block and accept nothing)."""
+        slots verify a pad block and accept nothing). Rows that their pending token alone finishes
+        take it first, without the round (`_finish_on_pending`)."""
+        events = self._finish_on_pending()
+        if not self.rows:
+            return events
         if not self.use_slots:
             r = speculative_round(
                 self.model, self.cache, self.pending, size=self.block_size, mask_id=self.model.mask_token_id,
@@ -42,9 +46,22 @@ class SpeculativeRounds:
         self.stats.accepted_drafts += int(accepted.sum())
         kept = (accepted + 1).tolist()
         new = [d[:k][: row.remaining] for d, k, row in zip(drafted.tolist(), kept, self.rows, strict=True)]
-        events, keep = self._commit(new, row_steps.tolist())
+        round_events, keep = self._commit(new, row_steps.tolist())
         self._keep(keep)
-        return events
+        return events + round_events
+
+    def _finish_on_pending(self) -> list[Event]:
+        """Rows whose pending token alone finishes them (one token left, or the token is one of their
+        EOS ids) keep it and leave, with no denoiser step: a round would draft and verify a block
+        only to keep that token (an OpenAI client's `max_tokens=1`, a prompt answered by EOS). Their
+        events; the other rows are left as they were."""
+        first = self.pending.tolist()
+        done = [row.remaining <= 1 or tok in row.request.eos_ids for row, tok in zip(self.rows, first, strict=True)]
+        if not any(done):
+            return []
+        events, keep = self._commit([[tok] if d else [] for tok, d in zip(first, done)], [0] * len(done))
+        self._keep(keep)
+        return [event for event, d in zip(events, done) if d]
 
     def _round_on_slots(self) -> tuple[torch.Tensor, ...]:
         """One speculative round over the slot state; per row (in row order): accepted drafts, next

@@ -94,6 +94,17 @@ def speculative_loop(model, input_ids, spec: DecodeSpec, *, attention_mask=None,
     accepted_per_block: list[list[int]] = [[] for _ in range(b)]
     steps_per_row = [0] * b
     nfe, context_forwards = 0, 1
+    # A row whose first token already ends it (one token asked for, or that token is an EOS) takes
+    # it without a round: a round would draft and verify a whole block only to keep that token.
+    first_tokens = pending.tolist()
+    done = [max_new_tokens <= 1 or bool(eos) and tok in eos for tok in first_tokens]
+    for row in (row for row, d in enumerate(done) if d):
+        outputs[row] = [first_tokens[row]]
+    if any(done) and not all(done):
+        idx = torch.tensor([not d for d in done]).nonzero()[:, 0]
+        active, cache, pending = active[idx], cache.select_rows(idx.to(ctx_device)), pending[idx.to(pending.device)]
+    elif all(done):
+        active = active[:0]
     while len(active):
         rows = list(range(len(active)))
         r = speculative_round(
