@@ -238,7 +238,9 @@ def check_agreement(new: Version, old: Version, new_tokens: int, *, compiled: bo
     out["diffusion tokens equal"] = not len(differ)
     if len(differ):
         out["diffusion first differing position"] = int(differ[0, -1])
-        progress(f"note: greedy diffusion tokens differ from position {int(differ[0, -1])} (a near-tie; see the logits)")
+        progress(
+            f"note: greedy diffusion tokens differ from position {int(differ[0, -1])} (a near-tie; see the logits)"
+        )
     if _nfe(got) != _nfe(want):
         raise AssertionError(f"greedy diffusion: {_nfe(got)} denoiser forwards against {_nfe(want)}")
     out["diffusion forwards equal"] = True

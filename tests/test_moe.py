@@ -200,3 +200,8 @@ def test_fused_norms_equal_the_plain_formula():
         with torch.enable_grad():
             plain = gated.bfloat16()(xb, zb)
         assert torch.equal(gated(xb, zb), plain) and plain.dtype == torch.bfloat16
+        gated.float()  # bf16 activations, fp32 weight: both paths promote to fp32
+        with torch.enable_grad():
+            promoted = gated(xb, zb)
+        assert promoted.dtype == gated(xb, zb).dtype == torch.float32
+        torch.testing.assert_close(gated(xb, zb), promoted, rtol=0, atol=0)

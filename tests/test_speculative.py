@@ -80,6 +80,11 @@ def test_a_row_its_first_token_finishes_takes_no_round():
     assert spec.new_tokens == model.generate_ar(PROMPTS, max_new_tokens=12, eos_token_id=eos).new_tokens
     assert spec.new_tokens[2] == [eos] and spec.stats.denoiser_steps_per_row[2] == 0
     assert min(spec.stats.denoiser_steps_per_row[i] for i in (0, 1, 3)) > 0
+    # tokens per round count round tokens only (at most S each), none when no round ran
+    assert 1.0 <= spec.stats.tokens_per_round <= 4 and spec.stats.tokens_without_round >= 1
+    assert one.stats.tokens_per_round == 0.0 and one.stats.tokens_without_round == len(PROMPTS)
+    none = model.generate_speculative(PROMPTS, max_new_tokens=0, block_size=4)
+    assert none.new_tokens == [[]] * len(PROMPTS) and none.stats.nfe == 0 and none.stats.generated_tokens == 0
 
 
 def test_verify_greedy_accepts_the_agreeing_prefix():

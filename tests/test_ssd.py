@@ -116,6 +116,36 @@ def test_one_chunk_scan_equals_naive(L, groups, with_state):
     assert torch.equal(state, before) and final.data_ptr() != state.data_ptr()
 
 
+def test_one_chunk_scan_takes_a_state_in_any_layout():
+    x, dt, A, B, C, state = _inputs(L=9, seed=4)
+    Bg, Cg, _, _ = _grouped(B, C, 2)
+    odd = state.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, (p, n) strides swapped
+    want = ssd_one_chunk(x, dt, A, Bg, Cg, state=state)
+    got = ssd_one_chunk(x, dt, A, Bg, Cg, state=odd)
+    assert not odd.is_contiguous() and got[1].is_contiguous()
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("L", [5, 80])  # K shifted multiply-adds; F.conv1d past SHORT_CONV
+def test_conv_steps_and_blocks_round_alike_in_bfloat16(L):
+    """Every conv path sums in float32 and applies silu before its one rounding: a bf16 block's
+    conv output equals one-token steps over the same inputs to within one bf16 rounding."""
+    torch.manual_seed(2)
+    mixer = Mamba2Mixer(tiny_config("M")).eval().bfloat16()
+    randomise_special_params(mixer)
+    xbc = torch.randn(2, L, mixer.conv_dim).bfloat16()
+    state = torch.randn(2, mixer.conv_dim, mixer.kernel - 1).bfloat16()
+    block, _ = mixer._conv(xbc, state)
+    steps, window = [], state
+    for t in range(L):
+        out, full = mixer._conv(xbc[:, t : t + 1], window)
+        steps.append(out)
+        window = full[:, :, 1:]
+    torch.testing.assert_close(block.float(), torch.cat(steps, 1).float(), rtol=2**-8, atol=1e-6)
+
+
 @pytest.mark.parametrize("steep", [False, True])
 def test_one_chunk_scan_gradients_equal_the_chunked_scan_and_stay_finite(steep):
     """Training runs through it: gradients for every input equal `ssd_chunks_of`'s; with steep

@@ -35,19 +35,11 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_sinusoid(t).to(w.dtype))
 
 
-def modulation(t_block_out: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(shift, scale, gate), each (b, 1, H), for one layer. t_block_out (b, 3H); table (3, H)."""
-    mod = table[None] + t_block_out.view(-1, 3, table.shape[-1])
-    shift, scale, gate = mod.unbind(1)
-    return shift[:, None], scale[:, None], gate[:, None]
-
-
-def layer_modulations(
-    t_block_out: torch.Tensor, tables
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """`modulation` for every layer at once, with the scale as the factor it is used as: per layer
-    (shift, 1 + scale, gate), each (b, 1, H). tables: the layers' (3, H) tables. Three operations
-    for the whole tower instead of three per layer (a decoder runs this every denoiser step)."""
+def layer_modulations(t_block_out: torch.Tensor, tables) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every layer's adaLN modulation, with the scale as the factor it is used as: per layer
+    (shift, 1 + scale, gate), each (b, 1, H), where (shift, scale, gate) = the layer's (3, H) table
+    + t_block_out viewed as (b, 3, H). Three operations for the whole tower instead of three per
+    layer (a decoder runs this every denoiser step)."""
     H = t_block_out.shape[-1] // 3
     mod = torch.stack(list(tables))[None] + t_block_out.view(-1, 1, 3, H)  # (b, layers, 3, H)
     mod[:, :, 1] += 1.0  # autograd-safe: the sum's backward keeps nothing

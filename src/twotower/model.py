@@ -175,7 +175,11 @@ class TwoTowerForCausalLM(nn.Module):
                 u = layer.norm(h)
             else:  # h * (1 + scale) + shift, before or after the norm, as one fused multiply-add
                 shift, scale1, gate = mods[i]
-                u = layer.norm(torch.addcmul(shift, h, scale1)) if is_mixer_first else torch.addcmul(shift, layer.norm(h), scale1)
+                u = (
+                    layer.norm(torch.addcmul(shift, h, scale1))
+                    if is_mixer_first
+                    else torch.addcmul(shift, layer.norm(h), scale1)
+                )
             if layer.kind == "linear_attention":
                 y, _ = layer.mixer(u, context.mamba[i], final_state=False)  # every step restarts from the seed
             elif layer.kind == "full_attention":

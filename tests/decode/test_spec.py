@@ -92,6 +92,7 @@ def test_every_mode_returns_the_same_typed_statistics(model, mode):
         "denoiser_steps_per_row",
         "steps_per_block",
         "accepted_per_block",
+        "tokens_without_round",
     }  # the mapping view keeps the former keys of each mode
     assert ("denoiser_steps_per_row" in stats) == (mode in ("diffusion", "speculative"))
     if mode == "speculative":

@@ -197,8 +197,9 @@ class DecodeStats(Mapping):
     tokens_per_forward: diffusion: mean over rows of generated tokens / the row's denoiser steps;
     other modes: generated tokens / nfe / rows; denoiser_steps_per_row: forwards each row took part
     in; steps_per_block: diffusion, per row, the denoiser steps of each block; accepted_per_block:
-    speculative, per row, accepted drafts per round; settings: the spec, as a dict. No timing: callers
-    time what they call.
+    speculative, per row, accepted drafts per round; settings: the spec, as a dict;
+    tokens_without_round: speculative, the tokens rows took from their pending token alone, without a
+    round (one token left, or the token is an EOS). No timing: callers time what they call.
     """
 
     mode: str
@@ -210,6 +211,7 @@ class DecodeStats(Mapping):
     steps_per_block: list[list[int]] = field(default_factory=list)
     accepted_per_block: list[list[int]] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    tokens_without_round: int = 0
 
     @property
     def mean_accepted(self) -> float:
@@ -219,8 +221,10 @@ class DecodeStats(Mapping):
 
     @property
     def tokens_per_round(self) -> float:
-        """Speculative: generated tokens per round (accepted drafts + the pending token)."""
-        return self.generated_tokens / max(sum(len(a) for a in self.accepted_per_block), 1)
+        """Speculative: generated tokens per round (accepted drafts + the pending token), 0 without
+        rounds. The tokens rows took without a round (`tokens_without_round`) are left out."""
+        rounds = sum(len(a) for a in self.accepted_per_block)
+        return (self.generated_tokens - self.tokens_without_round) / rounds if rounds else 0.0
 
     def _keys(self) -> tuple[str, ...]:
         """The mapping view holds the keys the former dict held for this mode (consumers test for
@@ -242,5 +246,11 @@ class DecodeStats(Mapping):
 _COMMON_KEYS = ("mode", "nfe", "context_forwards", "generated_tokens", "tokens_per_forward", "settings")
 _MODE_KEYS = {
     "diffusion": ("denoiser_steps_per_row", "steps_per_block"),
-    "speculative": ("denoiser_steps_per_row", "accepted_per_block", "mean_accepted", "tokens_per_round"),
+    "speculative": (
+        "denoiser_steps_per_row",
+        "accepted_per_block",
+        "mean_accepted",
+        "tokens_per_round",
+        "tokens_without_round",
+    ),  # fmt: skip
 }

@@ -93,19 +93,23 @@ def speculative_loop(model, input_ids, spec: DecodeSpec, *, attention_mask=None,
     active = torch.arange(b)
     accepted_per_block: list[list[int]] = [[] for _ in range(b)]
     steps_per_row = [0] * b
-    nfe, context_forwards = 0, 1
-    # A row whose first token already ends it (one token asked for, or that token is an EOS) takes
-    # it without a round: a round would draft and verify a whole block only to keep that token.
-    first_tokens = pending.tolist()
-    done = [max_new_tokens <= 1 or bool(eos) and tok in eos for tok in first_tokens]
-    for row in (row for row, d in enumerate(done) if d):
-        outputs[row] = [first_tokens[row]]
-    if any(done) and not all(done):
-        idx = torch.tensor([not d for d in done]).nonzero()[:, 0]
-        active, cache, pending = active[idx], cache.select_rows(idx.to(ctx_device)), pending[idx.to(pending.device)]
-    elif all(done):
+    nfe, context_forwards, without_round = 0, 1, 0
+    if max_new_tokens == 0:
         active = active[:0]
     while len(active):
+        # Rows that their pending token alone finishes (one token left, or it is an EOS) take it
+        # without a round: a round would draft and verify a whole block only to keep that token.
+        left = list(zip(active.tolist(), pending.tolist(), strict=True))
+        done = [max_new_tokens - len(outputs[row]) <= 1 or (bool(eos) and tok in eos) for row, tok in left]
+        if any(done):
+            for (row, tok), finished in zip(left, done, strict=True):
+                if finished:
+                    outputs[row].append(tok)
+                    without_round += 1
+            if all(done):
+                break
+            idx = torch.tensor([not d for d in done]).nonzero()[:, 0]
+            active, cache, pending = active[idx], cache.select_rows(idx.to(ctx_device)), pending[idx.to(pending.device)]
         rows = list(range(len(active)))
         r = speculative_round(
             model, cache, pending, size=block_size, mask_id=mask_id,
@@ -141,5 +145,6 @@ def speculative_loop(model, input_ids, spec: DecodeSpec, *, attention_mask=None,
         mode="speculative", nfe=nfe, context_forwards=context_forwards, generated_tokens=generated,
         tokens_per_forward=generated / max(nfe, 1) / b, denoiser_steps_per_row=steps_per_row,
         accepted_per_block=accepted_per_block, settings={**spec.as_dict(), "mask_token_id": mask_id},
+        tokens_without_round=without_round,
     )  # fmt: skip
     return GenerationOutput(torch.cat([batch.ids.cpu(), out], 1), batch.lengths, outputs, stats)

@@ -132,11 +132,14 @@ class Mamba2Mixer(nn.Module):
             return F.silu(out).to(xbc.dtype), window.transpose(1, 2)
         xt = xbc.transpose(1, 2)  # (b, C, L)
         window = torch.cat([conv_state.to(xt.dtype), xt], dim=-1)  # (b, C, K-1+L)
+        # Every path sums in float32 and applies silu before the one rounding to the model dtype, as
+        # the block path (and the release's CUDA conv kernel) does, so steps and blocks agree.
+        bias = self.conv1d.bias.float() if self.conv1d.bias is not None else None
         if L == 1:  # decode step: a multiply-sum is ~10x cheaper than a conv1d call for one position
-            out = (window.to(w.dtype) * w[:, 0]).sum(-1, keepdim=True)
-            out = out + self.conv1d.bias[:, None] if self.conv1d.bias is not None else out
+            out = (window.float() * w[:, 0].float()).sum(-1, keepdim=True)
+            out = out + bias[:, None] if bias is not None else out
         else:
-            out = F.conv1d(window.to(w.dtype), w, self.conv1d.bias, groups=self.conv_dim)  # (b, C, L)
+            out = F.conv1d(window.float(), w.float(), bias, groups=self.conv_dim)  # (b, C, L)
         return F.silu(out).transpose(1, 2).to(xbc.dtype), window
 
     def _dt(self, dt: torch.Tensor) -> torch.Tensor:

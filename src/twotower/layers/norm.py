@@ -39,7 +39,10 @@ class GatedRMSNorm(nn.Module):
         # the cost of such small elementwise steps on the CPU).
         h = F.silu(z.float()).mul_(y).unflatten(-1, (-1, self.group_size))
         h.mul_(torch.rsqrt(h.square().mean(-1, keepdim=True).add_(self.eps)))
-        return h.flatten(-2).to(y.dtype).mul_(self.weight)
+        g = h.flatten(-2).to(y.dtype)
+        if torch.promote_types(g.dtype, self.weight.dtype) != g.dtype:  # e.g. bf16 y, fp32 weight
+            return self.weight * g
+        return g.mul_(self.weight)
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

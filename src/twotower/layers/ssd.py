@@ -187,7 +187,7 @@ def ssd_one_chunk(
     xdt = (x * dt[..., None]).transpose(1, 2).contiguous()  # (b, h, L, p)
     y = torch.matmul(scores, xdt)  # (b, h, l, p): the inputs within the block
     if state is not None:  # and the state it starts from, decayed to each position
-        start = state.float().view(b, g, hg * p, n)
+        start = state.float().reshape(b, g, hg * p, n)  # (any layout: a view when contiguous)
         y_state = torch.matmul(Cg, start.transpose(-1, -2)).view(b, g, L, hg, p).transpose(2, 3)
         y.addcmul_(y_state.reshape(b, h, L, p), torch.exp(cs)[..., None])
     if not final:
@@ -197,7 +197,7 @@ def ssd_one_chunk(
     if state is None:
         new = torch.bmm(xw, Bg.reshape(b * g, L, n))
     else:  # one state-sized write: the decayed copy, the block's input added in place
-        new = state.float() * torch.exp(last)[..., None]  # (b, h, p, n): never the input itself
+        new = (state.float() * torch.exp(last)[..., None]).contiguous()  # (b, h, p, n): never the input
         new.view(b * g, hg * p, n).baddbmm_(xw, Bg.reshape(b * g, L, n))
     return y.transpose(1, 2), new.view(b, h, p, n)
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..conditioning import modulation
+from ..conditioning import layer_modulations
 from ..layers.mamba2 import Mamba2Mixer, MambaState
 from ..model import TwoTowerForCausalLM
 from .block_attention import DEFAULT_QUERY_CHUNK, BlockAttention
@@ -186,13 +186,14 @@ def denoise_blocks(
     H = model.config.hidden_size
     h = model.denoiser_tower.embeddings(noisy)
     cond = model.t_block(model.t_embedder(t.reshape(b * nb)))  # (b*nb, 3H): one t per block
+    mods = layer_modulations(cond, model.scale_shift_tables)  # as `model.denoise_hidden` rounds them
     for i, layer in enumerate(model.denoiser_tower.layers):
-        shift, scale, gate = (m.view(b, nb, 1, H) for m in modulation(cond, model.scale_shift_tables[i]))
+        shift, scale1, gate = (m.view(b, nb, 1, H) for m in mods[i])
         hb = h.view(b, nb, S, H)
         if layer.kind in MODULATE_FIRST:
-            u = layer.norm(hb * (1 + scale) + shift)
+            u = layer.norm(torch.addcmul(shift, hb, scale1))
         else:
-            u = layer.norm(hb) * (1 + scale) + shift
+            u = torch.addcmul(shift, layer.norm(hb), scale1)
         if layer.kind == "linear_attention":  # each block from its own seed; final states discarded
             y, _ = layer.mixer(u.reshape(b * nb, S, H), context.seeds[i])
         elif layer.kind == "full_attention":
@@ -201,5 +202,5 @@ def denoise_blocks(
             y = layer.mixer.o_proj(out.transpose(1, 2).reshape(b, L, -1))
         else:
             y = layer.mixer(u.reshape(b, L, H))
-        h = h + (gate * y.reshape(b, nb, S, H)).reshape(b, L, H)
+        h = torch.addcmul(h.view(b, nb, S, H), gate, y.reshape(b, nb, S, H)).reshape(b, L, H)
     return h
