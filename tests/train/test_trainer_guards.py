@@ -237,3 +237,49 @@ def signal_job(job: dict) -> dict:
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(dist.get_world_size())]
     latest = checkpointing.latest_checkpoint(out)
     return {"ranks": ranks, "saved_step": checkpointing.read_state(latest).step if latest else None}
+
+
+# ---- the train command's exit statuses (the trainer-level tests above cover the behaviour) --------------
+def _backbone_command(tmp_path: Path, *extra: str) -> list[str]:
+    from tests.conftest import tiny_config
+
+    data = write_packed(tmp_path / "data")
+    tiny_config("M*E", chunk_size=4).save(tmp_path / "config.json")
+    return ["train", "backbone", "--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "ar"),
+            "--data", str(data), "--batch-size", "2", "--micro-batch", "1", "--seq-len", "32",
+            "--eval-every", "1000", "--warmup-steps", "1", *extra]  # fmt: skip
+
+
+def test_a_sigterm_to_the_train_command_saves_and_exits_128_plus_the_signal(tmp_path):
+    """A real process and a real signal from outside: the command finishes its step, saves it,
+    says so in one line (no traceback) and exits with 128 + SIGTERM."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "ar"
+    argv = _backbone_command(tmp_path, "--steps", "5000", "--save-every", "1")
+    proc = subprocess.Popen([sys.executable, "-m", "twotower.cli", *argv], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while checkpointing.latest_checkpoint(out) is None:  # training runs (and the handlers are in)
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended or never saved"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "twotower train: stopped by signal" in err and "Traceback" not in err
+    saved = checkpointing.read_state(checkpointing.latest_checkpoint(out)).step
+    assert 1 <= saved < 5000 and f"after step {saved}," in err
+
+
+def test_a_run_that_keeps_going_non_finite_exits_1_with_one_line(tmp_path, capsys):
+    """A learning rate that blows the weights up: every later step is non-finite and skipped; after
+    `max_nonfinite_steps` in a row the command stops with status 1 and one error line."""
+    with pytest.raises(SystemExit) as stop:
+        cli_main(_backbone_command(tmp_path, "--steps", "20", "--save-every", "1000", "--lr", "1e30"))
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err and "finite" in err
