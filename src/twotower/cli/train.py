@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 
 from .options import CLIError
@@ -83,8 +84,6 @@ def _peak_tflops(args: argparse.Namespace) -> float | None:
     if args.peak_tflops is None:
         return None
     if args.peak_tflops == "measure":
-        import logging
-
         import torch
 
         from ..train.flops import measure_matmul_flops
@@ -123,13 +122,24 @@ def train_settings(args: argparse.Namespace):
     )
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record, not as it was when the handler was made
+    (a second in-process run after stderr was redirected would write to a closed stream)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _log_training() -> None:
     """The trainer's notes (engine, FLOPs per token, throughput, no held-out set) on stderr."""
-    import logging
-
     logger = logging.getLogger("twotower.train")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = _CurrentStderr()
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)

@@ -11,7 +11,7 @@ from ..layers.mamba2 import MambaHistory
 from .block import RowGroup, anchored_canvas
 from .request import Event
 from .rows import row_groups, sampling_key
-from .steps import accept_drafts, speculative_round, verify_drafts
+from .steps import accept_drafts, finishes_on_pending, speculative_round, verify_drafts
 
 
 class SpeculativeRounds:
@@ -51,12 +51,14 @@ class SpeculativeRounds:
         return events + round_events
 
     def _finish_on_pending(self) -> list[Event]:
-        """Rows whose pending token alone finishes them (one token left, or the token is one of their
-        EOS ids) keep it and leave, with no denoiser step: a round would draft and verify a block
-        only to keep that token (an OpenAI client's `max_tokens=1`, a prompt answered by EOS). Their
-        events; the other rows are left as they were."""
+        """Rows that their pending token alone finishes (`steps.finishes_on_pending`: an OpenAI
+        client's `max_tokens=1`, a prompt answered by EOS) keep it and leave, with no denoiser step.
+        Their events; the other rows are left as they were."""
         first = self.pending.tolist()
-        done = [row.remaining <= 1 or tok in row.request.eos_ids for row, tok in zip(self.rows, first, strict=True)]
+        done = [
+            finishes_on_pending(row.remaining, tok, row.request.eos_ids)
+            for row, tok in zip(self.rows, first, strict=True)
+        ]
         if not any(done):
             return []
         events, keep = self._commit([[tok] if d else [] for tok, d in zip(first, done)], [0] * len(done))

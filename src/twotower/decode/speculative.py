@@ -39,7 +39,7 @@ from .spec import (
     DecodeSpec,
     DecodeStats,
 )
-from .steps import ar_logits, speculative_round
+from .steps import ar_logits, finishes_on_pending, speculative_round
 from .verify import ar_probs, verify, verify_greedy, verify_sampled
 
 __all__ = ["DEFAULT_DRAFT_STEPS", "ar_probs", "generate_speculative", "verify", "verify_greedy", "verify_sampled"]
@@ -97,10 +97,8 @@ def speculative_loop(model, input_ids, spec: DecodeSpec, *, attention_mask=None,
     if max_new_tokens == 0:
         active = active[:0]
     while len(active):
-        # Rows that their pending token alone finishes (one token left, or it is an EOS) take it
-        # without a round: a round would draft and verify a whole block only to keep that token.
         left = list(zip(active.tolist(), pending.tolist(), strict=True))
-        done = [max_new_tokens - len(outputs[row]) <= 1 or (bool(eos) and tok in eos) for row, tok in left]
+        done = [finishes_on_pending(max_new_tokens - len(outputs[row]), tok, eos or ()) for row, tok in left]
         if any(done):
             for (row, tok), finished in zip(left, done, strict=True):
                 if finished:

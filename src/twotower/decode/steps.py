@@ -71,6 +71,13 @@ class Round:
 
 
 @torch.no_grad()
+def finishes_on_pending(remaining: int, token: int, eos_ids) -> bool:
+    """Whether a speculative row's pending token alone finishes it (one token left, or the token is
+    one of its EOS ids): it then takes that token without a round, which would draft and verify a
+    whole block only to keep it. `generate_speculative` and the engine both ask this."""
+    return remaining <= 1 or token in eos_ids
+
+
 def speculative_round(
     model,
     cache: HybridCache,

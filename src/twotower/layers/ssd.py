@@ -67,8 +67,11 @@ def ssd_chunked(
     state: torch.Tensor | None = None,
     final: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Chunked SSD scan, exact for any length L: chunks of `effective_chunk(L, chunk_size)`.
+    """Chunked SSD scan, exact for any length L: chunks of `effective_chunk(L, chunk_size)`; up to
+    `chunk_size` positions, one chunk (`ssd_one_chunk`, B and C per head: groups of one).
     `final=False`: the caller discards the final state (the denoiser), which is then None."""
+    if x.shape[1] <= chunk_size:
+        return ssd_one_chunk(x, dt, A, B, C, state=state, final=final)
     chunk = effective_chunk(x.shape[1], chunk_size)
     return ssd_chunks_of(x, dt, A, B, C, chunk=chunk, state=state, final=final)
 
@@ -113,42 +116,17 @@ def ssd_chunks_of(
     decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (b, h, c, l)
 
     # 3. carry states across chunks, starting from the initial state
-    if nc == 1:  # a block of up to one chunk: the carry is a single decay (no (c+1) x (c+1) product)
-        start_states = state.float()[:, None]  # (b, 1, h, p, n)
-        final_state = _one_chunk_final(state, a_cum[:, :, 0, -1], decay_to_end[:, :, 0], xc, Bc) if final else None
-    else:
-        chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_to_end, xc)
-        states = torch.cat([state[:, None].float(), chunk_states], dim=1)  # (b, c+1, h, p, n)
-        chunk_decay = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
-        carried = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
-        start_states, final_state = carried[:, :-1], carried[:, -1]
+    chunk_states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_to_end, xc)
+    states = torch.cat([state[:, None].float(), chunk_states], dim=1)  # (b, c+1, h, p, n)
+    chunk_decay = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # (b, h, c+1, c+1)
+    carried = torch.einsum("bhzc,bchpn->bzhpn", chunk_decay, states)
+    start_states, final_state = carried[:, :-1], carried[:, -1]
 
     # 4. contribution of each chunk's start state to its outputs
     y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cc, start_states, torch.exp(a_cum))
 
     y = (y_diag + y_off).reshape(b, nc * chunk, h, p)[:, :L]
     return y, (final_state if final else None)
-
-
-def _one_chunk_final(
-    state: torch.Tensor, a_total: torch.Tensor, decay_to_end: torch.Tensor, xc: torch.Tensor, Bc: torch.Tensor
-) -> torch.Tensor:
-    """The state after a one-chunk scan, steps 2-3 for c = 1: exp(a_total) * state + the chunk's
-    own contribution sum_l decay_to_end[l] * x_l outer B_l. a_total (b, h), decay_to_end (b, h, l),
-    xc (b, 1, l, h, p) (dt-scaled), Bc (b, 1, l, h, n) -> (b, h, p, n) fp32, a fresh tensor.
-
-    The state is the big operand (2 MiB per row and layer at the release's widths, fp32: 64 MiB
-    at batch 32), so it is written once: the decayed copy, then the chunk's input added in place by
-    one batched matmul, instead of a matmul result, a decayed copy and their sum (three fresh
-    state-sized tensors)."""
-    b, _, l, h, p = xc.shape
-    n = Bc.shape[-1]
-    new = state.float() * torch.exp(a_total)[..., None, None]  # (b, h, p, n): never the input itself
-    xw = xc[:, 0] * decay_to_end.transpose(1, 2)[..., None]  # (b, l, h, p)
-    x_bh = xw.permute(0, 2, 3, 1).reshape(b * h, p, l)
-    B_bh = Bc[:, 0].permute(0, 2, 1, 3).reshape(b * h, l, n)
-    new.view(b * h, p, n).baddbmm_(x_bh, B_bh)
-    return new
 
 
 @fp32_scan
@@ -196,7 +174,8 @@ def ssd_one_chunk(
     xw = (xdt * torch.exp(last - cs)[..., None]).view(b * g, hg, L, p).transpose(2, 3).reshape(b * g, hg * p, L)
     if state is None:
         new = torch.bmm(xw, Bg.reshape(b * g, L, n))
-    else:  # one state-sized write: the decayed copy, the block's input added in place
+    else:  # the state is the big operand (2 MiB per row and layer at the release's widths, fp32), so
+        # it is written once: the decayed copy, then the block's input added in place by one bmm
         new = (state.float() * torch.exp(last)[..., None]).contiguous()  # (b, h, p, n): never the input
         new.view(b * g, hg * p, n).baddbmm_(xw, Bg.reshape(b * g, L, n))
     return y.transpose(1, 2), new.view(b, h, p, n)
