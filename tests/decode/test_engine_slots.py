@@ -129,16 +129,79 @@ def test_speculative_rows_with_different_draft_settings_draft_in_one_loop(model,
     assert scheduler.stats.denoiser_forwards <= 3 * rounds
 
 
-def test_rows_of_one_loop_must_share_top_k():
-    from twotower.decode.block import SettingsTable
+def one_loop_requests(model) -> list[Request]:
+    """Rows that differ in top_k, anchoring and EOS-aware commits, greedy and sampled side by side."""
+    kinds = [  # (top_k, anchor, eos_aware_commit, temperature)
+        (None, False, False, 0.0), (3, True, False, 0.9), (1, False, True, 0.7),
+        (20, True, True, 0.0), (None, True, False, 1.1), (5, False, True, 0.8),
+    ]  # fmt: skip
+    ps = prompts(3, 9, 1, 6, 5, 4, seed=23)
+    reqs = [
+        Request(i, p, max_new_tokens=6 + 2 * i, settings=DiffusionSettings(4, 4, 0.6, temperature=temp, top_k=k),
+                anchor=anchor, eos_aware_commit=aware, seed=200 + i if temp > 0 else None)
+        for i, (p, (k, anchor, aware, temp)) in enumerate(zip(ps, kinds, strict=True))
+    ]  # fmt: skip
+    eos = rare_token(model, reqs)
+    return [replace(r, eos_ids=(eos,)) for r in reqs]
 
-    rows = [DiffusionSettings(4, 4, 0.9, temperature=0.5, top_k=k) for k in (None, 5)]
-    with pytest.raises(ValueError, match="share top_k"):
-        SettingsTable.of(rows, 2, torch.device("cpu"))
-    same = SettingsTable.of([rows[0], rows[0]], 2, torch.device("cpu"))  # kept per row: one graph for both
-    assert same.options["threshold"].tolist() == pytest.approx([0.9, 0.9]) and same.steps == 4
-    one = SettingsTable.of(rows[0], 2, torch.device("cpu"))
-    assert one.options["threshold"] == 0.9 and one.sampled_rows == [True, True]
+
+@pytest.mark.parametrize("engine", [dict(decode_step="eager"), dict(decode_step="static"), dict(slots=False)])
+def test_rows_with_different_top_k_anchoring_and_eos_awareness_equal_each_alone(model, engine):
+    reqs = one_loop_requests(model)
+    scheduler = Scheduler(model, max_batch_size=6, **engine)
+    tokens, _ = run(scheduler, [[reqs[i] for i in wave] for wave in MIXED_WAVES])
+    for r in reqs:
+        assert tokens[r.id] == alone(model, r), r.id
+
+
+def _forwards_alone(model, req: Request) -> int:
+    s = req.settings
+    out = model.generate_mask_diffusion(
+        [list(req.prompt)], max_new_tokens=req.max_new_tokens, block_size=s.block_size,
+        steps_per_block=s.steps_per_block, confidence_threshold=s.confidence_threshold, temperature=s.temperature,
+        top_k=s.top_k, seed=req.seed, anchor=req.anchor, eos_aware_commit=req.eos_aware_commit,
+        eos_token_id=list(req.eos_ids) or None,
+    )  # fmt: skip
+    return out.stats.nfe
+
+
+@pytest.mark.parametrize("slots", [True, False])
+def test_one_block_of_rows_with_different_top_k_anchoring_and_eos_awareness_is_one_denoiser_loop(model, slots):
+    """Four rows of one block each, joining together, each with another top_k, anchoring or
+    EOS-awareness: the block takes as many denoiser forwards as its slowest row alone (one loop for
+    all), where one loop per (top_k, anchor, EOS-aware) group took their sum."""
+    ps = prompts(5, 5, 5, 5, seed=29)
+    kinds = [(None, False, False), (2, False, False), (None, True, False), (None, False, True)]
+    eos = rare_token(model, [Request(i, p, max_new_tokens=4, settings=BLOCK4) for i, p in enumerate(ps)])
+    reqs = [
+        Request(i, p, max_new_tokens=4, settings=DiffusionSettings(4, 4, 0.95, temperature=0.8, top_k=k), seed=40 + i,
+                anchor=anchor, eos_aware_commit=aware, eos_ids=(eos,))
+        for i, (p, (k, anchor, aware)) in enumerate(zip(ps, kinds, strict=True))
+    ]  # fmt: skip
+    scheduler = Scheduler(model, max_batch_size=4, slots=slots)
+    tokens, _ = run(scheduler, [reqs])
+    for r in reqs:
+        assert tokens[r.id] == alone(model, r), r.id
+    nfe = [_forwards_alone(model, r) for r in reqs]
+    assert scheduler.stats.denoiser_forwards == max(nfe) < sum(nfe)
+
+
+@pytest.mark.parametrize("slots", [True, False])
+def test_speculative_rows_with_different_draft_top_k_draft_in_one_loop(model, slots):
+    """Sampled drafts cut at top_k None, 5 and 2: one draft loop per round for all rows (at most
+    the draft steps' forwards), and each row's tokens equal its request alone."""
+    ps = prompts(6, 6, 6, seed=31)
+    reqs = [
+        Request(i, p, mode="speculative", max_new_tokens=10, draft_steps=2, seed=60 + i,
+                settings=DiffusionSettings(4, 4, 0.5, temperature=0.8, top_k=k))
+        for i, (p, k) in enumerate(zip(ps, (None, 5, 2), strict=True))
+    ]  # fmt: skip
+    scheduler = Scheduler(model, max_batch_size=3, slots=slots)
+    tokens, _ = run(scheduler, [reqs])
+    for r in reqs:
+        assert tokens[r.id] == alone(model, r), r.id
+    rounds = scheduler.stats.context_forwards - 1  # the prefill, then one verify per round
+    assert rounds > 0 and scheduler.stats.denoiser_forwards <= 2 * rounds
 
 
 @pytest.mark.parametrize("decode_step", ["eager", "static"])

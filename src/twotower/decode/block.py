@@ -22,7 +22,7 @@ import torch
 
 from ..context import DenoiserContext
 from ..layers.mamba2 import MambaState
-from .sampling import RowGenerators, apply_top_k, choose_tokens, gumbel_from_uniform
+from .sampling import RowGenerators, RowTopK, apply_top_k, choose_tokens, gumbel_from_uniform
 from .spec import DiffusionSettings
 
 
@@ -90,10 +90,10 @@ def block_commit(
     steps: int | torch.Tensor,
     threshold: float | torch.Tensor,
     temperature: float | torch.Tensor,
-    top_k: int | None = None,
+    top_k: int | RowTopK | None = None,
     mask_id: int,
     eos_ids: torch.Tensor | None = None,
-    eos_aware: bool = False,
+    eos_aware: bool | torch.Tensor = False,
     noise: torch.Tensor | None = None,
     sampled: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -105,8 +105,10 @@ def block_commit(
     `steps`, `threshold` and `temperature` may be 0-d tensors (a compiled step then serves every
     value with one graph), or (b,) tensors, one value per row (rows with other settings share the
     step); `sampled` (temperature > 0) must then be given: a Python bool, or (b,) bool per row.
+    `top_k` likewise: one k for every row, or a `RowTopK` (one per row).
 
-    `eos_aware`: only positions before the row's first committed EOS are ranked and counted.
+    `eos_aware`: only positions before the row's first committed EOS are ranked and counted; a
+    Python bool for every row, or (b,) bool per row.
     Returns (canvas, masked, committed (b, S) bool, live (b,) bool: the row took part in this step).
     """
     logits = logits.float().clone()
@@ -131,7 +133,10 @@ def block_commit(
     confidence = torch.softmax(logits, dim=-1).gather(-1, pred[..., None])[..., 0]
     ahead = masked & before_first_eos(canvas, masked, eos_ids)
     live = ahead.any(-1)
-    ranked = ahead if eos_aware else masked
+    if isinstance(eos_aware, torch.Tensor):
+        ranked = torch.where(eos_aware.to(masked.device)[:, None], ahead, masked)
+    else:
+        ranked = ahead if eos_aware else masked
     n_confident = (ranked & (confidence > _column(threshold))).sum(-1)
     commit = select_commits(confidence, ranked, commit_counts(ranked.sum(-1), n_confident, step, steps))
     commit &= live[:, None]
@@ -178,7 +183,7 @@ def denoise_block(
     canvas: torch.Tensor | None = None,
     masked: torch.Tensor | None = None,
     eos_ids: torch.Tensor | None = None,
-    eos_aware: bool = False,
+    eos_aware: bool | torch.Tensor = False,
     denoise: Callable[..., torch.Tensor] | None = None,
     draw: torch.Tensor | None = None,
     fused_step: Callable[..., tuple] | None = None,
@@ -190,7 +195,8 @@ def denoise_block(
     With `eos_ids` ((E,) or per row (rows, E), see `eos_table`), a row stops as soon as it has
     committed an EOS and every position before it: what follows its EOS is never output, so those
     positions stay masked (its output is exactly what running all steps would give, since committed
-    tokens never change). `eos_aware`: see `block_commit` (changes which positions commit).
+    tokens never change). `eos_aware`: see `block_commit` (changes which positions commit; one
+    bool, or (rows,) bool per row).
 
     `denoise` replaces `model.denoise` (same arguments; e.g. `static.FixedShapeDenoiser`). `draw` (rows,)
     bool: only these rows draw random numbers when sampling (rows kept idle in a fixed-shape batch
@@ -281,9 +287,9 @@ def anchored_canvas(
 class SettingsTable:
     """The diffusion settings of one `denoise_block` loop's rows: one `DiffusionSettings` for all,
     or one per row (always kept per row, equal or not: one compiled graph serves both). Rows that
-    differ in threshold, temperature or steps share the loop and every denoiser forward (a row
-    past its own last step has nothing left and sits idle); top_k must agree (it shapes the
-    kernel). `options` are `block_commit`'s settings for the eager step (numbers, or (b,)
+    differ in threshold, temperature, steps or top_k share the loop and every denoiser forward (a
+    row past its own last step has nothing left and sits idle; rows that differ in top_k cut each
+    at its own k, `sampling.RowTopK`). `options` are `block_commit`'s settings for the eager step (numbers, or (b,)
     tensors), `steps` the loop's length."""
 
     steps: int
@@ -321,14 +327,13 @@ class SettingsTable:
         if len(settings) != rows:
             raise ValueError(f"{len(settings)} settings for {rows} rows")
         top_k = {s.top_k for s in settings}
-        if len(top_k) > 1:
-            raise ValueError(f"the rows of one denoiser loop must share top_k, got {sorted(top_k, key=str)}")
+        shared_k = top_k.pop() if len(top_k) == 1 else RowTopK.of([s.top_k for s in settings], device)
         sampled_rows = [s.temperature > 0 for s in settings]
         per_row = dict(
             steps=torch.tensor([s.steps_per_block for s in settings], dtype=torch.long, device=device),
             threshold=torch.tensor([float(s.confidence_threshold) for s in settings], device=device),
             temperature=torch.tensor([float(s.temperature) for s in settings], device=device),
-            top_k=top_k.pop(),
+            top_k=shared_k,
             sampled=torch.tensor(sampled_rows, device=device),
         )
         return cls(max(s.steps_per_block for s in settings), per_row, sampled_rows, device)
@@ -362,14 +367,15 @@ def fill_blocks(
     *,
     mask_id: int,
     eos_ids: torch.Tensor | None = None,
-    eos_aware: bool = False,
+    eos_aware: bool | torch.Tensor = False,
     on_step: Callable[[RowGroup], Callable[[dict], None] | None] | None = None,
     denoise: Callable[..., torch.Tensor] | None = None,
     draw: torch.Tensor | None = None,
     fused_step: Callable[..., tuple] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """`denoise_block` for every group of rows of one batch (canvas, masked (b, S); eos_ids per row
-    (b, E) or shared (E,)); a group that is not the whole batch reads its rows of the context.
+    (b, E) or shared (E,); eos_aware one bool or (b,) per row); a group that is not the whole batch
+    reads its rows of the context.
     `on_step(group)` gives the group's step callback. Returns (canvas, per-row steps (b,), forwards)."""
     n = canvas.shape[0]
     canvas, row_steps, forwards = canvas.clone(), torch.zeros(n, dtype=torch.long, device=canvas.device), 0
@@ -377,13 +383,16 @@ def fill_blocks(
         whole = list(group.rows) == list(range(n))  # the whole batch, in order
         index = torch.tensor(group.rows, device=canvas.device)
         per_row_eos = eos_ids is not None and eos_ids.dim() == 2 and not whole
+        aware = (
+            eos_aware[index.to(eos_aware.device)] if isinstance(eos_aware, torch.Tensor) and not whole else eos_aware
+        )
         filled, steps, f = denoise_block(
             model,
             context if whole else subset_context(context, group.rows),
             rows=len(group.rows), size=canvas.shape[1], settings=group.settings, mask_id=mask_id,
             generator=group.generator, on_step=on_step(group) if on_step is not None else None,
             canvas=canvas if whole else canvas[index], masked=masked if whole else masked[index],
-            eos_ids=eos_ids[index.to(eos_ids.device)] if per_row_eos else eos_ids, eos_aware=eos_aware,
+            eos_ids=eos_ids[index.to(eos_ids.device)] if per_row_eos else eos_ids, eos_aware=aware,
             denoise=denoise, draw=draw if whole or draw is None else draw[index.to(draw.device)],
             fused_step=fused_step,
         )  # fmt: skip

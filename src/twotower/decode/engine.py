@@ -3,17 +3,18 @@ blocks, each row with its own settings, budget, EOS and random stream, all shari
 
 One `DecodeEngine` serves one mode and block size (rows of a batch must advance the context by the
 same number of tokens per step). Per `step()`:
-  1. diffusion: rows are grouped by their block settings and anchoring and `block.fill_blocks` fills
-     one block per group (a row in its short last block forms its own group; an anchored row's
-     block starts with its `pending` token); AR: `steps.sample_groups` picks every row's token from
-     the logits of its last step.
+  1. diffusion: `block.fill_blocks` fills one block for every row in one denoiser loop, each row by
+     its own settings (threshold, temperature, steps, top_k, EOS-aware commits; an anchored row's
+     block starts with its `pending` token); only a row in its short last block forms its own
+     group. AR: `steps.sample_groups` picks every row's token from the logits of its last step.
   2. each row's new tokens become an `Event` (cut after EOS); finished rows leave with `select_rows`.
   3. the context tower appends the committed tokens of the remaining rows in ONE forward (with
      anchored rows in the batch, its head at the last position gives their next `pending` token).
 Speculative: one step is a round for every row (`steps.speculative_round`'s steps): each row drafts
-a block after its own `pending` token (one fill per group of draft settings), ONE context forward
-verifies all drafts, each row keeps its pending token + its accepted drafts (`HybridCache.rollback`
-with per-row counts) and the AR token at its first disagreement becomes its next `pending`.
+a block after its own `pending` token (one draft loop for all rows, each by its own draft
+settings), ONE context forward verifies all drafts, each row keeps its pending token + its
+accepted drafts (`HybridCache.rollback` with per-row counts) and the AR token at its first
+disagreement becomes its next `pending`.
 The steps are the ones `generate_*` call (`steps.py`, `block.py`); here each row has its own stream.
 `add()` prefills new prompts together (left-padded); AR, speculative and anchored diffusion rows
 take their first token's logits from that prefill. Rows then live in a `SlotCache` (`slots.py`):
@@ -242,14 +243,12 @@ class DecodeEngine(SpeculativeRounds):
         for i, row in enumerate(self.rows):
             eos_sets[place[i]] = row.request.eos_ids
         eos = eos_table(eos_sets, device=device)
-        for (size, _top_k, anchor, eos_aware), idx in self._block_groups().items():
-            settings = [self.rows[i].request.settings for i in idx]  # each row's own: one loop for all
-            if anchor:
-                first = self.pending[torch.tensor(idx, device=self.pending.device)]
-                mine, mine_masked = anchored_canvas(first, size=size, mask_id=model.mask_token_id, device=device)
-            else:
-                mine = torch.full((len(idx), size), model.mask_token_id, dtype=torch.long, device=device)
-                mine_masked = torch.ones(len(idx), size, dtype=torch.bool, device=device)
+        for size, idx in self._block_groups().items():
+            requests = [self.rows[i].request for i in idx]
+            mine, mine_masked = self._block_canvas(idx, size)
+            aware = [r.eos_aware_commit for r in requests]  # one bool for all, or one per row
+            eos_aware = aware[0] if len(set(aware)) == 1 else torch.tensor(aware, device=device)
+            settings = [r.settings for r in requests]  # each row's own: one loop for all
             canvas, steps = self._fill_group(context, idx, mine, mine_masked, settings, eos=eos, eos_aware=eos_aware)
             canvas, steps = canvas.cpu(), steps.tolist()  # the host reads the block once
             for j, i in enumerate(idx):
@@ -263,6 +262,20 @@ class DecodeEngine(SpeculativeRounds):
                 self.pending = self._anchors(logits.to(device), self.rows)
         return events
 
+    def _block_canvas(self, idx: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new blocks (len(idx), size) of rows `idx` and where they are masked: all masked, but
+        an anchored row's position 0 holds its pending token (`block.anchored_canvas`)."""
+        model = self.model
+        device = model.denoiser_device
+        canvas = torch.full((len(idx), size), model.mask_token_id, dtype=torch.long, device=device)
+        masked = torch.ones(len(idx), size, dtype=torch.bool, device=device)
+        anchored = [j for j, i in enumerate(idx) if self.rows[i].request.anchor]
+        if anchored:
+            first = self.pending[torch.tensor([idx[j] for j in anchored], device=self.pending.device)]
+            where = torch.tensor(anchored, device=device)
+            canvas[where], masked[where] = anchored_canvas(first, size=size, mask_id=model.mask_token_id, device=device)
+        return canvas, masked
+
     def _fill_group(
         self,
         context: DenoiserContext,
@@ -272,7 +285,7 @@ class DecodeEngine(SpeculativeRounds):
         settings: list[DiffusionSettings],
         *,
         eos: torch.Tensor | None = None,
-        eos_aware: bool = False,
+        eos_aware: bool | torch.Tensor = False,
         report: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fill the blocks (len(idx), size) of rows `idx`, each by its own `settings` (one per row of
@@ -286,6 +299,10 @@ class DecodeEngine(SpeculativeRounds):
         full = torch.full((width, canvas.shape[1]), model.mask_token_id, dtype=torch.long, device=device)
         full_masked = torch.zeros(width, canvas.shape[1], dtype=torch.bool, device=device)
         full[members], full_masked[members] = canvas, masked
+        if isinstance(eos_aware, torch.Tensor):  # one per row of `idx`: spread over the slots (idle: any)
+            aware = torch.zeros(width, dtype=torch.bool, device=device)
+            aware[members] = eos_aware.to(device)
+            eos_aware = aware
         streams, skip = [None] * width, [True] * width
         for i in idx:
             streams[place[i]], skip[place[i]] = self.rows[i].generator, False
@@ -385,17 +402,12 @@ class DecodeEngine(SpeculativeRounds):
             )
         return out
 
-    def _block_groups(self) -> dict[tuple, list[int]]:
-        """Row indices by (this block's size, top_k, anchored, EOS-aware): one `fill_blocks` call per
-        group. Rows whose threshold, temperature or steps differ share it (`block.SettingsTable`):
-        every denoiser forward covers them all."""
-        return row_groups(
-            self.rows,
-            lambda row: (
-                min(self.block_size, row.remaining), row.request.settings.top_k, row.request.anchor,
-                row.request.eos_aware_commit,
-            ),
-        )  # fmt: skip
+    def _block_groups(self) -> dict[int, list[int]]:
+        """Row indices by this block's size: one `fill_blocks` call per group. Rows whose threshold,
+        temperature, steps, top_k, anchoring or EOS-aware commits differ share it (per-row settings,
+        `block.SettingsTable`; an anchored row's block starts with its token): every denoiser forward
+        covers them all. Only a row's short last block forms its own group."""
+        return row_groups(self.rows, lambda row: min(self.block_size, row.remaining))
 
     def _step_ar(self) -> list[Event]:
         tokens = sample_rows(self.logits, self.rows)

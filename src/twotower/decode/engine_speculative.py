@@ -10,7 +10,7 @@ from ..cache import RollbackPoint
 from ..layers.mamba2 import MambaHistory
 from .block import RowGroup, anchored_canvas
 from .request import Event
-from .rows import row_groups, sampling_key
+from .rows import sampling_key
 from .steps import accept_drafts, finishes_on_pending, speculative_round, verify_drafts
 
 
@@ -19,10 +19,10 @@ class SpeculativeRounds:
     `_layout`, `_denoiser_context`, `_fill_group`, `_groups`, `_streams`, `_commit` and `_keep`)."""
 
     def _step_speculative(self) -> list[Event]:
-        """`steps.speculative_round` for every row: draft groups by top_k only (each row drafts with
-        its own steps, threshold and temperature in one loop, `block.SettingsTable`), verify groups
-        by sampling settings, each row with its own stream. Slot state: each draft group fills its
-        rows over all slots at once (`_fill_group`), ONE verify forward covers every slot (free
+        """`steps.speculative_round` for every row: one draft loop (each row drafts with its own
+        steps, threshold, temperature and top_k, `block.SettingsTable`), verify groups
+        by sampling settings, each row with its own stream. Slot state: the draft loop fills every
+        row over all slots at once (`_fill_group`), ONE verify forward covers every slot (free
         slots verify a pad block and accept nothing). Rows that their pending token alone finishes
         take it first, without the round (`_finish_on_pending`)."""
         events = self._finish_on_pending()
@@ -31,9 +31,7 @@ class SpeculativeRounds:
         if not self.use_slots:
             r = speculative_round(
                 self.model, self.cache, self.pending, size=self.block_size, mask_id=self.model.mask_token_id,
-                draft_groups=self._groups(
-                    lambda row: row.request.draft_settings.top_k, lambda row: row.request.draft_settings, per_row=True
-                ),
+                draft_groups=self._groups(lambda row: None, lambda row: row.request.draft_settings, per_row=True),
                 verify_groups=self._groups(sampling_key, lambda row: row.request.settings),
             )  # fmt: skip
             self.stats.denoiser_forwards += r.forwards
@@ -73,15 +71,11 @@ class SpeculativeRounds:
         width, place = self._layout()
         self.state.ensure(size)  # room for the verify forward, before the denoiser reads the state
         context = self._denoiser_context()
-        drafted = torch.empty(len(self.rows), size, dtype=torch.long, device=device)
-        row_steps = torch.zeros(len(self.rows), dtype=torch.long, device=device)
-        for idx in row_groups(self.rows, lambda row: row.request.draft_settings.top_k).values():
-            index = torch.tensor(idx, device=device)
-            first = self.pending[index.to(self.pending.device)]
-            canvas, masked = anchored_canvas(first, size=size, mask_id=mask_id, device=device)
-            drafted[index], row_steps[index] = self._fill_group(
-                context, idx, canvas, masked, [self.rows[i].request.draft_settings for i in idx], report=False
-            )
+        idx = list(range(len(self.rows)))  # one draft loop for all rows, each by its own settings
+        canvas, masked = anchored_canvas(self.pending, size=size, mask_id=mask_id, device=device)
+        drafted, row_steps = self._fill_group(
+            context, idx, canvas, masked, [row.request.draft_settings for row in self.rows], report=False
+        )
         drafted = drafted.to(model.context_device)
         where = torch.tensor(place, device=model.context_device)
         full = self.state.spread(drafted, where, fill=model.config.pad_token_id)

@@ -3,19 +3,60 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from .spec import check_sampling_options
 
-__all__ = ["RowGenerators", "apply_top_k", "check_sampling_options", "choose_tokens", "gumbel_noise", "make_generator"]
+__all__ = [
+    "RowGenerators",
+    "RowTopK",
+    "apply_top_k",
+    "check_sampling_options",
+    "choose_tokens",
+    "gumbel_noise",
+    "make_generator",
+]
 
 
-def apply_top_k(logits: torch.Tensor, top_k: int | None) -> torch.Tensor:
-    """Keep the top_k logits of each row, set the rest to -inf."""
+@dataclass(frozen=True)
+class RowTopK:
+    """A top-k per row of a batch whose rows differ (the leading dimension of the logits).
+
+    k (b,) long: each row's k, 0 for a row without top-k. `largest`: at least the largest k, a
+    Python int because it shapes the top-k kernel; `of` rounds it up to a power of two so that a
+    few compiled graphs serve every mix of requests."""
+
+    k: torch.Tensor
+    largest: int
+
+    @classmethod
+    def of(cls, values: Sequence[int | None], device: torch.device | str | None = None) -> RowTopK:
+        ks = [0 if v is None else int(v) for v in values]
+        largest = max(ks, default=0)
+        return cls(torch.tensor(ks, dtype=torch.long, device=device), 1 << max(largest - 1, 0).bit_length())
+
+
+def apply_top_k(logits: torch.Tensor, top_k: int | RowTopK | None) -> torch.Tensor:
+    """Keep the top_k logits of each row (last dimension), set the rest to -inf. With a `RowTopK`,
+    batch row r (leading dimension) keeps its own k[r] (k >= V or 0: all), exactly as `top_k=k[r]`
+    would keep on that row alone: the same k-th largest value is the cut."""
+    if isinstance(top_k, RowTopK):
+        return _apply_row_top_k(logits, top_k)
     if top_k is None or top_k >= logits.shape[-1]:
         return logits
     kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def _apply_row_top_k(logits: torch.Tensor, top_k: RowTopK) -> torch.Tensor:
+    V = logits.shape[-1]
+    column = (logits.shape[0],) + (1,) * (logits.dim() - 1)  # one k per batch row, against (..., V)
+    k = top_k.k.to(logits.device).view(column)
+    values = torch.topk(logits, min(top_k.largest, V), dim=-1).values  # (..., largest), descending
+    kth = values.gather(-1, (k.clamp(1, values.shape[-1]) - 1).expand(*logits.shape[:-1], 1))
+    kth = kth.masked_fill((k <= 0) | (k >= V), float("-inf"))  # rows without a cut keep everything
     return logits.masked_fill(logits < kth, float("-inf"))
 
 

@@ -32,6 +32,7 @@ from ..cache import HybridCache
 from ..context import DenoiserContext
 from ..layers.mamba2 import MambaState
 from .block import block_commit, rows_needing_tokens
+from .sampling import RowTopK
 from .spec import DECODE_STEPS, check_decode_step
 
 __all__ = [
@@ -311,9 +312,9 @@ def denoiser_block_step(
     steps: int | torch.Tensor,
     threshold: float | torch.Tensor,
     temperature: float | torch.Tensor,
-    top_k: int | None,
+    top_k: int | RowTopK | None,
     mask_id: int,
-    eos_aware: bool = False,
+    eos_aware: bool | torch.Tensor = False,
     sampled: bool | None = None,
 ):
     """One whole diffusion step with no host read: t = masked fraction, the denoiser body and head over
