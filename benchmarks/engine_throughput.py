@@ -7,8 +7,14 @@ variant is warmed up once (this compiles), then the repeats run interleaved (var
 each round) so that load on the machine hits every variant alike. Prints generated tokens per second,
 the median of `--repeats`, whether every variant's tokens equal the first's, and `--json` writes it all.
 
+`--mix uniform` (default): every request has the same settings. `--mix varied`: as a server's
+clients send them, request i cycles through top_k (none, 50), anchoring (diffusion), EOS-aware
+commits (diffusion) and temperature (greedy, or 0.8 with its own seed); the engine decodes such
+rows in one denoiser loop per block, each by its own settings.
+
     python benchmarks/engine_throughput.py --batch 8 --requests 32 --repeats 5 \\
         --variants packed eager static compiled --mode diffusion --json docs/engine_throughput.json
+    python benchmarks/engine_throughput.py --mix varied --variants eager --json varied.json
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -27,6 +34,18 @@ from twotower.decode.spec import SERVED_MODES, DiffusionSettings
 from twotower.loading import load_for_inference
 
 VARIANTS = ("packed", "eager", "static", "compiled")
+MIXES = ("uniform", "varied")
+
+
+def varied(req: Request) -> Request:
+    """Request i's settings as `--mix varied` cycles them (see the module docstring)."""
+    i = req.id
+    diffusion = req.mode == "diffusion"
+    settings = replace(req.settings, top_k=(None, 50)[i % 2], temperature=(0.0, 0.8)[i // 4 % 2])
+    return replace(
+        req, settings=settings, anchor=diffusion and i // 2 % 2 == 1, eos_aware_commit=diffusion and i % 3 == 0,
+        seed=1000 + i if settings.temperature > 0 else None,
+    )  # fmt: skip
 
 
 def run(model, reqs, *, batch: int, variant: str) -> tuple[float, int, dict, dict]:
@@ -57,6 +76,7 @@ def main() -> None:
     p.add_argument("--mode", choices=SERVED_MODES, default="diffusion", help="decoding mode (default: diffusion)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="engine variants")
     p.add_argument("--repeats", type=int, default=5, help="timed passes per variant (default: 5)")
+    p.add_argument("--mix", choices=MIXES, default="uniform", help="request settings: all alike, or varied per request")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
@@ -71,6 +91,8 @@ def main() -> None:
                 eos_ids=(tok.eos_id,))
         for i, t in enumerate(texts)
     ]  # fmt: skip
+    if args.mix == "varied":
+        reqs = [varied(r) for r in reqs]
     warm = {}
     for variant in args.variants:  # warm-up: compiles every shape the timed passes meet
         start = time.perf_counter()
@@ -97,13 +119,14 @@ def main() -> None:
         rows.append(row)
         print(
             f"{variant:9s} {args.mode} batch {args.batch}: {tokens} tokens, median {med:.3f} s of {args.repeats} "
-            f"= {tokens / med:7.1f} tok/s  (warm-up {warm[variant]:.1f} s; tokens == {first}: "
-            f"{row['same_tokens_as_first']})",
+            f"= {tokens / med:7.1f} tok/s, {row['denoiser_forwards']} denoiser forwards  (warm-up "
+            f"{warm[variant]:.1f} s; tokens == {first}: {row['same_tokens_as_first']})",
             flush=True,
         )
     if args.json:
         meta = {
-            "mode": args.mode, "batch": args.batch, "requests": args.requests, "max_new_tokens": args.max_new_tokens,
+            "mode": args.mode, "mix": args.mix, "batch": args.batch, "requests": args.requests,
+            "max_new_tokens": args.max_new_tokens,
             "repeats": args.repeats, "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
         }  # fmt: skip
         with open(args.json, "w") as f:
