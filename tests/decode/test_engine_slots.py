@@ -269,13 +269,45 @@ def test_speculative_slots_equal_the_packed_twin_with_a_mirror(model, seed):
     assert results[0] == results[1]
 
 
+def eos_aware_mix(model) -> tuple[list[Request], list[list[Request]]]:
+    """Four greedy EOS-aware requests whose output alone awareness changes, beside sampled rows (one
+    anchored) and two of the same requests not EOS-aware, joining in waves (slot order differs from
+    row order); top_k only 3 or none, so a compiled run needs two kernel widths at most. Returns
+    the requests and the waves."""
+    ps = prompts(*[2 + i % 7 for i in range(20)], seed=41)
+    aware = [
+        Request(i, ps[i], max_new_tokens=12, settings=DiffusionSettings(4, 4, 0.3, temperature=0.0, top_k=k),
+                eos_ids=(42,), eos_aware_commit=True)
+        for i, k in ((5, 3), (7, 3), (14, None), (19, 3))
+    ]  # fmt: skip
+    for r in aware:  # the check below is only as good as this: awareness changes each of them alone
+        assert alone(model, r) != alone(model, replace(r, eos_aware_commit=False)), r.id
+    sampled = [
+        Request(100 + j, p, max_new_tokens=9 + j, settings=DiffusionSettings(4, 3, 0.5, temperature=0.8, top_k=k),
+                seed=7 + j, anchor=j == 0)
+        for j, (p, k) in enumerate(zip(prompts(5, 3, seed=2), (3, None), strict=True))
+    ]  # fmt: skip
+    unaware = [replace(r, id=200 + r.id, eos_aware_commit=False) for r in aware[1::2]]  # awareness would change them
+    others = [sampled[0], unaware[0], sampled[1], unaware[1]]
+    reqs = [r for pair in zip(others, aware, strict=True) for r in pair]
+    return reqs, [reqs[:3], [reqs[3]], [], reqs[4:6], reqs[6:]]
+
+
+@pytest.mark.parametrize("engine", [dict(decode_step="eager"), dict(decode_step="static"), dict(slots=False)])
+def test_rows_whose_eos_awareness_matters_equal_each_alone_beside_other_settings(model, engine):
+    reqs, waves = eos_aware_mix(model)
+    tokens, _ = run(Scheduler(model, max_batch_size=4, **engine), waves)
+    for r in reqs:
+        assert tokens[r.id] == alone(model, r), r.id
+
+
 @pytest.fixture(scope="module")
 def compiled_scheduler_run(model):
     """One compiled run shared by the compiled checks (graphs are compiled once per shape; whole
-    blocks only, so few shapes)."""
-    reqs = [replace(r, max_new_tokens=8) for r in diffusion_requests(model)]
+    blocks only, so few shapes): rows with their own top_k, anchoring, EOS-awareness and sampling."""
+    reqs, waves = eos_aware_mix(model)
     scheduler = Scheduler(model, max_batch_size=4, decode_step="compiled")
-    tokens, _ = run(scheduler, [[reqs[i] for i in wave] for wave in WAVES])
+    tokens, _ = run(scheduler, waves)
     return reqs, tokens
 
 

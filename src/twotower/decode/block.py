@@ -213,6 +213,8 @@ def denoise_block(
     steps = table.steps
     options = dict(table.options, mask_id=mask_id, eos_aware=eos_aware)
     if fused_step is not None:  # the values as tensors: one compiled graph for every setting
+        if not isinstance(eos_aware, torch.Tensor):  # one per row: the same graph, aware or not
+            eos_aware = torch.full((rows,), bool(eos_aware), device=device)
         fused_options = dict(table.tensors(), mask_id=mask_id, eos_aware=eos_aware)
     shape = torch.Size((rows, size, model.config.vocab_size))
     row_steps = torch.zeros(rows, dtype=torch.long, device=device)
@@ -286,11 +288,12 @@ def anchored_canvas(
 @dataclass(frozen=True)
 class SettingsTable:
     """The diffusion settings of one `denoise_block` loop's rows: one `DiffusionSettings` for all,
-    or one per row (always kept per row, equal or not: one compiled graph serves both). Rows that
-    differ in threshold, temperature, steps or top_k share the loop and every denoiser forward (a
-    row past its own last step has nothing left and sits idle; rows that differ in top_k cut each
-    at its own k, `sampling.RowTopK`). `options` are `block_commit`'s settings for the eager step (numbers, or (b,)
-    tensors), `steps` the loop's length."""
+    or one per row (threshold, temperature and steps always kept per row then, equal or not: one
+    compiled graph serves both). Rows that differ in threshold, temperature, steps or top_k share
+    the loop and every denoiser forward (a row past its own last step has nothing left and sits
+    idle; rows that differ in top_k cut each at its own k, `sampling.RowTopK`). `options` are
+    `block_commit`'s settings for the eager step (numbers, or (b,) tensors; top_k one int while the
+    rows agree), `tensors()` the fused step's, `steps` the loop's length."""
 
     steps: int
     options: dict
@@ -303,17 +306,25 @@ class SettingsTable:
 
     def tensors(self) -> dict:
         """`options` as tensors for the fused step (one compiled graph for every value): 0-d for
-        one setting, as given per row; with `sampled` said."""
-        if not isinstance(self.options["steps"], int):
-            return self.options
+        one setting, as given per row; with `sampled` said; top_k always as a `RowTopK`, so that
+        which requests happen to share a batch (one k for all, or several) picks no other graph:
+        only the kernel width `RowTopK.largest` does."""
         o, device = self.options, self.device
+        top_k = o["top_k"] if isinstance(o["top_k"], RowTopK) else RowTopK.of([o["top_k"]] * self.rows, device)
+        if not isinstance(o["steps"], int):
+            return dict(o, top_k=top_k)
         return dict(
             o,
             steps=torch.tensor(o["steps"], device=device),
             threshold=torch.tensor(float(o["threshold"]), device=device),
             temperature=torch.tensor(float(o["temperature"]), device=device),
             sampled=self.sampled_rows[0],
+            top_k=top_k,
         )
+
+    @property
+    def rows(self) -> int:
+        return len(self.sampled_rows)
 
     @classmethod
     def of(

@@ -5,8 +5,9 @@ One `DecodeEngine` serves one mode and block size (rows of a batch must advance 
 same number of tokens per step). Per `step()`:
   1. diffusion: `block.fill_blocks` fills one block for every row in one denoiser loop, each row by
      its own settings (threshold, temperature, steps, top_k, EOS-aware commits; an anchored row's
-     block starts with its `pending` token); only a row in its short last block forms its own
-     group. AR: `steps.sample_groups` picks every row's token from the logits of its last step.
+     block starts with its `pending` token); only rows in a short last block form a group of
+     their own (one per size). AR: `steps.sample_groups` picks every row's token from the logits
+     of its last step.
   2. each row's new tokens become an `Event` (cut after EOS); finished rows leave with `select_rows`.
   3. the context tower appends the committed tokens of the remaining rows in ONE forward (with
      anchored rows in the batch, its head at the last position gives their next `pending` token).
@@ -406,7 +407,7 @@ class DecodeEngine(SpeculativeRounds):
         """Row indices by this block's size: one `fill_blocks` call per group. Rows whose threshold,
         temperature, steps, top_k, anchoring or EOS-aware commits differ share it (per-row settings,
         `block.SettingsTable`; an anchored row's block starts with its token): every denoiser forward
-        covers them all. Only a row's short last block forms its own group."""
+        covers them all. Only rows in a short last block form a group of their own, one per size."""
         return row_groups(self.rows, lambda row: min(self.block_size, row.remaining))
 
     def _step_ar(self) -> list[Event]:

@@ -26,7 +26,8 @@ class RowTopK:
 
     k (b,) long: each row's k, 0 for a row without top-k. `largest`: at least the largest k, a
     Python int because it shapes the top-k kernel; `of` rounds it up to a power of two so that a
-    few compiled graphs serve every mix of requests."""
+    few compiled graphs serve every mix of requests, and gives 0 when no row has a cut (then
+    nothing is computed)."""
 
     k: torch.Tensor
     largest: int
@@ -35,7 +36,8 @@ class RowTopK:
     def of(cls, values: Sequence[int | None], device: torch.device | str | None = None) -> RowTopK:
         ks = [0 if v is None else int(v) for v in values]
         largest = max(ks, default=0)
-        return cls(torch.tensor(ks, dtype=torch.long, device=device), 1 << max(largest - 1, 0).bit_length())
+        width = 1 << (largest - 1).bit_length() if largest > 0 else 0
+        return cls(torch.tensor(ks, dtype=torch.long, device=device), width)
 
 
 def apply_top_k(logits: torch.Tensor, top_k: int | RowTopK | None) -> torch.Tensor:
@@ -51,6 +53,8 @@ def apply_top_k(logits: torch.Tensor, top_k: int | RowTopK | None) -> torch.Tens
 
 
 def _apply_row_top_k(logits: torch.Tensor, top_k: RowTopK) -> torch.Tensor:
+    if top_k.largest == 0:  # no row has a cut
+        return logits
     V = logits.shape[-1]
     column = (logits.shape[0],) + (1,) * (logits.dim() - 1)  # one k per batch row, against (..., V)
     k = top_k.k.to(logits.device).view(column)
