@@ -9,9 +9,10 @@
    room for the largest batch's state, else one tower shared by both roles (same costs);
 4. the AR step, the 16-token denoiser forward and the 16-token block commit at each batch size,
    in each mode: `eager` (the HybridCache paths), `cuda-graph` (the fixed-shape steps of
-   `twotower.decode.static` captured by hand), `reduce-overhead` and `compile`
-   (`torch.compile(fullgraph=True, dynamic=False)`, with and without CUDA graphs). A mode or batch
-   that fails is recorded with its error and the run goes on; when the time budget runs short the
+   `twotower.decode.static` captured by hand, each forward when first timed), `reduce-overhead`
+   and `compile` (`torch.compile(fullgraph=True, dynamic=False)`, with and without CUDA graphs;
+   `compile` only when asked for by `--modes`). A forward, mode or batch that fails is recorded
+   with its error and the run goes on; when the time budget runs short the
    remaining rows are recorded as skipped. The JSON is rewritten after every row;
 5. the cost model's prediction for the same rows (nominal H100/H200 figures and the measured ones,
    distinct experts from the routing), and the diffusion/AR ratio the timings imply.
@@ -68,8 +69,14 @@ COMPILED = ("reduce-overhead", "compile")
 FORWARDS = ("ar_step", "denoise", "commit")
 TAUS = (2.0, 3.3, 5.0)
 DEFAULT_BUDGET_S = 420  # the whole script; gpu_check.sh kills it at 465 s (the issue allows 8 minutes)
-FIRST_COMPILE_GUESS_S = 150  # time a compiled mode's first batch is assumed to need before one is measured
+DEFAULT_MODES = ("eager", "cuda-graph", "reduce-overhead")  # on cuda; `compile` on request (its graphs take minutes)
+# before a compiled mode's first batch is measured: what its first forward is assumed to need to
+# start, and each forward's compile (inductor at full depth; a CPU stand-in took 1.5-5 minutes)
+FIRST_COMPILE_GUESS_S = 90
+COMPILE_FORWARD_GUESS_S = {"ar_step": 60.0, "denoise": 90.0, "commit": 90.0}
 EAGER_ROW_GUESS_S = 15
+HARD_DEADLINE_ENV = "GPU_CHECK_HARD_DEADLINE"  # gpu_check.sh: the epoch second of its hard stop
+HARD_STOP_MARGIN_S = 15  # rows stop starting this long before it
 
 
 def time_mode_batch(
@@ -83,34 +90,45 @@ def time_mode_batch(
     clock: Clock,
     seed: int,
     deadline: float,
-    need_s: float = 0.0,
+    need_s=lambda _forward: 0.0,
 ):
     """Yield one timing row per forward of `mode` at `batch` (warm-up calls, which compile or capture,
     are timed apart as `warmup_s`; eager rows also record the distinct experts per MoE layer). A
-    forward that would start with less than `need_s` left before `deadline` is yielded as skipped."""
-    device = model.context_device
+    forward that would start with less than `need_s(forward)` left before `deadline` is yielded as
+    skipped; one that fails (its compile or capture included) as a row with its `error`, and the
+    next forward still runs."""
     calls, before = forward_calls(model, mode, batch=batch, context=context, seed=seed)
     for name, fn in calls.items():
         left = deadline - time.monotonic()
-        if left < need_s:
+        if left < need_s(name):
             yield {"mode": mode, "forward": name, "batch": batch, "skipped": f"time budget ({left:.0f} s left)"}
             continue
-        t0 = time.monotonic()
-        for _ in range(warmup):
+        try:
+            yield time_forward(model, mode, name, fn, before, batch=batch, repeats=repeats, warmup=warmup, clock=clock)
+        except Exception as err:  # a failed compile or capture loses this forward's row only
+            yield {"mode": mode, "forward": name, "batch": batch, "error": f"{type(err).__name__}: {err}"[:2000]}
+
+
+def time_forward(
+    model, mode: str, name: str, fn, before, *, batch: int, repeats: int, warmup: int, clock: Clock
+) -> dict:
+    """One forward's row: its warm-up (compile / capture) time, distinct experts (eager), and ms."""
+    t0 = time.monotonic()
+    for _ in range(warmup):
+        before()
+        fn()
+    sync(model.context_device)
+    row = {"mode": mode, "forward": name, "batch": batch, "warmup_s": time.monotonic() - t0}
+    if mode == "eager":
+        recorder = RoutingRecorder(model)
+        try:
             before()
             fn()
-        sync(device)
-        row = {"mode": mode, "forward": name, "batch": batch, "warmup_s": time.monotonic() - t0}
-        if mode == "eager":
-            recorder = RoutingRecorder(model)
-            try:
-                before()
-                fn()
-                row["distinct_experts"] = recorder.mean()
-            finally:
-                recorder.remove()
-        row["ms"] = clock.ms(fn, repeats=repeats, before=before)
-        yield row
+            row["distinct_experts"] = recorder.mean()
+        finally:
+            recorder.remove()
+    row["ms"] = clock.ms(fn, repeats=repeats, before=before)
+    return row
 
 
 def run_timings(model, report: Report, args, *, deadline: float, clock: Clock, machines: dict[str, Machine]) -> None:
@@ -154,11 +172,16 @@ def run_timings(model, report: Report, args, *, deadline: float, clock: Clock, m
                         clock=clock,
                         seed=args.seed,
                         deadline=deadline,
-                        need_s=guess / len(FORWARDS),
+                        need_s=forward_need(mode, measured=mode in first_batch_s, guess=guess),
                     ):
                         report.data["timings"].append(row)
+                        if "error" in row:
+                            report.data["errors"].append(
+                                {"stage": f"{mode} batch {b} {row['forward']}", "error": row["error"]}
+                            )
                         report.save()
-                        print(f"  {mode} batch {b} {row['forward']}: {row.get('ms', row.get('skipped'))}", flush=True)
+                        outcome = row.get("ms", row.get("skipped", row.get("error", "")[:200]))
+                        print(f"  {mode} batch {b} {row['forward']}: {outcome}", flush=True)
             except Exception as err:  # one failing mode or batch must not lose the others
                 report.error(f"{mode} batch {b}", err)
                 report.data["timings"].append({"mode": mode, "batch": b, "error": f"{type(err).__name__}: {err}"})
@@ -177,6 +200,27 @@ def run_timings(model, report: Report, args, *, deadline: float, clock: Clock, m
                 report.save()
             if any(r.get("mode") == mode and r.get("batch") == b and "ms" in r for r in report.data["timings"]):
                 first_batch_s.setdefault(mode, time.monotonic() - t0)  # a failed batch says nothing of the time
+
+
+def forward_need(mode: str, *, measured: bool, guess: float):
+    """Seconds a forward of `mode` needs left to start: its compile guess until the mode's first
+    batch is measured (a compiled mode), else its share of the batch's time."""
+    if mode in COMPILED and not measured:
+        return lambda forward: COMPILE_FORWARD_GUESS_S[forward]
+    return lambda _forward: guess / len(FORWARDS)
+
+
+def run_deadline(start: float, budget_s: float) -> float:
+    """When rows stop starting (time.monotonic): `budget_s` after `start`, and no later than
+    HARD_STOP_MARGIN_S before gpu_check.sh's hard stop when it says when that is."""
+    deadline = start + budget_s
+    hard = os.environ.get(HARD_DEADLINE_ENV)
+    if hard:
+        try:
+            deadline = min(deadline, time.monotonic() + float(hard) - time.time() - HARD_STOP_MARGIN_S)
+        except ValueError:
+            pass
+    return deadline
 
 
 def refresh_predictions(report: Report, config, args, *, machines: dict[str, Machine]) -> None:
@@ -245,7 +289,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "compiles three full-depth graphs, minutes on a cold cache, and the time budget ends before a second; "
         "--tiny: 1,4)",
     )
-    p.add_argument("--modes", help=f"comma-separated from {','.join(MODES)} (default: all on cuda, eager on cpu)")
+    p.add_argument(
+        "--modes",
+        help=f"comma-separated from {','.join(MODES)} (default: {','.join(DEFAULT_MODES)} on cuda, eager on cpu)",
+    )
     p.add_argument("--context", type=int, help="prefilled tokens per row (default: 128; --tiny: 16)")
     p.add_argument("--repeats", type=int, help="timed calls per forward (default: 10; --tiny: 3)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (compile / capture) (default: 3)")
@@ -259,7 +306,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.compiled_batches = [int(x) for x in compiled.split(",") if x]
     except ValueError:
         p.error("--batches and --compiled-batches take comma-separated integers")
-    default_modes = ",".join(MODES) if args.device.startswith("cuda") else "eager"
+    default_modes = ",".join(DEFAULT_MODES) if args.device.startswith("cuda") else "eager"
     args.modes = [m for m in (args.modes or default_modes).split(",") if m]
     args.context = args.context if args.context is not None else (16 if args.tiny else 128)
     args.repeats = args.repeats if args.repeats is not None else (3 if args.tiny else 10)
@@ -285,7 +332,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     args = parse_args(argv)
-    deadline = start + args.budget_s
+    deadline = run_deadline(start, args.budget_s)
     device = torch.device(args.device)
     config = preset("tiny" if args.tiny else FULL_PRESET)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

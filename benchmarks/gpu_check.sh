@@ -14,6 +14,8 @@ export PYTHONPATH="$root/src${PYTHONPATH:+:$PYTHONPATH}"
 # the script stops starting rows after --budget-s (420 s); this is the hard stop, under the 8 minutes
 # counted from this script's start (the checks below take seconds), kill 5 s after the TERM
 hard_limit_s="${GPU_CHECK_HARD_LIMIT_S:-465}"
+# gpu_check.py stops starting rows 15 s before this (its own --budget-s counts from its start)
+export GPU_CHECK_HARD_DEADLINE=$(( $(date +%s) + hard_limit_s ))
 
 # `import twotower` needs safetensors (checkpoint writing), which this check never uses: when the
 # machine lacks it, a stand-in that refuses to be used goes on the path for this run only.

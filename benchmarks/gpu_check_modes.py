@@ -77,6 +77,20 @@ def capture_cuda_graph(fn: Callable[[], torch.Tensor], *, warmup: int = 3) -> Ca
     return replay
 
 
+def lazy_capture(fn: Callable[[], torch.Tensor], *, warmup: int = 3) -> Callable[[], torch.Tensor]:
+    """`capture_cuda_graph(fn)` at the first call, its replay from then on: each forward is captured
+    when it is first timed, so a capture that fails loses that forward's row alone."""
+    replay: Callable[[], torch.Tensor] | None = None
+
+    def call() -> torch.Tensor:
+        nonlocal replay
+        if replay is None:
+            replay = capture_cuda_graph(fn, warmup=warmup)
+        return replay()
+
+    return call
+
+
 def denoise_logits(model, canvas, t, context) -> torch.Tensor:
     """The whole denoiser forward (body, norm_f, head on every position) as one function to compile."""
     return model.denoiser_logits(model.denoise_hidden(canvas, t, context))
@@ -138,13 +152,13 @@ def forward_calls(model, mode: str, *, batch: int, context: int, seed: int) -> t
     d = decoder
 
     # the commit is the tower alone, as eagerly (`extend_context`) and in the cost model: no head
-    if mode == "cuda-graph":
+    if mode == "cuda-graph":  # each captured when first called (`lazy_capture`)
         calls = {
-            "ar_step": capture_cuda_graph(
+            "ar_step": lazy_capture(
                 lambda: decode_step(d.body, d.head, ids[:, :1], d.position, d.kv, d.conv, d.ssm, d.valid)
             ),
-            "denoise": capture_cuda_graph(lambda: denoise_logits(model, ids, t, ctx)),
-            "commit": capture_cuda_graph(lambda: block_forward(d.body, ids, d.position, d.kv, d.conv, d.ssm, d.valid)),
+            "denoise": lazy_capture(lambda: denoise_logits(model, ids, t, ctx)),
+            "commit": lazy_capture(lambda: block_forward(d.body, ids, d.position, d.kv, d.conv, d.ssm, d.valid)),
         }
     else:
         if mode == "reduce-overhead":

@@ -1,19 +1,22 @@
 """The GPU check's parity stage (`benchmarks/gpu_check.py`): a tiny random fp32 TwoTower on the
-device against itself on the CPU (logits, greedy AR and mask-diffusion tokens), and a captured CUDA
-graph's AR step of a tiny bf16 TwoTower against its eager step. Each check is recorded on its own
-(a failing one leaves `<name>_error`)."""
+device against itself on the CPU (logits, greedy AR and mask-diffusion tokens), and each of the
+three forwards the 30B run captures (the AR step, the denoiser forward, the block commit) replayed
+from a CUDA graph of a tiny bf16 TwoTower against its eager forward: a capture that fails shows
+here in seconds, before the full-size run. Each check is recorded on its own (a failing one leaves
+`<name>_error`)."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import torch
-from gpu_check_modes import FIRST_RANDOM_ID, capture_cuda_graph
+from gpu_check_modes import BLOCK, FIRST_RANDOM_ID, capture_cuda_graph, denoise_logits
 
 from twotower.bench.random_model import random_twotower
 from twotower.config import preset
 from twotower.context import DenoiserContext
-from twotower.decode.static import StaticDecoder, decode_step
+from twotower.decode.static import StaticDecoder, block_forward, decode_step
 
 PARITY_TOL = 1e-3  # max |logit difference| / max(1, max |logit|), fp32 with TF32 off
 GRAPH_TOL = 2e-2  # the same, bf16: a replayed graph against the eager step on the device
@@ -80,9 +83,12 @@ def parity_check(device: torch.device, *, seed: int) -> dict:
             # in bf16: float32 grouped_mm on CUDA takes a fallback that reads the group offsets on the
             # host, which a graph capture refuses (the 30B run is bf16 too)
             bf16 = random_twotower(config, dtype=torch.bfloat16, device=device, tie_towers=False, seed=seed)
-            check("cuda_graph_ar_step_bf16", lambda: cuda_graph_step_diff(bf16, prompt.to(device)))
+            p, b = prompt.to(device), block.to(device)
+            check("cuda_graph_ar_step_bf16", lambda: cuda_graph_step_diff(bf16, p))
+            check("cuda_graph_denoise_bf16", lambda: cuda_graph_denoise_diff(bf16, p, b, t.to(device)))
+            check("cuda_graph_commit_bf16", lambda: cuda_graph_commit_diff(bf16, p, b))
         close = [out.get(k, float("inf")) <= PARITY_TOL for k in ("forward_logits", "denoise_logits")]
-        graph_ok = device.type != "cuda" or out.get("cuda_graph_ar_step_bf16", float("inf")) <= GRAPH_TOL
+        graph_ok = device.type != "cuda" or all(out.get(k, float("inf")) <= GRAPH_TOL for k in GRAPH_CHECKS)
         equal = out.get("ar_tokens_equal") is True and out.get("diffusion_tokens_equal") is True
         out["passed"] = all(close) and equal and graph_ok
         out["tolerance"] = PARITY_TOL
@@ -92,8 +98,13 @@ def parity_check(device: torch.device, *, seed: int) -> dict:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
-def cuda_graph_step_diff(model, prompt: torch.Tensor) -> float:
-    """One AR step replayed from a captured graph against the eager step from the same state."""
+GRAPH_CHECKS = ("cuda_graph_ar_step_bf16", "cuda_graph_denoise_bf16", "cuda_graph_commit_bf16")
+Capture = Callable[[Callable[[], torch.Tensor]], Callable[[], torch.Tensor]]
+
+
+def cuda_graph_step_diff(model, prompt: torch.Tensor, *, capture: Capture = capture_cuda_graph) -> float:
+    """One AR step replayed from a captured graph against the eager step from the same state.
+    (`capture` is the CUDA-graph capture; the tests give a stand-in that calls the function.)"""
     batch, n = prompt.shape
     cache = model.empty_cache(batch, capacity=n)
     model.extend_context(prompt[:, :-1], cache)
@@ -101,7 +112,41 @@ def cuda_graph_step_diff(model, prompt: torch.Tensor) -> float:
     decoder = StaticDecoder(model.context_tower, model.context_lm_head, batch, n)
     decoder.load(cache)
     d, last = decoder, prompt[:, -1:]
-    replay = capture_cuda_graph(lambda: decode_step(d.body, d.head, last, d.position, d.kv, d.conv, d.ssm, d.valid))
+    replay = capture(lambda: decode_step(d.body, d.head, last, d.position, d.kv, d.conv, d.ssm, d.valid))
     decoder.load(fresh)  # the warm-up calls advanced the states; the buffers keep their addresses
     got = replay().clone()
     return max_rel_diff(got, model.context_forward(last, cache=fresh)[:, -1])
+
+
+def cuda_graph_denoise_diff(
+    model, prompt: torch.Tensor, block: torch.Tensor, t: torch.Tensor, *, capture: Capture = capture_cuda_graph
+) -> float:
+    """The whole denoiser forward (body, norm_f, head on every position) over a fixed-shape context,
+    replayed from a captured graph, against the eager `denoise` over the same prefilled cache."""
+    batch, n = prompt.shape
+    cache = model.empty_cache(batch, capacity=n)
+    model.extend_context(prompt, cache)
+    decoder = StaticDecoder(model.context_tower, model.context_lm_head, batch, n + BLOCK + 1)
+    decoder.load(cache)
+    context = decoder.denoiser_context()
+    replay = capture(lambda: denoise_logits(model, block, t, context))  # reads the state, writes none
+    got = replay().clone()
+    return max_rel_diff(got, model.denoise(block, t, DenoiserContext.from_cache(cache)))
+
+
+def cuda_graph_commit_diff(
+    model, prompt: torch.Tensor, block: torch.Tensor, *, capture: Capture = capture_cuda_graph
+) -> float:
+    """A block commit (the context tower over a block, the fixed-shape state updated in place)
+    replayed from a captured graph, against the eager tower over the block from the same state."""
+    batch, n = prompt.shape
+    cache = model.empty_cache(batch, capacity=n + block.shape[1])
+    model.extend_context(prompt, cache)
+    fresh = cache.clone()
+    decoder = StaticDecoder(model.context_tower, model.context_lm_head, batch, n + BLOCK + 1)
+    decoder.load(cache)
+    d = decoder
+    replay = capture(lambda: block_forward(d.body, block, d.position, d.kv, d.conv, d.ssm, d.valid))
+    decoder.load(fresh)  # the warm-up calls advanced the states; the buffers keep their addresses
+    got = d.body.norm_f(replay()).clone()
+    return max_rel_diff(got, model.context_tower(block, cache=fresh))

@@ -157,3 +157,50 @@ def test_the_compiled_mode_runs_in_the_cpu_form(tmp_path):
     rows = [t for t in report["timings"] if t.get("mode") == "compile"]
     assert [r["forward"] for r in rows] == ["ar_step", "denoise", "commit"] and all(r["ms"] > 0 for r in rows)
     assert {"mode": "cuda-graph", "skipped": "needs a CUDA device"} in report["timings"]
+
+
+def test_the_graph_parity_checks_compare_like_with_like(gpu_check):
+    """The three captured-forward checks (AR step, denoiser forward, block commit) with a stand-in
+    for the CUDA-graph capture that calls the function: on the CPU the fixed-shape forward equals the
+    eager one, so what a GPU run reports is the capture's own difference; and a replay that returns
+    something else is caught."""
+    import gpu_check_parity as parity  # next to gpu_check.py, on the path the fixture set
+
+    from twotower.bench.random_model import random_twotower
+
+    model = random_twotower(preset("tiny"), dtype=torch.float32, device="cpu", tie_towers=False, seed=0)
+    g = torch.Generator().manual_seed(1)
+    prompt, block = torch.randint(4, 96, (2, 12), generator=g), torch.randint(4, 96, (2, 8), generator=g)
+    t = torch.tensor([0.25, 0.75])
+    checks = {
+        "ar_step": lambda capture: parity.cuda_graph_step_diff(model, prompt, capture=capture),
+        "denoise": lambda capture: parity.cuda_graph_denoise_diff(model, prompt, block, t, capture=capture),
+        "commit": lambda capture: parity.cuda_graph_commit_diff(model, prompt, block, capture=capture),
+    }
+    for name, diff in checks.items():
+        assert diff(lambda fn: fn) < 1e-5, name
+        assert diff(lambda fn: lambda: torch.zeros_like(fn()) + 3.0) > parity.GRAPH_TOL, name
+
+
+def test_a_failing_forward_loses_its_own_row_only(gpu_check):
+    """A forward that raises (as a failed capture or compile would) becomes a row with its error;
+    the batch's other forwards are still timed."""
+    import time
+
+    from twotower.bench.random_model import random_twotower
+
+    model = random_twotower(preset("tiny"), dtype=torch.float32, device="cpu", tie_towers=False, seed=0)
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    model.denoise = broken
+    rows = list(
+        gpu_check["time_mode_batch"](
+            model, "eager", batch=1, context=8, repeats=1, warmup=1, clock=gpu_check["Clock"](torch.device("cpu")),
+            seed=0, deadline=time.monotonic() + 60,
+        )
+    )  # fmt: skip
+    by_forward = {r["forward"]: r for r in rows}
+    assert by_forward["denoise"]["error"] == "RuntimeError: operation not permitted when stream is capturing"
+    assert by_forward["ar_step"]["ms"] > 0 and by_forward["commit"]["ms"] > 0

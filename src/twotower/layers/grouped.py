@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from .mlp import relu2, relu2_
 
+# the public name in recent torch releases; older ones have only the private operator (a lent GPU may hold an older torch)
+grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
 GROUPED_MM_ALIGN_BYTES = 16  # grouped_mm's layout rule: every non-unit stride a multiple of 16 bytes
 GROUPED_MM_NATIVE = (torch.bfloat16,)  # dtypes grouped_mm's meta function (compile, meta device) accepts
 GEMV_ROWS = 2  # up to this many rows in a group, MKL's matrix-vector path beats oneDNN's matmul (CPU, float32)
@@ -70,7 +72,7 @@ def _opaque_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> 
     `torch.compile` and the meta device) accepts bfloat16 only, while its eager kernels also run
     float32; wrapping it keeps float32 models exact under compilation (same kernel as eager, same
     output shape) instead of silently computing in bfloat16. Inference only (no autograd formula)."""
-    return F.grouped_mm(a, b, offs=offs).contiguous()
+    return grouped_mm(a, b, offs=offs).contiguous()
 
 
 @_opaque_grouped_mm.register_fake
@@ -198,7 +200,7 @@ def grouped_linear(a: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) ->
         weight = F.pad(weight, (0, K_pad - K, 0, N_pad - N))
     b = weight.transpose(1, 2)  # (G, K, N) view
     if a.dtype in GROUPED_MM_NATIVE or not (torch.compiler.is_compiling() or a.device.type == "meta"):
-        out = F.grouped_mm(a, b, offs=ends)
+        out = grouped_mm(a, b, offs=ends)
     else:
         out = _opaque_grouped_mm(a, b, ends)
     return out[:, :N] if N_pad != N else out
