@@ -204,3 +204,17 @@ def test_a_failing_forward_loses_its_own_row_only(gpu_check):
     by_forward = {r["forward"]: r for r in rows}
     assert by_forward["denoise"]["error"] == "RuntimeError: operation not permitted when stream is capturing"
     assert by_forward["ar_step"]["ms"] > 0 and by_forward["commit"]["ms"] > 0
+
+
+def test_rows_stop_starting_before_the_shell_s_hard_stop(tmp_path):
+    """gpu_check.sh tells the script when it will kill it: with a hard stop 16 s after the shell's
+    start, rows stop starting 15 s before it, so every timing row is skipped for time (and the
+    run still ends cleanly, its JSON whole)."""
+    out = tmp_path / "g.json"
+    env = dict(os.environ, GPU_CHECK_HARD_LIMIT_S="16", OMP_NUM_THREADS="1")
+    argv = ["--device", "cpu", "--tiny", "--out", str(out), "--repeats", "1", "--warmup", "1"]
+    proc = subprocess.run(["bash", str(SCRIPT), *argv], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["finished"] is True and report["timings"]
+    assert all("time budget" in row.get("skipped", "") for row in report["timings"])
