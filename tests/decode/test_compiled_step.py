@@ -8,23 +8,12 @@ import pytest
 import torch
 import torch._dynamo.testing
 
+from tests.decode.conftest import S, V
 from tests.serve.models import make_two_tower
 from twotower.decode.block import block_commit, eos_table, rows_needing_tokens
 from twotower.decode.sampling import RowGenerators, gumbel_from_uniform, make_generator
 from twotower.decode.static import StaticDecoder, denoiser_block_step, verify_step
 from twotower.layers.mamba2 import MambaHistory
-
-S, V = 6, 96
-
-
-@pytest.fixture(scope="module")
-def setup():
-    model = make_two_tower(seed=2)
-    cache = model.empty_cache(3, capacity=8)
-    model.extend_context(torch.randint(4, V, (3, 8), generator=torch.Generator().manual_seed(0)), cache)
-    decoder = StaticDecoder(model.context_tower, model.context_lm_head, 3, 128)
-    decoder.load(cache)
-    return model, decoder.denoiser_context()
 
 
 def _inputs(model):
@@ -38,8 +27,8 @@ def _inputs(model):
 
 
 @pytest.mark.parametrize("eos_aware", [False, True])
-def test_one_diffusion_step_compiles_fullgraph_and_equals_eager(setup, eos_aware):
-    model, context = setup
+def test_one_diffusion_step_compiles_fullgraph_and_equals_eager(fixed_context, eos_aware):
+    model, context = fixed_context
     canvas, masked, noise, eos = _inputs(model)
     opts = dict(steps=4, threshold=0.5, temperature=0.8, top_k=20, mask_id=model.mask_token_id)
     eager = denoiser_block_step(model, canvas, masked, context, noise, eos, 1, eos_aware=eos_aware, **opts)
@@ -60,9 +49,9 @@ def test_one_diffusion_step_compiles_fullgraph_and_equals_eager(setup, eos_aware
     assert torch.equal(still, rows_needing_tokens(new_canvas, new_masked, eos))
 
 
-def test_the_step_is_what_denoise_block_commits(setup):
+def test_the_step_is_what_denoise_block_commits(fixed_context):
     """The eager step of the loop (sparse head) and the whole-head step agree on the commits."""
-    model, context = setup
+    model, context = fixed_context
     canvas, masked, noise, eos = _inputs(model)
     opts = dict(step=0, steps=4, threshold=0.5, temperature=0.8, top_k=None, mask_id=model.mask_token_id)
     t = masked.sum(-1).float() / S
@@ -101,11 +90,11 @@ def test_the_fixed_shape_verify_compiles_fullgraph_and_equals_the_eager_forward(
         torch.testing.assert_close(got.ssm, ref.ssm, rtol=1e-5, atol=1e-5)
 
 
-def test_one_compiled_graph_serves_every_threshold_temperature_and_step_count(setup):
+def test_one_compiled_graph_serves_every_threshold_temperature_and_step_count(fixed_context):
     """A server's clients choose these per request: given as 0-d tensors they are graph inputs, not
     constants, so no new value recompiles (as Python numbers each value compiled its own graph),
     and each result equals the eager step with the plain numbers."""
-    model, context = setup
+    model, context = fixed_context
     canvas, masked, noise, eos = _inputs(model)
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
@@ -121,8 +110,8 @@ def test_one_compiled_graph_serves_every_threshold_temperature_and_step_count(se
     assert counter.frame_count == 1
 
 
-def test_a_tensor_temperature_needs_to_say_whether_it_samples(setup):
-    model, _ = setup
+def test_a_tensor_temperature_needs_to_say_whether_it_samples(fixed_context):
+    model, _ = fixed_context
     canvas, masked, noise, eos = _inputs(model)
     logits = torch.randn(3, S, V, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="sampled="):

@@ -8,13 +8,12 @@ import pytest
 import torch
 import torch._dynamo.testing
 
-from tests.serve.models import make_two_tower
+from tests.decode.conftest import S, V
 from twotower.decode.block import SettingsTable, block_commit, eos_table
 from twotower.decode.sampling import RowGenerators, RowTopK, apply_top_k, gumbel_from_uniform, make_generator
 from twotower.decode.spec import DiffusionSettings
-from twotower.decode.static import StaticDecoder, denoiser_block_step
+from twotower.decode.static import denoiser_block_step
 
-S, V = 6, 96
 KS = [None, 3, 1, V, 20]  # none, small, argmax-only, the whole vocabulary, another
 
 
@@ -84,19 +83,8 @@ def test_a_settings_table_keeps_one_top_k_per_row_when_they_differ():
     assert one.options["threshold"] == 0.9 and one.sampled_rows == [True, True]
 
 
-@pytest.fixture(scope="module")
-def fixed():
-    """A model and a fixed-shape denoiser context of 3 rows."""
-    model = make_two_tower(seed=2)
-    cache = model.empty_cache(3, capacity=8)
-    model.extend_context(torch.randint(4, V, (3, 8), generator=torch.Generator().manual_seed(0)), cache)
-    decoder = StaticDecoder(model.context_tower, model.context_lm_head, 3, 128)
-    decoder.load(cache)
-    return model, decoder.denoiser_context()
-
-
-def test_the_fused_step_with_per_row_top_k_and_eos_awareness_compiles_fullgraph_and_equals_eager(fixed):
-    model, context = fixed
+def test_the_fused_step_with_per_row_top_k_and_eos_awareness_compiles_fullgraph_and_equals_eager(fixed_context):
+    model, context = fixed_context
     mask_id = model.mask_token_id
     canvas = torch.full((3, S), mask_id, dtype=torch.long)
     canvas[1, :2] = torch.tensor([7, 2])
@@ -120,14 +108,14 @@ def test_the_fused_step_with_per_row_top_k_and_eos_awareness_compiles_fullgraph_
     assert counter.frame_count == 1
 
 
-def test_a_block_loop_picks_the_same_graph_whether_its_rows_agree_or_not(fixed):
+def test_a_block_loop_picks_the_same_graph_whether_its_rows_agree_or_not(fixed_context):
     """`denoise_block` with a fused step and per-row settings (as the engine gives them): rows that
     all cut at 3 and are not EOS-aware, then rows that cut at None/3/2 with per-row EOS-awareness,
     run one compiled graph (the kernel width is 4 both times): which requests happen to share a
     batch picks no other graph."""
     from twotower.decode.block import denoise_block
 
-    model, context = fixed
+    model, context = fixed_context
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
     step = torch.compile(denoiser_block_step, fullgraph=True, dynamic=False, backend=counter)
