@@ -81,8 +81,20 @@ def test_too_many_non_finite_steps_stop_before_a_bad_save(tmp_path):
         trainer.run()
 
 
+@pytest.fixture
+def not_ignored(request):
+    """The parametrized signal with its default handling for the test: a shell's background job
+    inherits SIGINT ignored, and the trainer rightly leaves an ignored signal alone."""
+    sig = request.node.callspec.params["sig"]
+    before = signal.getsignal(sig)
+    if before == signal.SIG_IGN:
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    yield sig
+    signal.signal(sig, before)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_saves_the_step_in_progress_and_a_rerun_resumes_exactly(tmp_path, sig):
+def test_a_signal_saves_the_step_in_progress_and_a_rerun_resumes_exactly(tmp_path, sig, not_ignored):
     uninterrupted, _ = _trainer(tmp_path / "full")
     full = [r["loss"] for r in uninterrupted.run()]
 
