@@ -101,9 +101,8 @@ def cpu_grouped_linear(a: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor
 def cpu_grouped_mlp(a: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """CPU kernel of `grouped_mlp` (same contract): both GEMMs of a group back to back, in
     `cpu_grouped_linear`'s swapped orientation. The up GEMM gives the group's hidden rows transposed,
-    (I, rows); relu^2 runs on them in place; the down GEMM takes them through a transposed view (no
-    copy), and only its output is written back transposed: one transposed copy per group instead of
-    two, and no (P, I) hidden tensor. float32 groups of up to `GEMV_ROWS` rows take MKL's
+    (I, rows); relu^2 runs on them in place; the down GEMM takes them as a contiguous (rows, I) copy,
+    and its output is written back transposed; no (P, I) hidden tensor. float32 groups of up to `GEMV_ROWS` rows take MKL's
     matrix-vector path. Inference only; needs oneDNN."""
     pieces = []
     for rows, w_up, w_down, n in _groups(a, ends, up, down):
@@ -111,7 +110,10 @@ def cpu_grouped_mlp(a: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends:
             pieces.append(F.linear(relu2_(F.linear(rows, w_up)), w_down))
             continue
         hidden_t = relu2_(ONEDNN_LINEAR(w_up, _padded(rows, n), None, "none", [], ""))  # (I, padded); pad rows stay 0
-        pieces.append(ONEDNN_LINEAR(w_down, hidden_t.t(), None, "none", [], "")[:, :n].t())
+        # the hidden rows as a contiguous (padded, I) operand, not a transposed view: the suspect of a
+        # segfault in the kernel's tests (a C++ copy reading past a heap page, 2 of 4 full runs in
+        # session 10; cause not pinned down). The copy is rows x I, small beside the weights read.
+        pieces.append(ONEDNN_LINEAR(w_down, hidden_t.t().contiguous(), None, "none", [], "")[:, :n].t())
     return _stack(pieces, a, down.shape[1])
 
 
