@@ -159,6 +159,7 @@ def test_the_compiled_mode_runs_in_the_cpu_form(tmp_path):
     assert {"mode": "cuda-graph", "skipped": "needs a CUDA device"} in report["timings"]
 
 
+@torch.inference_mode()
 def test_the_graph_parity_checks_compare_like_with_like(gpu_check):
     """The three captured-forward checks (AR step, denoiser forward, block commit) with a stand-in
     for the CUDA-graph capture that calls the function: on the CPU the fixed-shape forward equals the
