@@ -70,7 +70,6 @@ class Round:
     forwards: int
 
 
-@torch.no_grad()
 def finishes_on_pending(remaining: int, token: int, eos_ids) -> bool:
     """Whether a speculative row's pending token alone finishes it (one token left, or the token is
     one of its EOS ids): it then takes that token without a round, which would draft and verify a
@@ -78,6 +77,7 @@ def finishes_on_pending(remaining: int, token: int, eos_ids) -> bool:
     return remaining <= 1 or token in eos_ids
 
 
+@torch.no_grad()
 def speculative_round(
     model,
     cache: HybridCache,
