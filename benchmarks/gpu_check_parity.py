@@ -102,18 +102,24 @@ GRAPH_CHECKS = ("cuda_graph_ar_step_bf16", "cuda_graph_denoise_bf16", "cuda_grap
 Capture = Callable[[Callable[[], torch.Tensor]], Callable[[], torch.Tensor]]
 
 
+def _prefilled(model, tokens: torch.Tensor, *, room: int, capacity: int) -> tuple:
+    """A cache of `tokens` with `room` free positions, a copy of it, and a `StaticDecoder` of
+    `capacity` positions loaded from it: the state every graph check starts from."""
+    cache = model.empty_cache(tokens.shape[0], capacity=tokens.shape[1] + room)
+    model.extend_context(tokens, cache)
+    fresh = cache.clone()
+    decoder = StaticDecoder(model.context_tower, model.context_lm_head, tokens.shape[0], capacity)
+    decoder.load(cache)
+    return cache, fresh, decoder
+
+
 def cuda_graph_step_diff(model, prompt: torch.Tensor, *, capture: Capture = capture_cuda_graph) -> float:
     """One AR step replayed from a captured graph against the eager step from the same state.
     (`capture` is the CUDA-graph capture; the tests give a stand-in that calls the function.)"""
-    batch, n = prompt.shape
-    cache = model.empty_cache(batch, capacity=n)
-    model.extend_context(prompt[:, :-1], cache)
-    fresh = cache.clone()
-    decoder = StaticDecoder(model.context_tower, model.context_lm_head, batch, n)
-    decoder.load(cache)
-    d, last = decoder, prompt[:, -1:]
+    _, fresh, d = _prefilled(model, prompt[:, :-1], room=1, capacity=prompt.shape[1])
+    last = prompt[:, -1:]
     replay = capture(lambda: decode_step(d.body, d.head, last, d.position, d.kv, d.conv, d.ssm, d.valid))
-    decoder.load(fresh)  # the warm-up calls advanced the states; the buffers keep their addresses
+    d.load(fresh)  # the warm-up calls advanced the states; the buffers keep their addresses
     got = replay().clone()
     return max_rel_diff(got, model.context_forward(last, cache=fresh)[:, -1])
 
@@ -123,12 +129,8 @@ def cuda_graph_denoise_diff(
 ) -> float:
     """The whole denoiser forward (body, norm_f, head on every position) over a fixed-shape context,
     replayed from a captured graph, against the eager `denoise` over the same prefilled cache."""
-    batch, n = prompt.shape
-    cache = model.empty_cache(batch, capacity=n)
-    model.extend_context(prompt, cache)
-    decoder = StaticDecoder(model.context_tower, model.context_lm_head, batch, n + BLOCK + 1)
-    decoder.load(cache)
-    context = decoder.denoiser_context()
+    cache, _, d = _prefilled(model, prompt, room=0, capacity=prompt.shape[1] + BLOCK + 1)
+    context = d.denoiser_context()
     replay = capture(lambda: denoise_logits(model, block, t, context))  # reads the state, writes none
     got = replay().clone()
     return max_rel_diff(got, model.denoise(block, t, DenoiserContext.from_cache(cache)))
@@ -139,14 +141,8 @@ def cuda_graph_commit_diff(
 ) -> float:
     """A block commit (the context tower over a block, the fixed-shape state updated in place)
     replayed from a captured graph, against the eager tower over the block from the same state."""
-    batch, n = prompt.shape
-    cache = model.empty_cache(batch, capacity=n + block.shape[1])
-    model.extend_context(prompt, cache)
-    fresh = cache.clone()
-    decoder = StaticDecoder(model.context_tower, model.context_lm_head, batch, n + BLOCK + 1)
-    decoder.load(cache)
-    d = decoder
+    _, fresh, d = _prefilled(model, prompt, room=block.shape[1], capacity=prompt.shape[1] + BLOCK + 1)
     replay = capture(lambda: block_forward(d.body, block, d.position, d.kv, d.conv, d.ssm, d.valid))
-    decoder.load(fresh)  # the warm-up calls advanced the states; the buffers keep their addresses
+    d.load(fresh)  # the warm-up calls advanced the states; the buffers keep their addresses
     got = d.body.norm_f(replay()).clone()
     return max_rel_diff(got, model.context_tower(block, cache=fresh))
