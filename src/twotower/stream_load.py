@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from .hugepages import empty as empty_on_host
 from .dtypes import FP32_KEYS, ROUTER_BIAS_DTYPE
 from .errors import CheckpointError
 from .keymap import Source, _names
@@ -26,15 +27,17 @@ def target_dtype(key: str, meta: torch.Tensor, dtype: torch.dtype) -> torch.dtyp
 @torch.no_grad()
 def materialize(module: nn.Module, *, dtype: torch.dtype, device_of: DeviceOf, skip: Iterable[str] = ()) -> None:
     """Replace every meta parameter/buffer by an uninitialised tensor of its target dtype on its
-    target device (one allocation each; the values come next). Keys in `skip` stay on meta (the
-    caller materialises them later)."""
+    target device (the values come next; host tensors in huge pages where the kernel has them,
+    `twotower.hugepages`). Keys in `skip` stay on meta (the caller materialises them later)."""
     skip = set(skip)
-    for key, meta in module.state_dict(keep_vars=True).items():
-        if key in skip:
-            continue
+    todo = [(k, m, target_dtype(k, m, dtype), device_of(k)) for k, m in module.state_dict(keep_vars=True).items()]
+    todo = [job for job in todo if job[0] not in skip]
+    on_cpu = [i for i, (_, _, _, dev) in enumerate(todo) if dev.type == "cpu"]
+    host = dict(zip(on_cpu, empty_on_host([(todo[i][1].shape, todo[i][2]) for i in on_cpu])))
+    for i, (key, meta, kind, dev) in enumerate(todo):
         owner_name, _, attr = key.rpartition(".")
         owner = module.get_submodule(owner_name)
-        fresh = torch.empty(meta.shape, dtype=target_dtype(key, meta, dtype), device=device_of(key))
+        fresh = host[i] if i in host else torch.empty(meta.shape, dtype=kind, device=dev)
         if attr in owner._parameters:
             owner._parameters[attr] = nn.Parameter(fresh, requires_grad=meta.requires_grad)
         else:
