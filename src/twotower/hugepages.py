@@ -138,7 +138,9 @@ def to_huge_pages(module: torch.nn.Module) -> torch.nn.Module:
     fresh = empty([(t.shape, t.dtype) for _, _, t in slots])
     for (table, name, t), new in zip(slots, fresh):
         new.copy_(t)
-        table[name] = torch.nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
+        table[name] = (
+            torch.nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
+        )
     return module
 
 

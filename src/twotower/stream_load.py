@@ -9,9 +9,9 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .hugepages import empty as empty_on_host
 from .dtypes import FP32_KEYS, ROUTER_BIAS_DTYPE
 from .errors import CheckpointError
+from .hugepages import empty as empty_on_host
 from .keymap import Source, _names
 from .shards import TensorReader
 
