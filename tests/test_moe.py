@@ -205,3 +205,50 @@ def test_fused_norms_equal_the_plain_formula():
             promoted = gated(xb, zb)
         assert promoted.dtype == gated(xb, zb).dtype == torch.float32
         torch.testing.assert_close(gated(xb, zb), promoted, rtol=0, atol=0)
+
+
+def _router(dtype=torch.float32):
+    torch.manual_seed(0)
+    return MoE(tiny_config("E")).to(dtype).gate
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_frozen_router_keeps_its_float64_weight_and_notices_changes(dtype):
+    gate = _router(dtype).requires_grad_(False)
+    x = torch.randn(5, gate.weight.shape[1], dtype=dtype)
+    idx, w = gate(x)
+    kept = gate.weight64()
+    assert kept.dtype == torch.float64 and torch.equal(kept, gate.weight.double())
+    assert gate.weight64() is kept  # not copied again
+    with torch.no_grad():
+        gate.weight.mul_(-1)  # an in-place change: a new version
+    assert torch.equal(gate.weight64(), gate.weight.double())
+    gate.weight = torch.nn.Parameter(torch.randn_like(gate.weight), requires_grad=False)  # new memory
+    assert torch.equal(gate.weight64(), gate.weight.double())
+    fresh = MoE(tiny_config("E")).to(dtype).gate.requires_grad_(False)
+    fresh.load_state_dict(gate.state_dict())
+    assert torch.equal(fresh(x)[0], gate(x)[0]) and torch.equal(fresh(x)[1], gate(x)[1])
+
+
+def test_a_trained_router_is_copied_every_call_and_forgets_what_it_kept():
+    gate = _router().requires_grad_(False)
+    kept = gate.weight64()
+    gate.requires_grad_(True)
+    opt = torch.optim.AdamW(gate.parameters(), lr=0.1, fused=True)  # steps without a version bump
+    x = torch.randn(5, gate.weight.shape[1])
+    gate(x)[1].sum().backward()
+    assert gate.weight.grad is not None  # the float64 path still carries gradients
+    opt.step()
+    gate.requires_grad_(False)
+    assert not torch.equal(gate.weight64(), kept) and torch.equal(gate.weight64(), gate.weight.double())
+
+
+def test_the_router_under_inference_mode_and_compile_equals_the_plain_copy():
+    gate = _router().requires_grad_(False)
+    x = torch.randn(5, gate.weight.shape[1])
+    want = torch.sigmoid(torch.nn.functional.linear(x.double(), gate.weight.double()))
+    with torch.inference_mode():
+        assert torch.equal(torch.sigmoid(torch.nn.functional.linear(x.double(), gate.weight64())), want)
+    compiled = torch.compile(lambda t: gate(t), fullgraph=True, backend="eager")
+    got, ref = compiled(x), gate(x)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])

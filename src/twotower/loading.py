@@ -72,7 +72,8 @@ def load_for_inference(
             f"{path}: tokenizer has {tokenizer.vocab_size} tokens but the model only {tt.config.vocab_size}"
         )
     tt.config = resolve_special_ids(tt.config, read_config_dict(path), tokenizer)
-    return Loaded(tt.eval(), tokenizer, path, BUNDLED_NAME if path == bundled_model_path() else path.name)
+    tt.eval().requires_grad_(False)  # for inference: frozen weights keep derived copies (the router's)
+    return Loaded(tt, tokenizer, path, BUNDLED_NAME if path == bundled_model_path() else path.name)
 
 
 def resolve_special_ids(config: NemotronHConfig, raw_config: dict, tokenizer: Tokenizer) -> NemotronHConfig:

@@ -45,10 +45,29 @@ class TopkRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
         nn.init.normal_(self.weight, std=config.initializer_range)
+        self._weight64: tuple[tuple, torch.Tensor] | None = None  # (what it was made from, the copy)
+
+    def weight64(self) -> torch.Tensor:
+        """The weight in float64. For a frozen weight (`requires_grad=False`: the context tower, a
+        model loaded for inference) the copy is kept while the weight's memory and version stay the
+        same: at the release's widths it is 2.75 MB per layer, made on every call otherwise (0.1-0.2
+        ms per layer and forward here). A trained weight is copied on every call (fused optimizers
+        and `.data` writes change it without a version bump), as under compilation and capture."""
+        w = self.weight
+        if torch.compiler.is_compiling():
+            return w.double()
+        if w.requires_grad:  # being trained: whatever was kept may be stale once it is frozen again
+            self._weight64 = None
+        if w.requires_grad or w.is_inference() or (w.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return w.double()  # (an inference tensor has no version counter)
+        key = (w.data_ptr(), w._version, w.dtype, w.device, w.shape)
+        if self._weight64 is None or self._weight64[0] != key:
+            self._weight64 = (key, w.double())
+        return self._weight64[1]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, H) -> (expert ids (N, k) int64, weights (N, k) in x's dtype)."""
-        scores = torch.sigmoid(F.linear(x.double(), self.weight.double()))  # (N, E), float64 (SPEC pitfall 4)
+        scores = torch.sigmoid(F.linear(x.double(), self.weight64()))  # (N, E), float64 (SPEC pitfall 4)
         choice = scores + self.e_score_correction_bias.double()
         if self.n_group > 1:
             choice = self._limit_to_groups(choice)
