@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from gpu_check_modes import BLOCK
 
+from twotower import blocks
 from twotower.bench.costmodel import BF16_BYTES, FP32_BYTES, GPUS, STATE_DTYPE_BYTES, Machine
 from twotower.model import TwoTowerForCausalLM
 from twotower.stream_load import target_dtype
@@ -79,6 +80,8 @@ class Report:
 def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "device": str(device), "cpu_count": os.cpu_count()}
     env["compile_toolchain"] = compile_toolchain(device)
+    # deep towers compile each layer kind once ("auto"; twotower.blocks), if this torch can
+    env["compile_regions"] = blocks.MODE if blocks.REGIONAL is not blocks.FLAT else "unavailable"
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         env.update(

@@ -35,12 +35,17 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(timestep_sinusoid(t).to(w.dtype))
 
 
-def layer_modulations(t_block_out: torch.Tensor, tables) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Every layer's adaLN modulation, with the scale as the factor it is used as: per layer
-    (shift, 1 + scale, gate), each (b, 1, H), where (shift, scale, gate) = the layer's (3, H) table
-    + t_block_out viewed as (b, 3, H). Three operations for the whole tower instead of three per
-    layer (a decoder runs this every denoiser step)."""
+def layer_modulations(t_block_out: torch.Tensor, tables) -> list[torch.Tensor]:
+    """Every layer's adaLN modulation, (b, 3, H) per layer: rows (shift, 1 + scale, gate), the scale
+    as the factor it is used as, where (shift, scale, gate) = the layer's (3, H) table +
+    t_block_out viewed as (b, 3, H). Three operations for the whole tower instead of three per
+    layer (a decoder runs this every denoiser step). `split_modulation` gives the three rows."""
     H = t_block_out.shape[-1] // 3
     mod = torch.stack(list(tables))[None] + t_block_out.view(-1, 1, 3, H)  # (b, layers, 3, H)
     mod[:, :, 1] += 1.0  # autograd-safe: the sum's backward keeps nothing
-    return [(m[:, None, 0], m[:, None, 1], m[:, None, 2]) for m in mod.unbind(1)]
+    return list(mod.unbind(1))
+
+
+def split_modulation(mod: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's modulation (b, 3, H) -> (shift, 1 + scale, gate), each (b, 1, H) (views)."""
+    return mod[:, None, 0], mod[:, None, 1], mod[:, None, 2]

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from .backbone import NemotronHForCausalLM, NemotronHModel, init_weights
+from .blocks import blocks_for
 from .cache import HybridCache
-from .conditioning import TimestepEmbedder, layer_modulations
+from .conditioning import TimestepEmbedder, layer_modulations, split_modulation
 from .config import NemotronHConfig
 from .context import DenoiserContext
 from .layers.attention import full_mask
@@ -169,25 +170,26 @@ class TwoTowerForCausalLM(nn.Module):
             block_valid = torch.ones(b, S, dtype=torch.bool, device=block_ids.device)
         attn_mask = full_mask(torch.cat([context.key_valid, block_valid], dim=1), S)
         mods = layer_modulations(cond, self.scale_shift_tables) if cond is not None else None
+        blocks = blocks_for(len(self.denoiser_tower.layers))  # deep towers: compiled once per layer kind
         for i, layer in enumerate(self.denoiser_tower.layers):
-            is_mixer_first = layer.kind in ("linear_attention", "full_attention")
-            if mods is None:
-                u = layer.norm(h)
-            else:  # h * (1 + scale) + shift, before or after the norm, as one fused multiply-add
-                shift, scale1, gate = mods[i]
-                u = (
-                    layer.norm(torch.addcmul(shift, h, scale1))
-                    if is_mixer_first
-                    else torch.addcmul(shift, layer.norm(h), scale1)
-                )
-            if layer.kind == "linear_attention":
-                y, _ = layer.mixer(u, context.mamba[i], final_state=False)  # every step restarts from the seed
+            # adaLN: h * (1 + scale) + shift, before the norm for mixers and after it for MoE, as one
+            # fused multiply-add; the output gated (`twotower.blocks`)
+            mod = mods[i] if mods is not None else None
+            if layer.kind == "linear_attention":  # every step restarts from the seed state
+                seed = context.mamba[i]
+                conv, ssm = (seed.conv, seed.ssm) if seed is not None else (None, None)
+                h = blocks.denoiser_mamba_block(layer, h, mod, conv, ssm)
             elif layer.kind == "full_attention":
+                if mod is None:
+                    u = layer.norm(h)
+                else:
+                    shift, scale1, gate = split_modulation(mod)
+                    u = layer.norm(torch.addcmul(shift, h, scale1))
                 q, k, v = layer.mixer.qkv(u)
                 y = layer.mixer.attend(q, *context.keys_values(i, k, v), attn_mask)
-            else:
-                y = layer.mixer(u)
-            h = h + y if mods is None else torch.addcmul(h, gate, y)
+                h = h + y if mod is None else torch.addcmul(h, gate, y)
+            else:  # MoE or a dense MLP
+                h = blocks.denoiser_ffn_block(layer, h, mod)
         return h
 
     def denoiser_logits(self, h: torch.Tensor, logits_for: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,6 +28,7 @@ import warnings
 
 import torch
 
+from ..blocks import blocks_for
 from ..cache import HybridCache
 from ..context import DenoiserContext
 from ..layers.mamba2 import MambaState
@@ -205,24 +206,24 @@ def _fixed_forward(body, tokens, position, kv, conv, ssm, valid, *, histories: d
         keys = torch.arange(valid.shape[1], device=valid.device)
         mask = valid[:, None, None, :] & (keys[None, :] <= slots[:, None])[None, None]
     h = body.embeddings(tokens)  # (b, L, H)
+    blocks = blocks_for(len(body.layers))  # deep towers compile each layer kind once (`twotower.blocks`)
     for i, layer in enumerate(body.layers):
-        u = layer.norm(h)
         if layer.kind == "linear_attention":
-            record = [] if histories is not None else None
-            y, state = layer.mixer(u, MambaState(conv[i], ssm[i]), history=record)
-            conv[i].copy_(state.conv)  # the new states written into the fixed buffers
-            ssm[i].copy_(state.ssm)
-            if record:
-                histories[i] = (record[0].window, record[0].ssm)
+            if histories is None:
+                h, new_conv, new_ssm = blocks.mamba_block(layer, h, conv[i], ssm[i])
+            else:  # a verify keeps every position's state, for the rollback
+                h, new_conv, new_ssm, window, states = blocks.mamba_verify_block(layer, h, conv[i], ssm[i])
+                histories[i] = (window, states)
+            conv[i].copy_(new_conv)  # the new states written into the fixed buffers
+            ssm[i].copy_(new_ssm)
         elif layer.kind == "full_attention":
-            q, k, v = layer.mixer.qkv(u)
+            q, k, v = layer.mixer.qkv(layer.norm(h))
             kbuf, vbuf = kv[i]
             kbuf.index_copy_(2, slots, k)
             vbuf.index_copy_(2, slots, v)
-            y = layer.mixer.attend(q, kbuf, vbuf, mask)
-        else:  # MoE: grouped experts, no host read (`layers/moe.py`)
-            y = layer.mixer(u)
-        h = h + y
+            h = h + layer.mixer.attend(q, kbuf, vbuf, mask)
+        else:  # MoE (grouped experts, no host read: `layers/moe.py`) or MLP
+            h = blocks.ffn_block(layer, h)
     return h
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..conditioning import layer_modulations
+from ..conditioning import layer_modulations, split_modulation
 from ..layers.mamba2 import Mamba2Mixer, MambaState
 from ..model import TwoTowerForCausalLM
 from .block_attention import DEFAULT_QUERY_CHUNK, BlockAttention
@@ -188,7 +188,7 @@ def denoise_blocks(
     cond = model.t_block(model.t_embedder(t.reshape(b * nb)))  # (b*nb, 3H): one t per block
     mods = layer_modulations(cond, model.scale_shift_tables)  # as `model.denoise_hidden` rounds them
     for i, layer in enumerate(model.denoiser_tower.layers):
-        shift, scale1, gate = (m.view(b, nb, 1, H) for m in mods[i])
+        shift, scale1, gate = (m.view(b, nb, 1, H) for m in split_modulation(mods[i]))
         hb = h.view(b, nb, S, H)
         if layer.kind in MODULATE_FIRST:
             u = layer.norm(torch.addcmul(shift, hb, scale1))
