@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import gc
+import pickle
 from pathlib import Path
 
 import pytest
@@ -47,8 +49,11 @@ def test_big_tensors_get_an_aligned_advised_mapping_and_small_ones_are_packed():
     for t, (shape, dtype) in zip(rest, small):
         assert t.shape == shape and t.dtype == dtype and t.data_ptr() % hugepages.ALIGN == 0
     a, b, _ = rest
-    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()  # one packed mapping
-    assert a.data_ptr() + a.nbytes <= b.data_ptr()  # not overlapping
+    assert b.data_ptr() - a.data_ptr() == 64  # packed: a's 60 bytes rounded up to the alignment
+    for t in (big, a, b):  # each its own storage of exactly its bytes: a copy copies no more
+        assert t.untyped_storage().nbytes() == t.nbytes
+    assert copy.deepcopy(big).untyped_storage().nbytes() == big.nbytes
+    assert len(pickle.dumps(a)) < 2000
     big.fill_(2.0), a.fill_(1.0), b.fill_(3.0)
     assert big.sum().item() == 2.0 * big.numel() and a.sum().item() == 15.0 and b.sum().item() == 21.0
 
@@ -76,11 +81,12 @@ def test_loading_puts_cpu_weights_in_huge_pages_with_the_same_values_and_outputs
     model = TwoTowerForCausalLM.from_pretrained(bundled_model_path()).eval()
     head = model.lm_head.weight
     assert head.data_ptr() % hugepages.HUGE_PAGE == 0 and _vma_fields(head.data_ptr())["THPeligible"] == "1"
-    norm = model.context_tower.layers[0].norm.weight  # small: packed with the others
-    assert norm.untyped_storage().nbytes() > norm.nbytes
+    layer = model.context_tower.layers[0]  # small tensors: packed one after the other
+    assert layer.mixer.dt_bias.data_ptr() - layer.norm.weight.data_ptr() == layer.norm.weight.nbytes
     monkeypatch.setenv(hugepages.ENV, "0")
     plain = TwoTowerForCausalLM.from_pretrained(bundled_model_path()).eval()
-    assert plain.lm_head.weight.untyped_storage().nbytes() == plain.lm_head.weight.nbytes
+    layer = plain.context_tower.layers[0]
+    assert layer.mixer.dt_bias.data_ptr() - layer.norm.weight.data_ptr() != layer.norm.weight.nbytes
     for (name, a), b in zip(model.state_dict().items(), plain.state_dict().values()):
         assert torch.equal(a, b), name
     ids = torch.randint(4, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -93,23 +99,28 @@ def test_loading_puts_cpu_weights_in_huge_pages_with_the_same_values_and_outputs
 
 
 @needs_thp
-def test_to_huge_pages_keeps_values_and_trains():
+def test_to_huge_pages_keeps_values_parameters_and_ties_and_trains():
     from twotower.backbone import NemotronHForCausalLM
 
     torch.manual_seed(0)
     model = NemotronHForCausalLM(tiny_config("M*E"))
+    model.backbone.embeddings.weight = model.lm_head.weight  # a tie: one parameter in two places
     model.backbone.norm_f.weight.requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = dict(model.named_parameters())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    old_ptr = model.lm_head.weight.data_ptr()  # (named_parameters lists the tie once)
     hugepages.to_huge_pages(model)
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
-    params = dict(model.named_parameters())
-    assert all(isinstance(p, torch.nn.Parameter) for p in params.values())
-    assert not params["backbone.norm_f.weight"].requires_grad and params["lm_head.weight"].requires_grad
-    assert params["lm_head.weight"].untyped_storage().nbytes() > params["lm_head.weight"].nbytes  # moved
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    assert dict(model.named_parameters()) == params  # the same parameter objects
+    assert model.backbone.embeddings.weight is model.lm_head.weight  # still tied
+    assert model.lm_head.weight.data_ptr() != old_ptr  # moved
+    first, second = model.backbone.layers[0].norm.weight, model.backbone.layers[0].mixer.dt_bias
+    assert second.data_ptr() - first.data_ptr() == first.nbytes  # packed together
+    assert not model.backbone.norm_f.weight.requires_grad and model.lm_head.weight.requires_grad
     ids = torch.randint(4, model.config.vocab_size, (2, 6))
     model(ids).logits.float().logsumexp(-1).mean().backward()
-    opt.step()
-    assert not torch.equal(model.lm_head.weight, before["lm_head.weight"])  # updated in place
+    opt.step()  # the optimizer made before the move updates the moved weights
+    assert not torch.equal(model.lm_head.weight, before["lm_head.weight"])
     assert torch.equal(model.backbone.norm_f.weight, before["backbone.norm_f.weight"])

@@ -249,6 +249,10 @@ def test_the_router_under_inference_mode_and_compile_equals_the_plain_copy():
     want = torch.sigmoid(torch.nn.functional.linear(x.double(), gate.weight.double()))
     with torch.inference_mode():
         assert torch.equal(torch.sigmoid(torch.nn.functional.linear(x.double(), gate.weight64())), want)
+    assert not gate.weight64().is_inference()  # the copy kept under inference mode serves autograd too
+    xg = x.clone().requires_grad_(True)
+    gate(xg)[1].sum().backward()
+    assert xg.grad is not None
     compiled = torch.compile(lambda t: gate(t), fullgraph=True, backend="eager")
     got, ref = compiled(x), gate(x)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])

@@ -5,10 +5,10 @@ as one flat graph, every layer is traced and lowered again. Marked with
 `torch.compiler.nested_compile_region`, a layer kind is compiled the first time it is met and the
 same code is called for every later layer of that kind with that layer's weights. Measured with
 `benchmarks/compile_time.py` (the bundled model's widths, the release's 52 layers, batch 2, this
-2-core CPU, cold inductor cache): the AR step, block commit and denoiser forward compiled in 412 s
-flat and 113 s with regions (84 -> 38, 138 -> 29, 190 -> 46 s), with the same outputs. The price
-is a call per region into its compiled code: on this CPU 2-16% slower calls (measured interleaved
-on 12 layers; on a GPU a captured graph does not pay it).
+2-core CPU, cold inductor cache): the AR step, block commit and denoiser forward compiled in 377 s
+flat and 87 s with regions (74 -> 29, 124 -> 21, 178 -> 37 s; 412 -> 113 s in an earlier run), with
+the same outputs. The price is a call per region into its compiled code: on this CPU 2-16% slower
+calls (measured interleaved on 12 layers). A captured CUDA graph should not pay it; not measured.
 
 Hence `MODE` ($TWOTOWER_COMPILE_REGIONS): "auto" (the default) marks towers of at least
 REGION_MIN_LAYERS layers (the release's, not the bundled model's 6), "on" every tower, "off" none.

@@ -3,18 +3,21 @@
 A decoder forward on the CPU reads every weight it uses once, from memory that is not in any cache
 by the time it comes round again. With 4 KiB pages each such read also walks the page tables, which
 in a virtual machine costs two nested walks per page; a 2 MiB page covers 512 of them. Measured on
-the 2-core development VM (interleaved in one process, same weights): the 12.6M-parameter model's
-16-token denoiser forward and block commit 5-6% faster at 1 and 2 threads, one MoE layer at the
-release's widths 2-10%.
+the 2-core development VM (`benchmarks/huge_pages.py`, 2 threads, interleaved in one process, same
+weights): the 12.6M-parameter model's 16-token denoiser forward 7% and block commit 4% faster; the
+experts of one MoE layer at the release's widths 2-7%.
 
 Tensors are carved out of anonymous private mappings advised `MADV_HUGEPAGE` before anything is
 written to them (the kernel backs a page when it is first touched). Each mapping starts on a 2 MiB
-boundary and only its whole 2 MiB extents are advised, so a tensor's ragged tail keeps small pages
-and no memory is backed beyond the tensors. A tensor of at least `OWN_MAPPING_BYTES` gets a mapping
-of its own, so that replacing it (quantizing the experts, moving a layer to a GPU) returns its
-memory; smaller ones share packed mappings (each tensor 64-byte aligned), whose memory returns once
-all of them are gone. The tensors are ordinary CPU tensors over that memory (safetensors writes
-them; `.to()`, `.clone()` and optimizers see nothing different), but their storage cannot be resized.
+boundary and only its whole 2 MiB extents are advised, so with the kernel's `madvise` mode a
+tensor's ragged tail keeps small pages and nothing is backed beyond the tensors (in `always` mode
+the kernel may back a whole 2 MiB page there). A tensor of at least `OWN_MAPPING_BYTES` gets a
+mapping of its own, so that replacing it (quantizing the experts, moving a layer to a GPU) returns
+its memory; smaller ones share packed mappings (each tensor 64-byte aligned), whose memory returns
+once all of them are gone. Every tensor has a storage of its own, exactly its bytes, so a deepcopy,
+pickle or `torch.save` copies only it. They are ordinary CPU tensors over that memory (safetensors
+writes them; `.to()`, `.clone()` and optimizers see nothing different), but their storage cannot be
+resized.
 
 Off where the kernel has no transparent huge pages (`never`, or not Linux) and when the environment
 says `TWOTOWER_HUGE_PAGES=0`; then, or when a mapping fails, the tensors come from `torch.empty`.
@@ -65,22 +68,27 @@ def _nbytes(spec: Spec) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-def _mapping(nbytes: int) -> torch.Tensor:
-    """`nbytes` of fresh (untouched) uint8 memory starting on a 2 MiB boundary, its whole 2 MiB
-    extents advised for huge pages. The tensor keeps the mapping alive; it is unmapped with the
-    last tensor over it."""
-    m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    whole = torch.frombuffer(m, dtype=torch.uint8)  # holds the mapping, shares its memory
-    offset = -whole.data_ptr() % HUGE_PAGE  # a multiple of the small page size
-    advised = nbytes - nbytes % HUGE_PAGE
-    if advised:
-        m.madvise(mmap.MADV_HUGEPAGE, offset, advised)
-    return whole[offset : offset + nbytes]
+class _Mapping:
+    """`nbytes` of fresh (untouched) anonymous memory starting on a 2 MiB boundary, its whole 2 MiB
+    extents advised for huge pages. `tensor(start, spec)` is a tensor over bytes [start, ...) with a
+    storage of its own (exactly its bytes: a deepcopy, pickle or `torch.save` of it copies no more),
+    each holding the mapping, which is unmapped with the last of them."""
 
+    def __init__(self, nbytes: int) -> None:
+        self.map = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        address = torch.frombuffer(self.map, dtype=torch.uint8, count=1).data_ptr()
+        self.offset = -address % HUGE_PAGE  # a multiple of the small page size
+        advised = nbytes - nbytes % HUGE_PAGE
+        if advised:
+            self.map.madvise(mmap.MADV_HUGEPAGE, self.offset, advised)
 
-def _typed(raw: torch.Tensor, spec: Spec) -> torch.Tensor:
-    shape, dtype = spec
-    return raw.view(dtype).view(tuple(shape))
+    def tensor(self, start: int, spec: Spec) -> torch.Tensor:
+        shape, dtype = spec
+        n = math.prod(shape)
+        if n == 0:
+            return torch.empty(tuple(shape), dtype=dtype)
+        flat = torch.frombuffer(self.map, dtype=dtype, count=n, offset=self.offset + start)
+        return flat.view(tuple(shape))
 
 
 def empty(specs: Sequence[Spec]) -> list[torch.Tensor]:
@@ -93,15 +101,14 @@ def empty(specs: Sequence[Spec]) -> list[torch.Tensor]:
     try:
         for i, spec in enumerate(specs):
             if _nbytes(spec) >= OWN_MAPPING_BYTES:
-                out[i] = _typed(_mapping(_nbytes(spec)), spec)
+                out[i] = _Mapping(_nbytes(spec)).tensor(0, spec)
             else:
                 small.append(i)
         for batch in _packs(small, specs):
             sizes = [-(-max(_nbytes(specs[i]), 1) // ALIGN) * ALIGN for i in batch]
-            raw = _mapping(sum(sizes))
-            start = 0
+            mapping, start = _Mapping(sum(sizes)), 0
             for i, size in zip(batch, sizes):
-                out[i] = _typed(raw[start : start + _nbytes(specs[i])], specs[i])
+                out[i] = mapping.tensor(start, specs[i])
                 start += size
     except (OSError, ValueError):  # no mapping (address space, limits): plain memory
         return [torch.empty(tuple(shape), dtype=dtype) for shape, dtype in specs]
@@ -124,23 +131,32 @@ def _packs(indices: list[int], specs: Sequence[Spec]) -> list[list[int]]:
 
 @torch.no_grad()
 def to_huge_pages(module: torch.nn.Module) -> torch.nn.Module:
-    """Move `module`'s CPU parameters and buffers into huge-page memory (see `empty`), in place and
-    one tensor at a time (the old copy of each is freed as soon as nothing else holds it), keeping
-    values, dtypes and `requires_grad`. Tensors on other devices are left alone. Returns `module`."""
+    """Move `module`'s CPU parameters and buffers into huge-page memory (see `empty`), in place:
+    a parameter keeps its object (`.data` is swapped: optimizers and ties see the same parameter),
+    a buffer is replaced wherever it is registered; a tensor reached twice is moved once. The new
+    memory is reserved up front but backed only as each tensor is copied, and each old copy can be
+    freed once copied (nothing here holds it), so the peak is about one tensor over the model.
+    Tensors on other devices are left alone. Returns `module`."""
     if not enabled():
         return module
-    slots = []
+    places: dict[int, list[tuple[dict, str]]] = {}  # tensor id -> where it is registered
     for owner in module.modules():
         for table in (owner._parameters, owner._buffers):
             for name, t in table.items():
                 if t is not None and t.device.type == "cpu" and not t.is_sparse:
-                    slots.append((table, name, t))
-    fresh = empty([(t.shape, t.dtype) for _, _, t in slots])
-    for (table, name, t), new in zip(slots, fresh):
-        new.copy_(t)
-        table[name] = (
-            torch.nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else new
-        )
+                    places.setdefault(id(t), []).append((table, name))
+    first = [where[0] for where in places.values()]
+    specs = [(table[name].shape, table[name].dtype) for table, name in first]
+    for where, new in zip(places.values(), empty(specs)):
+        table, name = where[0]
+        old = table[name]
+        new.copy_(old)
+        if isinstance(old, torch.nn.Parameter):
+            old.data = new  # every registration holds this same parameter
+        else:
+            for t, n in where:
+                t[n] = new
+        del old
     return module
 
 
