@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import gc
 import pickle
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,23 +19,11 @@ needs_thp = pytest.mark.skipif(not hugepages.enabled(), reason="this kernel has 
 
 def _vma_fields(address: int) -> dict[str, str]:
     """The smaps fields of the mapping region holding `address`."""
-    fields, inside = {}, False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split(maxsplit=1)[0] if line else ""
-        if "-" in head and not head.endswith(":"):
-            start, end = (int(x, 16) for x in head.split("-"))
-            inside = start <= address < end
-        elif inside and head.endswith(":"):
-            fields[head[:-1]] = line.split(maxsplit=1)[1].strip() if len(line.split()) > 1 else ""
-    return fields
+    return next((f for start, end, f in hugepages.smaps_regions() if start <= address < end), {})
 
 
 def _mapped(address: int) -> bool:
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        start, end = (int(x, 16) for x in line.split()[0].split("-"))
-        if start <= address < end:
-            return True
-    return False
+    return any(start <= address < end for start, end, _ in hugepages.smaps_regions())
 
 
 @needs_thp

@@ -51,7 +51,7 @@ class Blocks:
     """The layer functions below, marked as compiled regions or plain (`regions_for`)."""
 
     def __init__(self, mark) -> None:
-        for fn in (mamba_block, mamba_verify_block, ffn_block, denoiser_mamba_block, denoiser_ffn_block):
+        for fn in (mamba_block, mamba_verify_block, ffn_block, denoiser_mamba_block):
             setattr(self, fn.__name__, mark(fn))
 
 
@@ -59,6 +59,21 @@ def blocks_for(n_layers: int) -> Blocks:
     return REGIONAL if regions_for(n_layers) else FLAT
 
 
+# ---- adaLN (`mod` (b, 3, H): shift, 1 + scale, gate; `conditioning.layer_modulations`; None: none)
+def mixer_input(layer, h: torch.Tensor, mod: torch.Tensor | None) -> torch.Tensor:
+    """A mixer layer's input: norm(h * (1 + scale) + shift), modulated before the norm."""
+    if mod is None:
+        return layer.norm(h)
+    shift, scale1, _ = split_modulation(mod)
+    return layer.norm(torch.addcmul(shift, h, scale1))
+
+
+def gated(h: torch.Tensor, y: torch.Tensor, mod: torch.Tensor | None) -> torch.Tensor:
+    """The residual update: h + gate * y (h + y without adaLN)."""
+    return h + y if mod is None else torch.addcmul(h, split_modulation(mod)[2], y)
+
+
+# ---- the layers --------------------------------------------------------------------------------------
 def mamba_block(layer, h: torch.Tensor, conv: torch.Tensor, ssm: torch.Tensor):
     """A context-tower Mamba layer over h (b, L, H) from state (conv, ssm): (h + mixer(norm(h)),
     the new conv state, the new SSM state)."""
@@ -74,31 +89,20 @@ def mamba_verify_block(layer, h: torch.Tensor, conv: torch.Tensor, ssm: torch.Te
     return h + y, state.conv, state.ssm, record[0].window, record[0].ssm
 
 
-def ffn_block(layer, h: torch.Tensor) -> torch.Tensor:
-    """A context-tower feed-forward layer (MoE or dense MLP): h + mixer(norm(h))."""
-    return h + layer.mixer(layer.norm(h))
-
-
-def denoiser_mamba_block(layer, h, mod, conv, ssm) -> torch.Tensor:
-    """A denoiser Mamba layer from the context's seed state (conv, ssm; None for none), its final
-    state not computed. With adaLN (`mod` (b, 3, H): shift, 1 + scale, gate; see
-    `conditioning.layer_modulations`) the input is modulated before the norm and the output gated;
-    `mod=None` for none (mock-AR)."""
-    seed = MambaState(conv, ssm) if conv is not None else None
-    if mod is None:
-        return h + layer.mixer(layer.norm(h), seed, final_state=False)[0]
-    shift, scale1, gate = split_modulation(mod)
-    y, _ = layer.mixer(layer.norm(torch.addcmul(shift, h, scale1)), seed, final_state=False)
-    return torch.addcmul(h, gate, y)
-
-
-def denoiser_ffn_block(layer, h, mod) -> torch.Tensor:
-    """A denoiser feed-forward layer (MoE or MLP); adaLN modulates after the norm (see
-    `denoiser_mamba_block`)."""
+def ffn_block(layer, h: torch.Tensor, mod: torch.Tensor | None = None) -> torch.Tensor:
+    """A feed-forward layer (MoE or dense MLP): h + mixer(norm(h)); with the denoiser's adaLN the
+    input is modulated after the norm and the output gated."""
     if mod is None:
         return h + layer.mixer(layer.norm(h))
     shift, scale1, gate = split_modulation(mod)
     return torch.addcmul(h, gate, layer.mixer(torch.addcmul(shift, layer.norm(h), scale1)))
+
+
+def denoiser_mamba_block(layer, h, mod, conv, ssm) -> torch.Tensor:
+    """A denoiser Mamba layer from the context's seed state (conv, ssm; None for none), its final
+    state not computed, adaLN-modulated before the norm (`mixer_input`) and gated."""
+    seed = MambaState(conv, ssm) if conv is not None else None
+    return gated(h, layer.mixer(mixer_input(layer, h, mod), seed, final_state=False)[0], mod)
 
 
 FLAT = Blocks(lambda fn: fn)

@@ -160,21 +160,31 @@ def to_huge_pages(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def huge_page_bytes(t: torch.Tensor) -> int:
-    """Huge-page-backed bytes of the mappings that hold `t` (Linux `smaps`: the whole of each
-    mapping region `t` overlaps, so other tensors packed with it count too), 0 where unknown. For
-    reports and tests; reads /proc."""
-    lo, hi = t.data_ptr(), t.data_ptr() + max(t.nbytes, 1)
+def smaps_regions() -> list[tuple[int, int, dict[str, str]]]:
+    """This process's mapping regions from Linux `/proc/self/smaps`: (start, end, {field: value}),
+    e.g. "AnonHugePages" -> "2048 kB", "THPeligible" -> "1"; empty where unreadable."""
     try:
         text = Path("/proc/self/smaps").read_text()
     except OSError:
-        return 0
-    total, inside = 0, False
+        return []
+    regions: list[tuple[int, int, dict[str, str]]] = []
     for line in text.splitlines():
-        head = line.split(maxsplit=1)[0] if line else ""
-        if "-" in head and not head.endswith(":"):
+        head, _, rest = line.partition(" ")
+        if head.endswith(":"):
+            if regions:
+                regions[-1][2][head[:-1]] = rest.strip()
+        elif "-" in head:
             start, end = (int(x, 16) for x in head.split("-"))
-            inside = start < hi and lo < end
-        elif inside and head == "AnonHugePages:":
-            total += int(line.split()[1]) * 1024
-    return total
+            regions.append((start, end, {}))
+    return regions
+
+
+def huge_page_bytes(t: torch.Tensor) -> int:
+    """Huge-page-backed bytes of the mapping regions that hold `t` (the whole of each region `t`
+    overlaps, so other tensors packed with it count too), 0 where unknown. For reports and tests."""
+    lo, hi = t.data_ptr(), t.data_ptr() + max(t.nbytes, 1)
+    return sum(
+        int(fields.get("AnonHugePages", "0 kB").split()[0]) * 1024
+        for start, end, fields in smaps_regions()
+        if start < hi and lo < end
+    )

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from .backbone import NemotronHForCausalLM, NemotronHModel, init_weights
-from .blocks import blocks_for
+from .blocks import blocks_for, gated, mixer_input
 from .cache import HybridCache
-from .conditioning import TimestepEmbedder, layer_modulations, split_modulation
+from .conditioning import TimestepEmbedder, layer_modulations
 from .config import NemotronHConfig
 from .context import DenoiserContext
 from .layers.attention import full_mask
@@ -180,16 +180,10 @@ class TwoTowerForCausalLM(nn.Module):
                 conv, ssm = (seed.conv, seed.ssm) if seed is not None else (None, None)
                 h = blocks.denoiser_mamba_block(layer, h, mod, conv, ssm)
             elif layer.kind == "full_attention":
-                if mod is None:
-                    u = layer.norm(h)
-                else:
-                    shift, scale1, gate = split_modulation(mod)
-                    u = layer.norm(torch.addcmul(shift, h, scale1))
-                q, k, v = layer.mixer.qkv(u)
-                y = layer.mixer.attend(q, *context.keys_values(i, k, v), attn_mask)
-                h = h + y if mod is None else torch.addcmul(h, gate, y)
+                q, k, v = layer.mixer.qkv(mixer_input(layer, h, mod))
+                h = gated(h, layer.mixer.attend(q, *context.keys_values(i, k, v), attn_mask), mod)
             else:  # MoE or a dense MLP
-                h = blocks.denoiser_ffn_block(layer, h, mod)
+                h = blocks.ffn_block(layer, h, mod)
         return h
 
     def denoiser_logits(self, h: torch.Tensor, logits_for: torch.Tensor | None = None) -> torch.Tensor:

@@ -30,8 +30,11 @@ def materialize(module: nn.Module, *, dtype: torch.dtype, device_of: DeviceOf, s
     target device (the values come next; host tensors in huge pages where the kernel has them,
     `twotower.hugepages`). Keys in `skip` stay on meta (the caller materialises them later)."""
     skip = set(skip)
-    todo = [(k, m, target_dtype(k, m, dtype), device_of(k)) for k, m in module.state_dict(keep_vars=True).items()]
-    todo = [job for job in todo if job[0] not in skip]
+    todo = [
+        (k, m, target_dtype(k, m, dtype), device_of(k))
+        for k, m in module.state_dict(keep_vars=True).items()
+        if k not in skip
+    ]
     on_cpu = [i for i, (_, _, _, dev) in enumerate(todo) if dev.type == "cpu"]
     host = dict(zip(on_cpu, empty_on_host([(todo[i][1].shape, todo[i][2]) for i in on_cpu])))
     for i, (key, meta, kind, dev) in enumerate(todo):
