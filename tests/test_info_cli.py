@@ -41,6 +41,7 @@ def test_30b_facts_in_json(capsys):
     int8 = next(w for w in out["weights"] if w["quantize"] == "int8-experts")
     assert int8["dtype"] == "bfloat16" and int8["total"] / mp.GiB == pytest.approx(62.2, abs=0.05)
     assert out["cache"]["kv_per_token"] * 1024 == 6 * 2**20
+    assert out["router_copies"]["total"] == 2 * 23 * 128 * 2688 * 8  # float64, kept by frozen routers
     assert out["cache"]["ssm_dtype"] == "float32" and out["cache"]["ssm_state"] == 46 * 2**20
     devices = {d["device"]: d for d in out["devices"]}
     assert devices["h200"]["fits"] and 20 * mp.GiB < devices["h200"]["left_for_state"] < 22 * mp.GiB
@@ -64,6 +65,7 @@ def test_text_report_shows_the_figures(capsys):
     assert cli.main(["info", "--preset", NANO, "--dtype", "bf16", "--devices", "cuda:0=h200,cuda:1=80GB"]) == 0
     text = capsys.readouterr().out
     assert "63.19B" in text and "117.69 GiB" in text and "62.22 GiB" in text
+    assert "+ float64 router copies (frozen)   60.38 MiB   60.38 MiB  120.75 MiB" in text
     assert "K/V per 1024 tokens" in text and "6.00 MiB" in text and "46.00 MiB" in text
     assert "both towers fit on cuda:0" in text
     for section in ("parameters", "weights", "cache per sequence", "workspace", 'placement (device_map="auto")'):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_config
+from tests.conftest import perturbed_twotower, tiny_config
 from twotower import device_plan as dp
 from twotower import memory_plan as mp
 from twotower.backbone import NemotronHModel
@@ -261,7 +261,33 @@ def test_30b_fits_one_h200_with_about_20_gib_for_state():
     assert use.holds == dp.BOTH
     assert 20 * mp.GiB < use.left_for_state < 22 * mp.GiB  # after the weights and the 1 GiB reserve
     assert 0 < use.headroom < use.left_for_state
-    assert use.needed == use.reserve + use.weights + use.batch * use.per_row
+    assert use.needed == use.reserve + use.weights + use.router_copies + use.batch * use.per_row
+
+
+def test_router_copies_are_what_a_frozen_model_keeps():
+    """`router_copy_bytes` per tower == the float64 router weights a frozen model holds after a
+    forward (`TopkRouter.weight64`); at 30B 2 x 23 layers x 128 x 2688 x 8 bytes (~121 MiB), counted
+    by the device plan for the towers each device holds."""
+    from twotower.layers.moe import TopkRouter
+
+    model = perturbed_twotower("M*EME").requires_grad_(False)
+    cache = model.empty_cache(1, capacity=24)
+    with torch.no_grad():
+        model.extend_context(torch.tensor([[5, 6, 7, 8]]), cache)
+        model.denoise(torch.tensor([[9, 10, 11, 12]]), torch.tensor([0.5]), DenoiserContext.from_cache(cache))
+    kept = {"context": 0, "denoiser": 0}
+    for name, module in model.named_modules():
+        if isinstance(module, TopkRouter):
+            assert module._weight64 is not None, name
+            kept["context" if name.startswith("context_tower.") else "denoiser"] += module._weight64[1].nbytes
+    routers = mp.router_copy_bytes(model.config)
+    assert kept["context"] > 0 and (routers.context, routers.denoiser) == (kept["context"], kept["denoiser"])
+    config = preset(NANO)
+    assert mp.router_copy_bytes(config).total == 2 * 23 * 128 * 2688 * 8
+    (both,) = plan30("h200").uses
+    assert both.router_copies == mp.router_copy_bytes(config).total and both.fixed == both.needed - both.per_row
+    ctx, den = plan30("h100-80gb,h100-80gb").uses
+    assert (ctx.router_copies, den.router_copies) == (mp.router_copy_bytes(config).context,) * 2
 
 
 def test_30b_on_80gb_h100s_needs_two_or_int8_experts():

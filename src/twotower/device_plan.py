@@ -28,6 +28,7 @@ from .memory_plan import (
     cache_bytes,
     count_parameters,
     dtype_of,
+    router_copy_bytes,
     ssm_cache_dtype,
     tower_bytes,
     workspace_bytes,
@@ -129,6 +130,12 @@ class DeviceUse:
     copies: int
     workspace: int
     expert_copies: int = 0  # int8 experts: one layer's touched experts, gathered and converted per forward
+    router_copies: int = 0  # the float64 router weights a frozen model keeps (`router_copy_bytes`)
+
+    @property
+    def fixed(self) -> int:
+        """Bytes that do not grow with the batch: reserve, weights and the kept copies."""
+        return self.reserve + self.weights + self.expert_copies + self.router_copies
 
     @property
     def per_row(self) -> int:
@@ -136,7 +143,7 @@ class DeviceUse:
 
     @property
     def needed(self) -> int:
-        return self.reserve + self.weights + self.expert_copies + self.batch * self.per_row
+        return self.fixed + self.batch * self.per_row
 
     @property
     def headroom(self) -> int:
@@ -145,8 +152,9 @@ class DeviceUse:
 
     @property
     def left_for_state(self) -> int:
-        """Bytes left after the reserve and the weights: what cache, copies and workspace may use."""
-        return self.device.capacity - self.reserve - self.weights - self.expert_copies
+        """Bytes left after the reserve, the weights and the kept copies: what cache, the denoiser's
+        copies of the past and workspace may use."""
+        return self.device.capacity - self.fixed
 
     @property
     def fits(self) -> bool:
@@ -158,7 +166,7 @@ class DeviceUse:
         return max(self.left_for_state // self.per_row, 0) if self.per_row else 0
 
     def as_dict(self) -> dict:
-        out = _record(self, "per_row", "needed", "headroom", "left_for_state", "fits", "max_batch")
+        out = _record(self, "fixed", "per_row", "needed", "headroom", "left_for_state", "fits", "max_batch")
         return {**out, "device": self.device.name, "capacity": self.device.capacity}
 
 
@@ -204,6 +212,7 @@ class _Needs:
     joined: int  # the denoiser's [past ; block] K/V buffers per row (DenoiserContext.keys_values)
     moved: int  # per row, what `DenoiserContext.to` copies to another device: past K/V, Mamba states, key mask
     expert_copies: int = 0  # see DeviceUse
+    router_copies: TowerBytes | None = None  # per tower, see DeviceUse
 
     def use(self, device: DeviceSpec, holds: str) -> DeviceUse:
         """weights, cache, copies and workspace of `holds` (BOTH, CONTEXT or DENOISER) on `device`."""
@@ -212,7 +221,11 @@ class _Needs:
             CONTEXT: (self.weights.context, self.cache, 0, self.workspace.retained + self.workspace.prefill),
             DENOISER: (self.weights.denoiser, 0, self.moved + self.joined, self.workspace.block),
         }[holds]
-        return DeviceUse(device, holds, self.batch, DEVICE_RESERVE_BYTES, *parts, expert_copies=self.expert_copies)
+        routers = self.router_copies
+        kept = 0 if routers is None else {BOTH: routers.total, CONTEXT: routers.context, DENOISER: routers.denoiser}[holds]
+        return DeviceUse(
+            device, holds, self.batch, DEVICE_RESERVE_BYTES, *parts, expert_copies=self.expert_copies, router_copies=kept
+        )
 
 
 def trained_block_size(config) -> int:
@@ -239,6 +252,7 @@ def _needs(config, *, dtype, batch, max_len, quantize, block_size) -> _Needs:
         joined=cache.kv_per_token * (max_len + block_size),
         moved=cache.kv_per_token * max_len + cache.mamba_state + max_len,  # + the 1-byte validity mask
         expert_copies=expert_copy_bytes(config, dtype=dtype, quantize=quantize),
+        router_copies=router_copy_bytes(config),
     )
 
 
@@ -339,6 +353,7 @@ class MemoryPlan:
     layers: dict[str, int]
     counts: ModelCounts
     weights: tuple[TowerBytes, ...]
+    router_copies: TowerBytes
     cache: CacheBytes
     ssm_dtype: str
     workspace: Workspace
@@ -359,6 +374,7 @@ class MemoryPlan:
             "layers": dict(self.layers),
             "parameters": counts,
             "weights": [_record(w, "total") for w in self.weights],
+            "router_copies": _record(self.router_copies, "total"),
             "cache": cache,
             "workspace": _record(self.workspace, "one_device"),
             "reserve_per_device": DEVICE_RESERVE_BYTES,
@@ -405,6 +421,7 @@ def memory_plan(
         layers=_kinds(config),
         counts=count_parameters(config),
         weights=tuple(weights),
+        router_copies=router_copy_bytes(config),
         cache=cache_bytes(config, dtype=dtype),
         ssm_dtype=dtype_name(ssm_cache_dtype(config)),
         workspace=needs.workspace,

@@ -197,6 +197,8 @@ def _weights(plan: dp.MemoryPlan) -> list[str]:
         )
         for w in plan.weights
     ]
+    r = plan.router_copies
+    rows.append(("+ float64 router copies (frozen)", *map(fmt_bytes, (r.context, r.denoiser, r.total))))
     return ["weights (router bias float32)", *_table(("", "context", "denoiser", "both"), rows)]
 
 
