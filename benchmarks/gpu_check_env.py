@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sysconfig
 import time
 import traceback
 from pathlib import Path
@@ -16,6 +14,7 @@ from gpu_check_modes import BLOCK
 
 from twotower import blocks
 from twotower.bench.costmodel import BF16_BYTES, FP32_BYTES, GPUS, STATE_DTYPE_BYTES, Machine
+from twotower.decode import static
 from twotower.model import TwoTowerForCausalLM
 from twotower.stream_load import target_dtype
 
@@ -96,19 +95,8 @@ def environment(device: torch.device) -> dict:
 
 
 def compile_toolchain(device: torch.device) -> str:
-    """ "ok", or why torch.compile cannot build kernels for `device` (Triton on CUDA also needs a C
-    compiler and Python's headers, for its launchers)."""
-    if device.type != "cuda":
-        return "ok"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "no triton"
-    if not (shutil.which("cc") or shutil.which("gcc")):
-        return "no C compiler (cc, gcc) for Triton's launchers"
-    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
-        return "no Python.h for Triton's launchers"
-    return "ok"
+    """ "ok", or why torch.compile cannot build kernels for `device` (`static.compiler_missing`)."""
+    return static.compiler_missing(device) or "ok"
 
 
 def batch_need(config, *, batch: int, capacity: int, graph_pools: bool) -> int:

@@ -222,9 +222,17 @@ class _Needs:
             DENOISER: (self.weights.denoiser, 0, self.moved + self.joined, self.workspace.block),
         }[holds]
         routers = self.router_copies
-        kept = 0 if routers is None else {BOTH: routers.total, CONTEXT: routers.context, DENOISER: routers.denoiser}[holds]
+        kept = (
+            0 if routers is None else {BOTH: routers.total, CONTEXT: routers.context, DENOISER: routers.denoiser}[holds]
+        )
         return DeviceUse(
-            device, holds, self.batch, DEVICE_RESERVE_BYTES, *parts, expert_copies=self.expert_copies, router_copies=kept
+            device,
+            holds,
+            self.batch,
+            DEVICE_RESERVE_BYTES,
+            *parts,
+            expert_copies=self.expert_copies,
+            router_copies=kept,
         )
 
 

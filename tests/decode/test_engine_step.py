@@ -123,3 +123,50 @@ def test_the_servers_engine_thread_warms_up_before_its_first_request():
     warm = warmup_request(Options(block_size=8), Tok(), eos_count=2, mask_id=3)
     assert (warm.prompt, warm.max_new_tokens, warm.eos_ids, warm.settings.block_size) == ((1,), 16, (3, 3), 8)
     assert warmup_request(Options(mode="ar"), Tok(), eos_count=1, mask_id=3).max_new_tokens == 2
+
+
+def test_compiler_missing_says_why(no_override, monkeypatch, tmp_path):
+    """The CPU needs a C++ compiler, CUDA Triton and a C compiler for its launchers, both Python's
+    headers (inductor and Triton build extensions against them): each missing part is named, and
+    `gpu_check`'s environment check reports the same reason."""
+    import importlib.util
+    import sysconfig
+
+    have = lambda name: "/usr/bin/" + name  # noqa: E731
+    monkeypatch.setattr(shutil, "which", have)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real_find_spec(name, *a)
+    )
+    assert static.compiler_missing("cpu") is None and static.compiler_missing("cuda") is None
+    assert static.compiler_missing("mps") == "no compiled steps for mps devices" and not compiler_available("mps")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})  # no Python.h there
+    assert "Python.h" in static.compiler_missing("cpu") and "Python.h" in static.compiler_missing("cuda")
+    (tmp_path / "Python.h").write_text("")
+    assert static.compiler_missing("cuda") is None
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
+    assert static.compiler_missing("cpu") is None
+    assert static.compiler_missing("cuda") == "no C compiler (cc, gcc) for Triton's launchers"
+    assert resolve_engine_step("auto", "cuda") == "eager"
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a)
+    )
+    assert static.compiler_missing("cuda") == "no triton"
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert static.compiler_missing("cpu") == "no C++ compiler (g++, c++, clang++)"
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    assert "TORCHDYNAMO_DISABLE" in static.compiler_missing("cpu")
+
+
+def test_the_recompile_limit_error_is_named_or_nothing_is_caught(monkeypatch):
+    import torch
+
+    assert static.recompile_limit_hit() is torch._dynamo.exc.FailOnRecompileLimitHit
+    monkeypatch.delattr(torch._dynamo.exc, "FailOnRecompileLimitHit")
+    assert static.recompile_limit_hit() == ()
+    try:  # an older torch's other error is not hidden behind an AttributeError
+        raise ValueError("inductor failed")
+    except static.recompile_limit_hit():
+        raise AssertionError("nothing should be caught") from None
+    except ValueError as e:
+        assert str(e) == "inductor failed"

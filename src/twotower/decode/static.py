@@ -22,9 +22,12 @@ Prefill stays eager (`StaticDecoder.load` copies a prefilled `HybridCache`).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import sysconfig
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -55,20 +58,38 @@ RECOMPILE_LIMIT = 64  # compiled shapes (batch x new tokens x capacity) kept bef
 ENGINE_STEP_ENV = "TWOTOWER_ENGINE_STEP"  # what "auto" means, when set (eager, static or compiled)
 
 
-def compiler_available(device: torch.device | str) -> bool:
-    """Whether `torch.compile` can build kernels for `device`: Triton for CUDA, a C++ compiler on
-    the CPU; False when Dynamo is disabled (TORCHDYNAMO_DISABLE=1)."""
+def compiler_missing(device: torch.device | str) -> str | None:
+    """Why `torch.compile` cannot build kernels for `device` here, or None when it can: Triton for
+    CUDA, which also needs a C compiler and Python's headers for its launchers; a C++ compiler and
+    Python's headers on the CPU (inductor builds a Python extension); "Dynamo is disabled" under
+    TORCHDYNAMO_DISABLE=1; other device types are not compiled."""
     if os.environ.get("TORCHDYNAMO_DISABLE", "") not in ("", "0"):
-        return False
-    if torch.device(device).type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return True
-    if torch.device(device).type != "cpu":
-        return False
-    return any(shutil.which(cc) for cc in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if cc)
+        return "Dynamo is disabled (TORCHDYNAMO_DISABLE)"
+    kind = torch.device(device).type
+    if kind == "cuda":
+        if importlib.util.find_spec("triton") is None:
+            return "no triton"
+        if not any(shutil.which(cc) for cc in (os.environ.get("CC", ""), "cc", "gcc", "clang") if cc):
+            return "no C compiler (cc, gcc) for Triton's launchers"
+    elif kind == "cpu":
+        if not any(shutil.which(cc) for cc in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if cc):
+            return "no C++ compiler (g++, c++, clang++)"
+    else:
+        return f"no compiled steps for {kind} devices"
+    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+        return "no Python.h (the Python development headers) to build kernels against"
+    return None
+
+
+def recompile_limit_hit() -> type[BaseException] | tuple:
+    """What Dynamo raises past the recompile limit with `fail_on_recompile_limit_hit` (an empty tuple,
+    catching nothing, on a torch release that names it otherwise: the error then surfaces as it is)."""
+    return getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())
+
+
+def compiler_available(device: torch.device | str) -> bool:
+    """Whether `torch.compile` can build kernels for `device` (`compiler_missing` says why not)."""
+    return compiler_missing(device) is None
 
 
 def resolve_engine_step(engine_step: str, device: torch.device | str) -> str:
@@ -260,7 +281,7 @@ class Compiled:
     def __call__(self, *args, **kwargs):
         try:
             return self.fn(*args, **kwargs)
-        except torch._dynamo.exc.FailOnRecompileLimitHit:
+        except recompile_limit_hit():
             warnings.warn(
                 f"torch.compile's recompile limit is reached; {self.what} runs its fixed-shape step uncompiled",
                 RuntimeWarning,
