@@ -227,3 +227,12 @@ def test_fused_cpu_mlp_compiles_as_one_opaque_node(monkeypatch):
     a, up, down, ends = _mlp_operands(SIZES, 64, 32, 48)
     compiled = torch.compile(grouped_mlp, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(a, up, down, ends), cpu_grouped_mlp(a, up, down, ends), rtol=0, atol=0)
+
+
+def test_the_opaque_float32_node_is_marked_unsafe_for_cuda_graphs():
+    """float32/float16 grouped GEMMs (the opaque node under compilation) read their offsets on the
+    host on CUDA: the node carries `cudagraph_unsafe`, so a compiled graph runs it outside CUDA graphs."""
+    op = torch.ops.twotower.grouped_mm.default
+    assert grouped.CUDAGRAPH_UNSAFE == (torch.Tag.cudagraph_unsafe,)
+    assert torch.Tag.cudagraph_unsafe in op.tags
+    assert torch.Tag.cudagraph_unsafe not in torch.ops.twotower.cpu_grouped_linear.default.tags

@@ -66,12 +66,20 @@ def _onednn_linear() -> tuple[object | None, tuple[torch.dtype, ...]]:
 ONEDNN_LINEAR, ONEDNN_DTYPES = _onednn_linear()
 
 
-@torch.library.custom_op("twotower::grouped_mm", mutates_args=())
+# torch's grouped_mm on CUDA runs its fused kernel for bfloat16 on sm90/sm100 (H100, H200, B200) only;
+# other dtypes and GPUs go through its per-group fallback, which reads the offsets on the host: a
+# synchronisation per call, and no CUDA-graph capture. So the opaque node below is marked unsafe for
+# CUDA graphs: a compiled graph with CUDA graphs on runs it outside them (where the tag exists).
+CUDAGRAPH_UNSAFE = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
+
+
+@torch.library.custom_op("twotower::grouped_mm", mutates_args=(), tags=CUDAGRAPH_UNSAFE)
 def _opaque_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """`F.grouped_mm` run eagerly as one opaque graph node. grouped_mm's meta function (used by
     `torch.compile` and the meta device) accepts bfloat16 only, while its eager kernels also run
     float32; wrapping it keeps float32 models exact under compilation (same kernel as eager, same
-    output shape) instead of silently computing in bfloat16. Inference only (no autograd formula)."""
+    output shape) instead of silently computing in bfloat16. Inference only (no autograd formula).
+    Only float32 and float16 reach it, which on CUDA take torch's host-reading fallback (above)."""
     return grouped_mm(a, b, offs=offs).contiguous()
 
 

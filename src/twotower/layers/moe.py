@@ -17,7 +17,10 @@ The routed experts run as grouped GEMMs, one path for every token count, eager a
        weighted by its routing weights (`combine`).
 
 Every shape depends only on the input's shape, so the layer compiles with `fullgraph=True` and
-can be captured in a CUDA graph. `experts_reference` is the plain per-token twin.
+can be captured in a CUDA graph. (The GEMMs themselves are torch's: on CUDA its fused grouped
+kernel runs bfloat16 on sm90/sm100, H100/H200/B200; float32, float16 and older GPUs take its
+per-group fallback, which reads the offsets on the host: `layers/grouped.py`. On the CPU the host
+is the device.) `experts_reference` is the plain per-token twin.
 """
 
 from __future__ import annotations
