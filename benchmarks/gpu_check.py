@@ -339,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(args.out, settings)
     report.data["environment"] = environment(device)
     report.save()
+    env = report.data["environment"]
+    print(
+        f"torch {env['torch']} on {env.get('name', device)}; compile: {env['compile_toolchain']}, "
+        f"regions: {env['compile_regions']}",
+        flush=True,
+    )
     clock = Clock(device)
 
     def stopped(signum, _frame) -> None:  # gpu_check.sh's hard limit: say so in the JSON, then stop

@@ -236,3 +236,15 @@ def test_the_opaque_float32_node_is_marked_unsafe_for_cuda_graphs():
     assert grouped.CUDAGRAPH_UNSAFE == (torch.Tag.cudagraph_unsafe,)
     assert torch.Tag.cudagraph_unsafe in op.tags
     assert torch.Tag.cudagraph_unsafe not in torch.ops.twotower.cpu_grouped_linear.default.tags
+
+
+def test_a_torch_without_grouped_mm_gets_a_clear_import_error():
+    """Older torch releases (before 2.8) have neither `F.grouped_mm` nor `torch._grouped_mm`: importing
+    twotower then says which torch it needs, not an AttributeError."""
+    import subprocess
+    import sys
+
+    code = "import torch, torch.nn.functional as F\ndel F.grouped_mm\ndel torch._grouped_mm\nimport twotower\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "ImportError: twotower needs torch >= 2.11" in proc.stderr and torch.__version__ in proc.stderr

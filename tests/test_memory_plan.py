@@ -279,7 +279,7 @@ def test_router_copies_are_what_a_frozen_model_keeps():
     for name, module in model.named_modules():
         if isinstance(module, TopkRouter):
             assert module._weight64 is not None, name
-            kept["context" if name.startswith("context_tower.") else "denoiser"] += module._weight64[1].nbytes
+            kept["context" if name.startswith("context_tower.") else "denoiser"] += module._weight64[2].nbytes
     routers = mp.router_copy_bytes(model.config)
     assert kept["context"] > 0 and (routers.context, routers.denoiser) == (kept["context"], kept["denoiser"])
     config = preset(NANO)

@@ -230,6 +230,21 @@ def test_a_frozen_router_keeps_its_float64_weight_and_notices_changes(dtype):
     assert torch.equal(fresh(x)[0], gate(x)[0]) and torch.equal(fresh(x)[1], gate(x)[1])
 
 
+def test_a_replaced_router_weight_at_the_same_address_and_version_is_copied_anew():
+    """A caching allocator can hand a new weight the old one's address, with the same version: the
+    kept copy is tied to the parameter it was made from, so a replacement is copied again. (Built
+    here as a new parameter over the same memory.)"""
+    gate = _router().requires_grad_(False)
+    kept = gate.weight64()
+    old = gate.weight
+    new = torch.nn.Parameter(old.detach(), requires_grad=False)  # same memory, same version counter
+    assert (new.data_ptr(), new._version) == (old.data_ptr(), old._version)
+    gate.weight = new
+    again = gate.weight64()
+    assert again is not kept and gate._weight64[1] is new and torch.equal(again, new.double())
+    assert gate.weight64() is again  # and kept from then on
+
+
 def test_a_trained_router_is_copied_every_call_and_forgets_what_it_kept():
     gate = _router().requires_grad_(False)
     kept = gate.weight64()

@@ -43,6 +43,10 @@ def layer_modulations(t_block_out: torch.Tensor, tables) -> list[torch.Tensor]:
     H = t_block_out.shape[-1] // 3
     mod = torch.stack(list(tables))[None] + t_block_out.view(-1, 1, 3, H)  # (b, layers, 3, H)
     mod[:, :, 1] += 1.0  # autograd-safe: the sum's backward keeps nothing
+    if torch.compiler.is_compiling():
+        # each layer's a tensor of its own: torch 2.11 traces a compiled region again for every input
+        # that is a view of one shared tensor (6 bodies for 3 + 3 layers; 2.13 reuses one per kind)
+        return [m.clone() for m in mod.unbind(1)]
     return list(mod.unbind(1))
 
 

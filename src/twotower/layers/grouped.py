@@ -28,8 +28,13 @@ import torch.nn.functional as F
 
 from .mlp import relu2, relu2_
 
-# the public name in recent torch releases; older ones have only the private operator (a lent GPU may hold an older torch)
-grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+# the public name in recent torch releases, else the private operator; torch releases without either
+# cannot run the experts (the package is tested with torch 2.11, a lent GPU's, and 2.13)
+grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+if grouped_mm is None:
+    raise ImportError(
+        f"twotower needs torch >= 2.11 (its MoE experts run torch.nn.functional.grouped_mm); this is torch {torch.__version__}"
+    )
 GROUPED_MM_ALIGN_BYTES = 16  # grouped_mm's layout rule: every non-unit stride a multiple of 16 bytes
 GROUPED_MM_NATIVE = (torch.bfloat16,)  # dtypes grouped_mm's meta function (compile, meta device) accepts
 GEMV_ROWS = 2  # up to this many rows in a group, MKL's matrix-vector path beats oneDNN's matmul (CPU, float32)

@@ -48,7 +48,7 @@ class TopkRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
         nn.init.normal_(self.weight, std=config.initializer_range)
-        self._weight64: tuple[tuple, torch.Tensor] | None = None  # (what it was made from, the copy)
+        self._weight64: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, the weight, the copy)
 
     def weight64(self) -> torch.Tensor:
         """The weight in float64. For a frozen weight (`requires_grad=False`: the context tower, a
@@ -56,8 +56,11 @@ class TopkRouter(nn.Module):
         same: at the release's widths it is 2.75 MB per layer (63 MB per tower, on the weight's
         device), made on every call otherwise (0.4 ms of a 12.7 ms bf16 layer at one token here). A
         trained weight is copied on every call (fused optimizers change it without a version bump),
-        as under compilation and capture. Writes that bypass the version counter (`.data.copy_()`,
-        raw byte loads) into a frozen weight after a forward would leave the copy stale."""
+        as under compilation and capture. The copy also remembers the parameter it was made from
+        (holding it, so that a new weight cannot be allocated at its address with the same version,
+        as a caching allocator would: a replaced parameter is copied anew). Writes that bypass the
+        version counter (`.data.copy_()`, raw byte loads) into a frozen weight after a forward would
+        leave the copy stale."""
         w = self.weight
         if torch.compiler.is_compiling():
             return w.double()
@@ -66,10 +69,11 @@ class TopkRouter(nn.Module):
         if w.requires_grad or w.is_inference() or (w.is_cuda and torch.cuda.is_current_stream_capturing()):
             return w.double()  # (an inference tensor has no version counter)
         key = (w.data_ptr(), w._version, w.dtype, w.device, w.shape)
-        if self._weight64 is None or self._weight64[0] != key:
+        kept = self._weight64
+        if kept is None or kept[0] != key or kept[1] is not w:
             with torch.inference_mode(False):  # a normal tensor, usable with autograd later
-                self._weight64 = (key, w.double())
-        return self._weight64[1]
+                self._weight64 = kept = (key, w, w.double())
+        return kept[2]
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, H) -> (expert ids (N, k) int64, weights (N, k) in x's dtype)."""
