@@ -243,6 +243,8 @@ def test_a_replaced_router_weight_at_the_same_address_and_version_is_copied_anew
     again = gate.weight64()
     assert again is not kept and gate._weight64[1] is new and torch.equal(again, new.double())
     assert gate.weight64() is again  # and kept from then on
+    gate.to(torch.float64)  # moving the module lets go of the copy and the weight it held
+    assert gate._weight64 is None and torch.equal(gate.weight64(), gate.weight)
 
 
 def test_a_trained_router_is_copied_every_call_and_forgets_what_it_kept():

@@ -182,7 +182,7 @@ def tower_bytes(config: NemotronHConfig, *, dtype: torch.dtype, quantize: str = 
 def router_copy_bytes(config: NemotronHConfig) -> TowerBytes:
     """The float64 router weights a frozen model keeps beside its weights (`TopkRouter.weight64`: the
     routing runs in float64, SPEC pitfall 4), per tower: E x H x 8 bytes per MoE layer, whatever the
-    model dtype (2.75 MiB per layer, 63 MiB per tower at 30B). A model loaded for inference is frozen,
+    model dtype (2.625 MiB per layer, 60.4 MiB per tower at 30B). A model loaded for inference is frozen,
     so both towers keep them; a trained router converts per call instead (a transient of one layer)."""
     counts = count_parameters(config)
     return TowerBytes("float64", "none", counts.context.router * FP64, counts.denoiser.router * FP64)

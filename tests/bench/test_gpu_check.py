@@ -133,10 +133,19 @@ def test_script_runs_without_safetensors(tmp_path):
     assert "--device" in proc.stdout
 
 
-def test_environment_checks_on_the_cpu(gpu_check):
-    """On the CPU nothing needs Triton and no device memory is tracked: no skips from either check."""
+def test_environment_checks_on_the_cpu(gpu_check, monkeypatch):
+    """On the CPU nothing needs Triton and no device memory is tracked: no skips from either check;
+    a missing part of the toolchain is reported as `static.compiler_missing` names it."""
+    from twotower.decode import static
+
     cpu = torch.device("cpu")
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    monkeypatch.setattr(static, "python_headers_found", lambda: True)
+    monkeypatch.setattr(static, "_found", lambda env, defaults: True)
     assert gpu_check["environment"](cpu)["compile_toolchain"] == "ok"
+    monkeypatch.setattr(static, "python_headers_found", lambda: False)
+    assert "Python.h" in gpu_check["environment"](cpu)["compile_toolchain"]
+    monkeypatch.setattr(static, "python_headers_found", lambda: True)
     model = torch.nn.Linear(2, 2)
     model.context_device, model.config = cpu, preset("tiny")
     assert gpu_check["memory_shortfall"](model, batch=128, context=128, graph_pools=True) is None

@@ -15,8 +15,12 @@ from twotower.decode.static import compiler_available, resolve_engine_step
 
 @pytest.fixture
 def no_override(monkeypatch):
+    """No environment override, and Python's headers present (whatever this machine has)."""
     monkeypatch.delenv(static.ENGINE_STEP_ENV, raising=False)
     monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    for name in ("CC", "CXX"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(static, "python_headers_found", lambda: True)
 
 
 def test_auto_is_compiled_with_a_cpu_compiler_and_eager_without(no_override, monkeypatch):
@@ -125,37 +129,58 @@ def test_the_servers_engine_thread_warms_up_before_its_first_request():
     assert warmup_request(Options(mode="ar"), Tok(), eos_count=1, mask_id=3).max_new_tokens == 2
 
 
-def test_compiler_missing_says_why(no_override, monkeypatch, tmp_path):
-    """The CPU needs a C++ compiler, CUDA Triton and a C compiler for its launchers, both Python's
-    headers (inductor and Triton build extensions against them): each missing part is named, and
-    `gpu_check`'s environment check reports the same reason."""
+def test_compiler_missing_says_why(no_override, monkeypatch):
+    """The CPU needs a C++ compiler ($CXX, else g++), CUDA Triton and a C compiler for its launchers
+    ($CC, else gcc or clang), both Python's headers (inductor and Triton build extensions against
+    them): each missing part is named."""
     import importlib.util
-    import sysconfig
 
-    have = lambda name: "/usr/bin/" + name  # noqa: E731
-    monkeypatch.setattr(shutil, "which", have)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
     real_find_spec = importlib.util.find_spec
+    triton = {"spec": object()}
     monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: object() if name == "triton" else real_find_spec(name, *a)
+        importlib.util, "find_spec", lambda name, *a: triton["spec"] if name == "triton" else real_find_spec(name, *a)
     )
     assert static.compiler_missing("cpu") is None and static.compiler_missing("cuda") is None
     assert static.compiler_missing("mps") == "no compiled steps for mps devices" and not compiler_available("mps")
-    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})  # no Python.h there
+    monkeypatch.setattr(static, "python_headers_found", lambda: False)
     assert "Python.h" in static.compiler_missing("cpu") and "Python.h" in static.compiler_missing("cuda")
-    (tmp_path / "Python.h").write_text("")
-    assert static.compiler_missing("cuda") is None
+    monkeypatch.setattr(static, "python_headers_found", lambda: True)
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
     assert static.compiler_missing("cpu") is None
-    assert static.compiler_missing("cuda") == "no C compiler (cc, gcc) for Triton's launchers"
+    assert static.compiler_missing("cuda") == "no C compiler ($CC, gcc, clang) for Triton's launchers"
     assert resolve_engine_step("auto", "cuda") == "eager"
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a)
-    )
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/clang" if name == "clang" else None)
+    assert static.compiler_missing("cuda") is None  # Triton takes clang without gcc
+    assert static.compiler_missing("cpu") == "no C++ compiler ($CXX, g++)"  # inductor takes g++ only
+    monkeypatch.setenv("CXX", "ccache clang++")  # $CXX alone decides, by its first word
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/ccache" if name == "ccache" else None)
+    assert static.compiler_missing("cpu") is None
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/g++" if name == "g++" else None)
+    assert static.compiler_missing("cpu") == "no C++ compiler ($CXX, g++)"  # g++ exists, $CXX does not
+    triton["spec"] = None
     assert static.compiler_missing("cuda") == "no triton"
-    monkeypatch.setattr(shutil, "which", lambda name: None)
-    assert static.compiler_missing("cpu") == "no C++ compiler (g++, c++, clang++)"
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
     assert "TORCHDYNAMO_DISABLE" in static.compiler_missing("cpu")
+
+
+def test_python_headers_are_looked_for_where_builds_look(monkeypatch, tmp_path):
+    """The default scheme's include directory, "posix_prefix"'s (some distributions' default names a
+    directory that does not exist) or INCLUDEPY: any one holding Python.h will do."""
+    import sysconfig
+
+    missing, found = tmp_path / "missing", tmp_path / "found"
+    found.mkdir()
+    (found / "Python.h").write_text("")
+    places = {"default": missing, "prefix": missing, "INCLUDEPY": missing}
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {"include": str(places["default"])})
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, scheme=None, *a, **k: str(places["prefix"]))
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: str(places["INCLUDEPY"]))
+    assert not static.python_headers_found()
+    for where in places:
+        places[where] = found
+        assert static.python_headers_found(), where
+        places[where] = missing
 
 
 def test_the_recompile_limit_error_is_named_or_nothing_is_caught(monkeypatch):

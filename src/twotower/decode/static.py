@@ -25,6 +25,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import sysconfig
 import warnings
 from pathlib import Path
@@ -47,6 +48,7 @@ __all__ = [
     "check_decode_step",
     "denoiser_block_step",
     "compiler_available",
+    "compiler_missing",
     "resolve_engine_step",
     "round_capacity",
 ]
@@ -58,32 +60,56 @@ RECOMPILE_LIMIT = 64  # compiled shapes (batch x new tokens x capacity) kept bef
 ENGINE_STEP_ENV = "TWOTOWER_ENGINE_STEP"  # what "auto" means, when set (eager, static or compiled)
 
 
+def _found(env: str, defaults: tuple[str, ...]) -> bool:
+    """Whether the compiler a build would use is on the PATH: only `$env`'s program when it is set
+    (its first word: "ccache gcc" runs ccache), else any of `defaults`."""
+    chosen = os.environ.get(env, "").split()
+    return bool(shutil.which(chosen[0])) if chosen else any(shutil.which(cc) for cc in defaults)
+
+
+def python_headers_found() -> bool:
+    """Whether Python.h is where a build of an extension would look: the interpreter's include
+    directory under its default scheme, under "posix_prefix" (torch's and Triton's second look; some
+    distributions' default scheme names a directory that does not exist) or INCLUDEPY."""
+    places = {sysconfig.get_paths().get("include"), sysconfig.get_config_var("INCLUDEPY")}
+    if os.name == "posix":
+        places.add(sysconfig.get_path("include", scheme="posix_prefix"))
+    return any(place and (Path(place) / "Python.h").is_file() for place in places)
+
+
 def compiler_missing(device: torch.device | str) -> str | None:
     """Why `torch.compile` cannot build kernels for `device` here, or None when it can: Triton for
-    CUDA, which also needs a C compiler and Python's headers for its launchers; a C++ compiler and
-    Python's headers on the CPU (inductor builds a Python extension); "Dynamo is disabled" under
-    TORCHDYNAMO_DISABLE=1; other device types are not compiled."""
+    CUDA, which also needs a C compiler ($CC, else gcc or clang, as Triton picks) for its
+    launchers; a C++ compiler ($CXX, else g++; clang++ on macOS, as inductor picks) on the CPU;
+    Python's headers for both (both build Python extensions); "Dynamo is disabled" under
+    TORCHDYNAMO_DISABLE=1; other device types are not compiled. `TWOTOWER_ENGINE_STEP=compiled`
+    overrides the choice this makes for `auto`."""
     if os.environ.get("TORCHDYNAMO_DISABLE", "") not in ("", "0"):
         return "Dynamo is disabled (TORCHDYNAMO_DISABLE)"
     kind = torch.device(device).type
     if kind == "cuda":
-        if importlib.util.find_spec("triton") is None:
+        try:
+            triton = importlib.util.find_spec("triton")
+        except (ImportError, ValueError):  # a broken install, or a module without a spec
+            triton = None
+        if triton is None:
             return "no triton"
-        if not any(shutil.which(cc) for cc in (os.environ.get("CC", ""), "cc", "gcc", "clang") if cc):
-            return "no C compiler (cc, gcc) for Triton's launchers"
+        if not _found("CC", ("gcc", "clang")):
+            return "no C compiler ($CC, gcc, clang) for Triton's launchers"
     elif kind == "cpu":
-        if not any(shutil.which(cc) for cc in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if cc):
-            return "no C++ compiler (g++, c++, clang++)"
+        if not _found("CXX", ("clang++",) if sys.platform == "darwin" else ("g++",)):
+            return "no C++ compiler ($CXX, g++)"
     else:
         return f"no compiled steps for {kind} devices"
-    if not (Path(sysconfig.get_paths()["include"]) / "Python.h").is_file():
+    if not python_headers_found():
         return "no Python.h (the Python development headers) to build kernels against"
     return None
 
 
 def recompile_limit_hit() -> type[BaseException] | tuple:
-    """What Dynamo raises past the recompile limit with `fail_on_recompile_limit_hit` (an empty tuple,
-    catching nothing, on a torch release that names it otherwise: the error then surfaces as it is)."""
+    """What Dynamo raises past the recompile limit for a `fullgraph=True` function (`compiled`); an
+    empty tuple, catching nothing, on a torch release that names it otherwise: the error then
+    surfaces as it is."""
     return getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", ())
 
 
@@ -209,7 +235,9 @@ def verify_step(body, head, tokens, position, kv, conv, ssm, valid):
     tokens per row (b, S), with the head at every position and each Mamba layer's per-position
     states kept for the rollback. Returns (logits (b, S, V) float32, {layer: (conv window (b, C,
     K-1+S), SSM states (b, S+1, h, p, n))}); the buffers hold the state after all S tokens until the
-    caller rolls back (`HybridCache.rollback`). No host read: it compiles with `fullgraph=True`."""
+    caller rolls back (`HybridCache.rollback`). No host read of its own: it compiles with
+    `fullgraph=True` (on CUDA, float32/float16 experts' GEMMs read their offsets inside torch's
+    grouped_mm fallback: `layers/grouped.py`)."""
     histories: dict = {}
     h = _fixed_forward(body, tokens, position, kv, conv, ssm, valid, histories=histories)
     return head(body.norm_f(h)).float(), histories

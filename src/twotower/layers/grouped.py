@@ -33,7 +33,8 @@ from .mlp import relu2, relu2_
 grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 if grouped_mm is None:
     raise ImportError(
-        f"twotower needs torch >= 2.11 (its MoE experts run torch.nn.functional.grouped_mm); this is torch {torch.__version__}"
+        f"twotower needs torch >= 2.11 (its MoE experts run torch.nn.functional.grouped_mm, which this "
+        f"torch {torch.__version__} lacks)"
     )
 GROUPED_MM_ALIGN_BYTES = 16  # grouped_mm's layout rule: every non-unit stride a multiple of 16 bytes
 GROUPED_MM_NATIVE = (torch.bfloat16,)  # dtypes grouped_mm's meta function (compile, meta device) accepts
@@ -74,7 +75,9 @@ ONEDNN_LINEAR, ONEDNN_DTYPES = _onednn_linear()
 # torch's grouped_mm on CUDA runs its fused kernel for bfloat16 on sm90/sm100 (H100, H200, B200) only;
 # other dtypes and GPUs go through its per-group fallback, which reads the offsets on the host: a
 # synchronisation per call, and no CUDA-graph capture. So the opaque node below is marked unsafe for
-# CUDA graphs: a compiled graph with CUDA graphs on runs it outside them (where the tag exists).
+# CUDA graphs: a compiled graph with CUDA graphs on runs it outside them (where the tag exists and
+# inductor partitions graphs, its default in 2.13; not an eager `torch.cuda.graph` capture). bf16 on
+# GPUs before sm90 takes the fallback too and is not marked: capture bf16 on H100/H200/B200 only.
 CUDAGRAPH_UNSAFE = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
 

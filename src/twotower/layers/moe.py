@@ -50,6 +50,12 @@ class TopkRouter(nn.Module):
         nn.init.normal_(self.weight, std=config.initializer_range)
         self._weight64: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # (key, the weight, the copy)
 
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.cuda()`, `.half()` ...: the kept float64 copy (and the weight it holds) goes, the
+        next call makes one from the moved weight."""
+        self._weight64 = None
+        return super()._apply(fn, recurse)
+
     def weight64(self) -> torch.Tensor:
         """The weight in float64. For a frozen weight (`requires_grad=False`: the context tower, a
         model loaded for inference) the copy is kept while the weight's memory and version stay the
