@@ -81,12 +81,28 @@ def import_at_revision(rev: str, into: Path, *, repo: Path = REPO, package: str 
         raise BaselineError(f"could not unpack {short}: {untar.stderr.decode(errors='replace').strip()}")
     (into / "src" / package).rename(into / name)
     sys.path.insert(0, str(into))
+    before = dict(custom_op_libraries())
     try:
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
     except RuntimeError as e:  # e.g. a torch custom op both versions register under one name
         raise BaselineError(f"{short} cannot be imported next to this code: {e}") from e
     finally:
         sys.path.remove(str(into))
+    replaced = sorted(q for q, lib in custom_op_libraries() if q in before and before[q] is not lib)
+    if replaced:  # torch keeps one definition per name: the last one registered
+        print(
+            f"warning: {short} registers {', '.join(replaced)} too; calls to them from this code now run "
+            f"{short}'s implementations (run this comparison in a process of its own)",
+            file=sys.stderr,
+        )
+    return module
+
+
+def custom_op_libraries() -> list[tuple[str, object]]:
+    """(qualified name, the library defining it) of every `torch.library.custom_op` in this process."""
+    from torch._library import custom_ops
+
+    return list(getattr(custom_ops, "OPDEF_TO_LIB", {}).items())
 
 
 def peer_config(pkg: ModuleType, *, chunk_size: int):
