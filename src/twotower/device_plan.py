@@ -212,7 +212,7 @@ class _Needs:
     joined: int  # the denoiser's [past ; block] K/V buffers per row (DenoiserContext.keys_values)
     moved: int  # per row, what `DenoiserContext.to` copies to another device: past K/V, Mamba states, key mask
     expert_copies: int = 0  # see DeviceUse
-    router_copies: TowerBytes | None = None  # per tower, see DeviceUse
+    router_copies: TowerBytes = TowerBytes("float64", "none", 0, 0)  # per tower, see DeviceUse
 
     def use(self, device: DeviceSpec, holds: str) -> DeviceUse:
         """weights, cache, copies and workspace of `holds` (BOTH, CONTEXT or DENOISER) on `device`."""
@@ -222,9 +222,7 @@ class _Needs:
             DENOISER: (self.weights.denoiser, 0, self.moved + self.joined, self.workspace.block),
         }[holds]
         routers = self.router_copies
-        kept = (
-            0 if routers is None else {BOTH: routers.total, CONTEXT: routers.context, DENOISER: routers.denoiser}[holds]
-        )
+        kept = {BOTH: routers.total, CONTEXT: routers.context, DENOISER: routers.denoiser}[holds]
         return DeviceUse(
             device,
             holds,
@@ -429,7 +427,7 @@ def memory_plan(
         layers=_kinds(config),
         counts=count_parameters(config),
         weights=tuple(weights),
-        router_copies=router_copy_bytes(config),
+        router_copies=needs.router_copies,
         cache=cache_bytes(config, dtype=dtype),
         ssm_dtype=dtype_name(ssm_cache_dtype(config)),
         workspace=needs.workspace,
