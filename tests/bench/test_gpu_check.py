@@ -192,6 +192,43 @@ def test_the_graph_parity_checks_compare_like_with_like(gpu_check):
         assert diff(lambda fn: lambda: torch.zeros_like(fn()) + 3.0) > parity.GRAPH_TOL, name
 
 
+@torch.inference_mode()
+def test_the_parity_model_is_decisive(gpu_check):
+    """Another correct device rounds differently; the parity model's greedy tokens must not hang on
+    that. With every weight perturbed by 1e-5 (relative, well above float32 kernels' differences),
+    the model the check builds (seed 0, as gpu_check.py runs it) decodes the same AR and diffusion
+    tokens; a changed head is seen, with where the tokens first differ."""
+    import copy
+
+    import gpu_check_parity as parity
+    from gpu_check_modes import FIRST_RANDOM_ID
+
+    config = preset("tiny")
+    ref = parity.parity_model(config, seed=0)
+    prompt = torch.randint(FIRST_RANDOM_ID, config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    want = {mode: parity.greedy_tokens(ref, prompt, mode) for mode in ("ar", "diffusion")}
+    for draw in range(2):
+        g = torch.Generator().manual_seed(100 + draw)
+        other = copy.deepcopy(ref)
+        for w in other.parameters():
+            w.mul_(1 + 1e-5 * torch.randn(w.shape, generator=g))
+        for mode, tokens in want.items():
+            assert parity.first_difference(parity.greedy_tokens(other, prompt, mode), tokens) is None, (mode, draw)
+    broken = copy.deepcopy(ref)
+    broken.context_lm_head.weight.copy_(broken.context_lm_head.weight.roll(1, dims=0))
+    first = parity.first_difference(parity.greedy_tokens(broken, prompt, "ar"), want["ar"])
+    assert first is not None and first[1] >= prompt.shape[1]  # the prompt itself is never changed
+
+
+def test_first_difference(gpu_check):
+    import gpu_check_parity as parity
+
+    a = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    assert parity.first_difference(a, a.clone()) is None
+    assert parity.first_difference(a, torch.tensor([[1, 2, 3], [4, 0, 0]])) == [1, 1]
+    assert parity.first_difference(a, a[:, :2]) == [-1, -1]
+
+
 def test_a_failing_forward_loses_its_own_row_only(gpu_check):
     """A forward that raises (as a failed capture or compile would) becomes a row with its error;
     the batch's other forwards are still timed."""
