@@ -41,10 +41,12 @@ class SpeculativeRounds:
         self.stats.context_forwards += 1
         self.pending = pending
         self.stats.draft_rounds += len(self.rows)
-        self.stats.accepted_drafts += int(accepted.sum())
-        kept = (accepted + 1).tolist()
-        new = [d[:k][: row.remaining] for d, k, row in zip(drafted.tolist(), kept, self.rows, strict=True)]
-        round_events, keep = self._commit(new, row_steps.tolist())
+        # one read from the device for the round: per row, accepted drafts, denoiser steps, the block
+        cols = [accepted[:, None], row_steps[:, None], drafted]  # (the denoiser's steps may be on its device)
+        host = torch.cat([c.to(accepted.device, torch.long) for c in cols], 1).tolist()
+        self.stats.accepted_drafts += sum(h[0] for h in host)
+        new = [h[2 : 3 + h[0]][: row.remaining] for h, row in zip(host, self.rows, strict=True)]
+        round_events, keep = self._commit(new, [h[1] for h in host])
         self._keep(keep)
         return events + round_events
 

@@ -96,8 +96,9 @@ def speculative_loop(model, input_ids, spec: DecodeSpec, *, attention_mask=None,
     nfe, context_forwards, without_round = 0, 1, 0
     if max_new_tokens == 0:
         active = active[:0]
+    pending_host = pending.tolist()  # after the first round, read with the round's other results
     while len(active):
-        left = list(zip(active.tolist(), pending.tolist(), strict=True))
+        left = list(zip(active.tolist(), pending_host, strict=True))
         done = [finishes_on_pending(max_new_tokens - len(outputs[row]), tok, eos or ()) for row, tok in left]
         if any(done):
             for (row, tok), finished in zip(left, done, strict=True):
@@ -108,6 +109,7 @@ def speculative_loop(model, input_ids, spec: DecodeSpec, *, attention_mask=None,
                 break
             idx = torch.tensor([not d for d in done]).nonzero()[:, 0]
             active, cache, pending = active[idx], cache.select_rows(idx.to(ctx_device)), pending[idx.to(pending.device)]
+            pending_host = [tok for (_, tok), d in zip(left, done, strict=True) if not d]
         rows = list(range(len(active)))
         r = speculative_round(
             model, cache, pending, size=block_size, mask_id=mask_id,
@@ -117,9 +119,12 @@ def speculative_loop(model, input_ids, spec: DecodeSpec, *, attention_mask=None,
         context_forwards += 1
         pending = r.pending
         keep_rows = []
-        # one host transfer each for the accept counts and the drafts, not one per row
-        rounds = zip(active.tolist(), r.accepted.tolist(), r.drafted.tolist(), r.row_steps.tolist(), strict=True)
-        for row, n_accepted, draft_row, n_steps in rounds:
+        # one read from the device per round: per row, accepted drafts, denoiser steps, the next
+        # pending token and the drafted block
+        cols = [r.accepted[:, None], r.row_steps[:, None], r.pending[:, None], r.drafted]
+        host = torch.cat([c.to(r.accepted.device, torch.long) for c in cols], 1).tolist()
+        pending_host = [h[2] for h in host]
+        for row, (n_accepted, n_steps, _, *draft_row) in zip(active.tolist(), host, strict=True):
             accepted_per_block[row].append(n_accepted)
             steps_per_row[row] += n_steps
             outputs[row].extend(draft_row[: n_accepted + 1])
@@ -134,6 +139,7 @@ def speculative_loop(model, input_ids, spec: DecodeSpec, *, attention_mask=None,
             idx = keep.nonzero()[:, 0]
             cache = cache.select_rows(idx.to(ctx_device))
             pending = pending[idx.to(pending.device)]
+            pending_host = [tok for tok, k in zip(pending_host, keep_rows, strict=True) if k]
 
     out = torch.full((b, max_new_tokens), pad_id, dtype=torch.long)
     for row, toks in enumerate(outputs):
