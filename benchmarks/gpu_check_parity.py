@@ -115,7 +115,7 @@ def parity_model(config, *, seed: int):
 
 
 def greedy_tokens(model, prompt: torch.Tensor, mode: str) -> torch.Tensor:
-    """The parity check's greedy decode ("ar" or "diffusion") of `prompt`, on the CPU."""
+    """The parity check's greedy decode ("ar" or "diffusion") of `prompt` by `model` (on its device), returned on the CPU."""
     if mode == "ar":
         out = model.generate_ar(prompt, max_new_tokens=8)
     else:

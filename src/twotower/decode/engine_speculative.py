@@ -11,7 +11,7 @@ from ..layers.mamba2 import MambaHistory
 from .block import RowGroup, anchored_canvas
 from .request import Event
 from .rows import sampling_key
-from .steps import accept_drafts, finishes_on_pending, speculative_round, verify_drafts
+from .steps import accept_drafts, finishes_on_pending, round_on_host, speculative_round, verify_drafts
 
 
 class SpeculativeRounds:
@@ -41,11 +41,9 @@ class SpeculativeRounds:
         self.stats.context_forwards += 1
         self.pending = pending
         self.stats.draft_rounds += len(self.rows)
-        # one read from the device for the round: per row, accepted drafts, denoiser steps, the block
-        cols = [accepted[:, None], row_steps[:, None], drafted]  # (the denoiser's steps may be on its device)
-        host = torch.cat([c.to(accepted.device, torch.long) for c in cols], 1).tolist()
+        host = round_on_host(accepted, row_steps, pending, drafted)
         self.stats.accepted_drafts += sum(h[0] for h in host)
-        new = [h[2 : 3 + h[0]][: row.remaining] for h, row in zip(host, self.rows, strict=True)]
+        new = [h[3][: row.remaining] for h, row in zip(host, self.rows, strict=True)]
         round_events, keep = self._commit(new, [h[1] for h in host])
         self._keep(keep)
         return events + round_events

@@ -39,7 +39,7 @@ from .spec import (
     DecodeSpec,
     DecodeStats,
 )
-from .steps import ar_logits, finishes_on_pending, speculative_round
+from .steps import ar_logits, finishes_on_pending, round_on_host, speculative_round
 from .verify import ar_probs, verify, verify_greedy, verify_sampled
 
 __all__ = ["DEFAULT_DRAFT_STEPS", "ar_probs", "generate_speculative", "verify", "verify_greedy", "verify_sampled"]
@@ -119,15 +119,12 @@ def speculative_loop(model, input_ids, spec: DecodeSpec, *, attention_mask=None,
         context_forwards += 1
         pending = r.pending
         keep_rows = []
-        # one read from the device per round: per row, accepted drafts, denoiser steps, the next
-        # pending token and the drafted block
-        cols = [r.accepted[:, None], r.row_steps[:, None], r.pending[:, None], r.drafted]
-        host = torch.cat([c.to(r.accepted.device, torch.long) for c in cols], 1).tolist()
+        host = round_on_host(r.accepted, r.row_steps, r.pending, r.drafted)
         pending_host = [h[2] for h in host]
-        for row, (n_accepted, n_steps, _, *draft_row) in zip(active.tolist(), host, strict=True):
+        for row, (n_accepted, n_steps, _, committed) in zip(active.tolist(), host, strict=True):
             accepted_per_block[row].append(n_accepted)
             steps_per_row[row] += n_steps
-            outputs[row].extend(draft_row[: n_accepted + 1])
+            outputs[row].extend(committed)
             outputs[row] = cut_at_eos(outputs[row], eos)[:max_new_tokens]
             finished = len(outputs[row]) >= max_new_tokens or (eos and outputs[row] and outputs[row][-1] in eos)
             keep_rows.append(not finished)

@@ -70,6 +70,15 @@ class Round:
     forwards: int
 
 
+def round_on_host(accepted, row_steps, pending, drafted) -> list[tuple[int, int, int, list[int]]]:
+    """A speculative round's results in one read from the device: per row (accepted drafts, denoiser
+    steps, next pending token, the committed tokens drafted[: accepted + 1]). The denoiser's steps may
+    be on its own device; everything is read from the context device."""
+    cols = [accepted[:, None], row_steps[:, None], pending[:, None], drafted]
+    host = torch.cat([c.to(accepted.device, torch.long) for c in cols], 1).tolist()
+    return [(h[0], h[1], h[2], h[3 : 4 + h[0]]) for h in host]
+
+
 def finishes_on_pending(remaining: int, token: int, eos_ids) -> bool:
     """Whether a speculative row's pending token alone finishes it (one token left, or the token is
     one of its EOS ids): it then takes that token without a round, which would draft and verify a
