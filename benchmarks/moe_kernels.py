@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from twotower.bench.host import describe_host, host_line
 from twotower.bench.random_model import real_shape_config
 from twotower.layers import grouped
 from twotower.layers.mlp import relu2_
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
+    print(host_line())
     print("| dtype | tokens | experts | " + " | ".join(f"{v} ms (GB/s)" for v in VARIANTS) + " | fused vs grouped_mm |")
     print("|---|---:|---:|" + "---:|" * (len(VARIANTS) + 1))
     for name in args.dtypes.split(","):
@@ -140,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "json"}
         with open(args.json, "w") as f:
-            json.dump({"settings": settings, "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump(
+                {"settings": settings, "torch": torch.__version__, "host": describe_host(), "rows": rows}, f, indent=1
+            )
     return 0
 
 

@@ -54,6 +54,7 @@ from real_shape_report import (  # noqa: E402
 from twotower.bench.costmodel import Cost, Forward, Machine, Precision, forward_cost  # noqa: E402
 from twotower.bench.costmodel_cpu import CpuMachine, PartWork, part_seconds  # noqa: E402
 from twotower.bench.cpu_probes import STREAM_ROW, Flusher, measure_cpu  # noqa: E402
+from twotower.bench.host import describe_host  # noqa: E402
 from twotower.bench.optrace import OTHER, PartTracer  # noqa: E402
 from twotower.bench.random_model import (  # noqa: E402, F401 (fill_random_: part of this script's API)
     RoutingRecorder,
@@ -376,12 +377,14 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_dtype(config, d, args, batches=batches, repeats=repeats, flusher=flusher, cpu=cpu)
     load_after = os.getloadavg()
     goal = moe_goal(rows, args.block_size)
-    print_report(args, rows, goal, cpu, probes, loads=(load_before, load_after))
+    host = describe_host()
+    print_report(args, rows, goal, cpu, probes, loads=(load_before, load_after), host=host)
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "config"}
         record = {
             "settings": {**settings, "repeats_used": repeats},
             "torch": torch.__version__,
+            "host": host,
             "load_average": {"before": load_before, "after_probes": load_probed, "after": load_after},
             "read_probes": probes,
             "cpu_machine": cpu.to_dict(),

@@ -8,6 +8,7 @@ import os
 from dataclasses import asdict, dataclass
 
 from twotower.bench.costmodel_cpu import CpuMachine, roofline_bandwidth_bound
+from twotower.bench.host import host_line
 
 PARTS = ("mamba", "attention+other", "moe", "head")
 BANDWIDTH_GOAL = 0.5  # issue 19: every MoE forward reads its experts at >= 50% of the stream bandwidth
@@ -155,6 +156,7 @@ def within(ratio: float) -> bool:
 
 def summary_lines(rows: list[Row], goal: list[dict]) -> list[str]:
     met = sum(g["meets_goal"] for g in goal)
+    ruled_out = [g for g in goal if not g["meets_goal"] and g["roofline_bound"] < BANDWIDTH_GOAL]
     parts = [r for r in rows if r.part != "total"]
     totals = [r for r in rows if r.part == "total"]
     tol = f"{100 * PREDICTION_TOLERANCE:.0f}%"
@@ -163,7 +165,14 @@ def summary_lines(rows: list[Row], goal: list[dict]) -> list[str]:
         return sum(within(getattr(r, attr)) for r in rs)
 
     return [
-        f"MoE layers at >= {100 * BANDWIDTH_GOAL:.0f}% of read bandwidth (1 and S tokens per row): {met} of {len(goal)}",
+        f"MoE layers at >= {100 * BANDWIDTH_GOAL:.0f}% of read bandwidth (1 and S tokens per row): {met} of {len(goal)}"
+        + (
+            f"; {len(ruled_out)} of the {len(goal) - met} missed cannot reach it on this machine (roofline bound "
+            f"{min(g['roofline_bound'] for g in ruled_out):.0%}-{max(g['roofline_bound'] for g in ruled_out):.0%}: "
+            f"their FLOPs at its measured matmul peak take longer than reading the experts at half its bandwidth)"
+            if ruled_out
+            else ""
+        ),
         f"calibrated CPU model within {tol} in {count(rows, 'predicted_over_measured')} of {len(rows)} rows "
         f"(plain roofline: {count(rows, 'roofline_over_measured')})",
         f"calibrated CPU model within {tol}: {count(parts, 'predicted_over_measured')} of {len(parts)} parts, "
@@ -173,9 +182,13 @@ def summary_lines(rows: list[Row], goal: list[dict]) -> list[str]:
     ]
 
 
-def print_report(args, rows: list[Row], goal: list[dict], cpu: CpuMachine, probes: dict, *, loads) -> None:
-    """The whole report on stdout: load, machine figures, every row, the summaries."""
+def print_report(
+    args, rows: list[Row], goal: list[dict], cpu: CpuMachine, probes: dict, *, loads, host: dict | None = None
+) -> None:
+    """The whole report on stdout: the host, load, machine figures, every row, the summaries."""
     before, after = loads
+    if host is not None:
+        print(host_line(host))
     print(f"load average before {before[0]:.2f}, after {after[0]:.2f} ({os.cpu_count()} cores, {args.threads} threads)")
     print("read probes (side by side): " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in probes.items()))
     print(

@@ -403,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(e))
     torch.set_num_threads(args.threads)
     import twotower
+    from twotower.bench.host import describe_host, host_line
     from twotower.bench.random_model import fill_random_
     from twotower.staged_dir import write_text_atomically
 
@@ -447,11 +448,13 @@ def main(argv: list[str] | None = None) -> int:
         f"this code against {old_pkg.__name__} (measured, interleaved, medians); the last column is "
         f"projected through the peer's measured {peer_ratio[0]}-{peer_ratio[1]}x over the baseline"
     )
+    print(host_line())
     print("\n".join(table(results, projected)))
     if args.json:
         report = {
             "settings": {**vars(args), "peer_ratio": list(peer_ratio), "parameters": n_params},
             "torch": torch.__version__,
+            "host": describe_host(),
             "baseline_module": old_pkg.__name__,
             "agreement": agreement,
             "measured": results,

@@ -49,6 +49,7 @@ def test_every_row_has_every_field(bench_result, small_items):
     assert [r.setting.mode for r in bench_result.rows] == ["ar", "diffusion", "diffusion"]
     assert bench_result.options["batch_sizes"] == [1, SMALL_BATCH]
     assert bench_result.environment["torch_threads"] == 1
+    assert bench_result.environment["cpu_model"] and isinstance(bench_result.environment["cpu_flags"], list)
     for row in bench_result.rows:
         assert set(row.scores) == set(CATEGORIES) == set(row.diversity)
         assert all(0.0 <= s <= 100.0 for s in row.scores.values())

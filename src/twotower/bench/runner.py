@@ -32,6 +32,7 @@ from ..decode.spec import DecodeSpec
 from . import metrics
 from .baseline import hf_generate
 from .evalset import CATEGORIES, EvalItem
+from .host import cpu_flags, cpu_model
 
 Decoder = Callable[[list[list[int]], int], object]  # (prompt id lists, max_new_tokens) -> GenerationOutput
 MODES = ("ar", "ar-compiled", "diffusion", "speculative", "hf-generate")
@@ -300,6 +301,8 @@ def describe_environment(model) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(model.context_device),
