@@ -366,6 +366,11 @@ def main(argv: list[str] | None = None) -> int:
     progress("probing read bandwidth ...")
     probes = read_probes(args.stream_mib << 20, repeats=3 if args.quick else 7)
     flusher = Flusher(args.stream_mib << 20)
+    progress(
+        f"  stream read: {flusher.kernel} ("
+        + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in flusher.trial_rates.items())
+        + ")"
+    )
     progress("microbenchmarks (GEMM, grouped GEMM, elementwise, dispatch) ...")
     t0 = time.perf_counter()
     probed = sorted({"float32", *(DTYPE_NAMES[d] for d in dtypes)})  # the Mamba scan runs in float32 always
@@ -378,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     goal = moe_goal(rows, args.block_size)
     host = describe_host()
-    print_report(args, rows, goal, cpu, probes, loads=(load_before, load_after), host=host)
+    print_report(args, rows, goal, cpu, probes, loads=(load_before, load_after), host=host, read_kernel=flusher.kernel)
     if args.json:
         settings = {k: v for k, v in vars(args).items() if k != "config"}
         record = {
@@ -387,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
             "host": host,
             "load_average": {"before": load_before, "after_probes": load_probed, "after": load_after},
             "read_probes": probes,
+            "stream_read": {"kernel": flusher.kernel, "trial_rates": flusher.trial_rates},
             "cpu_machine": cpu.to_dict(),
             "rows": [r.to_dict() for r in rows],
             "moe_goal": goal,

@@ -183,7 +183,15 @@ def summary_lines(rows: list[Row], goal: list[dict]) -> list[str]:
 
 
 def print_report(
-    args, rows: list[Row], goal: list[dict], cpu: CpuMachine, probes: dict, *, loads, host: dict | None = None
+    args,
+    rows: list[Row],
+    goal: list[dict],
+    cpu: CpuMachine,
+    probes: dict,
+    *,
+    loads,
+    host: dict | None = None,
+    read_kernel: str = "gemv",
 ) -> None:
     """The whole report on stdout: the host, load, machine figures, every row, the summaries."""
     before, after = loads
@@ -202,8 +210,10 @@ def print_report(
             f"  {d}: peak {cpu.matmul_peak[d] / 1e9:.0f} GFLOP/s, elementwise {cpu.elementwise[d] / 1e9:.1f} GB/s; "
             f"linear GB/s by rows {gemm}; grouped_mm GB/s by rows per group {grouped}"
         )
-    print("ms: least over the timed calls; % BW and % peak: of the best stream bandwidth (fp32 GEMV) / matmul peak")
-    print("sampled before the calls")
+    print(
+        "ms: least over the timed calls; % BW and % peak: of the best stream bandwidth sampled before the "
+        f"calls (the stream buffer read by {read_kernel}) / matmul peak"
+    )
     print(HEADER)
     print("|" + "---|" * (HEADER.count("|") - 1))
     for r in rows:

@@ -383,3 +383,17 @@ def test_microbenchmarks_fill_every_field():
     assert min(cpu.gemm["float32"].bytes_per_s) > 0 and cpu.gemm["float32"].rows[0] == 1
     assert 0 < cpu.dispatch_s < 1e-3 and 0 < cpu.view_dispatch_s < 1e-3 and cpu.empty_group_s > 0
     assert cpu.first_touch > 0
+
+
+def test_the_stream_read_is_the_faster_kernel():
+    """The bandwidth every figure is set against comes from whichever plain read streamed faster
+    on this host (an MKL GEMV reads at about half the memory's speed on some CPUs)."""
+    from twotower.bench.cpu_probes import READ_KERNELS, faster_read
+
+    assert faster_read({"sum": 2.0, "gemv": 1.0}) == "sum"
+    assert faster_read({"sum": 1.0, "gemv": 2.0}) == "gemv"
+    assert faster_read({"sum": 1.0, "gemv": 1.0}) == READ_KERNELS[0]
+    flusher = Flusher(4 << 20, trials=2)
+    assert set(flusher.trial_rates) == set(READ_KERNELS) and min(flusher.trial_rates.values()) > 0
+    assert flusher.kernel == faster_read(flusher.trial_rates)
+    assert flusher.read() > 0

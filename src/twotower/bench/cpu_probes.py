@@ -3,8 +3,11 @@
 Every probe times a generic kernel at generic widths, on its own (never a layer of the model, never
 fitted to the layer timings that the cost model is then checked against):
 
-1. stream read: a float32 GEMV over a buffer larger than the last-level cache (on this CPU it reads
-   faster than `sum`); the same read flushes the caches before every cold probe;
+1. stream read: the faster of a float32 `sum` and a float32 GEMV over a buffer larger than the
+   last-level cache (which one is faster depends on the host: on one 2-core VM of this project the
+   GEMV read 28 GB/s and `sum` 25; on another, an AMD EPYC whose MKL GEMV reads at about half
+   its memory's speed, `sum` 33 GB/s and the GEMV 18); the same read flushes the caches before
+   every cold probe;
 2. matmul peak per dtype: a square matmul that fits in cache;
 3. weight-streaming `linear` per dtype and row count: r rows through a cold weight of two generic
    sizes, giving a fixed latency and a rate per row count (a line through the two times);
@@ -49,20 +52,42 @@ OVERHEAD_GROUPS = (128, 16, 16)  # groups, in, out: tiny weights, so the time is
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+READ_KERNELS = ("sum", "gemv")  # plain reads of the stream buffer, one of which `Flusher` keeps
+
+
 class Flusher:
     """A float32 buffer larger than the last-level cache; `read()` streams it once (evicting what
-    earlier work left in the caches) and returns the achieved read bandwidth in bytes/s."""
+    earlier work left in the caches) and returns the achieved read bandwidth in bytes/s.
 
-    def __init__(self, nbytes: int) -> None:
+    It reads with whichever of READ_KERNELS streamed faster over `trials` interleaved reads when it
+    was made (`kernel`; each one's best rate in `trial_rates`), so that the bandwidth every figure
+    is set against is this host's, not one kernel's."""
+
+    def __init__(self, nbytes: int, *, trials: int = 3) -> None:
         rows = max(nbytes // (4 * STREAM_ROW), 1)
         self.buf = torch.ones(rows, STREAM_ROW, dtype=torch.float32)
         self.vec = torch.ones(STREAM_ROW, dtype=torch.float32)
+        self._reads = {"sum": self.buf.sum, "gemv": lambda: self.buf @ self.vec}
         self.buf @ self.vec  # first touch, untimed
+        best = {k: 0.0 for k in READ_KERNELS}
+        for _ in range(max(trials, 1)):
+            for k in READ_KERNELS:
+                best[k] = max(best[k], self._timed(k))
+        self.trial_rates = best
+        self.kernel = faster_read(best)
+
+    def _timed(self, kernel: str) -> float:
+        t0 = time.perf_counter()
+        self._reads[kernel]()
+        return self.buf.numel() * 4 / (time.perf_counter() - t0)
 
     def read(self) -> float:
-        t0 = time.perf_counter()
-        self.buf @ self.vec
-        return self.buf.numel() * 4 / (time.perf_counter() - t0)
+        return self._timed(self.kernel)
+
+
+def faster_read(rates: dict[str, float]) -> str:
+    """The read kernel with the highest rate (ties: the first in READ_KERNELS)."""
+    return max(READ_KERNELS, key=lambda k: (rates[k], -READ_KERNELS.index(k)))
 
 
 def least_seconds(fn: Callable[[], object], *, repeats: int, before: Callable[[], object] = lambda: None) -> float:
