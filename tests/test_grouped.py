@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from twotower.layers import grouped
+from twotower.layers import linear as linear_module
 from twotower.layers.grouped import (
     ONEDNN_DTYPES,
     ONEDNN_LINEAR,
@@ -41,10 +42,16 @@ def _operands(sizes, k, n, dtype=torch.float32, seed=0):
     return a, weight, ends
 
 
+# the float32 CPU library choice (`layers/linear.py`): both are tested on every host
+POLICIES = pytest.mark.parametrize("policy", ["mkl", "onednn"])
+
+
 @needs_onednn
 @torch.no_grad()
+@POLICIES
 @pytest.mark.parametrize("k,n", [(64, 48), (50, 22)])  # aligned, and widths grouped_mm would pad
-def test_cpu_kernel_equals_the_float64_twin(k, n):
+def test_cpu_kernel_equals_the_float64_twin(monkeypatch, policy, k, n):
+    monkeypatch.setattr(linear_module, "FP32_CPU_GEMM", policy)
     a, weight, ends = _operands(SIZES, k, n)
     got = cpu_grouped_linear(a, weight, ends)
     assert got.shape == (a.shape[0], n) and got.dtype == torch.float32
@@ -82,6 +89,7 @@ def test_cpu_kernel_agrees_with_grouped_mm_to_rounding():
 
 @needs_onednn
 def test_dispatch_cpu_without_gradient_only(monkeypatch):
+    monkeypatch.setattr(linear_module, "FP32_CPU_GEMM", "mkl")
     a, weight, _ = _operands(SIZES, 16, 16)
     with torch.no_grad():
         assert not uses_cpu_kernel(a, weight)  # small experts: grouped_mm's own loop is faster
@@ -101,6 +109,18 @@ def test_dispatch_cpu_without_gradient_only(monkeypatch):
     assert uses_cpu_kernel(a, weight)  # grad mode on, but nothing requires a gradient
     assert not uses_cpu_kernel(a.requires_grad_(), weight)
     assert not uses_cpu_kernel(a.detach(), weight.requires_grad_())
+
+
+@needs_onednn
+def test_dispatch_of_few_float32_rows_follows_the_library_choice(monkeypatch):
+    """Where float32 goes to oneDNN (AMD CPUs), rows averaging at most GEMV_ROWS per expert take
+    the CPU kernel too (grouped_mm would run them through MKL)."""
+    big = torch.empty(1, 1024, 2048)  # 8 MiB of float32
+    with torch.no_grad():
+        for policy, want in (("mkl", False), ("onednn", torch.float32 in linear_module.ONEDNN_DTYPES)):
+            monkeypatch.setattr(linear_module, "FP32_CPU_GEMM", policy)
+            assert uses_cpu_kernel(torch.empty(2, 2048), big) == want
+            assert uses_cpu_kernel(torch.empty(3, 2048), big)  # more rows: the kernel either way
 
 
 def test_without_onednn_grouped_mm_runs(monkeypatch):
@@ -185,9 +205,11 @@ def _mlp_operands(sizes, k, i, n, dtype=torch.float32, seed=0):
 
 @needs_onednn
 @torch.no_grad()
+@POLICIES
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_cpu_mlp_equals_the_float64_twin(dtype):
+def test_fused_cpu_mlp_equals_the_float64_twin(monkeypatch, policy, dtype):
     """Both GEMMs and relu^2 per group (padded float32 groups included) against float64."""
+    monkeypatch.setattr(linear_module, "FP32_CPU_GEMM", policy)
     if dtype not in ONEDNN_DTYPES:
         pytest.skip(f"this torch build's oneDNN linear does not run {dtype}")
     a, up, down, ends = _mlp_operands(SIZES, 50, 22, 36, dtype=dtype)

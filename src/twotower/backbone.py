@@ -15,6 +15,7 @@ from torch import nn
 from .cache import HybridCache, RollbackPoint
 from .config import NemotronHConfig
 from .layers.attention import Attention, causal_mask
+from .layers.linear import Linear
 from .layers.mamba2 import Mamba2Mixer
 from .layers.mlp import MLP
 from .layers.moe import MoE
@@ -135,7 +136,7 @@ class NemotronHForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.backbone = NemotronHModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         init_weights(self, config)
 
     @property

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from .layers.linear import Linear
+
 FREQ_DIM = 256  # width of the sinusoidal embedding (fixed by the released checkpoint's t_embedder.mlp.0)
 TIME_SCALE = 1000.0
 MAX_PERIOD = 10000.0
@@ -28,7 +30,7 @@ def timestep_sinusoid(t: torch.Tensor, dim: int = FREQ_DIM) -> torch.Tensor:
 class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(FREQ_DIM, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(Linear(FREQ_DIM, hidden_size), nn.SiLU(), Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         w = self.mlp[0].weight

@@ -24,6 +24,7 @@ from .conditioning import TimestepEmbedder, layer_modulations
 from .config import NemotronHConfig
 from .context import DenoiserContext
 from .layers.attention import full_mask
+from .layers.linear import Linear
 
 DEFAULT_MASK_TOKEN_ID = 3  # the released config carries no mask id; the convention is 3 (SPEC 3.1)
 TWOTOWER_ARCH = "NemotronHTwoTowerForCausalLM"
@@ -37,11 +38,11 @@ class TwoTowerForCausalLM(nn.Module):
         self.config = config
         H, n_layers = config.hidden_size, config.num_hidden_layers
         self.context_tower = NemotronHModel(config)
-        self.context_lm_head = nn.Linear(H, config.vocab_size, bias=False)
+        self.context_lm_head = Linear(H, config.vocab_size, bias=False)
         self.denoiser_tower = NemotronHModel(config)
-        self.lm_head = nn.Linear(H, config.vocab_size, bias=False)
+        self.lm_head = Linear(H, config.vocab_size, bias=False)
         self.t_embedder = TimestepEmbedder(H)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(H, 3 * H))
+        self.t_block = nn.Sequential(nn.SiLU(), Linear(H, 3 * H))
         self.scale_shift_tables = nn.ParameterList(nn.Parameter(torch.zeros(3, H)) for _ in range(n_layers))
         init_weights(self, config)
         self.reset_adaln()

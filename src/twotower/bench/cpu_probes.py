@@ -9,7 +9,7 @@ fitted to the layer timings that the cost model is then checked against):
    its memory's speed, `sum` 33 GB/s and the GEMV 18); the same read flushes the caches before
    every cold probe;
 2. matmul peak per dtype: a square matmul that fits in cache;
-3. weight-streaming `linear` per dtype and row count: r rows through a cold weight of two generic
+3. weight-streaming `linear` (`layers.linear.linear`, the model's dense kernel) per dtype and row count: r rows through a cold weight of two generic
    sizes, giving a fixed latency and a rate per row count (a line through the two times);
 4. the experts' grouped GEMM (`layers.grouped.grouped_linear`: `grouped_mm`, or the CPU float32
    kernel) per dtype and rows per group: a cold (G, N, K) weight, r rows in every group;
@@ -32,9 +32,9 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..layers.grouped import ONEDNN_DTYPES, cpu_grouped_linear, grouped_linear
+from ..layers.linear import linear
 from .costmodel_cpu import FRESH_MMAP_BYTES, CpuMachine, RowRates, latency_and_rate
 
 STREAM_ROW = 4096  # the stream buffer is a (rows, 4096) float32 matrix read by a matrix-vector product
@@ -103,9 +103,12 @@ def least_seconds(fn: Callable[[], object], *, repeats: int, before: Callable[[]
 
 
 def matmul_peak(dtype: torch.dtype, *, size: int = MATMUL_SIZE, repeats: int = 5) -> float:
-    """FLOP/s of a square matmul in `dtype` (warm: it fits in cache)."""
+    """FLOP/s of a square matmul in `dtype` (warm: it fits in cache): the faster of PyTorch's `@`
+    and the model's `layers.linear.linear` (which differ where float32 goes to oneDNN)."""
     a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    return 2 * size**3 / least_seconds(lambda: a @ b, repeats=repeats)
+    with torch.no_grad():
+        best = min(least_seconds(lambda: a @ b, repeats=repeats), least_seconds(lambda: linear(a, b), repeats=repeats))
+    return 2 * size**3 / best
 
 
 def gemm_rates(
@@ -125,7 +128,7 @@ def gemm_rates(
         points = []
         for w in weights:
             x = torch.randn(r, w.shape[1]).to(dtype)
-            sec = least_seconds(lambda x=x, w=w: F.linear(x, w), repeats=repeats, before=flusher.read)
+            sec = least_seconds(lambda x=x, w=w: linear(x, w), repeats=repeats, before=flusher.read)
             points.append((w.numel() * w.element_size(), sec))
         latency, rate = latency_and_rate(*points)
         latencies.append(latency)

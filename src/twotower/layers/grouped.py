@@ -12,8 +12,10 @@
   transposed). Measured, 2 threads, a cold 1856x2688 expert, against oneDNN's plain order:
   bfloat16 20-21 vs 16-17 GB/s at 1-16 rows, 16.5 vs 15 at 24-32 and 13 vs 8.5-9.5 past 32 (its
   plain kernel switches there); float32 18.5 vs 13-15 at 8-16 rows and, padded to a multiple of 16
-  rows, 14 vs 10-12 at 20-32. With 1-2 float32 rows MKL's matrix-vector path is the faster one and
-  is kept. It reads the group offsets on the host, which on the CPU is the device: no
+  rows, 14 vs 10-12 at 20-32. With 1-2 float32 rows MKL's matrix-vector path was the faster one
+  on that host and is kept where `linear.FP32_CPU_GEMM` is "mkl"; on AMD CPUs ("onednn") MKL is
+  the slower library at every row count, and those rows, and float32 layers of few rows per
+  expert, go to oneDNN too (`layers/linear.py`). It reads the group offsets on the host, which on the CPU is the device: no
   synchronisation, and to a compiled graph it is one opaque node whose output shape depends only
   on the input's.
 
@@ -26,6 +28,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import linear as _linear
+from .linear import ONEDNN_DTYPES, ONEDNN_LINEAR
 from .mlp import relu2, relu2_
 
 # the public name in recent torch releases, else the private operator; torch releases without either
@@ -43,33 +47,6 @@ GEMV_ROWS = 2  # up to this many rows in a group, MKL's matrix-vector path beats
 # stay in cache and grouped_mm's own loop is faster (1 thread, 4-16 rows per group: 0.33-0.83x at
 # 0.3-2 MiB per expert, even at 8 MiB, 1.3-1.5x at the release's 19 MiB)
 CPU_KERNEL_MIN_WEIGHT_BYTES = 8 << 20
-
-
-def _onednn_linear() -> tuple[object | None, tuple[torch.dtype, ...]]:
-    """oneDNN's plain (unpacked-weight) linear and the dtypes it is used for: those of
-    float32 and bfloat16 for which one small call, in both operand orders, agrees with a float64 product
-    (a private operator; (None, ()) where this torch build has none)."""
-    if not torch.backends.mkldnn.is_available():
-        return None, ()
-    op = getattr(getattr(torch.ops.mkldnn, "_linear_pointwise", None), "default", None)
-    if op is None:
-        return None, ()
-    passed = []
-    x, w = torch.linspace(-1, 1, 12).view(3, 4), torch.linspace(1, -1, 20).view(5, 4)
-    want = F.linear(x.double(), w.double())
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        xd, wd = x.to(dtype), w.to(dtype)
-        try:
-            with torch.no_grad():
-                got = (op(xd, wd, None, "none", [], ""), op(wd, xd, None, "none", [], "").T)
-        except (RuntimeError, TypeError):
-            continue
-        if all(g.dtype == dtype and torch.allclose(g.double(), want, atol=tol, rtol=tol) for g in got):
-            passed.append(dtype)
-    return (op if passed else None), tuple(passed)
-
-
-ONEDNN_LINEAR, ONEDNN_DTYPES = _onednn_linear()
 
 
 # torch's grouped_mm on CUDA runs its fused kernel for bfloat16 on sm90/sm100 (H100, H200, B200) only;
@@ -107,7 +84,7 @@ def cpu_grouped_linear(a: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor
     pieces = []
     for rows, w, n in _groups(a, ends, weight):
         if a.dtype == torch.float32 and n <= GEMV_ROWS:
-            pieces.append(F.linear(rows, w))
+            pieces.append(_few_rows(rows, w))
             continue
         pieces.append(ONEDNN_LINEAR(w, _padded(rows, n), None, "none", [], "")[:, :n].t())
     return _stack(pieces, a, weight.shape[1])
@@ -123,7 +100,7 @@ def cpu_grouped_mlp(a: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends:
     pieces = []
     for rows, w_up, w_down, n in _groups(a, ends, up, down):
         if a.dtype == torch.float32 and n <= GEMV_ROWS:
-            pieces.append(F.linear(relu2_(F.linear(rows, w_up)), w_down))
+            pieces.append(_few_rows(relu2_(_few_rows(rows, w_up)), w_down))
             continue
         hidden_t = relu2_(ONEDNN_LINEAR(w_up, _padded(rows, n), None, "none", [], ""))  # (I, padded); pad rows stay 0
         # the hidden rows as a contiguous (padded, I) operand, not a transposed view: the suspect of a
@@ -131,6 +108,15 @@ def cpu_grouped_mlp(a: torch.Tensor, up: torch.Tensor, down: torch.Tensor, ends:
         # session 10; cause not pinned down). The copy is rows x I, small beside the weights read.
         pieces.append(ONEDNN_LINEAR(w_down, hidden_t.t().contiguous(), None, "none", [], "")[:, :n].t())
     return _stack(pieces, a, down.shape[1])
+
+
+def _few_rows(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A float32 group of up to GEMV_ROWS rows: MKL's matrix-vector path, or oneDNN's matmul in
+    the plain order where `linear.FP32_CPU_GEMM` chose oneDNN (AMD CPUs: a cold release expert at
+    1 row 15.4 -> 22.7 GB/s, at 2 rows 6.7 -> 19.7, 2 threads)."""
+    if _linear.fp32_onednn():
+        return ONEDNN_LINEAR(rows, w, None, "none", [], "")
+    return F.linear(rows, w)
 
 
 def _groups(a: torch.Tensor, ends: torch.Tensor, *weights: torch.Tensor):
@@ -185,7 +171,10 @@ def uses_cpu_kernel(a: torch.Tensor, weight: torch.Tensor) -> bool:
     nothing that needs a gradient (the kernel has no backward). In float32, not when the rows average
     at most GEMV_ROWS per group: there every group takes MKL's matrix-vector path either way, and
     `grouped_mm` calls it without the kernel's per-group Python (the release's experts at 16
-    tokens, 68 of 128 touched: 107.7 vs 113.6 ms, `benchmarks/moe_kernels.py`)."""
+    tokens, 68 of 128 touched: 107.7 vs 113.6 ms, `benchmarks/moe_kernels.py`), unless
+    `linear.FP32_CPU_GEMM` sends float32 to oneDNN (AMD CPUs: one real-width layer's experts at 1,
+    2, 8 and 16 tokens 17.4 / 33.7 / 145.7 / 244.8 ms through `grouped_mm`, 11.8 / 21.5 / 87.1 /
+    141.0 ms through the kernel, 2 threads)."""
     needs_grad = torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad)
     return (
         a.device.type == "cpu"
@@ -193,7 +182,7 @@ def uses_cpu_kernel(a: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == a.dtype
         and weight.shape[1] * weight.shape[2] * weight.element_size() >= CPU_KERNEL_MIN_WEIGHT_BYTES
         and not needs_grad
-        and not (a.dtype == torch.float32 and a.shape[0] <= GEMV_ROWS * weight.shape[0])
+        and not (a.dtype == torch.float32 and a.shape[0] <= GEMV_ROWS * weight.shape[0] and not _linear.fp32_onednn())
     )
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..config import NemotronHConfig
 from ..dtypes import DTYPES
+from .linear import Linear
 from .norm import GatedRMSNorm
 from .ssd import ssd_all_states, ssd_chunked, ssd_one_chunk, ssd_step
 
@@ -90,9 +91,7 @@ class Mamba2Mixer(nn.Module):
         self.kernel = config.conv_kernel
         self.chunk_size = config.chunk_size
         self.dt_limit = config.time_step_limit
-        self.in_proj = nn.Linear(
-            config.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=config.use_bias
-        )
+        self.in_proj = Linear(config.hidden_size, self.d_inner + self.conv_dim + self.num_heads, bias=config.use_bias)
         self.conv1d = nn.Conv1d(
             self.conv_dim, self.conv_dim, self.kernel, groups=self.conv_dim, bias=config.use_conv_bias
         )
@@ -100,7 +99,7 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.num_heads))
         self.D = nn.Parameter(torch.empty(self.num_heads))
         self.norm = GatedRMSNorm(self.d_inner, group_size=self.d_inner // self.n_groups, eps=config.layer_norm_epsilon)
-        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=config.use_bias)
+        self.out_proj = Linear(self.d_inner, config.hidden_size, bias=config.use_bias)
         self._init_ssm(config)
 
     @torch.no_grad()
