@@ -325,14 +325,19 @@ def test_roofline_bound_and_machine_round_trip():
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("dense", ["mkl", "onednn"])
 @pytest.mark.parametrize("cpu_kernel", [False, True])
-def test_trace_matches_the_analytic_weights(monkeypatch, cpu_kernel):
+def test_trace_matches_the_analytic_weights(monkeypatch, cpu_kernel, dense):
     """The traced GEMMs of one AR step read exactly the weights the analytic model counts, through
-    grouped_mm and through the CPU kernel (`cpu_grouped_mlp`, on as at the release's widths)."""
+    grouped_mm and through the CPU kernel (`cpu_grouped_mlp`, on as at the release's widths), with
+    the dense layers through MKL or oneDNN (`layers.linear`, as on AMD CPUs)."""
     from twotower.layers import grouped
+    from twotower.layers import linear as L
 
-    if cpu_kernel and torch.float32 not in grouped.ONEDNN_DTYPES:
+    if (cpu_kernel or dense == "onednn") and torch.float32 not in grouped.ONEDNN_DTYPES:
         pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(L, "FP32_CPU_GEMM", dense)
+    monkeypatch.setattr(L, "ONEDNN_MIN_WEIGHT_BYTES", 0)
     monkeypatch.setattr(grouped, "CPU_KERNEL_MIN_WEIGHT_BYTES", 0 if cpu_kernel else 1 << 62)
     monkeypatch.setattr(grouped, "GEMV_ROWS", 0)  # a 2-token step has too few rows for the kernel otherwise
     config = tiny_config("M*E")
@@ -397,3 +402,19 @@ def test_the_stream_read_is_the_faster_kernel():
     assert set(flusher.trial_rates) == set(READ_KERNELS) and min(flusher.trial_rates.values()) > 0
     assert flusher.kernel == faster_read(flusher.trial_rates)
     assert flusher.read() > 0
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("rows", [2, 5])  # oneDNN's plain order, and the swapped one (3-16 rows)
+def test_trace_counts_onednn_linears_as_weight_gemms(monkeypatch, rows):
+    from twotower.layers import linear as L
+
+    if torch.float32 not in L.ONEDNN_DTYPES:
+        pytest.skip("this torch build has no oneDNN linear")
+    monkeypatch.setattr(L, "FP32_CPU_GEMM", "onednn")
+    monkeypatch.setattr(L, "ONEDNN_MIN_WEIGHT_BYTES", 0)
+    layer = L.Linear(32, 48, bias=False)
+    with PartTracer(layer, []) as trace:
+        layer(torch.randn(rows, 32))
+    (gemm,) = trace.parts[OTHER].gemms
+    assert (gemm.rows, gemm.weight_bytes, gemm.flops) == (rows, 32 * 48 * 4, 2.0 * rows * 32 * 48)

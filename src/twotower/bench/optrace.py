@@ -3,7 +3,8 @@ bytes and FLOPs, grouped by the part of the model it ran in: the work `costmodel
 
 Records no time. A `TorchDispatchMode` sees each operator after autograd, on real tensors:
 
-- `linear` / `mm` / `addmm` with a parameter operand: a `Gemm` (rows through that weight);
+- `linear` / `mm` / `addmm` with a parameter operand, and oneDNN's linear (`layers.linear`, either
+  operand order): a `Gemm` (rows through that weight);
 - `_grouped_mm` and the CPU kernel `twotower::cpu_grouped_linear` (`layers.grouped`): one `Gemm`
   per non-empty group, its rows read from the group end offsets, and a count of the empty groups;
   the CPU kernel `twotower::cpu_grouped_mlp`: both GEMMs of every non-empty group and the relu^2
@@ -32,7 +33,10 @@ from .costmodel_cpu import FRESH_MMAP_BYTES, Gemm, PartWork, Stream
 aten = torch.ops.aten
 CPU_GROUPED = torch.ops.twotower.cpu_grouped_linear.default  # weight (G, N, K), `nn.Linear` layout per group
 CPU_GROUPED_MLP = torch.ops.twotower.cpu_grouped_mlp.default  # up (G, I, K), down (G, N, I)
-WEIGHT_GEMMS = {aten.linear.default, aten.mm.default, aten.addmm.default}
+# oneDNN's linear, which `layers.linear` runs for large float32 CPU weights: (input, weight, bias, ...)
+# in the plain order, or (weight, rows) swapped; None where this torch build has none
+ONEDNN_LINEAR = getattr(getattr(torch.ops.mkldnn, "_linear_pointwise", None), "default", None)
+WEIGHT_GEMMS = {aten.linear.default, aten.mm.default, aten.addmm.default} | ({ONEDNN_LINEAR} - {None})
 ACTIVATION_MATMULS = {
     aten.linear.default,
     aten.mm.default,
@@ -133,11 +137,13 @@ class OpTrace(TorchDispatchMode):
         if len(mats) < 2:
             return False
         x, w = mats
+        if func == ONEDNN_LINEAR and _storage(x) in self.weights and _storage(w) not in self.weights:
+            x, w = w, x  # the swapped order: weight @ rows.T
         if _storage(w) not in self.weights or _storage(x) in self.weights:
             return False
         k = x.shape[-1]
         rows = x.numel() // k
-        n = w.shape[0] if func == aten.linear.default else w.shape[-1]
+        n = w.shape[0] if func in (aten.linear.default, ONEDNN_LINEAR) else w.shape[-1]
         work.gemms.append(Gemm(_dtype(w), rows, w.numel() * w.element_size(), 2.0 * rows * k * n))
         return True
 
