@@ -98,6 +98,19 @@ def import_at_revision(rev: str, into: Path, *, repo: Path = REPO, package: str 
     return module
 
 
+def _short(rev: str, *, repo: Path = REPO) -> str:
+    """`rev`'s short hash in `repo` ("" where git cannot resolve it)."""
+    try:
+        return subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", f"{rev}^{{commit}}"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except (FileNotFoundError, subprocess.CalledProcessError):
+        return ""
+
+
 def custom_op_libraries() -> list[tuple[str, object]]:
     """(qualified name, the library defining it) of every `torch.library.custom_op` in this process."""
     from torch._library import custom_ops
@@ -442,11 +455,18 @@ def main(argv: list[str] | None = None) -> int:
             results = compare(
                 new, old, repeats=args.repeats, rounds=args.rounds, new_tokens=args.new_tokens, compiled=compiled
             )
-    projected = projection(results, peer_ratio)
+    # issue 19's peer ratio is over e3110fa: against another baseline it projects nothing, unless given
+    default_ratio = args.peer_ratio == build_parser().get_default("peer_ratio")
+    project = not default_ratio or old_pkg.__name__ == f"twotower_at_{_short(DEFAULT_BASELINE)}"
+    projected = projection(results, peer_ratio) if project else {}
     print(
         f"{n_params / 1e6:.1f}M parameters, scan chunk {args.chunk_size}, batch 1, {args.threads} thread(s): "
-        f"this code against {old_pkg.__name__} (measured, interleaved, medians); the last column is "
-        f"projected through the peer's measured {peer_ratio[0]}-{peer_ratio[1]}x over the baseline"
+        f"this code against {old_pkg.__name__} (measured, interleaved, medians); "
+        + (
+            f"the last column is projected through the peer's measured {peer_ratio[0]}-{peer_ratio[1]}x over the baseline"
+            if project
+            else f"no projection (the peer's measured ratio is over {DEFAULT_BASELINE}; --peer-ratio gives one)"
+        )
     )
     print(host_line())
     print("\n".join(table(results, projected)))

@@ -167,6 +167,8 @@ def test_cli_against_head_writes_the_json(tmp_path):
     assert set(report["measured"]) == {"denoise", "commit", "ar_step", "diffusion_eager"}
     assert report["settings"]["parameters"] > 12e6  # the 12.6M stand-in for issue 19's model
     assert "| denoise (ms) |" in proc.stdout
+    # the peer's ratio is over e3110fa: against HEAD nothing is projected
+    assert report["projected_vs_peer"] == {} and "no projection" in proc.stdout
     assert report["host"]["cpu_model"] and "host: " in proc.stdout  # which machine the figures are from
     # HEAD defines this code's custom operators again, which replaces them: said, not hidden
     assert "registers twotower::cpu_grouped_linear" in proc.stderr and "implementations" in proc.stderr

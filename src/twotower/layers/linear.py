@@ -84,12 +84,13 @@ def fp32_onednn() -> bool:
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` sends this product to oneDNN: float32 on the CPU under the "onednn" choice,
     a weight of at least ONEDNN_MIN_WEIGHT_BYTES, nothing needing a gradient, not being compiled."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
+    return (  # the cheapest tests first: most calls (MKL hosts, small or bf16 weights) stop at one of them
+        FP32_CPU_GEMM == "onednn"
         and weight.dtype == torch.float32
-        and fp32_onednn()
         and weight.numel() * 4 >= ONEDNN_MIN_WEIGHT_BYTES
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and torch.float32 in ONEDNN_DTYPES
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.compiler.is_compiling()
     )
