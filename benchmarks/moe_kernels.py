@@ -7,7 +7,8 @@ same routing for every variant, variants interleaved call by call in one process
 - `plain`: one oneDNN matmul per expert with rows, rows x weight^T (MKL's matrix-vector path at
   1-2 float32 rows); the CPU kernel before the swapped orientation;
 - `swapped`: `cpu_grouped_linear` twice: weight x rows^T per expert, written back transposed;
-- `fused`: `cpu_grouped_mlp`, both GEMMs of an expert back to back (what `grouped_mlp` runs here).
+- `fused`: `cpu_grouped_mlp`, both GEMMs of an expert back to back (what `grouped_mlp` runs for
+  these experts, except bfloat16 on AMD CPUs, which stays on `grouped_mm`: `grouped.BF16_CPU_EXPERTS`).
 
 For each: milliseconds and GB/s of the touched experts' weights (distinct experts x 2 matrices).
 Every variant's output is checked against `grouped_mm`'s before timing.

@@ -90,6 +90,7 @@ def test_cpu_kernel_agrees_with_grouped_mm_to_rounding():
 @needs_onednn
 def test_dispatch_cpu_without_gradient_only(monkeypatch):
     monkeypatch.setattr(linear_module, "FP32_CPU_GEMM", "mkl")
+    monkeypatch.setattr(grouped, "BF16_CPU_EXPERTS", "kernel")
     a, weight, _ = _operands(SIZES, 16, 16)
     with torch.no_grad():
         assert not uses_cpu_kernel(a, weight)  # small experts: grouped_mm's own loop is faster
@@ -186,6 +187,7 @@ def test_the_moe_through_the_cpu_kernel_equals_reference(monkeypatch, n, dtype):
     if dtype not in ONEDNN_DTYPES:
         pytest.skip(f"this torch build's oneDNN linear does not run {dtype}")
     monkeypatch.setattr(grouped, "CPU_KERNEL_MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(grouped, "BF16_CPU_EXPERTS", "kernel")  # the kernel on every host
     moe = _moe(dtype, n_routed_experts=8, num_experts_per_tok=2, hidden_size=50, moe_intermediate_size=22)
     x = torch.randn(n, 50, generator=torch.Generator().manual_seed(n)).to(dtype)
     idx, w = moe.gate(x)
@@ -270,3 +272,23 @@ def test_a_torch_without_grouped_mm_gets_a_clear_import_error():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "ImportError: twotower needs torch >= 2.11" in proc.stderr and torch.__version__ in proc.stderr
+
+
+@needs_onednn_bf16
+def test_bf16_experts_follow_their_kernel_choice(monkeypatch):
+    """bfloat16 experts take the CPU kernel where BF16_CPU_EXPERTS says "kernel", grouped_mm
+    otherwise (AMD CPUs by default); the choice comes from the vendor or the environment."""
+    big16 = torch.empty(1, 2048, 2048, dtype=torch.bfloat16)
+    a = torch.empty(4, 2048, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for choice, want in (("kernel", True), ("grouped_mm", False)):
+            monkeypatch.setattr(grouped, "BF16_CPU_EXPERTS", choice)
+            assert uses_cpu_kernel(a, big16) == want
+    vd = linear_module.vendor_default
+    args = (grouped.BF16_CPU_EXPERTS_ENV, ("kernel", "grouped_mm"))
+    assert vd(*args, amd="grouped_mm", other="kernel", cpu_vendor="AuthenticAMD", env={}) == "grouped_mm"
+    assert vd(*args, amd="grouped_mm", other="kernel", cpu_vendor="GenuineIntel", env={}) == "kernel"
+    env = {grouped.BF16_CPU_EXPERTS_ENV: "kernel"}
+    assert vd(*args, amd="grouped_mm", other="kernel", cpu_vendor="AuthenticAMD", env=env) == "kernel"
+    with pytest.raises(ValueError, match="expected 'kernel' or 'grouped_mm'"):
+        vd(*args, amd="grouped_mm", other="kernel", env={grouped.BF16_CPU_EXPERTS_ENV: "x"})

@@ -47,6 +47,15 @@ GEMV_ROWS = 2  # up to this many rows in a group, MKL's matrix-vector path beats
 # stay in cache and grouped_mm's own loop is faster (1 thread, 4-16 rows per group: 0.33-0.83x at
 # 0.3-2 MiB per expert, even at 8 MiB, 1.3-1.5x at the release's 19 MiB)
 CPU_KERNEL_MIN_WEIGHT_BYTES = 8 << 20
+# Whether bfloat16 experts take the CPU kernel ("kernel") or stay on grouped_mm. The kernel's swapped
+# orientation was the faster on the VM kind of sessions 1-13 (20-21 against 16-17 GB/s at 1-16 rows).
+# On an AMD EPYC (Zen 4) VM it is the slower: fused / grouped_mm 0.85-0.95x at 1-128 tokens, 0.99x at
+# 512 (one real-width layer, `benchmarks/moe_kernels.py --threads 2`, two runs; JSON
+# docs/moe_kernels_amd_2threads.json). `TWOTOWER_BF16_CPU_EXPERTS=kernel|grouped_mm` overrides.
+BF16_CPU_EXPERTS_ENV = "TWOTOWER_BF16_CPU_EXPERTS"
+BF16_CPU_EXPERTS = _linear.vendor_default(
+    BF16_CPU_EXPERTS_ENV, ("kernel", "grouped_mm"), amd="grouped_mm", other="kernel"
+)
 
 
 # torch's grouped_mm on CUDA runs its fused kernel for bfloat16 on sm90/sm100 (H100, H200, B200) only;
@@ -174,7 +183,8 @@ def uses_cpu_kernel(a: torch.Tensor, weight: torch.Tensor) -> bool:
     tokens, 68 of 128 touched: 107.7 vs 113.6 ms, `benchmarks/moe_kernels.py`), unless
     `linear.FP32_CPU_GEMM` sends float32 to oneDNN (AMD CPUs: one real-width layer's experts at 1,
     2, 8 and 16 tokens 17.4 / 33.7 / 145.7 / 244.8 ms through `grouped_mm`, 11.8 / 21.5 / 87.1 /
-    141.0 ms through the kernel, 2 threads)."""
+    141.0 ms through the kernel, 2 threads). In bfloat16, where `BF16_CPU_EXPERTS` is "kernel"
+    (not on AMD CPUs, where grouped_mm is the faster)."""
     needs_grad = torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad)
     return (
         a.device.type == "cpu"
@@ -183,6 +193,7 @@ def uses_cpu_kernel(a: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.shape[1] * weight.shape[2] * weight.element_size() >= CPU_KERNEL_MIN_WEIGHT_BYTES
         and not needs_grad
         and not (a.dtype == torch.float32 and a.shape[0] <= GEMV_ROWS * weight.shape[0] and not _linear.fp32_onednn())
+        and not (a.dtype == torch.bfloat16 and BF16_CPU_EXPERTS != "kernel")
     )
 
 

@@ -61,16 +61,32 @@ def _onednn_linear() -> tuple[object | None, tuple[torch.dtype, ...]]:
 ONEDNN_LINEAR, ONEDNN_DTYPES = _onednn_linear()
 
 
-def default_fp32_cpu_gemm(cpu_vendor: str | None = None, env: dict[str, str] | None = None) -> str:
-    """ "mkl" or "onednn": `TWOTOWER_FP32_CPU_GEMM` if set (anything else is an error), else "onednn"
-    on AMD CPUs and "mkl" elsewhere."""
+def vendor_default(
+    name: str,
+    choices: tuple[str, str],
+    *,
+    amd: str,
+    other: str,
+    cpu_vendor: str | None = None,
+    env: dict[str, str] | None = None,
+) -> str:
+    """A CPU kernel choice: the environment variable `name` if set (one of `choices`, else an
+    error), else `amd` on AMD CPUs and `other` elsewhere (`cpu_vendor`/`env`: for tests)."""
     env = os.environ if env is None else env
-    chosen = env.get(FP32_CPU_GEMM_ENV, "").strip().lower()
+    chosen = env.get(name, "").strip().lower()
     if chosen:
-        if chosen not in ("mkl", "onednn"):
-            raise ValueError(f"{FP32_CPU_GEMM_ENV}={chosen!r}: expected 'mkl' or 'onednn'")
+        if chosen not in choices:
+            raise ValueError(f"{name}={chosen!r}: expected {' or '.join(repr(c) for c in choices)}")
         return chosen
-    return "onednn" if (vendor() if cpu_vendor is None else cpu_vendor) == "AuthenticAMD" else "mkl"
+    return amd if (vendor() if cpu_vendor is None else cpu_vendor) == "AuthenticAMD" else other
+
+
+def default_fp32_cpu_gemm(cpu_vendor: str | None = None, env: dict[str, str] | None = None) -> str:
+    """The float32 library, "mkl" or "onednn": `TWOTOWER_FP32_CPU_GEMM` if set (anything else is an
+    error), else "onednn" on AMD CPUs and "mkl" elsewhere."""
+    return vendor_default(
+        FP32_CPU_GEMM_ENV, ("mkl", "onednn"), amd="onednn", other="mkl", cpu_vendor=cpu_vendor, env=env
+    )
 
 
 FP32_CPU_GEMM = default_fp32_cpu_gemm()
