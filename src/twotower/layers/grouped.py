@@ -15,9 +15,10 @@
   rows, 14 vs 10-12 at 20-32. With 1-2 float32 rows MKL's matrix-vector path was the faster one
   on that host and is kept where `linear.FP32_CPU_GEMM` is "mkl"; on AMD CPUs ("onednn") MKL is
   the slower library at every row count, and those rows, and float32 layers of few rows per
-  expert, go to oneDNN too (`layers/linear.py`). It reads the group offsets on the host, which on the CPU is the device: no
-  synchronisation, and to a compiled graph it is one opaque node whose output shape depends only
-  on the input's.
+  expert, go to oneDNN too (`layers/linear.py`). bfloat16 experts take the kernel where
+  `BF16_CPU_EXPERTS` says so (not on AMD CPUs). It reads the group offsets on the host, which on
+  the CPU is the device: no synchronisation, and to a compiled graph it is one opaque node whose
+  output shape depends only on the input's.
 
 Every path computes the same products to rounding (float32 and bfloat16 both accumulate in
 float32). `grouped_linear_reference` is the plain twin: one float64 matmul per group.
@@ -181,9 +182,9 @@ def uses_cpu_kernel(a: torch.Tensor, weight: torch.Tensor) -> bool:
     at most GEMV_ROWS per group: there every group takes MKL's matrix-vector path either way, and
     `grouped_mm` calls it without the kernel's per-group Python (the release's experts at 16
     tokens, 68 of 128 touched: 107.7 vs 113.6 ms, `benchmarks/moe_kernels.py`), unless
-    `linear.FP32_CPU_GEMM` sends float32 to oneDNN (AMD CPUs: one real-width layer's experts at 1,
-    2, 8 and 16 tokens 17.4 / 33.7 / 145.7 / 244.8 ms through `grouped_mm`, 11.8 / 21.5 / 87.1 /
-    141.0 ms through the kernel, 2 threads). In bfloat16, where `BF16_CPU_EXPERTS` is "kernel"
+    `linear.FP32_CPU_GEMM` sends float32 to oneDNN (AMD CPUs: one real-width layer's experts at 1
+    and 16 tokens 19.5 / 304.1 ms through `grouped_mm`, 13.0 / 137.5 ms through the kernel, 2
+    threads, `benchmarks/fp32_cpu_gemm.py`). In bfloat16, where `BF16_CPU_EXPERTS` is "kernel"
     (not on AMD CPUs, where grouped_mm is the faster)."""
     needs_grad = torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad)
     return (

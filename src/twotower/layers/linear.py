@@ -9,7 +9,8 @@ matrix-vector product read 15-18 GB/s where a plain `sum` reads 33. On the other
 here, MKL's matrix-vector path was the faster at 1-2 rows (25-27 against 17-19 GB/s).
 
 So `FP32_CPU_GEMM` says which library takes large float32 weights on the CPU: "onednn" on AMD
-CPUs, "mkl" elsewhere (PyTorch's own choice); `TWOTOWER_FP32_CPU_GEMM=mkl|onednn` overrides it.
+CPUs, "mkl" elsewhere (PyTorch's own float32 path: MKL in x86 builds);
+`TWOTOWER_FP32_CPU_GEMM=mkl|onednn` overrides it.
 It applies to inference only (nothing needs a gradient), eagerly (a compiled graph keeps its own
 GEMMs), to weights of at least `ONEDNN_MIN_WEIGHT_BYTES` (below, the weight stays in cache and
 MKL's lower per-call cost wins). The experts' grouped GEMMs follow the same choice
