@@ -65,6 +65,9 @@ def test_when_it_stays_on_f_linear(onednn, monkeypatch):
         assert not L.uses_onednn(x.bfloat16(), w.bfloat16())  # bf16: PyTorch's F.linear is oneDNN already
         assert not L.uses_onednn(x.double(), w.double())
         assert not L.uses_onednn(x.to("meta"), w.to("meta"))
+        wt = torch.randn(4, 8).t()  # a transposed view
+        assert not L.uses_onednn(x, wt)
+        torch.testing.assert_close(L.linear(x, wt), F.linear(x, wt))
     assert not L.uses_onednn(x, w.requires_grad_())  # training keeps F.linear and its backward
     monkeypatch.setattr(L, "ONEDNN_MIN_WEIGHT_BYTES", 8 << 20)
     with torch.no_grad():

@@ -100,11 +100,13 @@ def fp32_onednn() -> bool:
 
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `linear` sends this product to oneDNN: float32 on the CPU under the "onednn" choice,
-    a weight of at least ONEDNN_MIN_WEIGHT_BYTES, nothing needing a gradient, not being compiled."""
+    a contiguous weight of at least ONEDNN_MIN_WEIGHT_BYTES, nothing needing a gradient, not being
+    compiled."""
     return (  # the cheapest tests first: most calls (MKL hosts, small or bf16 weights) stop at one of them
         FP32_CPU_GEMM == "onednn"
         and weight.dtype == torch.float32
         and weight.numel() * 4 >= ONEDNN_MIN_WEIGHT_BYTES
+        and weight.is_contiguous()  # a transposed or strided view stays on F.linear
         and x.dtype == torch.float32
         and x.device.type == "cpu"
         and torch.float32 in ONEDNN_DTYPES
