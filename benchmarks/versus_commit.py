@@ -56,11 +56,10 @@ class BaselineError(RuntimeError):
     """The baseline revision cannot be extracted or imported."""
 
 
-def import_at_revision(rev: str, into: Path, *, repo: Path = REPO, package: str = "twotower") -> ModuleType:
-    """`src/<package>` as it was at `rev` in `repo`, extracted into `into` and imported as
-    `<package>_at_<short rev>` (the package must import itself relatively)."""
+def short_revision(rev: str, *, repo: Path = REPO) -> str:
+    """`rev`'s short commit hash in `repo`; BaselineError where git or the commit is missing."""
     try:
-        short = subprocess.run(
+        return subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "--short", f"{rev}^{{commit}}"],
             check=True,
             capture_output=True,
@@ -70,6 +69,12 @@ def import_at_revision(rev: str, into: Path, *, repo: Path = REPO, package: str 
         raise BaselineError("git is not installed") from e
     except subprocess.CalledProcessError as e:
         raise BaselineError(f"{rev!r} is not a commit of {repo} ({e.stderr.strip()})") from e
+
+
+def import_at_revision(rev: str, into: Path, *, repo: Path = REPO, package: str = "twotower") -> ModuleType:
+    """`src/<package>` as it was at `rev` in `repo`, extracted into `into` and imported as
+    `<package>_at_<short rev>` (the package must import itself relatively)."""
+    short = short_revision(rev, repo=repo)
     name = f"{package}_at_{short}"
     archive = subprocess.run(
         ["git", "-C", str(repo), "archive", "--format=tar", short, f"src/{package}"], capture_output=True
@@ -96,19 +101,6 @@ def import_at_revision(rev: str, into: Path, *, repo: Path = REPO, package: str 
             file=sys.stderr,
         )
     return module
-
-
-def _short(rev: str, *, repo: Path = REPO) -> str:
-    """`rev`'s short hash in `repo` ("" where git cannot resolve it)."""
-    try:
-        return subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "--short", f"{rev}^{{commit}}"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-    except (FileNotFoundError, subprocess.CalledProcessError):
-        return ""
 
 
 def custom_op_libraries() -> list[tuple[str, object]]:
@@ -457,7 +449,11 @@ def main(argv: list[str] | None = None) -> int:
             )
     # issue 19's peer ratio is over e3110fa: against another baseline it projects nothing, unless given
     default_ratio = args.peer_ratio == build_parser().get_default("peer_ratio")
-    project = not default_ratio or old_pkg.__name__ == f"twotower_at_{_short(DEFAULT_BASELINE)}"
+    try:
+        peer_baseline = f"twotower_at_{short_revision(DEFAULT_BASELINE)}"
+    except BaselineError:  # a history without e3110fa: nothing can be its baseline
+        peer_baseline = None
+    project = not default_ratio or old_pkg.__name__ == peer_baseline
     projected = projection(results, peer_ratio) if project else {}
     print(
         f"{n_params / 1e6:.1f}M parameters, scan chunk {args.chunk_size}, batch 1, {args.threads} thread(s): "

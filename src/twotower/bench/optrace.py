@@ -28,14 +28,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..layers import grouped  # noqa: F401  (registers twotower::cpu_grouped_linear)
+from ..layers.linear import ONEDNN_LINEAR
 from .costmodel_cpu import FRESH_MMAP_BYTES, Gemm, PartWork, Stream
 
 aten = torch.ops.aten
 CPU_GROUPED = torch.ops.twotower.cpu_grouped_linear.default  # weight (G, N, K), `nn.Linear` layout per group
 CPU_GROUPED_MLP = torch.ops.twotower.cpu_grouped_mlp.default  # up (G, I, K), down (G, N, I)
-# oneDNN's linear, which `layers.linear` runs for large float32 CPU weights: (input, weight, bias, ...)
-# in the plain order, or (weight, rows) swapped; None where this torch build has none
-ONEDNN_LINEAR = getattr(getattr(torch.ops.mkldnn, "_linear_pointwise", None), "default", None)
+# ONEDNN_LINEAR (`layers.linear`, which runs it for large float32 CPU weights): (input, weight, bias,
+# ...) in the plain order, or (weight, rows) swapped; None where this torch build has none
 WEIGHT_GEMMS = {aten.linear.default, aten.mm.default, aten.addmm.default} | ({ONEDNN_LINEAR} - {None})
 ACTIVATION_MATMULS = {
     aten.linear.default,

@@ -103,13 +103,12 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     a contiguous weight of at least ONEDNN_MIN_WEIGHT_BYTES, nothing needing a gradient, not being
     compiled."""
     return (  # the cheapest tests first: most calls (MKL hosts, small or bf16 weights) stop at one of them
-        FP32_CPU_GEMM == "onednn"
+        fp32_onednn()
         and weight.dtype == torch.float32
         and weight.numel() * 4 >= ONEDNN_MIN_WEIGHT_BYTES
         and weight.is_contiguous()  # a transposed or strided view stays on F.linear
         and x.dtype == torch.float32
         and x.device.type == "cpu"
-        and torch.float32 in ONEDNN_DTYPES
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
         and not torch.compiler.is_compiling()
     )
